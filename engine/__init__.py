@@ -1,0 +1,1 @@
+"""Strata: an event-sourced storage engine for virtual-machine disk images."""

@@ -1,0 +1,1 @@
+"""Domain model: aggregates and their past-tense events, one aggregate per module."""

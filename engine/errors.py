@@ -1,0 +1,97 @@
+"""Every error Strata raises on purpose, rooted at :class:`StrataError`.
+
+Each class has a stable ``code`` (callers and the command line key on it, so a code is never
+reused or renamed) and a message template filled from structured fields, so that a caller can
+both show a sentence to a person and act on the fields. Third-party errors are translated at the
+boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class StrataError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    code: ClassVar[str] = "strata_error"
+    template: ClassVar[str] = "{detail}"
+
+    def __init__(self, detail: str = "", **fields: Any) -> None:
+        self.detail = detail
+        self.fields = fields
+        for name, value in fields.items():
+            setattr(self, name, value)
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        try:
+            return self.template.format(detail=self.detail, **self.fields)
+        except (KeyError, IndexError):  # a template field was not given: still say something
+            return f"{self.detail} {self.fields}".strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **_plain(self.fields)}
+
+
+def _plain(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, str | int | float | bool | None) else str(v)
+        for k, v in fields.items()
+    }
+
+
+# --- input ----------------------------------------------------------------------------------
+
+
+class InvalidParameter(StrataError):
+    code = "invalid_parameter"
+    template = "Invalid {name}: {detail}"
+
+
+# --- the log --------------------------------------------------------------------------------
+
+
+class LogError(StrataError):
+    code = "log_error"
+
+
+class NotAStrataLog(LogError):
+    code = "not_a_strata_log"
+    template = (
+        "{path} is not a Strata log ({detail}); point the tool at a repository directory or its "
+        "log/ directory"
+    )
+
+
+class UnsupportedLogVersion(LogError):
+    code = "unsupported_log_version"
+    template = (
+        "{path} uses log format version {version}, this Strata reads versions up to "
+        "{supported}; upgrade Strata on this host before touching this repository"
+    )
+
+
+class LogCorrupted(LogError):
+    code = "log_corrupted"
+    template = (
+        "Log damaged in segment {segment} at byte offset {offset}: {detail}. Nothing after this "
+        "point was read; restore the segment from a replica or backup, then run "
+        "'strata-log verify'"
+    )
+
+
+class ConcurrencyConflict(LogError):
+    """An append was refused because the aggregate changed since the caller read it."""
+
+    code = "concurrency_conflict"
+    template = (
+        "Aggregate {originator_id} is at version {current}, the append expected to write "
+        "version {attempted}; re-read it and retry"
+    )
+
+
+class LogClosed(LogError):
+    code = "log_closed"
+    template = "The log at {path} is closed"

@@ -1,0 +1,1 @@
+"""Stage execution: claiming, leases, heartbeats, recovery and following the log."""

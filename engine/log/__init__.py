@@ -1,0 +1,6 @@
+"""The per-repository append-only operation log (format: docs/adr/0002-operation-log-format.md)."""
+
+from engine.log.framing import VERSION, Record
+from engine.log.store import NewEvent, OperationLog
+
+__all__ = ["VERSION", "NewEvent", "OperationLog", "Record"]

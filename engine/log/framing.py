@@ -1,0 +1,149 @@
+"""Bytes on disk: the segment header and the record frame (log format version 1).
+
+Pure functions over ``bytes``; no files here. See docs/adr/0002-operation-log-format.md.
+
+Segment header::
+
+    b"STRATLOG" | u16 version | u16 reserved (0) | u32 body length | u32 crc32(body) | body
+
+The body is a msgpack map (``format``, ``version``, ``segment``, ``first_seq``, ``prev_hash``,
+``created_ns``, ``host_id``). The fixed preamble lets any later version tell "not a Strata log"
+from "a log of a version I do not know" without decoding the body.
+
+Record frame::
+
+    u32 payload length | u32 crc32(payload) | u32 crc32(first 8 bytes) | payload
+
+The header checksum guards the length: a flipped length bit must read as damage, never as a
+frame that runs past the end of the file (which would look like a torn tail and be cut off).
+The payload is a msgpack array, field order fixed by the version::
+
+    [seq, prev_hash, host_id, time_ns, txn_last, originator_id, originator_version, topic, state]
+
+``prev_hash`` is BLAKE2b-256 of the previous record's payload (the previous segment's last one
+for a segment's first record, 32 zero bytes for the very first record). ``txn_last`` is false on
+every record of a multi-event transaction but the last, so a reader never shows half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+MAGIC = b"STRATLOG"
+FORMAT_NAME = "strata-log"
+VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+SEGMENT_PREAMBLE = struct.Struct(">8sHHII")  # magic, version, reserved, body length, body crc
+FRAME_HEADER = struct.Struct(">III")  # payload length, payload crc, crc of the first 8 bytes
+FRAME_HEADER_SIZE = FRAME_HEADER.size
+HASH_SIZE = 32
+ZERO_HASH = bytes(HASH_SIZE)
+# A record larger than this is refused on write and read as damage: no event is this big, and
+# a bound keeps a damaged length from making a reader allocate gigabytes.
+MAX_PAYLOAD = 16 * 2**20
+
+_UUID_EXT = 1  # msgpack ext type for uuid.UUID originator ids
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One event as the log holds it."""
+
+    seq: int
+    prev_hash: bytes
+    host_id: str
+    time_ns: int
+    txn_last: bool
+    originator_id: uuid.UUID | str
+    originator_version: int
+    topic: str
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    version: int
+    segment: int
+    first_seq: int
+    prev_hash: bytes
+    created_ns: int
+    host_id: str
+
+
+def digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=HASH_SIZE).digest()
+
+
+def crc(data: bytes | memoryview) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_UUID_EXT, obj.bytes)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a log record")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _UUID_EXT:
+        return uuid.UUID(bytes=data)
+    return msgpack.ExtType(code, data)
+
+
+def encode_payload(record: Record) -> bytes:
+    # packb, not a shared Packer: a Packer keeps a buffer and is not safe across threads.
+    packed: bytes = msgpack.packb(
+        [
+            record.seq,
+            record.prev_hash,
+            record.host_id,
+            record.time_ns,
+            record.txn_last,
+            record.originator_id,
+            record.originator_version,
+            record.topic,
+            record.state,
+        ],
+        default=_default,
+        use_bin_type=True,
+    )
+    return packed
+
+
+def decode_payload(payload: bytes | memoryview) -> Record:
+    """Decode a payload whose checksum already matched; raises ValueError on a bad shape."""
+    fields = msgpack.unpackb(payload, ext_hook=_ext_hook, raw=False, use_list=True)
+    if not isinstance(fields, list) or len(fields) < 9:
+        raise ValueError("record payload is not a version-1 record array")
+    return Record(*fields[:9])
+
+
+def frame(payload: bytes) -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    head = struct.pack(">II", len(payload), crc(payload))
+    return head + struct.pack(">I", crc(head)) + payload
+
+
+def encode_segment_header(header: SegmentHeader) -> bytes:
+    body: bytes = msgpack.packb(
+        {
+            "format": FORMAT_NAME,
+            "version": header.version,
+            "segment": header.segment,
+            "first_seq": header.first_seq,
+            "prev_hash": header.prev_hash,
+            "created_ns": header.created_ns,
+            "host_id": header.host_id,
+        },
+        use_bin_type=True,
+    )
+    return SEGMENT_PREAMBLE.pack(MAGIC, header.version, 0, len(body), crc(body)) + body

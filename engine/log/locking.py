@@ -1,0 +1,75 @@
+"""Byte-range locks on the shared storage that serialize appenders across processes and hosts.
+
+Open-file-description (OFD) locks: unlike classic POSIX ``lockf`` locks they belong to an open
+file, not to a process, so two threads (or two logs opened in one process, as tests do) exclude
+each other too, and closing an unrelated descriptor of the same file never drops them. The Linux
+NFS client maps them onto NFSv4 byte-range locks, which the server reclaims when a client's lease
+expires: a fenced host cannot hold the log hostage. Where the platform lacks OFD locks we fall
+back to ``lockf`` plus a process-wide mutex.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+from types import TracebackType
+
+_F_OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
+_fallback_mutex = threading.Lock()
+
+
+class RangeLock:
+    """An exclusive or shared lock on bytes ``[start, start + length)`` of one file."""
+
+    def __init__(self, path: str, start: int = 0, length: int = 1) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._start = start
+        self._length = length
+        self._held_fallback = False
+
+    def acquire(self, *, shared: bool = False) -> None:
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+        if _F_OFD_SETLKW is not None:
+            fcntl.fcntl(
+                self._fd,
+                _F_OFD_SETLKW,
+                _FLOCK.pack(kind, os.SEEK_SET, self._start, self._length, 0),
+            )
+            return
+        _fallback_mutex.acquire()
+        self._held_fallback = True
+        fcntl.lockf(self._fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, self._length, self._start)
+
+    def release(self) -> None:
+        if _F_OFD_SETLKW is not None:
+            fcntl.fcntl(
+                self._fd,
+                _F_OFD_SETLKW,
+                _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self._start, self._length, 0),
+            )
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, self._length, self._start)
+        if self._held_fallback:
+            self._held_fallback = False
+            _fallback_mutex.release()
+
+    def __enter__(self) -> RangeLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the description drops any lock it held
+            self._fd = -1

@@ -1,0 +1,536 @@
+"""The per-repository operation log: durable appends, reads by position, catching up with others.
+
+One :class:`OperationLog` per log directory per process, shared by that process's threads.
+Appenders are serialized across processes by an OFD byte-range lock on ``lock``; inside a process
+they go through a group commit (one leader writes every waiting transaction with one ``write``
+and one ``fdatasync``), yet each call returns only once its own records are durable. The index
+(sequence -> segment offset, aggregate -> versions) lives in memory and is caught up by reading
+only the bytes appended since the last look.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.errors import (
+    ConcurrencyConflict,
+    InvalidParameter,
+    LogClosed,
+    LogCorrupted,
+    NotAStrataLog,
+)
+from engine.log import framing, segments
+from engine.log.framing import Record, SegmentHeader
+from engine.log.locking import RangeLock
+from engine.log.scan import ScanResult, Tail, scan
+from engine.log.segments import SegmentInfo
+
+DEFAULT_SEGMENT_SIZE = 64 * 2**20
+TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as events
+_MAX_HOST_ID = 255
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append; the log adds sequence, chain hash, host and time."""
+
+    originator_id: uuid.UUID | str
+    originator_version: int
+    topic: str
+    state: bytes
+
+
+@dataclass(slots=True)
+class _Request:
+    events: Sequence[NewEvent]
+    done: bool = False
+    seqs: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def _check_host_id(host_id: object) -> str:
+    if not isinstance(host_id, str) or not host_id or len(host_id) > _MAX_HOST_ID:
+        raise InvalidParameter(
+            f"a non-empty string of at most {_MAX_HOST_ID} characters, not {host_id!r}",
+            name="host_id",
+        )
+    return host_id
+
+
+class OperationLog:
+    """An open log directory. Use :meth:`create` for a new one, :meth:`open` for an existing one."""
+
+    def __init__(
+        self,
+        directory: str,
+        host_id: str,
+        *,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.directory = os.path.abspath(directory)
+        self.host_id = _check_host_id(host_id)
+        if not isinstance(segment_size, int) or segment_size < 4096:
+            raise InvalidParameter("at least 4096 bytes", name="segment_size")
+        self._segment_size = segment_size
+        self._clock = clock
+        self._mutex = threading.RLock()  # guards the index and the tail position
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._segments: list[SegmentInfo] = []
+        self._first_seqs: list[int] = []
+        self._read_fds: dict[int, int] = {}
+        self._write_fd = -1
+        self._end = 0  # offset just past the last whole transaction in the last segment
+        self._next_seq = 1
+        self._last_hash = framing.ZERO_HASH
+        self._offsets = array("Q")  # frame offset of sequence n at index n - 1
+        self._versions: dict[uuid.UUID | str, int] = {}
+        self._by_originator: dict[uuid.UUID | str, list[int]] = {}
+        self._listeners: set[threading.Event] = set()
+        self._commit_cv = threading.Condition()
+        self._queue: list[_Request] = []
+        self._leading = False
+        if not os.path.isdir(self.directory):
+            raise NotAStrataLog("no such directory", path=self.directory)
+        if not segments.list_segments(self.directory):
+            raise NotAStrataLog("no segment files", path=self.directory)
+        self._lock = segments_lock(self.directory)
+        try:
+            self._catch_up(locked=False)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: str, host_id: str, **options: object) -> OperationLog:
+        """Make a new, empty log in ``directory`` (created if missing; must hold no log)."""
+        _check_host_id(host_id)
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        try:
+            os.mkdir(directory, 0o755)
+            segments.fsync_directory(parent)
+        except FileExistsError:
+            if segments.list_segments(directory):
+                raise InvalidParameter("it already holds a log", name="directory") from None
+        lock = segments_lock(directory)
+        try:
+            with lock:
+                if not segments.list_segments(directory):
+                    segments.create_segment(
+                        directory,
+                        SegmentHeader(
+                            framing.VERSION, 1, 1, framing.ZERO_HASH, time.time_ns(), host_id
+                        ),
+                    )
+        finally:
+            lock.close()
+        return cls(directory, host_id, **options)  # type: ignore[arg-type]
+
+    @classmethod
+    def open(cls, directory: str, host_id: str, **options: object) -> OperationLog:
+        return cls(directory, host_id, **options)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._mutex:
+            self._closed = True
+            for fd in self._read_fds.values():
+                os.close(fd)
+            self._read_fds.clear()
+            if self._write_fd >= 0:
+                os.close(self._write_fd)
+                self._write_fd = -1
+            lock = getattr(self, "_lock", None)
+            if lock is not None:
+                lock.close()
+        self._notify()
+
+    def __enter__(self) -> OperationLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- appending ------------------------------------------------------------------------
+
+    def append(self, events: Sequence[NewEvent]) -> list[int]:
+        """Append one transaction; return its sequence numbers once they are durable.
+
+        Raises :class:`ConcurrencyConflict` (and appends nothing) when an aggregate's version
+        moved: each event must carry the next version of its aggregate.
+        """
+        if not events:
+            return []
+        for event in events:
+            _check_event(event)
+        request = _Request(events)
+        with self._commit_cv:
+            self._queue.append(request)
+            while self._leading and not request.done:
+                self._commit_cv.wait()
+            if not request.done:
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if not request.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._commit_cv:
+                    self._leading = False
+                    self._commit_cv.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.seqs
+
+    def _commit(self, batch: list[_Request]) -> None:
+        try:
+            with self._mutex:
+                self._check_open()
+                self._lock.acquire()
+                try:
+                    self._catch_up(locked=True)
+                    if self._end >= self._segment_size:
+                        self._roll_over()
+                    self._write_batch(batch)
+                finally:
+                    self._lock.release()
+        except BaseException as e:
+            for request in batch:
+                if not request.done:
+                    request.error = e
+                    request.done = True
+        self._notify()
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        out = bytearray()
+        seq, prev = self._next_seq, self._last_hash
+        accepted: list[tuple[_Request, list[Record], list[int], dict[uuid.UUID | str, int]]] = []
+        claimed: dict[uuid.UUID | str, int] = {}  # versions taken by earlier requests of the batch
+        now = self._clock()
+        for request in batch:
+            versions: dict[uuid.UUID | str, int] = {}
+            conflict = None
+            for event in request.events:
+                key = event.originator_id
+                current = versions.get(key, claimed.get(key, self._versions.get(key)))
+                if current is not None and event.originator_version != current + 1:
+                    conflict = ConcurrencyConflict(
+                        originator_id=key, current=current, attempted=event.originator_version
+                    )
+                    break
+                versions[key] = event.originator_version
+            if conflict is not None:
+                request.error = conflict
+                request.done = True
+                continue
+            records, offsets = [], []
+            last = len(request.events) - 1
+            for i, event in enumerate(request.events):
+                record = Record(
+                    seq, prev, self.host_id, now, i == last,
+                    event.originator_id, event.originator_version, event.topic, event.state,
+                )  # fmt: skip
+                payload = framing.encode_payload(record)
+                offsets.append(self._end + len(out))
+                out += framing.frame(payload)
+                records.append(record)
+                seq, prev = seq + 1, framing.digest(payload)
+            claimed.update(versions)
+            accepted.append((request, records, offsets, versions))
+        if not out:
+            return
+        try:
+            written = os.pwrite(self._write_fd, out, self._end)
+            if written != len(out):
+                raise OSError(f"short write to the log: {written} of {len(out)} bytes")
+            os.fdatasync(self._write_fd)
+        except OSError as e:
+            # After a failed write or fsync nobody knows what reached the disk: stop using this
+            # handle rather than guess (the records, if whole, will be read back as committed).
+            self._failed = e
+            raise LogClosed(path=self.directory) from e
+        for request, records, offsets, _ in accepted:
+            self._index(records, offsets)
+            request.seqs = [r.seq for r in records]
+            request.done = True
+        self._end += len(out)
+        self._next_seq, self._last_hash = seq, prev
+
+    def _roll_over(self) -> None:
+        number = self._segments[-1].number + 1
+        segments.create_segment(
+            self.directory,
+            SegmentHeader(
+                framing.VERSION,
+                number,
+                self._next_seq,
+                self._last_hash,
+                self._clock(),
+                self.host_id,
+            ),
+        )
+        self._open_segment(number)
+
+    # --- catching up ----------------------------------------------------------------------
+
+    def refresh(self) -> int:
+        """Read what other processes appended since the last look; return the last sequence."""
+        with self._mutex:
+            self._check_open()
+            before = self._next_seq
+            self._catch_up(locked=False)
+            grew = self._next_seq != before
+        if grew:
+            self._notify()
+        return self._next_seq - 1
+
+    def _catch_up(self, *, locked: bool) -> None:
+        if not self._segments:
+            numbers = segments.list_segments(self.directory)
+            self._open_segment(numbers[0])
+        while True:
+            info = self._segments[-1]
+            fd = self._read_fds[info.number]
+            size = os.fstat(fd).st_size
+            if size > self._end:
+                self._scan_tail(info, fd, size, locked=locked)
+            if not os.path.exists(segments.segment_path(self.directory, info.number + 1)):
+                return
+            # A later segment exists, so this one is final: it must end with a whole record.
+            size = os.fstat(fd).st_size
+            if size > self._end:
+                self._scan_tail(info, fd, size, locked=locked)
+            if os.fstat(fd).st_size != self._end:
+                raise LogCorrupted(
+                    "a segment that was rolled over ends in a torn record",
+                    segment=info.number,
+                    offset=self._end,
+                )
+            self._open_segment(info.number + 1)
+
+    def _scan_tail(self, info: SegmentInfo, fd: int, size: int, *, locked: bool) -> None:
+        buf = os.pread(fd, size - self._end, self._end)
+        try:
+            result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
+        except LogCorrupted:
+            if locked:
+                raise
+            # Without the lock we may be looking at an append in progress (on NFS a reader can
+            # see a write's bytes out of order): look again once no appender is writing.
+            self._lock.acquire(shared=True)
+            try:
+                buf = os.pread(fd, os.fstat(fd).st_size - self._end, self._end)
+                result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
+            finally:
+                self._lock.release()
+        self._accept(result)
+        if result.tail is Tail.TORN and locked:
+            self._cut_torn_tail(info, fd, result.end)
+
+    def _accept(self, result: ScanResult) -> None:
+        self._index(result.records, result.offsets)
+        self._end = result.end
+        self._next_seq, self._last_hash = result.next_seq, result.last_hash
+
+    def _cut_torn_tail(self, info: SegmentInfo, fd: int, end: int) -> None:
+        torn = os.pread(fd, os.fstat(fd).st_size - end, end)
+        keep = os.path.join(self.directory, TORN_DIR)
+        os.makedirs(keep, exist_ok=True)
+        name = os.path.join(keep, f"{segments.segment_name(info.number)}.at-{end}.{time.time_ns()}")
+        with open(name, "wb") as f:
+            f.write(torn)
+            f.flush()
+            os.fsync(f.fileno())
+        segments.fsync_directory(keep)
+        os.ftruncate(self._write_fd, end)
+        os.fsync(self._write_fd)
+
+    def _open_segment(self, number: int) -> None:
+        path = segments.segment_path(self.directory, number)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header, data_start = segments.read_header(fd, path, number)
+        except BaseException:
+            os.close(fd)
+            raise
+        if header.first_seq != self._next_seq or header.prev_hash != self._last_hash:
+            os.close(fd)
+            raise LogCorrupted(
+                f"segment starts at sequence {header.first_seq} but the chain continues at "
+                f"{self._next_seq} (a segment was removed, reordered or replaced)",
+                segment=number,
+                offset=0,
+            )
+        self._read_fds[number] = fd
+        self._segments.append(SegmentInfo(number, header.first_seq, data_start))
+        self._first_seqs.append(header.first_seq)
+        self._end = data_start
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+        self._write_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def _index(self, records: Sequence[Record], offsets: Sequence[int]) -> None:
+        self._offsets.extend(offsets)
+        versions, by_originator = self._versions, self._by_originator
+        for record in records:
+            key = record.originator_id
+            versions[key] = record.originator_version
+            seqs = by_originator.get(key)
+            if seqs is None:
+                by_originator[key] = [record.seq]
+            else:
+                seqs.append(record.seq)
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number this process has seen (call :meth:`refresh` to look again)."""
+        return self._next_seq - 1
+
+    def version_of(self, originator_id: uuid.UUID | str) -> int | None:
+        with self._mutex:
+            return self._versions.get(originator_id)
+
+    def read(
+        self, start: int = 1, stop: int | None = None, limit: int | None = None
+    ) -> list[Record]:
+        """Records with ``start <= seq <= stop``, at most ``limit`` of them, in order."""
+        with self._mutex:
+            self._check_open()
+            last = self._next_seq - 1
+            if stop is None or stop > last:
+                stop = last
+            start = max(start, 1)
+            if limit is not None:
+                stop = min(stop, start + limit - 1)
+            out: list[Record] = []
+            while start <= stop:
+                seg_index = bisect.bisect_right(self._first_seqs, start) - 1
+                seg_last = (
+                    self._first_seqs[seg_index + 1] - 1
+                    if seg_index + 1 < len(self._segments)
+                    else last
+                )
+                upto = min(stop, seg_last)
+                out.extend(self._read_run(seg_index, start, upto))
+                start = upto + 1
+            return out
+
+    def iter_records(self, start: int = 1, batch: int = 4096) -> Iterator[Record]:
+        """Every record from ``start`` to the last seen, read in batches."""
+        while True:
+            chunk = self.read(start, limit=batch)
+            if not chunk:
+                return
+            yield from chunk
+            start = chunk[-1].seq + 1
+
+    def events_of(
+        self,
+        originator_id: uuid.UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """The records of one aggregate, filtered by version, as eventsourcing's recorders do."""
+        with self._mutex:
+            self._check_open()
+            seqs = self._by_originator.get(originator_id, [])
+            found: list[Record] = []
+            for seq in reversed(seqs) if desc else seqs:
+                record = self._read_run(bisect.bisect_right(self._first_seqs, seq) - 1, seq, seq)[0]
+                version = record.originator_version
+                if (gt is not None and version <= gt) or (lte is not None and version > lte):
+                    continue
+                found.append(record)
+                if limit is not None and len(found) >= limit:
+                    break
+            return found
+
+    def _read_run(self, seg_index: int, first: int, last: int) -> list[Record]:
+        """Decode records ``first..last`` that lie in one segment (checksums checked again)."""
+        info = self._segments[seg_index]
+        begin = self._offsets[first - 1]
+        end = (
+            self._offsets[last]
+            if last < self._next_seq - 1 and last + 1 < self._first_seq_after(seg_index)
+            else None
+        )
+        fd = self._read_fds[info.number]
+        if end is None:
+            end = self._segment_end(seg_index)
+        buf = os.pread(fd, end - begin, begin)
+        records: list[Record] = []
+        pos, unpack = 0, framing.FRAME_HEADER.unpack_from
+        while len(records) < last - first + 1:
+            length, payload_crc, _ = unpack(buf, pos)
+            payload = buf[
+                pos + framing.FRAME_HEADER_SIZE : pos + framing.FRAME_HEADER_SIZE + length
+            ]
+            if framing.crc(payload) != payload_crc:
+                raise LogCorrupted(
+                    "record checksum mismatch on re-read", segment=info.number, offset=begin + pos
+                )
+            records.append(framing.decode_payload(payload))
+            pos += framing.FRAME_HEADER_SIZE + length
+        return records
+
+    def _first_seq_after(self, seg_index: int) -> int:
+        if seg_index + 1 < len(self._first_seqs):
+            return self._first_seqs[seg_index + 1]
+        return self._next_seq
+
+    def _segment_end(self, seg_index: int) -> int:
+        if seg_index == len(self._segments) - 1:
+            return self._end
+        return os.fstat(self._read_fds[self._segments[seg_index].number]).st_size
+
+    # --- waking readers -------------------------------------------------------------------
+
+    def listen(self, event: threading.Event) -> None:
+        """``event`` is set whenever this process appends or sees new records."""
+        self._listeners.add(event)
+
+    def unlisten(self, event: threading.Event) -> None:
+        self._listeners.discard(event)
+
+    def _notify(self) -> None:
+        for event in list(self._listeners):
+            event.set()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosed(path=self.directory)
+        if self._failed is not None:
+            raise LogClosed(path=self.directory) from self._failed
+
+
+def segments_lock(directory: str) -> RangeLock:
+    return RangeLock(os.path.join(directory, segments.LOCK_NAME))
+
+
+def _check_event(event: NewEvent) -> None:
+    if not isinstance(event.originator_id, uuid.UUID | str):
+        raise InvalidParameter("a UUID or a string", name="originator_id")
+    version = event.originator_version
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidParameter(
+            f"a non-negative integer, not {version!r}", name="originator_version"
+        )
+    if not isinstance(event.topic, str) or not event.topic:
+        raise InvalidParameter("a non-empty string", name="topic")
+    if not isinstance(event.state, bytes | bytearray | memoryview):
+        raise InvalidParameter("bytes", name="state")

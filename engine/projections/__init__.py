@@ -1,0 +1,1 @@
+"""Read models rebuilt from the log alone (image status, fixes, history), kept in SQLite."""
