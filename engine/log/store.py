@@ -18,6 +18,7 @@ import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.errors import (
     ConcurrencyConflict,
@@ -45,6 +46,12 @@ class NewEvent:
     originator_version: int
     topic: str
     state: bytes
+
+
+class Wakeable(Protocol):
+    """Anything with ``set()``: a ``threading.Event``, or a follower's wake-up counter."""
+
+    def set(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -94,7 +101,7 @@ class OperationLog:
         self._offsets = array("Q")  # frame offset of sequence n at index n - 1
         self._versions: dict[uuid.UUID | str, int] = {}
         self._by_originator: dict[uuid.UUID | str, list[int]] = {}
-        self._listeners: set[threading.Event] = set()
+        self._listeners: set[Wakeable] = set()
         self._commit_cv = threading.Condition()
         self._queue: list[_Request] = []
         self._leading = False
@@ -500,11 +507,11 @@ class OperationLog:
 
     # --- waking readers -------------------------------------------------------------------
 
-    def listen(self, event: threading.Event) -> None:
+    def listen(self, event: Wakeable) -> None:
         """``event`` is set whenever this process appends or sees new records."""
         self._listeners.add(event)
 
-    def unlisten(self, event: threading.Event) -> None:
+    def unlisten(self, event: Wakeable) -> None:
         self._listeners.discard(event)
 
     def _notify(self) -> None:
