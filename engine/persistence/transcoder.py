@@ -1,0 +1,93 @@
+"""Event state as msgpack bytes, with eventsourcing's transcodings for types msgpack lacks.
+
+The document shape is the one eventsourcing's ``JSONTranscoder`` writes: an object of a
+registered type becomes the map ``{"_type_": name, "_data_": encoded}``, decoded inner maps
+first. Only the bytes differ (msgpack, so ``bytes`` values stay bytes and maps keep int keys).
+
+Types are matched exactly (msgpack's ``strict_types``), so a ``tuple``, or a subclass of
+``str``, ``int``, ``dict`` or ``list``, is never silently flattened into its base type: it needs
+a registered transcoding, as an unknown class does, and round-trips as itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    Transcoder,
+    Transcoding,
+    TranscodingNotRegisteredError,
+    UUIDAsHex,
+)
+
+
+class TupleAsList(Transcoding):
+    type = tuple
+    name = "tuple_as_list"
+
+    def encode(self, obj: tuple[Any, ...]) -> list[Any]:
+        return list(obj)
+
+    def decode(self, data: list[Any]) -> tuple[Any, ...]:
+        return tuple(data)
+
+
+class MsgpackTranscoder(Transcoder):
+    """An eventsourcing ``Transcoder`` that writes msgpack; register transcodings as usual."""
+
+    def __init__(self) -> None:
+        self.types: dict[type, Transcoding] = {}
+        self.names: dict[str, Transcoding] = {}
+
+    def register(self, transcoding: Transcoding) -> None:
+        self.types[transcoding.type] = transcoding
+        self.names[transcoding.name] = transcoding
+
+    def encode(self, obj: Any) -> bytes:
+        # packb, not a shared Packer: a Packer keeps a buffer and is not safe across threads.
+        data: bytes = msgpack.packb(
+            obj, default=self._encode_obj, use_bin_type=True, strict_types=True
+        )
+        return data
+
+    def decode(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data, object_hook=self._decode_obj, raw=False, strict_map_key=False, use_list=True
+        )
+
+    def _encode_obj(self, obj: Any) -> dict[str, Any]:
+        try:
+            transcoding = self.types[type(obj)]
+        except KeyError:
+            # The same words as JSONTranscoder's, so callers see one message whichever is used.
+            msg = (
+                f"Object of type {type(obj)} is not serializable. Please define and register "
+                "a custom transcoding for this type."
+            )
+            raise TranscodingNotRegisteredError(msg) from None
+        return {"_type_": transcoding.name, "_data_": transcoding.encode(obj)}
+
+    def _decode_obj(self, d: dict[Any, Any]) -> Any:
+        if len(d) != 2 or "_type_" not in d or "_data_" not in d:
+            return d
+        name = d["_type_"]
+        try:
+            transcoding = self.names[name]
+        except (KeyError, TypeError) as e:  # TypeError: an unhashable _type_ value
+            msg = (
+                f"Data serialized with name '{name}' is not deserializable. Please register a "
+                "custom transcoding for this type."
+            )
+            raise TranscodingNotRegisteredError(msg) from e
+        return transcoding.decode(d["_data_"])
+
+
+def default_transcoder() -> MsgpackTranscoder:
+    """The transcoder Strata's applications use: UUID, Decimal, datetime and tuple built in."""
+    transcoder = MsgpackTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO(), TupleAsList()):
+        transcoder.register(transcoding)
+    return transcoder
