@@ -95,3 +95,13 @@ class ConcurrencyConflict(LogError):
 class LogClosed(LogError):
     code = "log_closed"
     template = "The log at {path} is closed"
+
+
+# --- the eventsourcing boundary -------------------------------------------------------------
+
+
+class NotSupported(StrataError):
+    """An eventsourcing feature that Strata's persistence refuses rather than fakes."""
+
+    code = "not_supported"
+    template = "{feature} is not supported by Strata's persistence: {detail}"
