@@ -1,0 +1,7 @@
+"""``python -m log_tools``: the same as the ``strata-log`` command."""
+
+import sys
+
+from log_tools.cli import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""``strata-log``: the auditor's command line over a repository's operation log.
+
+Exit status: 0 when the log is sound (a torn tail is sound), 1 when it is damaged, 2 when the
+path is not a Strata log, its version is unknown, or the arguments are wrong. Only the engine's
+own errors are turned into one line on stderr; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+from engine.errors import LogCorrupted, StrataError
+from log_tools import dump, verify
+from log_tools.paths import find_log_dir
+
+PROG = "strata-log"
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.command
+    try:
+        return command(args)
+    except StrataError as e:
+        sys.stdout.flush()  # what was read before the error comes first, as it happened
+        print(f"{PROG}: error [{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_DAMAGED if isinstance(e, LogCorrupted) else EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`strata-log dump | head`): stop quietly, as other Unix tools do.
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _verify(args: argparse.Namespace) -> int:
+    summary = verify.verify(find_log_dir(args.path))
+    if args.json:
+        print(json.dumps(verify.to_json(summary), indent=2))
+    else:
+        verify.write_text(summary, sys.stdout)
+    if summary.damage is not None:
+        raise summary.damage
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    tail = dump.dump(
+        find_log_dir(args.path),
+        sys.stdout,
+        as_json=args.json,
+        start=args.from_seq,
+        limit=args.limit,
+    )
+    if tail is not None and tail.torn:
+        sys.stdout.flush()
+        print(
+            f"{PROG}: note: segment {tail.segment} ends in a torn tail at byte offset "
+            f"{tail.end} ({tail.size - tail.end} bytes a crash left mid-append; not part of the "
+            f"log)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Audit a Strata repository's operation log (read-only)."
+    )
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+    path_help = "a repository directory (holding log/) or its log/ directory"
+
+    check = commands.add_parser(
+        "verify",
+        help="check framing, checksums, sequence and hash chain of every segment",
+        description="Check the whole log without writing to it. Exit 0 when sound (a torn "
+        "tail left by a crash is sound), 1 when damaged, 2 when PATH is not a Strata log.",
+    )
+    check.add_argument("path", metavar="PATH", help=path_help)
+    check.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    check.set_defaults(command=_verify)
+
+    show = commands.add_parser(
+        "dump",
+        help="print every record",
+        description="Print the log's records in order (only whole transactions), checking "
+        "them as they are read. Byte strings are hex in JSON.",
+    )
+    show.add_argument("path", metavar="PATH", help=path_help)
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.add_argument(
+        "--from", dest="from_seq", type=_positive, default=1, metavar="SEQ", help="first sequence"
+    )
+    show.add_argument("--limit", type=_positive, metavar="N", help="print at most N records")
+    show.set_defaults(command=_dump)
+    return parser

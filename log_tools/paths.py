@@ -1,0 +1,28 @@
+"""Where the log is: the tools accept a repository directory or its ``log/`` directory."""
+
+from __future__ import annotations
+
+import os
+
+from engine.errors import NotAStrataLog
+from engine.log import segments
+
+LOG_DIR_NAME = "log"
+
+
+def find_log_dir(path: str) -> str:
+    """The absolute log directory that ``path`` names, looked up without writing anything."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise NotAStrataLog("no such file or directory", path=path)
+    if not os.path.isdir(path):
+        raise NotAStrataLog("not a directory", path=path)
+    # Segments in the directory itself win: a log directory never holds a repository.
+    if segments.list_segments(path):
+        return path
+    inner = os.path.join(path, LOG_DIR_NAME)
+    if os.path.isdir(inner):
+        if segments.list_segments(inner):
+            return inner
+        raise NotAStrataLog("its log/ directory holds no segment files", path=path)
+    raise NotAStrataLog("no segment files and no log/ directory", path=path)

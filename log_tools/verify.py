@@ -1,0 +1,160 @@
+"""``strata-log verify``: check a whole log without touching it, and say what it holds.
+
+Every segment header, frame checksum, sequence number, hash-chain link and record payload is
+checked by the engine's own reader code (see :mod:`log_tools.reading`). A torn tail is sound: it
+is what a crash mid-append leaves, it was never committed, and the next appender cuts it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from engine.errors import LogCorrupted
+from engine.log.framing import Record
+from log_tools.reading import ReadOnlyLog, TailState, leftovers
+from log_tools.render import iso_time, printable
+
+
+@dataclass
+class Summary:
+    log_directory: str
+    segments: int
+    format_version: int | None = None
+    records: int = 0
+    transactions: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    first_time_ns: int | None = None
+    last_time_ns: int | None = None
+    hosts: Counter[str] = field(default_factory=Counter)
+    aggregates: set[object] = field(default_factory=set)
+    tail: TailState | None = None
+    kept_torn_tails: list[str] = field(default_factory=list)
+    stale_temporaries: list[str] = field(default_factory=list)
+    damage: LogCorrupted | None = None
+
+    def add(self, record: Record) -> None:
+        if self.first_seq is None:
+            self.first_seq, self.first_time_ns = record.seq, record.time_ns
+        self.last_seq, self.last_time_ns = record.seq, record.time_ns
+        self.records += 1
+        self.transactions += record.txn_last
+        self.hosts[record.host_id] += 1
+        self.aggregates.add(record.originator_id)
+
+
+def verify(log_dir: str) -> Summary:
+    """Read the whole log; damage is recorded in the summary, not raised."""
+    log = ReadOnlyLog(log_dir)
+    summary = Summary(log_dir, segments=len(log.numbers))
+    try:
+        for record in log.records():
+            summary.add(record)
+    except LogCorrupted as e:
+        summary.damage = e
+    if 1 in log.headers:
+        summary.format_version = log.headers[1].version
+    summary.tail = log.tail
+    summary.kept_torn_tails, summary.stale_temporaries = leftovers(log_dir)
+    return summary
+
+
+def to_json(summary: Summary) -> dict[str, Any]:
+    tail = summary.tail
+    damage = summary.damage
+    return {
+        "status": "damaged" if damage else "sound",
+        "log_directory": summary.log_directory,
+        "format_version": summary.format_version,
+        "segments": summary.segments,
+        "records": summary.records,
+        "transactions": summary.transactions,
+        "aggregates": len(summary.aggregates),
+        "first_seq": summary.first_seq,
+        "last_seq": summary.last_seq,
+        "first_time": _maybe_time(summary.first_time_ns),
+        "last_time": _maybe_time(summary.last_time_ns),
+        "first_time_ns": summary.first_time_ns,
+        "last_time_ns": summary.last_time_ns,
+        "hosts": dict(sorted(summary.hosts.items())),
+        "tail": None
+        if tail is None
+        else {
+            "state": "torn" if tail.torn else "clean",
+            "segment": tail.segment,
+            "offset": tail.end,
+            "torn_bytes": tail.size - tail.end,
+        },
+        "kept_torn_tails": summary.kept_torn_tails,
+        "stale_temporaries": summary.stale_temporaries,
+        "damage": None if damage is None else {**damage.to_dict(), "detail": damage.detail},
+    }
+
+
+def write_text(summary: Summary, out: TextIO) -> None:
+    rows = [
+        ("log", summary.log_directory),
+        ("format", f"version {summary.format_version}" if summary.format_version else "unknown"),
+        ("segments", str(summary.segments)),
+        ("records", _records_row(summary)),
+        ("time", _time_row(summary)),
+        ("hosts", _hosts_row(summary)),
+        ("tail", _tail_row(summary.tail)),
+    ]
+    if summary.kept_torn_tails:
+        rows.append(("kept", f"{len(summary.kept_torn_tails)} cut-off torn tail(s) in torn/"))
+    if summary.stale_temporaries:
+        names = ", ".join(map(printable, summary.stale_temporaries))
+        rows.append(("leftover", f"{names} (an unfinished roll-over; not part of the log)"))
+    damage = summary.damage
+    if damage is None:
+        rows.append(("result", "sound"))
+    else:
+        where = f"segment {damage.fields['segment']} at byte offset {damage.fields['offset']}"
+        rows.append(("result", f"DAMAGED in {where}: {damage.detail}"))
+    for name, value in rows:
+        out.write(f"{name:<9} {value}\n")
+
+
+def _records_row(summary: Summary) -> str:
+    if summary.records == 0:
+        text = "0"
+    else:
+        text = (
+            f"{summary.records} in {summary.transactions} transaction(s) of "
+            f"{len(summary.aggregates)} aggregate(s), sequence {summary.first_seq}.."
+            f"{summary.last_seq}"
+        )
+    return text + (" (read before the damage)" if summary.damage else "")
+
+
+def _time_row(summary: Summary) -> str:
+    if summary.first_time_ns is None or summary.last_time_ns is None:
+        return "-"
+    return f"{iso_time(summary.first_time_ns)} .. {iso_time(summary.last_time_ns)}"
+
+
+def _hosts_row(summary: Summary) -> str:
+    if not summary.hosts:
+        return "-"
+    return ", ".join(
+        f"{printable(host)} ({count} records)" for host, count in sorted(summary.hosts.items())
+    )
+
+
+def _tail_row(tail: TailState | None) -> str:
+    if tail is None:
+        return "not reached"
+    if not tail.torn:
+        return f"clean (segment {tail.segment} ends at byte {tail.end})"
+    return (
+        f"torn: segment {tail.segment} has {tail.size - tail.end} byte(s) after offset "
+        f"{tail.end} left by a crash mid-append (or an append still being written); they are "
+        f"not part of the log, and the next appender will cut them at offset {tail.end}"
+    )
+
+
+def _maybe_time(time_ns: int | None) -> str | None:
+    return None if time_ns is None else iso_time(time_ns)
