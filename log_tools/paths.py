@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from engine.errors import NotAStrataLog
+from engine.errors import LogCorrupted, NotAStrataLog
 from engine.log import segments
 
 LOG_DIR_NAME = "log"
@@ -18,11 +18,18 @@ def find_log_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise NotAStrataLog("not a directory", path=path)
     # Segments in the directory itself win: a log directory never holds a repository.
-    if segments.list_segments(path):
+    if _has_segments(path):
         return path
     inner = os.path.join(path, LOG_DIR_NAME)
     if os.path.isdir(inner):
-        if segments.list_segments(inner):
+        if _has_segments(inner):
             return inner
         raise NotAStrataLog("its log/ directory holds no segment files", path=path)
     raise NotAStrataLog("no segment files and no log/ directory", path=path)
+
+
+def _has_segments(directory: str) -> bool:
+    try:
+        return bool(segments.list_segments(directory))
+    except LogCorrupted:
+        return True  # a segment is missing: a damaged log, which the reader reports as such

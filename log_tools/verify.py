@@ -20,7 +20,7 @@ from log_tools.render import iso_time, printable
 @dataclass
 class Summary:
     log_directory: str
-    segments: int
+    segments: int | None = None  # unknown when the segment files themselves do not add up
     format_version: int | None = None
     records: int = 0
     transactions: int = 0
@@ -47,16 +47,19 @@ class Summary:
 
 def verify(log_dir: str) -> Summary:
     """Read the whole log; damage is recorded in the summary, not raised."""
-    log = ReadOnlyLog(log_dir)
-    summary = Summary(log_dir, segments=len(log.numbers))
+    summary = Summary(log_dir)
+    log = None
     try:
+        log = ReadOnlyLog(log_dir)
+        summary.segments = len(log.numbers)
         for record in log.records():
             summary.add(record)
     except LogCorrupted as e:
         summary.damage = e
-    if 1 in log.headers:
-        summary.format_version = log.headers[1].version
-    summary.tail = log.tail
+    if log is not None:
+        if 1 in log.headers:
+            summary.format_version = log.headers[1].version
+        summary.tail = log.tail
     summary.kept_torn_tails, summary.stale_temporaries = leftovers(log_dir)
     return summary
 
@@ -97,7 +100,7 @@ def write_text(summary: Summary, out: TextIO) -> None:
     rows = [
         ("log", summary.log_directory),
         ("format", f"version {summary.format_version}" if summary.format_version else "unknown"),
-        ("segments", str(summary.segments)),
+        ("segments", "unknown" if summary.segments is None else str(summary.segments)),
         ("records", _records_row(summary)),
         ("time", _time_row(summary)),
         ("hosts", _hosts_row(summary)),
