@@ -20,9 +20,11 @@ The payload is a msgpack array, field order fixed by the version::
 
     [seq, prev_hash, host_id, time_ns, txn_last, originator_id, originator_version, topic, state]
 
-``prev_hash`` is BLAKE2b-256 of the previous record's payload (the previous segment's last one
-for a segment's first record, 32 zero bytes for the very first record). ``txn_last`` is false on
-every record of a multi-event transaction but the last, so a reader never shows half of one.
+``prev_hash`` is BLAKE2b-256 of the previous record's whole frame, header and payload (the
+previous segment's last one for a segment's first record, 32 zero bytes for the very first
+record), so the chain covers every byte of history but the last frame, which its checksums
+guard. ``txn_last`` is false on every record of a multi-event transaction but the last, so a
+reader never shows half of one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import struct
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import msgpack
 
@@ -50,22 +52,27 @@ ZERO_HASH = bytes(HASH_SIZE)
 # a bound keeps a damaged length from making a reader allocate gigabytes.
 MAX_PAYLOAD = 16 * 2**20
 
-_UUID_EXT = 1  # msgpack ext type for uuid.UUID originator ids
 
+class Record(NamedTuple):
+    """One event as the log holds it.
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One event as the log holds it."""
+    A NamedTuple rather than a frozen dataclass: replay builds millions of them, and a tuple is
+    built in one C call where a frozen dataclass pays a ``setattr`` per field.
+    """
 
     seq: int
     prev_hash: bytes
     host_id: str
     time_ns: int
     txn_last: bool
-    originator_id: uuid.UUID | str
+    originator_key: bytes | str  # see key_of(); bytes hash in C, UUIDs in Python
     originator_version: int
     topic: str
     state: bytes
+
+    @property
+    def originator_id(self) -> uuid.UUID | str:
+        return id_of(self.originator_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,19 +90,29 @@ def digest(payload: bytes) -> bytes:
 
 
 def crc(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    return zlib.crc32(data)  # unsigned in Python 3
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, uuid.UUID):
-        return msgpack.ExtType(_UUID_EXT, obj.bytes)
-    raise TypeError(f"cannot encode {type(obj).__name__} in a log record")
+# An aggregate's id recurs in every one of its events; building its UUID once keeps reads fast.
+_uuids: dict[bytes, uuid.UUID] = {}
+_UUID_CACHE_MAX = 1 << 20
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == _UUID_EXT:
-        return uuid.UUID(bytes=data)
-    return msgpack.ExtType(code, data)
+def key_of(originator_id: uuid.UUID | str) -> bytes | str:
+    """How the log stores an aggregate id: a UUID as its 16 bytes, any other id as a string."""
+    return originator_id.bytes if isinstance(originator_id, uuid.UUID) else originator_id
+
+
+def id_of(key: bytes | str) -> uuid.UUID | str:
+    if isinstance(key, str):
+        return key
+    found = _uuids.get(key)
+    if found is None:
+        found = uuid.UUID(bytes=key)
+        if len(_uuids) >= _UUID_CACHE_MAX:
+            _uuids.clear()
+        _uuids[key] = found
+    return found
 
 
 def encode_payload(record: Record) -> bytes:
@@ -107,23 +124,25 @@ def encode_payload(record: Record) -> bytes:
             record.host_id,
             record.time_ns,
             record.txn_last,
-            record.originator_id,
+            record.originator_key,
             record.originator_version,
             record.topic,
             record.state,
         ],
-        default=_default,
         use_bin_type=True,
     )
     return packed
 
 
+_new_record = tuple.__new__
+
+
 def decode_payload(payload: bytes | memoryview) -> Record:
     """Decode a payload whose checksum already matched; raises ValueError on a bad shape."""
-    fields = msgpack.unpackb(payload, ext_hook=_ext_hook, raw=False, use_list=True)
-    if not isinstance(fields, list) or len(fields) < 9:
+    fields = msgpack.unpackb(payload, raw=False, use_list=False)
+    if type(fields) is not tuple or len(fields) != 9:
         raise ValueError("record payload is not a version-1 record array")
-    return Record(*fields[:9])
+    return _new_record(Record, fields)
 
 
 def frame(payload: bytes) -> bytes:

@@ -18,7 +18,7 @@ import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.errors import (
     ConcurrencyConflict,
@@ -30,7 +30,7 @@ from engine.errors import (
 from engine.log import framing, segments
 from engine.log.framing import Record, SegmentHeader
 from engine.log.locking import RangeLock
-from engine.log.scan import ScanResult, Tail, scan
+from engine.log.scan import ScanResult, Tail, gc_paused, scan
 from engine.log.segments import SegmentInfo
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
@@ -46,6 +46,10 @@ class NewEvent:
     originator_version: int
     topic: str
     state: bytes
+
+
+# [last version, sequence numbers] of one aggregate; a list, to update in place cheaply.
+_Aggregate = list[Any]
 
 
 class Wakeable(Protocol):
@@ -99,8 +103,9 @@ class OperationLog:
         self._next_seq = 1
         self._last_hash = framing.ZERO_HASH
         self._offsets = array("Q")  # frame offset of sequence n at index n - 1
-        self._versions: dict[uuid.UUID | str, int] = {}
-        self._by_originator: dict[uuid.UUID | str, list[int]] = {}
+        # Per aggregate: its sequence numbers, and its version last (one dict lookup per record
+        # on replay, where a UUID key costs a Python-level __hash__).
+        self._aggregates: dict[bytes | str, _Aggregate] = {}
         self._listeners: set[Wakeable] = set()
         self._commit_cv = threading.Condition()
         self._queue: list[_Request] = []
@@ -229,7 +234,7 @@ class OperationLog:
             conflict = None
             for event in request.events:
                 key = event.originator_id
-                current = versions.get(key, claimed.get(key, self._versions.get(key)))
+                current = versions.get(key, claimed.get(key, self._version(key)))
                 if current is not None and event.originator_version != current + 1:
                     conflict = ConcurrencyConflict(
                         originator_id=key, current=current, attempted=event.originator_version
@@ -243,15 +248,16 @@ class OperationLog:
             records, offsets = [], []
             last = len(request.events) - 1
             for i, event in enumerate(request.events):
+                okey = framing.key_of(event.originator_id)
                 record = Record(
                     seq, prev, self.host_id, now, i == last,
-                    event.originator_id, event.originator_version, event.topic, event.state,
+                    okey, event.originator_version, event.topic, event.state,
                 )  # fmt: skip
-                payload = framing.encode_payload(record)
+                framed = framing.frame(framing.encode_payload(record))
                 offsets.append(self._end + len(out))
-                out += framing.frame(payload)
+                out += framed
                 records.append(record)
-                seq, prev = seq + 1, framing.digest(payload)
+                seq, prev = seq + 1, framing.digest(framed)
             claimed.update(versions)
             accepted.append((request, records, offsets, versions))
         if not out:
@@ -340,7 +346,8 @@ class OperationLog:
                 result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
             finally:
                 self._lock.release()
-        self._accept(result)
+        with gc_paused():  # indexing a long log allocates much and frees nothing
+            self._accept(result)
         if result.tail is Tail.TORN and locked:
             self._cut_torn_tail(info, fd, result.end)
 
@@ -388,15 +395,18 @@ class OperationLog:
 
     def _index(self, records: Sequence[Record], offsets: Sequence[int]) -> None:
         self._offsets.extend(offsets)
-        versions, by_originator = self._versions, self._by_originator
+        aggregates = self._aggregates
         for record in records:
-            key = record.originator_id
-            versions[key] = record.originator_version
-            seqs = by_originator.get(key)
-            if seqs is None:
-                by_originator[key] = [record.seq]
+            entry = aggregates.get(record.originator_key)
+            if entry is None:
+                aggregates[record.originator_key] = [record.originator_version, [record.seq]]
             else:
-                seqs.append(record.seq)
+                entry[0] = record.originator_version
+                entry[1].append(record.seq)
+
+    def _version(self, originator_id: uuid.UUID | str) -> int | None:
+        entry = self._aggregates.get(framing.key_of(originator_id))
+        return None if entry is None else entry[0]
 
     # --- reading --------------------------------------------------------------------------
 
@@ -407,7 +417,7 @@ class OperationLog:
 
     def version_of(self, originator_id: uuid.UUID | str) -> int | None:
         with self._mutex:
-            return self._versions.get(originator_id)
+            return self._version(originator_id)
 
     def read(
         self, start: int = 1, stop: int | None = None, limit: int | None = None
@@ -455,7 +465,8 @@ class OperationLog:
         """The records of one aggregate, filtered by version, as eventsourcing's recorders do."""
         with self._mutex:
             self._check_open()
-            seqs = self._by_originator.get(originator_id, [])
+            entry = self._aggregates.get(framing.key_of(originator_id))
+            seqs: list[int] = [] if entry is None else entry[1]
             found: list[Record] = []
             for seq in reversed(seqs) if desc else seqs:
                 record = self._read_run(bisect.bisect_right(self._first_seqs, seq) - 1, seq, seq)[0]
