@@ -1,0 +1,163 @@
+"""The eventsourcing infrastructure factory that wires an application onto a repository's log.
+
+An ``Application`` whose environment has ``PERSISTENCE_MODULE=engine.persistence`` gets:
+
+======================  ===================================================================
+``STRATA_LOG_DIR``      the log directory (required), e.g. ``<repository>/log``
+``STRATA_HOST_ID``      this host's id, written into every record (required)
+``STRATA_CREATE_LOG``   ``y`` to create the log if the directory holds none (default ``n``)
+``STRATA_SEGMENT_SIZE`` bytes after which the log rolls over to a new segment (optional)
+``STRATA_TRACKING_DB``  host-local SQLite file for projection positions (default in memory)
+``STRATA_POLL_SECONDS`` how often subscriptions look for other hosts' appends (default 1)
+``STRATA_POLLING``      ``y`` where inotify cannot see other machines' writes (NFS)
+======================  ===================================================================
+
+Event state is encoded with :class:`MsgpackTranscoder` unless ``TRANSCODER_TOPIC`` names
+another. Snapshots and process applications are refused (:class:`NotSupported`): a snapshot
+store and tracking written atomically with events have no home in the shared log yet.
+"""
+
+from __future__ import annotations
+
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    InfrastructureFactory,
+    ProcessRecorder,
+    Transcoder,
+)
+from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
+
+from engine.aggregates.topics import register_topics
+from engine.errors import InvalidParameter, NotSupported
+from engine.log import OperationLog
+from engine.persistence.recorders import (
+    LogAggregateRecorder,
+    LogApplicationRecorder,
+    follow_with,
+)
+from engine.persistence.shared import acquire_log, release_log
+from engine.persistence.tracking import IN_MEMORY, SQLiteTrackingRecorder
+from engine.persistence.transcoder import default_transcoder
+
+
+class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
+    STRATA_LOG_DIR = "STRATA_LOG_DIR"
+    STRATA_HOST_ID = "STRATA_HOST_ID"
+    STRATA_CREATE_LOG = "STRATA_CREATE_LOG"
+    STRATA_SEGMENT_SIZE = "STRATA_SEGMENT_SIZE"
+    STRATA_TRACKING_DB = "STRATA_TRACKING_DB"
+    STRATA_POLL_SECONDS = "STRATA_POLL_SECONDS"
+    STRATA_POLLING = "STRATA_POLLING"
+
+    def __init__(self, env: Environment | EnvType | None) -> None:
+        super().__init__(env)
+        # Stored events name classes by stable topic: make them resolvable before any read.
+        register_topics()
+        directory = self._required(self.STRATA_LOG_DIR)
+        host_id = self._required(self.STRATA_HOST_ID)
+        self._follower = follow_with(
+            poll_interval=self._float(self.STRATA_POLL_SECONDS, 1.0),
+            polling=self._flag(self.STRATA_POLLING),
+        )
+        self._tracking_db = self.env.get(self.STRATA_TRACKING_DB) or IN_MEMORY
+        segment_size = self._optional_int(self.STRATA_SEGMENT_SIZE)
+        self._log: OperationLog | None = acquire_log(
+            directory,
+            host_id,
+            create=self._flag(self.STRATA_CREATE_LOG),
+            segment_size=segment_size,
+        )
+
+    @property
+    def log(self) -> OperationLog:
+        if self._log is None:
+            raise NotSupported("the factory was closed", feature="Using a closed factory")
+        return self._log
+
+    def transcoder(self) -> Transcoder:
+        if self.env.get(self.TRANSCODER_TOPIC):
+            return super().transcoder()
+        return default_transcoder()
+
+    def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
+        if purpose != "events":
+            raise NotSupported(
+                f"only the log's events are stored, not {purpose!r}; snapshots would need a "
+                "store beside the log (leave IS_SNAPSHOTTING_ENABLED unset)",
+                feature=f"An aggregate recorder for {purpose!r}",
+            )
+        return LogAggregateRecorder(self.log)
+
+    def application_recorder(self) -> ApplicationRecorder:
+        recorder_class: type[LogApplicationRecorder] = LogApplicationRecorder
+        topic = self.env.get(self.APPLICATION_RECORDER_TOPIC)
+        if topic:
+            recorder_class = resolve_topic(topic)
+            if not (
+                isinstance(recorder_class, type)
+                and issubclass(recorder_class, LogApplicationRecorder)
+            ):
+                raise InvalidParameter(
+                    f"{topic} is not a LogApplicationRecorder",
+                    name=self.APPLICATION_RECORDER_TOPIC,
+                )
+        return recorder_class(self.log, follower=self._follower)
+
+    def tracking_recorder(
+        self, tracking_recorder_class: type[SQLiteTrackingRecorder] | None = None
+    ) -> SQLiteTrackingRecorder:
+        if tracking_recorder_class is None:
+            topic = self.env.get(self.TRACKING_RECORDER_TOPIC)
+            tracking_recorder_class = resolve_topic(topic) if topic else SQLiteTrackingRecorder
+            if not (
+                isinstance(tracking_recorder_class, type)
+                and issubclass(tracking_recorder_class, SQLiteTrackingRecorder)
+            ):
+                raise InvalidParameter(
+                    f"{topic} is not a SQLiteTrackingRecorder", name=self.TRACKING_RECORDER_TOPIC
+                )
+        return tracking_recorder_class(self._tracking_db)
+
+    def process_recorder(self) -> ProcessRecorder:
+        raise NotSupported(
+            "a process application must commit its tracking position atomically with the "
+            "events it appends, and the shared log does not record tracking; follow the log "
+            "with a projection (tracking_recorder) instead",
+            feature="A process recorder",
+        )
+
+    def close(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            release_log(log)
+
+    def _required(self, key: str) -> str:
+        value = self.env.get(key)
+        if not value:
+            raise InvalidParameter(
+                f"set it in the application's environment (looked for {self.env.create_keys(key)})",
+                name=key,
+            )
+        return value
+
+    def _flag(self, key: str) -> bool:
+        value = self.env.get(key, "n") or "n"
+        try:
+            return bool(strtobool(value))
+        except ValueError as e:
+            raise InvalidParameter(f"yes or no, not {value!r}", name=key) from e
+
+    def _float(self, key: str, default: float) -> float:
+        value = self.env.get(key)
+        try:
+            return float(value) if value else default
+        except ValueError as e:
+            raise InvalidParameter(f"a number, not {value!r}", name=key) from e
+
+    def _optional_int(self, key: str) -> int | None:
+        value = self.env.get(key)
+        try:
+            return int(value) if value else None
+        except ValueError as e:
+            raise InvalidParameter(f"a whole number, not {value!r}", name=key) from e
