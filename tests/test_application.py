@@ -1,0 +1,189 @@
+"""An eventsourcing application saves aggregates into the operation log and rebuilds them, in
+this process or a fresh one, with every event named by an explicit, stable topic."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from eventsourcing.application import Application
+from eventsourcing.domain import ProgrammingError
+from eventsourcing.persistence import IntegrityError
+
+from engine.aggregates.repository import REPOSITORY_ID, Repository
+from engine.application import LogConfig, StrataLogApplication
+from engine.errors import InvalidParameter, NotSupported
+from engine.log import OperationLog
+
+CREATED_AT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def _format(app: StrataLogApplication) -> Repository:
+    return app.create_repository(format_name="localfs", format_version="1.0", created_at=CREATED_AT)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> LogConfig:
+    return LogConfig(log_dir=str(tmp_path / "log"), host_id="host-a", create=True)
+
+
+def test_a_created_repository_is_rebuilt_from_the_log(config: LogConfig) -> None:
+    with StrataLogApplication(config) as app:
+        _format(app)
+    with StrataLogApplication(config) as reopened:
+        repository = reopened.get_repository()
+    assert (repository.id, repository.version) == (REPOSITORY_ID, 1)
+    assert (repository.format_name, repository.format_version) == ("localfs", "1.0")
+    assert (repository.created_by, repository.created_on) == ("host-a", CREATED_AT)
+
+
+def test_the_log_record_names_the_event_by_its_stable_topic_and_the_host(
+    config: LogConfig,
+) -> None:
+    with StrataLogApplication(config) as app:
+        _format(app)
+    with OperationLog.open(config.log_dir, "auditor") as log:
+        [record] = log.read()
+    assert record.topic == "strata.repository.Repository.Created"
+    assert record.host_id == "host-a"
+    assert record.originator_id == REPOSITORY_ID
+
+
+REPLAY_IN_A_FRESH_PROCESS = """
+import json, sys
+from engine.application import LogConfig, StrataLogApplication
+with StrataLogApplication(LogConfig(log_dir=sys.argv[1], host_id="host-b")) as app:
+    r = app.get_repository()
+    print(json.dumps([r.format_name, r.created_by, r.created_on.isoformat(), r.version]))
+"""
+
+
+def test_another_process_that_never_wrote_an_event_rebuilds_the_repository(
+    config: LogConfig,
+) -> None:
+    with StrataLogApplication(config) as app:
+        _format(app)
+    out = subprocess.run(
+        [sys.executable, "-c", REPLAY_IN_A_FRESH_PROCESS, config.log_dir],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert json.loads(out) == ["localfs", "host-a", CREATED_AT.isoformat(), 1]
+
+
+def test_formatting_a_repository_twice_is_refused_and_the_log_keeps_the_first(
+    config: LogConfig, tmp_path: Path
+) -> None:
+    with StrataLogApplication(config) as first:
+        _format(first)
+    other_host = LogConfig(log_dir=config.log_dir, host_id="host-b")
+    with StrataLogApplication(other_host) as second, pytest.raises(IntegrityError):
+        _format(second)
+    with StrataLogApplication(other_host) as reader:
+        assert reader.get_repository().created_by == "host-a"
+        assert reader.recorder.max_notification_id() == 1
+
+
+def test_two_applications_of_one_host_share_one_open_log_until_the_last_closes(
+    config: LogConfig,
+) -> None:
+    first = StrataLogApplication(config)
+    second = StrataLogApplication(config)
+    assert first.operation_log is second.operation_log
+    _format(first)
+    assert second.get_repository().created_by == "host-a"
+    first.close()
+    assert second.get_repository().version == 1  # still open for the second
+    log = second.operation_log
+    second.close()
+    with pytest.raises(Exception, match="closed"):
+        log.read()
+
+
+def test_an_application_without_a_log_directory_is_refused_with_a_typed_error() -> None:
+    class Bare(Application[str]):
+        pass
+
+    with pytest.raises(InvalidParameter, match="STRATA_LOG_DIR"):
+        Bare(env={"PERSISTENCE_MODULE": "engine.persistence", "STRATA_HOST_ID": "host-a"})
+
+
+def test_opening_a_missing_log_without_create_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="not a Strata log"):
+        StrataLogApplication(LogConfig(log_dir=str(tmp_path / "nothing"), host_id="host-a"))
+
+
+def test_snapshotting_is_refused_rather_than_silently_skipped(config: LogConfig) -> None:
+    class Snapshotting(StrataLogApplication):
+        is_snapshotting_enabled = True
+
+    with pytest.raises(NotSupported, match="snapshots"):
+        Snapshotting(config)
+
+
+# --- stable topics ---------------------------------------------------------------------------
+
+
+def _domain_classes() -> Iterator[type]:
+    """Every class defined in a module under engine.aggregates, nested ones included."""
+    package = importlib.import_module("engine.aggregates")
+    for info in pkgutil.walk_packages(package.__path__, "engine.aggregates."):
+        module = importlib.import_module(info.name)
+        todo = [v for v in vars(module).values() if isinstance(v, type)]
+        while todo:
+            cls = todo.pop()
+            if cls.__module__ != module.__name__:
+                continue  # imported, not defined here
+            yield cls
+            todo.extend(v for v in vars(cls).values() if isinstance(v, type))
+
+
+def _is_event_or_aggregate(cls: type) -> bool:
+    names = {name for klass in cls.__mro__ for name in getattr(klass, "__annotations__", {})}
+    return "originator_version" in names or hasattr(cls, "collect_events")
+
+
+def test_every_event_and_aggregate_class_has_its_own_topic_that_resolves_to_it_in_a_new_process(
+    tmp_path: Path,
+) -> None:
+    classes = [c for c in _domain_classes() if _is_event_or_aggregate(c)]
+    assert Repository in classes and Repository.Created in classes
+    for cls in classes:
+        assert "TOPIC" in vars(cls), f"{cls.__qualname__} has no TOPIC of its own"
+        assert cls.TOPIC.startswith("strata."), cls.TOPIC  # type: ignore[attr-defined]
+        assert "engine" not in cls.TOPIC, f"{cls.TOPIC} names a module path"  # type: ignore[attr-defined]
+    expected = {c.TOPIC: f"{c.__module__}.{c.__qualname__}" for c in classes}  # type: ignore[attr-defined]
+    script = (
+        "import json, sys\n"
+        "from eventsourcing.utils import resolve_topic\n"
+        "from engine.aggregates.topics import register_topics\n"
+        "register_topics()\n"
+        "found = {t: resolve_topic(t) for t in json.loads(sys.argv[1])}\n"
+        "print(json.dumps({t: f'{c.__module__}.{c.__qualname__}' for t, c in found.items()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(sorted(expected))],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert json.loads(out) == expected
+
+
+def test_a_class_that_does_not_state_its_own_topic_is_refused_when_defined() -> None:
+    with pytest.raises(ProgrammingError, match="must state its own TOPIC"):
+
+        @dataclass(frozen=True, kw_only=True)
+        class Renamed(Repository.Created):  # inherits Created's topic: would be stored as Created
+            pass
