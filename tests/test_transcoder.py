@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 
 import msgpack
 from eventsourcing.persistence import Transcoding, UUIDAsHex
+
 # The module, not its classes: pytest would collect an imported TestCase class as a test too.
 from eventsourcing.tests import persistence as contract
 from eventsourcing.tests.persistence import (
