@@ -105,3 +105,74 @@ class NotSupported(StrataError):
 
     code = "not_supported"
     template = "{feature} is not supported by Strata's persistence: {detail}"
+
+
+# --- repositories ---------------------------------------------------------------------------
+
+
+class UnknownRepositoryFormat(StrataError):
+    code = "unknown_repository_format"
+    template = "Unknown repository format {name!r}; this Strata knows: {known}"
+
+
+class NotARepository(StrataError):
+    code = "not_a_repository"
+    template = (
+        "{path} is not a Strata repository ({detail}); check the path, or format an empty "
+        "directory with create_storage_repository"
+    )
+
+
+class RepositoryFormatMismatch(StrataError):
+    code = "repository_format_mismatch"
+    template = (
+        "{path} holds a repository whose marker says {found!r}, not {expected!r}; connect it "
+        "with the format its marker names, or upgrade Strata if that format is newer"
+    )
+
+
+class RepositoryNotEmpty(StrataError):
+    code = "repository_not_empty"
+    template = (
+        "{path} is not empty (it holds {entries}); a repository is formatted only in an empty "
+        "directory: choose another one or empty it first"
+    )
+
+
+class RepositoryAlreadyFormatted(RepositoryNotEmpty):
+    code = "repository_already_formatted"
+    template = (
+        "{path} already holds a repository (its marker says {found!r}); connect it instead "
+        "of creating it"
+    )
+
+
+class VolumeAlreadyExists(StrataError):
+    code = "volume_already_exists"
+    template = (
+        "Volume file {path} already exists and is never replaced; remove it first if it is "
+        "really unwanted"
+    )
+
+
+class VolumeFileNotFound(StrataError):
+    code = "volume_file_not_found"
+    template = "Volume file {path} does not exist"
+
+
+# --- QEMU's image tools ---------------------------------------------------------------------
+
+
+class QemuError(StrataError):
+    """A QEMU tool failed; ``command``, ``returncode`` and the tail of ``stderr`` say how."""
+
+    code = "qemu_error"
+    template = "{command} failed with exit code {returncode}: {stderr}"
+
+
+class QemuTimeout(QemuError):
+    code = "qemu_timeout"
+    template = (
+        "{command} did not finish within {timeout} seconds and was killed; the storage may be "
+        "slow or hung: retry later or with a longer timeout"
+    )
