@@ -1,0 +1,149 @@
+"""What every repository format driver offers, and the registry of the formats this Strata knows.
+
+A driver class formats a place (:meth:`RepositoryFormat.create`) and opens it
+(:meth:`RepositoryFormat.open`) as a :class:`RepositoryStorage`: where the log is, where each
+volume's file goes, and the few file operations that must be atomic and durable for stages to be
+idempotent. Image data itself is handled by :mod:`engine.formats.qemu`, never by a driver.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from engine.errors import InvalidParameter, UnknownRepositoryFormat
+
+# A volume id is 32 lowercase hex digits (``uuid.uuid4().hex``): it becomes a file name, so it
+# can hold no separator, no dot and nothing a shell or QEMU would read specially.
+VOLUME_ID: re.Pattern[str] = re.compile(r"[0-9a-f]{32}")
+# A temporary file's tag names the stage that writes it (e.g. ``copy-7``): no dots, so that a
+# file name splits back into id, format and tag without ambiguity.
+TAG: re.Pattern[str] = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeFile:
+    """A file in a repository that holds (or is becoming) a volume.
+
+    ``size`` is the file's length and ``allocated`` the bytes it occupies on storage; the
+    image's virtual size is what ``QemuImg.info`` says. A temporary file has the ``tag`` of the
+    stage that writes it.
+    """
+
+    volume_id: str
+    fmt: str
+    path: str
+    size: int
+    allocated: int
+    is_temporary: bool
+    tag: str | None = None
+
+
+def check_volume_id(volume_id: object) -> str:
+    if not isinstance(volume_id, str) or not VOLUME_ID.fullmatch(volume_id):
+        raise InvalidParameter(
+            f"32 lowercase hex digits (uuid.uuid4().hex), not {volume_id!r}", name="volume_id"
+        )
+    return volume_id
+
+
+def check_tag(tag: object) -> str:
+    if not isinstance(tag, str) or not TAG.fullmatch(tag):
+        raise InvalidParameter(
+            f"1 to 64 letters, digits, '-' or '_', not {tag!r}", name="temporary file tag"
+        )
+    return tag
+
+
+class RepositoryStorage(ABC):
+    """An open repository: its paths and its durable file operations.
+
+    Paths are absolute strings. Every method that takes a path refuses one that is not a volume
+    or temporary file of this repository, so a bug elsewhere cannot unlink an arbitrary file.
+    """
+
+    root: str
+    log_dir: str
+
+    @abstractmethod
+    def volume_path(self, volume_id: str, fmt: str) -> str:
+        """Where the published volume ``volume_id`` in format ``fmt`` lives."""
+
+    @abstractmethod
+    def temp_path(self, volume_id: str, fmt: str, tag: str) -> str:
+        """Where a stage writes ``volume_id`` before publishing it; recovery finds it by name."""
+
+    @abstractmethod
+    def list_volume_files(self) -> list[VolumeFile]:
+        """Every volume and temporary file, in name order; other files are not listed."""
+
+    @abstractmethod
+    def publish(self, temp_path: str, final_path: str) -> None:
+        """Durably and atomically give a finished temporary file its volume's name.
+
+        Raises :class:`~engine.errors.VolumeAlreadyExists` rather than replace another file;
+        publishing again after a crash between the two names is a no-op.
+        """
+
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Durably remove a volume or temporary file; a missing file is already removed."""
+
+    @abstractmethod
+    def relative_backing(self, from_volume_path: str, to_volume_path: str) -> str:
+        """The backing reference to write into ``from_volume_path`` so that it reads
+        ``to_volume_path`` (which may be in another repository), relative so that the
+        repository can be moved."""
+
+    @abstractmethod
+    def free_bytes(self) -> int:
+        """Bytes that new volumes can still use."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """``format``, ``version``, ``path``, ``free_bytes`` and ``total_bytes``."""
+
+
+class RepositoryFormat(ABC):
+    """A repository format driver: a class with class methods, registered in :data:`FORMATS`."""
+
+    name: ClassVar[str]  # e.g. "localfs"
+    version: ClassVar[str]  # e.g. "1.0"; FORMATS is keyed by "<name>-<version>"
+
+    @classmethod
+    @abstractmethod
+    def create(cls, connection_parameters: Mapping[str, object], host_id: str) -> None:
+        """Format an empty place as a repository with an empty log.
+
+        Refuses a place that is not empty or already formatted
+        (:class:`~engine.errors.RepositoryNotEmpty`,
+        :class:`~engine.errors.RepositoryAlreadyFormatted`).
+        """
+
+    @classmethod
+    @abstractmethod
+    def open(cls, connection_parameters: Mapping[str, object]) -> RepositoryStorage:
+        """Open a repository of exactly this format and version.
+
+        Raises :class:`~engine.errors.InvalidParameter` for bad parameters,
+        :class:`~engine.errors.NotARepository` where no repository is, and
+        :class:`~engine.errors.RepositoryFormatMismatch` for a repository of another format.
+        """
+
+
+def get_format(name: object) -> type[RepositoryFormat]:
+    """The driver registered as ``name`` (e.g. ``"localfs-1.0"``)."""
+    try:
+        return FORMATS[name]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise UnknownRepositoryFormat(name=name, known=", ".join(sorted(FORMATS))) from None
+
+
+# The registry comes after the interface because every driver module imports the interface from
+# here; engine/formats/__init__.py imports this module first, so either import order works.
+from engine.formats.localfs import LocalFS  # noqa: E402
+
+FORMATS: dict[str, type[RepositoryFormat]] = {"localfs-1.0": LocalFS}

@@ -1,0 +1,316 @@
+"""The contract every repository format driver passes, run once per driver in FORMATS."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.errors import (
+    InvalidParameter,
+    NotARepository,
+    RepositoryAlreadyFormatted,
+    RepositoryFormatMismatch,
+    RepositoryNotEmpty,
+    UnknownRepositoryFormat,
+    VolumeAlreadyExists,
+    VolumeFileNotFound,
+)
+from engine.formats.driver import FORMATS, RepositoryFormat, RepositoryStorage, get_format
+from engine.formats.qemu import QemuImg
+from engine.log import NewEvent, OperationLog
+
+MiB = 2**20
+qemu = QemuImg()
+
+
+@pytest.fixture(params=sorted(FORMATS))
+def driver(request: pytest.FixtureRequest) -> type[RepositoryFormat]:
+    return FORMATS[request.param]
+
+
+def new_repository(driver: type[RepositoryFormat], path: Path) -> RepositoryStorage:
+    path.mkdir(parents=True)
+    driver.create({"path": str(path)}, "host-a")
+    return driver.open({"path": str(path)})
+
+
+def new_volume(
+    repo: RepositoryStorage, fmt: str = "qcow2", pattern: int | None = None, backing: str = ""
+) -> str:
+    """A published volume made the way a stage makes one: in a temporary file first."""
+    volume_id = uuid.uuid4().hex
+    temp = repo.temp_path(volume_id, fmt, "create")
+    if backing:
+        relative = repo.relative_backing(temp, backing)
+        qemu.create(temp, fmt, None, backing=relative, backing_fmt="qcow2")
+    else:
+        qemu.create(temp, fmt, 4 * MiB)
+    if pattern is not None:
+        qemu.write_pattern(temp, fmt, 0, MiB, pattern)
+    final = repo.volume_path(volume_id, fmt)
+    repo.publish(temp, final)
+    return final
+
+
+def test_every_format_is_registered_under_its_name_and_version() -> None:
+    for key, driver in FORMATS.items():
+        assert key == f"{driver.name}-{driver.version}"
+        assert get_format(key) is driver
+
+
+def test_an_unknown_format_is_a_typed_error_that_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownRepositoryFormat) as caught:
+        get_format("nfs-3.4")
+
+    assert caught.value.code == "unknown_repository_format"
+    assert all(name in caught.value.message for name in FORMATS)
+
+
+def test_a_new_repository_opens_with_an_empty_log_and_no_volumes(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+
+    assert repo.root == str(tmp_path / "repo")
+    assert repo.list_volume_files() == []
+    with OperationLog.open(repo.log_dir, "host-b") as log:
+        assert log.last_seq == 0
+        log.append([NewEvent(uuid.uuid4(), 1, "test", b"{}")])
+    described = repo.describe()
+    assert described["format"] == f"{driver.name}-{driver.version}"
+    assert described["version"] == driver.version
+    assert described["path"] == repo.root
+    assert 0 < described["free_bytes"] <= described["total_bytes"]
+    assert repo.free_bytes() > 0
+
+
+def test_creating_refuses_a_directory_that_is_not_empty(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+
+    with pytest.raises(RepositoryNotEmpty) as caught:
+        driver.create({"path": str(tmp_path)}, "host-a")
+
+    assert "precious.txt" in caught.value.message
+    assert os.listdir(tmp_path) == ["precious.txt"]
+
+
+def test_creating_refuses_a_place_already_formatted(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    new_repository(driver, tmp_path / "repo")
+
+    with pytest.raises(RepositoryAlreadyFormatted) as caught:
+        driver.create({"path": str(tmp_path / "repo")}, "host-b")
+
+    assert f"{driver.name}-{driver.version}" in caught.value.message
+    assert isinstance(caught.value, RepositoryNotEmpty)
+
+
+def test_creating_with_a_bad_host_id_leaves_the_directory_empty(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidParameter):
+        driver.create({"path": str(tmp_path)}, "h" * 1000)
+
+    assert os.listdir(tmp_path) == []
+
+
+def test_opening_a_repository_of_another_version_is_a_format_mismatch(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    class FutureVersion(driver):  # type: ignore[valid-type,misc]
+        version = "99.0"
+
+    new_repository(FutureVersion, tmp_path / "repo")
+
+    with pytest.raises(RepositoryFormatMismatch) as caught:
+        driver.open({"path": str(tmp_path / "repo")})
+
+    assert caught.value.found == f"{driver.name}-99.0"
+    assert caught.value.expected == f"{driver.name}-{driver.version}"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "error"),
+    [
+        ({"path": "relative/repo"}, InvalidParameter),
+        ({"path": "/no/such/directory"}, InvalidParameter),
+        ({"path": 42}, InvalidParameter),
+        ({}, InvalidParameter),
+        ({"path": "{tmp}", "pth": "/typo"}, InvalidParameter),
+        ("{tmp}", InvalidParameter),
+        ({"path": "{tmp}"}, NotARepository),
+    ],
+    ids=["relative", "missing", "not a string", "no path", "unknown key", "not a mapping", "empty"],
+)
+def test_opening_with_bad_parameters_or_where_no_repository_is_refused(
+    driver: type[RepositoryFormat], tmp_path: Path, parameters: object, error: type[Exception]
+) -> None:
+    def fill(value: object) -> object:
+        return str(tmp_path) if value == "{tmp}" else value
+
+    if isinstance(parameters, dict):
+        parameters = {key: fill(value) for key, value in parameters.items()}
+    else:
+        parameters = fill(parameters)
+
+    with pytest.raises(error):
+        driver.open(parameters)  # type: ignore[arg-type]
+    if error is InvalidParameter:
+        with pytest.raises(InvalidParameter):
+            driver.create(parameters, "host-a")  # type: ignore[arg-type]
+
+
+BAD_IDS = ["../" + "0" * 29, "a/" + "0" * 30, "..", "", "0" * 31, "A" * 32, str(uuid.uuid4()), 7]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_volume_ids_that_are_not_ids_are_refused(
+    driver: type[RepositoryFormat], tmp_path: Path, bad: object
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+
+    with pytest.raises(InvalidParameter):
+        repo.volume_path(bad, "raw")  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameter):
+        repo.temp_path(bad, "raw", "copy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda repo: repo.volume_path(uuid.uuid4().hex, "vmdk"),
+        lambda repo: repo.temp_path(uuid.uuid4().hex, "qcow2", "a.b"),
+        lambda repo: repo.temp_path(uuid.uuid4().hex, "qcow2", "../x"),
+        lambda repo: repo.temp_path(uuid.uuid4().hex, "qcow2", ""),
+        lambda repo: repo.remove("/etc/passwd"),
+        lambda repo: repo.remove(os.path.join(repo.root, "volumes", "..", "log")),
+        lambda repo: repo.relative_backing("/etc/passwd", "/etc/hosts"),
+    ],
+    ids=[
+        "format",
+        "tag with a dot",
+        "tag with a slash",
+        "empty tag",
+        "foreign file",
+        "dot-dot",
+        "backing of a foreign file",
+    ],
+)
+def test_formats_tags_and_paths_outside_the_repository_are_refused(
+    driver: type[RepositoryFormat], tmp_path: Path, call: Callable[[RepositoryStorage], object]
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+
+    with pytest.raises(InvalidParameter):
+        call(repo)
+
+
+def test_temporary_files_are_listed_as_temporary_until_published(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp = repo.temp_path(volume_id, "raw", "copy-3")
+    qemu.create(temp, "raw", 64 * MiB)
+    qemu.write_pattern(temp, "raw", 0, MiB, 0x3C)
+
+    [listed] = repo.list_volume_files()
+    assert (listed.volume_id, listed.fmt, listed.path) == (volume_id, "raw", temp)
+    assert listed.is_temporary and listed.tag == "copy-3"
+    assert listed.size == 64 * MiB
+    assert MiB <= listed.allocated < 4 * MiB
+
+    final = repo.volume_path(volume_id, "raw")
+    repo.publish(temp, final)
+
+    [listed] = repo.list_volume_files()
+    assert (listed.volume_id, listed.fmt, listed.path) == (volume_id, "raw", final)
+    assert not listed.is_temporary and listed.tag is None
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x3C)
+
+
+def test_publish_refuses_to_overwrite_a_volume(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    final = new_volume(repo, "raw", pattern=0x11)
+    volume_id = os.path.basename(final).split(".")[0]
+    temp = repo.temp_path(volume_id, "raw", "again")
+    qemu.create(temp, "raw", 4 * MiB)
+    qemu.write_pattern(temp, "raw", 0, MiB, 0x22)
+
+    with pytest.raises(VolumeAlreadyExists):
+        repo.publish(temp, final)
+
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x11)
+    assert qemu.read_pattern_matches(temp, "raw", 0, MiB, 0x22)
+
+
+def test_publish_only_gives_a_temporary_file_its_own_volume_name(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    temp = repo.temp_path(uuid.uuid4().hex, "raw", "copy")
+    qemu.create(temp, "raw", MiB)
+
+    with pytest.raises(InvalidParameter):
+        repo.publish(temp, repo.volume_path(uuid.uuid4().hex, "raw"))
+    with pytest.raises(VolumeFileNotFound):
+        missing = uuid.uuid4().hex
+        repo.publish(repo.temp_path(missing, "raw", "x"), repo.volume_path(missing, "raw"))
+
+
+def test_publishing_again_after_a_crash_between_the_two_names_completes(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp, final = repo.temp_path(volume_id, "raw", "copy"), repo.volume_path(volume_id, "raw")
+    qemu.create(temp, "raw", MiB)
+    os.link(temp, final)  # where a publish that was killed half way leaves things
+
+    repo.publish(temp, final)
+
+    assert [f.path for f in repo.list_volume_files()] == [final]
+
+
+def test_remove_is_idempotent(driver: type[RepositoryFormat], tmp_path: Path) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    final = new_volume(repo)
+    temp = repo.temp_path(uuid.uuid4().hex, "qcow2", "leftover")
+    qemu.create(temp, "qcow2", MiB)
+
+    for _ in range(2):
+        repo.remove(final)
+        repo.remove(temp)
+
+    assert repo.list_volume_files() == []
+
+
+def test_a_backing_reference_into_another_repository_survives_moving_both(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    source = new_repository(driver, site / "source")
+    target = new_repository(driver, site / "target")
+    base = new_volume(source, pattern=0x5A)
+    overlay = new_volume(target, backing=base)
+    sibling = new_volume(source, backing=base)
+
+    assert source.relative_backing(sibling, base) == os.path.basename(base)
+    assert not os.path.isabs(qemu.info(overlay, fmt="qcow2")["backing-filename"])
+    shutil.move(str(site), str(tmp_path / "moved"))
+    moved = driver.open({"path": str(tmp_path / "moved" / "target")})
+
+    [volume] = moved.list_volume_files()
+    chain = qemu.info(volume.path, chain=True, fmt="qcow2")
+    assert len(chain) == 2
+    assert qemu.read_pattern_matches(volume.path, "qcow2", 0, MiB, 0x5A)
