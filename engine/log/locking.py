@@ -25,13 +25,19 @@ _fallback_mutex = threading.Lock()
 class RangeLock:
     """An exclusive or shared lock on bytes ``[start, start + length)`` of one file."""
 
-    def __init__(self, path: str, start: int = 0, length: int = 1) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: str, start: int = 0, length: int = 1, *, readonly: bool = False):
+        # A read-only lock (shared only) neither creates the file nor needs write access, so an
+        # auditor with read-only access to the storage can still wait out an append in progress.
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+        self._readonly = readonly
         self._start = start
         self._length = length
         self._held_fallback = False
 
     def acquire(self, *, shared: bool = False) -> None:
+        if self._readonly and not shared:
+            raise ValueError("a read-only lock can only be taken shared")
         kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
         if _F_OFD_SETLKW is not None:
             fcntl.fcntl(

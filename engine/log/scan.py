@@ -105,6 +105,8 @@ def _scan(buf: bytes, base: int, segment: int, next_seq: int, last_hash: bytes) 
             # Plain tuple indexing: a NamedTuple's attribute access costs more, once per record.
             if len(fields) != 9 or fields[0] != chain_seq or fields[1] != chain_hash:
                 break
+            if type(fields[5]) is bytes and len(fields[5]) != 16:
+                break  # an aggregate id is a string or a UUID's 16 bytes
         except (ValueError, TypeError):  # msgpack's errors derive from ValueError
             break
         records.append(new(Record, fields))
@@ -174,6 +176,8 @@ def _what_broke(buf: bytes, pos: int, expected_seq: int) -> str:
         return f"record checksums match but the record does not decode ({e})"
     if record.seq != expected_seq:
         return f"sequence {record.seq} where {expected_seq} was expected"
+    if not isinstance(record.originator_key, str) and len(record.originator_key) != 16:
+        return "record's aggregate id is neither a string nor a UUID"
     return (
         f"hash chain broken at sequence {record.seq}: the record before it was changed after "
         "it was written"

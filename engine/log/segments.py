@@ -62,9 +62,11 @@ def read_header(fd: int, path: str, number: int) -> tuple[SegmentHeader, int]:
     preamble = os.pread(fd, SEGMENT_PREAMBLE.size, 0)
     if len(preamble) < SEGMENT_PREAMBLE.size or not preamble.startswith(MAGIC):
         raise NotAStrataLog("missing the STRATLOG magic bytes", path=path)
-    _, version, _, body_len, body_crc = SEGMENT_PREAMBLE.unpack(preamble)
+    _, version, reserved, body_len, body_crc = SEGMENT_PREAMBLE.unpack(preamble)
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedLogVersion(path=path, version=version, supported=max(SUPPORTED_VERSIONS))
+    if reserved != 0:  # version 1 writes zeros; anything else is a damaged preamble
+        raise LogCorrupted("segment header reserved bytes are not zero", segment=number, offset=0)
     if body_len > _MAX_HEADER_BODY:
         raise LogCorrupted("segment header length out of range", segment=number, offset=0)
     body = os.pread(fd, body_len, SEGMENT_PREAMBLE.size)

@@ -110,11 +110,14 @@ class OperationLog:
         self._commit_cv = threading.Condition()
         self._queue: list[_Request] = []
         self._leading = False
+        self._swept = False
         if not os.path.isdir(self.directory):
             raise NotAStrataLog("no such directory", path=self.directory)
         if not segments.list_segments(self.directory):
             raise NotAStrataLog("no segment files", path=self.directory)
-        self._lock = segments_lock(self.directory)
+        # Created at the first append, so that opening a directory that turns out not to be a
+        # sound log leaves it exactly as it was.
+        self._lock: RangeLock | None = None
         try:
             self._catch_up(locked=False)
         except BaseException:
@@ -135,6 +138,8 @@ class OperationLog:
         except FileExistsError:
             if segments.list_segments(directory):
                 raise InvalidParameter("it already holds a log", name="directory") from None
+        except FileNotFoundError as e:
+            raise InvalidParameter(f"{parent} does not exist", name="directory") from e
         lock = segments_lock(directory)
         try:
             with lock:
@@ -162,9 +167,8 @@ class OperationLog:
             if self._write_fd >= 0:
                 os.close(self._write_fd)
                 self._write_fd = -1
-            lock = getattr(self, "_lock", None)
-            if lock is not None:
-                lock.close()
+            if self._lock is not None:
+                self._lock.close()
         self._notify()
 
     def __enter__(self) -> OperationLog:
@@ -208,9 +212,15 @@ class OperationLog:
         try:
             with self._mutex:
                 self._check_open()
+                if self._lock is None:
+                    self._lock = segments_lock(self.directory)
                 self._lock.acquire()
                 try:
                     self._catch_up(locked=True)
+                    if not self._swept:
+                        # Once per appender: a crash mid roll-over leaves a temporary segment.
+                        segments.remove_stale_temporaries(self.directory)
+                        self._swept = True
                     if self._end >= self._segment_size:
                         self._roll_over()
                     self._write_batch(batch)
@@ -340,12 +350,16 @@ class OperationLog:
                 raise
             # Without the lock we may be looking at an append in progress (on NFS a reader can
             # see a write's bytes out of order): look again once no appender is writing.
-            self._lock.acquire(shared=True)
+            lock_path = os.path.join(self.directory, segments.LOCK_NAME)
+            if not os.path.exists(lock_path):
+                raise  # no appender has ever run here: nothing can be in progress
+            shared = RangeLock(lock_path, readonly=True)
             try:
+                shared.acquire(shared=True)
                 buf = os.pread(fd, os.fstat(fd).st_size - self._end, self._end)
                 result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
             finally:
-                self._lock.release()
+                shared.close()
         with gc_paused():  # indexing a long log allocates much and frees nothing
             self._accept(result)
         if result.tail is Tail.TORN and locked:
@@ -374,6 +388,14 @@ class OperationLog:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             header, data_start = segments.read_header(fd, path, number)
+        except NotAStrataLog as e:
+            os.close(fd)
+            if number == 1:
+                raise
+            # Segment 1 said this is a Strata log: a later bad header is damage, not a stranger.
+            raise LogCorrupted(
+                f"segment header unreadable ({e.detail})", segment=number, offset=0
+            ) from e
         except BaseException:
             os.close(fd)
             raise
