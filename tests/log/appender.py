@@ -9,11 +9,11 @@ so that every writer of a test starts appending at the same moment. Modes:
 ``txns N SEED``
     N transactions of 1..5 events to one aggregate of its own. Each event's state is
     ``txn:<host>:<t>:<i>:<n>`` so a reader can tell a whole transaction from part of one.
-``forever ACKFILE SEGMENT_SIZE SEED``
-    appends until killed. After each acknowledged append one JSON line (sequence numbers,
-    aggregate, versions and a fingerprint of each state) goes to ACKFILE with one ``write``. A
-    kill loses no line it wrote: the page cache outlives the process, and these tests kill
-    processes, not machines.
+``forever ACKFILE SEGMENT_SIZE SIZES SEED``
+    appends transactions of 1..3 events, ``small`` (up to 20 kB) or ``large`` (1 to 4 MB), until
+    killed. After each acknowledged append one JSON line (sequence numbers, aggregate, versions
+    and a fingerprint of each state) goes to ACKFILE with one ``write``. A kill loses no line it
+    wrote: the page cache outlives the process, and these tests kill processes, not machines.
 """
 
 from __future__ import annotations
@@ -63,19 +63,23 @@ def txns(log: OperationLog, count: int, seed: int) -> None:
     print(json.dumps({"aggregate": str(aggregate), "events": version}), flush=True)
 
 
-def forever(log: OperationLog, ack_path: str, seed: int) -> None:
+def forever(log: OperationLog, ack_path: str, sizes: str, seed: int) -> None:
     rng = random.Random(seed)
     aggregate = uuid.uuid4()
     ack = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # A large event's write takes milliseconds, long enough for a kill to land inside it.
+    big = rng.randbytes(4_000_000) if sizes == "large" else b""
     version = 0
     _ready()
     while True:
         events = []
         for _ in range(rng.randint(1, 3)):
             version += 1
-            # Mostly small events, some spanning many pages so that a kill can land mid-write.
-            size = rng.choice([0, 10, 200, 3000, 70_000])
-            events.append(NewEvent(aggregate, version, "Filled", rng.randbytes(size)))
+            if big:
+                state = rng.randbytes(16) + big[: rng.randint(1_000_000, 4_000_000)]
+            else:
+                state = rng.randbytes(rng.choice([0, 10, 200, 3000, 20_000]))
+            events.append(NewEvent(aggregate, version, "Filled", state))
         seqs = log.append(events)
         line = {
             "seqs": seqs,
@@ -96,7 +100,7 @@ def main(argv: list[str]) -> None:
             txns(log, int(argv[4]), int(argv[5]))
     elif mode == "forever":
         log = OperationLog.open(directory, host, segment_size=int(argv[5]))
-        forever(log, argv[4], int(argv[6]))
+        forever(log, argv[4], argv[6], int(argv[7]))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -254,3 +254,10 @@ def test_a_segment_temporary_left_by_a_crash_is_removed_by_the_next_appender(log
         stale.write_bytes(b"STRATLOG half a header")
         log.append([event("a", 1)])
     assert not stale.exists()
+
+
+def test_a_limit_of_zero_returns_no_records_from_events_of_as_it_does_from_read(log_dir):
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([event("a", 1), event("a", 2)])
+        assert log.read(1, limit=0) == []
+        assert log.events_of("a", limit=0) == []

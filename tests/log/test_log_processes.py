@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,44 +138,92 @@ def as_acked(record: Record) -> tuple[str, str, int, str]:
     return (record.host_id, str(record.originator_id), record.originator_version, fingerprint)
 
 
-def test_a_writer_killed_at_random_moments_loses_no_acknowledged_append(tmp_path):
-    rng = random.Random(4021)
-    directory = tmp_path / "log"
-    OperationLog.create(str(directory), "creator").close()
-    acknowledged: dict[int, tuple[str, str, int, str]] = {}
-    mine, my_version = uuid.uuid4(), 0
-    for trial in range(24):
-        # Every other writer rolls over on each append, so kills also land in a roll-over.
-        segment_size = 4096 if trial % 2 else 2**20
-        host, acks = f"child-{trial}", tmp_path / f"acks-{trial}.jsonl"
-        child = start(APPENDER, "forever", directory, host, acks, segment_size, trial)
+def newest_segment(directory: Path) -> Path:
+    return max(directory.glob("segment-*.log"))
+
+
+def kill_during_a_write(child: subprocess.Popen[str], directory: Path) -> None:
+    """SIGKILL the child the moment the log's newest segment changes size: mid-write, mostly."""
+    path = newest_segment(directory)
+    size = path.stat().st_size
+    deadline = time.monotonic() + 5
+    while path.stat().st_size == size and time.monotonic() < deadline:
+        pass
+    child.send_signal(signal.SIGKILL)
+
+
+class KilledWriters:
+    """One log, written by children killed one after another, checked after every kill."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        OperationLog.create(str(directory), "creator").close()
+        self.acknowledged: dict[int, tuple[str, str, int, str]] = {}
+        self.mine, self.my_version = uuid.uuid4(), 0
+        self.trials = 0
+        self.tails_cut = 0  # kills that left part of an append behind
+
+    def trial(self, segment_size: int, sizes: str, delay: float, *, pounce: bool) -> None:
+        n = self.trials = self.trials + 1
+        host, acks = f"child-{n}", self.directory.parent / f"{self.directory.name}-acks-{n}"
+        child = start(APPENDER, "forever", self.directory, host, acks, segment_size, sizes, n)
         wait_ready(child)
-        time.sleep(rng.uniform(0, 0.2))
-        child.send_signal(signal.SIGKILL)
+        time.sleep(delay)
+        if pounce:
+            kill_during_a_write(child, self.directory)
+        else:
+            child.send_signal(signal.SIGKILL)
         child.communicate()
         new = read_acks(acks, host)
-        assert new, f"trial {trial}: the child acknowledged nothing before the kill"
-        acknowledged.update(new)
+        self.acknowledged.update(new)
 
-        with OperationLog.open(str(directory), "parent", segment_size=segment_size) as log:
+        torn = self.directory / "torn"
+        kept = len(list(torn.iterdir())) if torn.exists() else 0
+        with OperationLog.open(str(self.directory), "parent", segment_size=segment_size) as log:
             for seq in new:
-                assert as_acked(log.read(seq, seq)[0]) == new[seq], f"trial {trial}, seq {seq}"
+                assert as_acked(log.read(seq, seq)[0]) == new[seq], f"{host} lost seq {seq}"
             last = log.last_seq
-            my_version += 1
-            state = b"after trial %d" % trial
-            assert log.append([NewEvent(mine, my_version, "Checked", state)]) == [last + 1]
+            self.my_version += 1
+            event = NewEvent(self.mine, self.my_version, "Checked", b"after %d" % n)
+            assert log.append([event]) == [last + 1], f"after {host} was killed"
             [record] = log.read(last + 1)
-            assert (record.originator_id, record.originator_version, record.state) == (
-                mine,
-                my_version,
-                state,
-            )
+        assert (record.originator_id, record.originator_version, record.state) == (
+            event.originator_id,
+            event.originator_version,
+            event.state,
+        )
+        self.tails_cut += (len(list(torn.iterdir())) if torn.exists() else 0) > kept
 
-    records = all_records(directory)
-    assert [r.seq for r in records] == list(range(1, len(records) + 1))
-    by_seq = {r.seq: r for r in records}
-    assert {seq: as_acked(by_seq[seq]) for seq in acknowledged} == acknowledged
-    assert [r.originator_version for r in records if r.originator_id == mine] == list(range(1, 25))
+    def check_all(self) -> None:
+        records = all_records(self.directory)
+        assert [r.seq for r in records] == list(range(1, len(records) + 1))
+        by_seq = {r.seq: r for r in records}
+        assert {seq: as_acked(by_seq[seq]) for seq in self.acknowledged} == self.acknowledged
+        assert [r.originator_version for r in records if r.originator_id == self.mine] == list(
+            range(1, self.trials + 1)
+        )
+        assert self.acknowledged, "no child lived to see an append acknowledged"
+
+
+def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path):
+    rng = random.Random(4021)
+    writers = KilledWriters(tmp_path / "log")
+    for n in range(20):
+        # Every other writer rolls over before each append, so kills also land in a roll-over.
+        segment_size = 4096 if n % 2 else 2**20
+        writers.trial(segment_size, "small", rng.uniform(0, 0.2), pounce=False)
+    writers.check_all()
+
+
+def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_append(tmp_path):
+    rng = random.Random(4022)
+    writers = KilledWriters(tmp_path / "log")
+    # Each kill lands mid-write only when the parent wins a race, so try until a few did.
+    while writers.trials < 8 or (writers.tails_cut < 3 and writers.trials < 30):
+        writers.trial(2**30, "large", rng.uniform(0, 0.05), pounce=True)
+    writers.check_all()
+    assert writers.tails_cut >= 1, f"none of {writers.trials} kills landed inside a write"
+    shutil.rmtree(writers.directory)  # tens of megabytes nobody needs to inspect
 
 
 def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path):
