@@ -7,8 +7,8 @@ so that every writer of a test starts appending at the same moment. Modes:
     N single-event transactions to one aggregate of its own (versions 1..N); prints the
     acknowledged sequence numbers as JSON.
 ``txns N SEED``
-    N transactions of 1..5 events to one aggregate of its own. Each event's state is
-    ``txn:<host>:<t>:<i>:<n>`` so a reader can tell a whole transaction from part of one.
+    N transactions of 1..5 events to one aggregate of its own. Each event's state starts with
+    ``txn:<host>:<t>:<i>:<n>:`` so a reader can tell a whole transaction from part of one.
 ``forever ACKFILE SEGMENT_SIZE SIZES SEED``
     appends transactions of 1..3 events, ``small`` (up to 20 kB) or ``large`` (1 to 4 MB), until
     killed. After each acknowledged append one JSON line (sequence numbers, aggregate, versions
@@ -54,8 +54,15 @@ def txns(log: OperationLog, count: int, seed: int) -> None:
     version = 0
     for t in range(count):
         n = rng.randint(1, 5)
+        # Up to 3 kB per event: a transaction spans pages, and a reader can see a write that has
+        # filled some of its pages only.
         events = [
-            NewEvent(aggregate, version + i + 1, "Step", f"txn:{log.host_id}:{t}:{i}:{n}".encode())
+            NewEvent(
+                aggregate,
+                version + i + 1,
+                "Step",
+                f"txn:{log.host_id}:{t}:{i}:{n}:".encode() + rng.randbytes(rng.randint(0, 3000)),
+            )
             for i in range(n)
         ]
         log.append(events)

@@ -44,8 +44,12 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
 
 def tell(proc: subprocess.Popen[str], line: object) -> None:
     assert proc.stdin is not None
-    proc.stdin.write(f"{line}\n")
-    proc.stdin.flush()
+    try:
+        proc.stdin.write(f"{line}\n")
+        proc.stdin.flush()
+    except BrokenPipeError:
+        _, err = proc.communicate(timeout=TIMEOUT)
+        raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{err}") from None
 
 
 def result_of(proc: subprocess.Popen[str]) -> dict[str, object]:
@@ -61,6 +65,15 @@ def order_digest(records: Iterable[Record]) -> str:
     for r in records:
         h.update(f"{r.seq} {r.originator_id} {r.originator_version}\n".encode())
     return h.hexdigest()
+
+
+def strata_log_verify(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "log_tools", "verify", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def all_records(directory: Path) -> list[Record]:
@@ -99,6 +112,8 @@ def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees
     assert [a["count"] for a in audits] == [10_000] * 3
     assert (followed["count"], followed["digest"]) == (10_000, expected)
     assert followed["views"] > 10, "the follower did not see the log while it grew"
+    verify = strata_log_verify(directory)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_path):
@@ -106,7 +121,7 @@ def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_pa
     OperationLog.create(str(directory), "creator", segment_size=16_384).close()
     follower = start(READER, "follow", directory, "follower", TIMEOUT)
     wait_ready(follower)
-    writers = [start(APPENDER, "txns", directory, f"writer-{n}", 400, n) for n in range(2)]
+    writers = [start(APPENDER, "txns", directory, f"writer-{n}", 800, n) for n in range(2)]
     for writer in writers:
         wait_ready(writer)
     for writer in writers:
@@ -118,7 +133,7 @@ def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_pa
     records = all_records(directory)
     assert (followed["count"], followed["digest"]) == (total, order_digest(records))
     assert followed["views"] > 10, "the follower did not see the log while it grew"
-    assert sum(r.txn_last for r in records) == 800
+    assert sum(r.txn_last for r in records) == 1600
 
 
 def read_acks(path: Path, host: str) -> dict[int, tuple[str, str, int, str]]:
@@ -236,12 +251,7 @@ def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path
         tell(writer, "go")
     for writer in writers:
         result_of(writer)
-    verify = subprocess.run(
-        [sys.executable, "-m", "log_tools", "verify", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    verify = strata_log_verify(directory)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     segment = directory / "segment-0000000001.log"
@@ -250,10 +260,5 @@ def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
-    damaged = subprocess.run(
-        [sys.executable, "-m", "log_tools", "verify", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    damaged = strata_log_verify(directory)
     assert damaged.returncode != 0, damaged.stdout + damaged.stderr
