@@ -128,6 +128,35 @@ def test_sixteen_threads_appending_at_once_are_all_acknowledged_in_one_contiguou
         ]
 
 
+def test_threads_racing_for_one_aggregate_each_win_distinct_versions(log_dir):
+    # Racing appends land in the same group commit: the log must refuse all but one of those
+    # that claim the same version, even though none of them is on disk yet.
+    conflicts = [0] * 8
+
+    def win_fifty(log: OperationLog, n: int) -> None:
+        wins = 0
+        while wins < 50:
+            version = (log.version_of("shared") or 0) + 1
+            try:
+                log.append([event("shared", version, b"thread %d" % n)])
+                wins += 1
+            except ConcurrencyConflict:
+                conflicts[n] += 1
+
+    with OperationLog.create(log_dir, "host-a") as log:
+        threads = [threading.Thread(target=win_fifty, args=(log, n)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    with OperationLog.open(log_dir, "host-b") as log:
+        records = log.events_of("shared")
+    assert [r.originator_version for r in records] == list(range(1, 401))
+    assert [r.seq for r in records] == list(range(1, 401))
+    assert sorted(r.state for r in records) == sorted([b"thread %d" % n for n in range(8)] * 50)
+    assert sum(conflicts) > 0, "the threads never raced"
+
+
 def test_a_full_segment_rolls_over_to_a_new_one_that_continues_the_chain(log_dir):
     with OperationLog.create(log_dir, "host-a", segment_size=4096) as log:
         for v in range(1, 41):

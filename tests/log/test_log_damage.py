@@ -79,11 +79,7 @@ def read_all(directory: str | Path) -> list[Record]:
 
 
 def tree(path: Path) -> dict[str, bytes | None]:
-    """Every name and byte under ``path`` (or of ``path`` itself if it is a file)."""
-    if not path.exists():
-        return {}
-    if path.is_file():
-        return {"": path.read_bytes()}
+    """Every name and byte under the directory ``path``."""
     return {
         str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
         for p in sorted(path.rglob("*"))
@@ -379,7 +375,7 @@ def test_a_segments_last_record_rewritten_with_valid_checksums_breaks_the_next_s
 
 
 def refuses_untouched(path: Path, error: type[StrataError]) -> StrataError:
-    watched = path if path.exists() else path.parent
+    watched = path if path.is_dir() else path.parent
     before = tree(watched)
     with pytest.raises(error) as caught:
         OperationLog.open(str(path), "reader")
