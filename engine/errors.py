@@ -176,3 +176,60 @@ class QemuTimeout(QemuError):
         "{command} did not finish within {timeout} seconds and was killed; the storage may be "
         "slow or hung: retry later or with a longer timeout"
     )
+
+
+# --- repositories and images (the facade) -----------------------------------------------------
+
+
+class RepositoryNotConnected(StrataError):
+    code = "repository_not_connected"
+    template = "No repository is connected as {repo_id!r} on this host; connect it first"
+
+
+class RepositoryAlreadyConnected(StrataError):
+    code = "repository_already_connected"
+    template = (
+        "{repo_id!r} is already connected on this host (to {path}); disconnect it or pick "
+        "another name"
+    )
+
+
+class RepositoryBusy(StrataError):
+    code = "repository_busy"
+    template = (
+        "This host is running stages in {repo_id!r}; wait for them, or disconnect with "
+        "force=True to leave them for another host"
+    )
+
+
+class ImageNotFound(StrataError):
+    code = "image_not_found"
+    template = "Image {image_id} not found {detail}"
+
+
+class WrongImageKind(StrataError):
+    code = "wrong_image_kind"
+    template = "Image {image_id} is a {kind}; this needs a {expected}"
+
+
+class ImageInUse(StrataError):
+    code = "image_in_use"
+    template = "Image {image_id} is {detail}; tear it down first or wait"
+
+
+class ImageNotReady(StrataError):
+    code = "image_not_ready"
+    template = "Image {image_id} is {status}: {detail}"
+
+
+class StaleFix(StrataError):
+    code = "stale_fix"
+    template = (
+        "This fix no longer applies ({detail}); run check_storage_repository again and use "
+        "a fix it returns"
+    )
+
+
+class WaitTimeout(StrataError):
+    code = "wait_timeout"
+    template = "Image {image_id} still has work pending after {timeout} s ({detail})"

@@ -10,7 +10,7 @@ import itertools
 import json
 from typing import TextIO
 
-from log_tools.reading import ReadOnlyLog, TailState
+from engine.log.reader import ReadOnlyLog, TailState
 from log_tools.render import record_json, record_line
 
 

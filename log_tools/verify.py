@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from engine.errors import LogCorrupted
 from engine.log.framing import Record
-from log_tools.reading import ReadOnlyLog, TailState, leftovers
+from engine.log.reader import ReadOnlyLog, TailState, leftovers
 from log_tools.render import iso_time, printable
 
 

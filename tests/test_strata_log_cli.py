@@ -16,9 +16,9 @@ import pytest
 
 from engine.errors import LogCorrupted
 from engine.log import NewEvent, OperationLog, Record, framing, segments
+from engine.log.reader import CHUNK, ReadOnlyLog
 from engine.log.scan import SECTOR
 from engine.log.store import TORN_DIR
-from log_tools.reading import CHUNK, ReadOnlyLog
 
 SEGMENT_SIZE = 4096
 TOPIC = "engine.aggregates.image.Image.Requested"

@@ -34,6 +34,8 @@ from engine.log.scan import ScanResult, Tail, gc_paused, scan
 from engine.log.segments import SegmentInfo
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
+DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
+_CALLER_WINDOW = 0.05  # a thread that appended this recently counts as a concurrent caller
 TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as events
 _MAX_HOST_ID = 255
 
@@ -85,6 +87,7 @@ class OperationLog:
         *,
         segment_size: int = DEFAULT_SEGMENT_SIZE,
         clock: Callable[[], int] = time.time_ns,
+        commit_delay: float = DEFAULT_COMMIT_DELAY,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.host_id = _check_host_id(host_id)
@@ -107,7 +110,11 @@ class OperationLog:
         # on replay, where a UUID key costs a Python-level __hash__).
         self._aggregates: dict[bytes | str, _Aggregate] = {}
         self._listeners: set[Wakeable] = set()
-        self._commit_cv = threading.Condition()
+        commit_lock = threading.Lock()
+        self._commit_cv = threading.Condition(commit_lock)  # followers wait for their commit
+        self._arrivals = threading.Condition(commit_lock)  # a gathering leader waits for callers
+        self._callers: dict[int, float] = {}  # thread -> when it last appended
+        self._commit_delay = commit_delay
         self._queue: list[_Request] = []
         self._leading = False
         self._swept = False
@@ -192,10 +199,13 @@ class OperationLog:
         request = _Request(events)
         with self._commit_cv:
             self._queue.append(request)
+            self._callers[threading.get_ident()] = time.monotonic()
+            self._arrivals.notify()
             while self._leading and not request.done:
                 self._commit_cv.wait()
             if not request.done:
                 self._leading = True
+                self._gather()
                 batch, self._queue = self._queue, []
         if not request.done:
             try:
@@ -207,6 +217,27 @@ class OperationLog:
         if request.error is not None:
             raise request.error
         return request.seqs
+
+    def _gather(self) -> None:
+        """Before a group commit, wait a moment for the other callers that are appending.
+
+        Under load, the callers one sync releases come back microseconds later, just after the
+        next leader has started: the group splits in two and each sync covers half of it.
+        Waiting up to ``commit_delay`` for every thread that appended in the last
+        ``_CALLER_WINDOW`` seconds lets one sync cover them all (PostgreSQL's commit_delay). A
+        lone caller never waits. Called with the commit lock held.
+        """
+        now = time.monotonic()
+        stale = [t for t, seen in self._callers.items() if now - seen > _CALLER_WINDOW]
+        for thread in stale:
+            del self._callers[thread]
+        want = len(self._callers)
+        deadline = now + self._commit_delay
+        while len(self._queue) < want:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrivals.wait(remaining)
 
     def _commit(self, batch: list[_Request]) -> None:
         try:
@@ -324,15 +355,18 @@ class OperationLog:
         while True:
             info = self._segments[-1]
             fd = self._read_fds[info.number]
+            # Looked at before reading: only the last segment may ever be cut, and under the
+            # lock no one can roll over between this look and the cut.
+            final = os.path.exists(segments.segment_path(self.directory, info.number + 1))
             size = os.fstat(fd).st_size
             if size > self._end:
-                self._scan_tail(info, fd, size, locked=locked)
-            if not os.path.exists(segments.segment_path(self.directory, info.number + 1)):
+                self._scan_tail(info, fd, size, locked=locked, may_cut=not final)
+            if not final:
                 return
             # A later segment exists, so this one is final: it must end with a whole record.
             size = os.fstat(fd).st_size
             if size > self._end:
-                self._scan_tail(info, fd, size, locked=locked)
+                self._scan_tail(info, fd, size, locked=locked, may_cut=False)
             if os.fstat(fd).st_size != self._end:
                 raise LogCorrupted(
                     "a segment that was rolled over ends in a torn record",
@@ -341,7 +375,9 @@ class OperationLog:
                 )
             self._open_segment(info.number + 1)
 
-    def _scan_tail(self, info: SegmentInfo, fd: int, size: int, *, locked: bool) -> None:
+    def _scan_tail(
+        self, info: SegmentInfo, fd: int, size: int, *, locked: bool, may_cut: bool
+    ) -> None:
         buf = os.pread(fd, size - self._end, self._end)
         try:
             result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
@@ -362,7 +398,7 @@ class OperationLog:
                 shared.close()
         with gc_paused():  # indexing a long log allocates much and frees nothing
             self._accept(result)
-        if result.tail is Tail.TORN and locked:
+        if result.tail is Tail.TORN and locked and may_cut:
             self._cut_torn_tail(info, fd, result.end)
 
     def _accept(self, result: ScanResult) -> None:
@@ -490,6 +526,8 @@ class OperationLog:
             entry = self._aggregates.get(framing.key_of(originator_id))
             seqs: list[int] = [] if entry is None else entry[1]
             found: list[Record] = []
+            if limit is not None and limit <= 0:
+                return found
             for seq in reversed(seqs) if desc else seqs:
                 record = self._read_run(bisect.bisect_right(self._first_seqs, seq) - 1, seq, seq)[0]
                 version = record.originator_version
