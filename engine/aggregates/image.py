@@ -1,0 +1,544 @@
+"""The image aggregate: a virtual disk or a snapshot, its volume chain and its queue of work.
+
+Pure: decides and records events; every value (ids, time, host) is passed in. Commands refuse
+what cannot be accepted with the engine's typed errors; nothing here touches a file.
+See docs/adr/0004-images-volumes-operations-and-stages.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import singledispatchmethod
+from typing import Any
+
+from engine.aggregates import operations as ops
+from engine.aggregates.operations import Operation
+from engine.aggregates.topics import StableTopic
+from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StaleFix, WrongImageKind
+
+
+class ClaimLost(StaleFix):
+    """A host tried to record the outcome of a stage another host has claimed since."""
+
+    code = "claim_lost"
+    template = "The claim on {image_id} stage {stage} moved on ({detail}); this host's work is void"
+
+
+class Image(StableTopic):
+    TOPIC = "strata.image.Image"
+
+    @dataclass(frozen=True, kw_only=True)
+    class Event(StableTopic):
+        TOPIC = "strata.image.Event"
+
+        originator_id: uuid.UUID
+        originator_version: int
+        timestamp: datetime
+        host_id: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class ImageRequested(Event):
+        TOPIC = "strata.image.ImageRequested"
+
+        kind: str
+        size: int
+        chain: list[str]
+        user_data: Any
+        strategy: str
+        auto_fix: bool
+        origin: dict[str, Any]  # how it was made: blank, from a snapshot, a copy of...
+        operations: list[dict[str, Any]]
+
+    @dataclass(frozen=True, kw_only=True)
+    class SnapshotTaken(Event):
+        """The disk's top volume now belongs to a snapshot; the disk writes to a new overlay."""
+
+        TOPIC = "strata.image.SnapshotTaken"
+
+        snapshot_id: uuid.UUID
+        chain: list[str]
+        operation: dict[str, Any]
+
+    @dataclass(frozen=True, kw_only=True)
+    class FixRequested(Event):
+        TOPIC = "strata.image.FixRequested"
+
+        fix_type: str
+        operation: dict[str, Any] | None  # a new operation, or None to release/resume op_id
+        op_id: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class StageClaimed(Event):
+        TOPIC = "strata.image.StageClaimed"
+
+        op_id: str
+        stage: int
+        epoch: int
+
+    @dataclass(frozen=True, kw_only=True)
+    class StageProgressed(Event):
+        TOPIC = "strata.image.StageProgressed"
+
+        op_id: str
+        stage: int
+        epoch: int
+        percent: int
+
+    @dataclass(frozen=True, kw_only=True)
+    class StageCompleted(Event):
+        TOPIC = "strata.image.StageCompleted"
+
+        op_id: str
+        stage: int
+        epoch: int
+
+    @dataclass(frozen=True, kw_only=True)
+    class StageFailed(Event):
+        TOPIC = "strata.image.StageFailed"
+
+        op_id: str
+        stage: int
+        epoch: int
+        error: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class FixStopped(Event):
+        TOPIC = "strata.image.FixStopped"
+
+        op_id: str
+        reason: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class ChainChanged(Event):
+        TOPIC = "strata.image.ChainChanged"
+
+        chain: list[str]
+        reason: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class ImageRemoved(Event):
+        TOPIC = "strata.image.ImageRemoved"
+
+    @dataclass(frozen=True, kw_only=True)
+    class UserDataSet(Event):
+        TOPIC = "strata.image.UserDataSet"
+
+        user_data: Any
+
+    @dataclass(frozen=True, kw_only=True)
+    class ImagePrepared(Event):
+        TOPIC = "strata.image.ImagePrepared"
+
+    @dataclass(frozen=True, kw_only=True)
+    class ImageTornDown(Event):
+        TOPIC = "strata.image.ImageTornDown"
+
+    @dataclass(frozen=True, kw_only=True)
+    class ImageResized(Event):
+        TOPIC = "strata.image.ImageResized"
+
+        size: int
+        operation: dict[str, Any]
+
+    # --- state ----------------------------------------------------------------------------
+
+    id: uuid.UUID
+    version: int
+    created_on: datetime
+    modified_on: datetime
+    created_by: str
+    kind: str
+    size: int
+    chain: list[str]
+    user_data: Any
+    strategy: str
+    auto_fix: bool
+    origin: dict[str, Any]
+    operations: list[Operation]
+    removed: bool
+    prepared_on: set[str]
+    last_host: str
+    last_error: str | None
+
+    def __init__(self) -> None:
+        self._pending: list[Image.Event] = []
+
+    # --- commands -------------------------------------------------------------------------
+
+    @classmethod
+    def request(
+        cls,
+        *,
+        image_id: uuid.UUID,
+        kind: str,
+        size: int,
+        chain: list[str],
+        user_data: Any,
+        strategy: str,
+        auto_fix: bool,
+        origin: dict[str, Any],
+        operations: list[dict[str, Any]],
+        host_id: str,
+        now: datetime,
+    ) -> Image:
+        image = cls()
+        image._record(
+            cls.ImageRequested(
+                originator_id=image_id,
+                originator_version=1,
+                timestamp=now,
+                host_id=host_id,
+                kind=kind,
+                size=size,
+                chain=list(chain),
+                user_data=user_data,
+                strategy=strategy,
+                auto_fix=auto_fix,
+                origin=origin,
+                operations=operations,
+            )
+        )
+        return image
+
+    def take_snapshot(
+        self,
+        *,
+        snapshot_id: uuid.UUID,
+        new_top: str,
+        op: dict[str, Any],
+        host_id: str,
+        now: datetime,
+    ) -> list[str]:
+        """Hand the current chain to a snapshot; return that chain (the snapshot's)."""
+        self._require_live()
+        self._require_kind(ops.VIRTUAL_DISK)
+        if self.prepared_on:
+            raise ImageInUse(
+                f"prepared for a virtual machine on {sorted(self.prepared_on)}; snapshots of "
+                "running disks come with live operations",
+                image_id=self.id,
+            )
+        frozen = list(self.chain)
+        self._trigger(
+            self.SnapshotTaken,
+            host_id,
+            now,
+            snapshot_id=snapshot_id,
+            chain=[*frozen, new_top],
+            operation=op,
+        )
+        return frozen
+
+    def request_fix(
+        self,
+        *,
+        fix_type: str,
+        op_id: str,
+        operation: dict[str, Any] | None,
+        host_id: str,
+        now: datetime,
+    ) -> bool:
+        """Queue a new operation, or release/resume ``op_id``; False if already done so."""
+        self._require_live(allow_removed=fix_type in (ops.CLEAN, ops.MERGE))
+        existing = self.operation(op_id)
+        if operation is not None:
+            if existing is not None:
+                return False  # the same fix was already started (maybe by another host)
+        elif existing is None:
+            raise StaleFix(f"operation {op_id} is unknown to image {self.id}")
+        elif existing.state not in (ops.HELD, ops.FAILED, ops.STOPPED):
+            return False  # already running again, or done
+        self._trigger(
+            self.FixRequested, host_id, now, fix_type=fix_type, operation=operation, op_id=op_id
+        )
+        return True
+
+    def claim(self, *, op_id: str, stage: int, host_id: str, now: datetime) -> int:
+        """Claim a stage that is next to run; return the claim epoch."""
+        op = self._runnable(op_id, stage)
+        epoch = op.claim_epoch + 1
+        self._trigger(self.StageClaimed, host_id, now, op_id=op_id, stage=stage, epoch=epoch)
+        return epoch
+
+    def progress(
+        self, *, op_id: str, stage: int, epoch: int, percent: int, host_id: str, now: datetime
+    ) -> None:
+        self._holding(op_id, stage, epoch, host_id)
+        self._trigger(
+            self.StageProgressed,
+            host_id,
+            now,
+            op_id=op_id,
+            stage=stage,
+            epoch=epoch,
+            percent=max(0, min(100, int(percent))),
+        )
+
+    def complete(self, *, op_id: str, stage: int, epoch: int, host_id: str, now: datetime) -> None:
+        self._holding(op_id, stage, epoch, host_id)
+        self._trigger(self.StageCompleted, host_id, now, op_id=op_id, stage=stage, epoch=epoch)
+
+    def fail(
+        self, *, op_id: str, stage: int, epoch: int, error: str, host_id: str, now: datetime
+    ) -> None:
+        self._holding(op_id, stage, epoch, host_id)
+        self._trigger(
+            self.StageFailed, host_id, now, op_id=op_id, stage=stage, epoch=epoch, error=error
+        )
+
+    def stop(self, *, reason: str, host_id: str, now: datetime) -> str | None:
+        """Stop the operation in progress; return its id, or None if nothing was running."""
+        self._require_live(allow_removed=True)
+        op = self.current_operation()
+        if op is None or op.state not in (ops.PENDING, ops.HELD):
+            return None
+        self._trigger(self.FixStopped, host_id, now, op_id=op.op_id, reason=reason)
+        return op.op_id
+
+    def change_chain(self, *, chain: list[str], reason: str, host_id: str, now: datetime) -> None:
+        self._trigger(self.ChainChanged, host_id, now, chain=list(chain), reason=reason)
+
+    def remove(self, *, host_id: str, now: datetime) -> None:
+        self._require_live()
+        if self.prepared_on:
+            raise ImageInUse(f"prepared on {sorted(self.prepared_on)}", image_id=self.id)
+        self._trigger(self.ImageRemoved, host_id, now)
+
+    def set_user_data(self, *, user_data: Any, host_id: str, now: datetime) -> None:
+        self._require_live()
+        self._trigger(self.UserDataSet, host_id, now, user_data=user_data)
+
+    def prepare(self, *, host_id: str, now: datetime) -> None:
+        self._require_live()
+        if host_id not in self.prepared_on:
+            self._trigger(self.ImagePrepared, host_id, now)
+
+    def tear_down(self, *, host_id: str, now: datetime) -> None:
+        if host_id in self.prepared_on:
+            self._trigger(self.ImageTornDown, host_id, now)
+
+    def resize(self, *, size: int, op: dict[str, Any], host_id: str, now: datetime) -> None:
+        self._require_live()
+        self._require_kind(ops.VIRTUAL_DISK)
+        if size <= self.size:
+            raise InvalidParameter(
+                f"{size} is not larger than the current {self.size} bytes (disks only grow)",
+                name="new_size",
+            )
+        self._trigger(self.ImageResized, host_id, now, size=size, operation=op)
+
+    # --- queries --------------------------------------------------------------------------
+
+    def operation(self, op_id: str) -> Operation | None:
+        for op in self.operations:
+            if op.op_id == op_id:
+                return op
+        return None
+
+    def current_operation(self) -> Operation | None:
+        """The first operation not done: the one running, blocked, or next to run."""
+        for op in self.operations:
+            if not op.finished:
+                return op
+        return None
+
+    def last_operation(self) -> Operation | None:
+        return self.operations[-1] if self.operations else None
+
+    def pending_volumes(self) -> set[str]:
+        """Volumes this image's unfinished stages will still produce."""
+        pending: set[str] = set()
+        for op in self.operations:
+            for stage in op.stages[op.done :]:
+                volume = ops.produced_by(stage)
+                if volume is not None:
+                    pending.add(volume)
+        return pending
+
+    # --- guards ---------------------------------------------------------------------------
+
+    def _require_live(self, *, allow_removed: bool = False) -> None:
+        if self.removed and not allow_removed:
+            raise ImageNotFound("(it was removed)", image_id=self.id)
+
+    def _require_kind(self, kind: str) -> None:
+        if self.kind != kind:
+            raise WrongImageKind(image_id=self.id, kind=self.kind, expected=kind)
+
+    def _runnable(self, op_id: str, stage: int) -> Operation:
+        op = self.current_operation()
+        if op is None or op.op_id != op_id or op.done != stage or op.state != ops.PENDING:
+            raise ClaimLost(
+                f"operation {op_id} stage {stage} is not the next to run",
+                image_id=self.id,
+                stage=stage,
+            )
+        return op
+
+    def _holding(self, op_id: str, stage: int, epoch: int, host_id: str) -> Operation:
+        op = self._runnable(op_id, stage)
+        if op.claim_epoch != epoch or op.claim_host != host_id:
+            raise ClaimLost(
+                f"claimed by {op.claim_host} at epoch {op.claim_epoch}",
+                image_id=self.id,
+                stage=stage,
+            )
+        return op
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _trigger(
+        self, event_class: type[Image.Event], host_id: str, now: datetime, **fields: Any
+    ) -> None:
+        self._record(
+            event_class(
+                originator_id=self.id,
+                originator_version=self.version + 1,
+                timestamp=now,
+                host_id=host_id,
+                **fields,
+            )
+        )
+
+    def _record(self, event: Image.Event) -> None:
+        self.apply(event)
+        self._pending.append(event)
+
+    def collect_events(self) -> list[Image.Event]:
+        events, self._pending = self._pending, []
+        return events
+
+    @singledispatchmethod
+    def apply(self, event: Image.Event) -> None:
+        raise NotImplementedError(f"Image cannot apply {type(event).__qualname__}")
+
+    @apply.register(ImageRequested)
+    def _(self, event: Image.ImageRequested) -> None:
+        self.id = event.originator_id
+        self.created_on = event.timestamp
+        self.created_by = event.host_id
+        self.kind = event.kind
+        self.size = event.size
+        self.chain = list(event.chain)
+        self.user_data = event.user_data
+        self.strategy = event.strategy
+        self.auto_fix = event.auto_fix
+        self.origin = dict(event.origin)
+        held = not event.auto_fix
+        self.operations = [Operation.from_plan(p, held=held) for p in event.operations]
+        self.removed = False
+        self.prepared_on = set()
+        self.last_error = None
+        self._advance(event)
+
+    @apply.register(SnapshotTaken)
+    def _(self, event: Image.SnapshotTaken) -> None:
+        self.chain = list(event.chain)
+        self.operations.append(Operation.from_plan(event.operation))
+        self._advance(event)
+
+    @apply.register(FixRequested)
+    def _(self, event: Image.FixRequested) -> None:
+        if event.operation is not None:
+            self.operations.append(Operation.from_plan(event.operation))
+        else:
+            op = self.operation(event.op_id)
+            if op is not None:
+                op.state, op.error, op.claim_host = ops.PENDING, None, None
+                op.history.append(f"{event.fix_type} requested by {event.host_id}")
+        self.last_error = None
+        self._advance(event)
+
+    @apply.register(StageClaimed)
+    def _(self, event: Image.StageClaimed) -> None:
+        op = self._op(event.op_id)
+        op.claim_host, op.claim_epoch, op.percent = event.host_id, event.epoch, -1
+        self._advance(event)
+
+    @apply.register(StageProgressed)
+    def _(self, event: Image.StageProgressed) -> None:
+        self._op(event.op_id).percent = event.percent
+        self._advance(event)
+
+    @apply.register(StageCompleted)
+    def _(self, event: Image.StageCompleted) -> None:
+        op = self._op(event.op_id)
+        stage = op.stages[event.stage]
+        if "set_chain" in stage:
+            self.chain = list(stage["set_chain"])
+        op.done = event.stage + 1
+        op.claim_host, op.percent = None, 100
+        if op.done >= len(op.stages):
+            op.state = ops.DONE
+        self._advance(event)
+
+    @apply.register(StageFailed)
+    def _(self, event: Image.StageFailed) -> None:
+        op = self._op(event.op_id)
+        op.state, op.error, op.claim_host = ops.FAILED, event.error, None
+        self.last_error = (
+            f"stage {event.stage + 1}/{len(op.stages)} failed on {event.host_id}: {event.error}"
+        )
+        self._advance(event)
+
+    @apply.register(FixStopped)
+    def _(self, event: Image.FixStopped) -> None:
+        op = self._op(event.op_id)
+        op.state, op.claim_host = ops.STOPPED, None
+        op.error = f"stopped by {event.host_id}: {event.reason or 'no reason given'}"
+        self.last_error = op.error
+        self._advance(event)
+
+    @apply.register(ChainChanged)
+    def _(self, event: Image.ChainChanged) -> None:
+        self.chain = list(event.chain)
+        self._advance(event)
+
+    @apply.register(ImageRemoved)
+    def _(self, event: Image.ImageRemoved) -> None:
+        self.removed = True
+        self._advance(event)
+
+    @apply.register(UserDataSet)
+    def _(self, event: Image.UserDataSet) -> None:
+        self.user_data = event.user_data
+        self._advance(event)
+
+    @apply.register(ImagePrepared)
+    def _(self, event: Image.ImagePrepared) -> None:
+        self.prepared_on.add(event.host_id)
+        self._advance(event)
+
+    @apply.register(ImageTornDown)
+    def _(self, event: Image.ImageTornDown) -> None:
+        self.prepared_on.discard(event.host_id)
+        self._advance(event)
+
+    @apply.register(ImageResized)
+    def _(self, event: Image.ImageResized) -> None:
+        self.size = event.size
+        self.operations.append(Operation.from_plan(event.operation))
+        self._advance(event)
+
+    def _op(self, op_id: str) -> Operation:
+        op = self.operation(op_id)
+        if op is None:  # the log holds an event for an operation it never planned
+            raise ValueError(f"image {self.id} has no operation {op_id}")
+        return op
+
+    def _advance(self, event: Image.Event) -> None:
+        self.version = event.originator_version
+        self.modified_on = event.timestamp
+        self.last_host = event.host_id
+
+    @classmethod
+    def project(cls, image: Image | None, events: Iterable[Image.Event]) -> Image | None:
+        """eventsourcing's projector function: the state after ``events``."""
+        for event in events:
+            if image is None:
+                image = cls()
+            image.apply(event)
+        return image

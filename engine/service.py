@@ -1,0 +1,98 @@
+"""Running commands on images: load the aggregates, let them decide, save what they recorded.
+
+The one place where commands meet the event store. A command is a function of the freshly loaded
+aggregates; when another host or thread appended to one of them between our load and our save,
+the log refuses the save (optimistic concurrency) and the command runs again on the new state,
+so every decision is taken on the state it is recorded against.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from engine.aggregates.image import Image
+from engine.application import StrataLogApplication
+from engine.errors import ConcurrencyConflict, ImageNotFound
+
+T = TypeVar("T")
+MAX_ATTEMPTS = 50
+
+
+def utc_now() -> datetime:
+    return datetime.now(tz=UTC)
+
+
+class ImageService:
+    """Commands on the images of one repository, on behalf of one host."""
+
+    def __init__(
+        self,
+        app: StrataLogApplication,
+        host_id: str,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.app = app
+        self.host_id = host_id
+        self.clock = clock
+
+    def get(self, image_id: uuid.UUID) -> Image:
+        """The image as the log holds it now (removed images included)."""
+        try:
+            image: Image = self.app.repository.get(image_id, projector_func=Image.project)
+        except AggregateNotFoundError as e:
+            raise ImageNotFound("in this repository", image_id=image_id) from e
+        return image
+
+    def exists(self, image_id: uuid.UUID) -> bool:
+        try:
+            self.get(image_id)
+        except ImageNotFound:
+            return False
+        return True
+
+    def add(self, *images: Image) -> None:
+        """Save new images (and any other aggregates given) in one transaction."""
+        self._save(images)
+
+    def update(self, image_id: uuid.UUID, command: Callable[[Image], T]) -> T:
+        """Run ``command`` on the current state of one image and save what it recorded."""
+        return self.update_many([image_id], lambda images: command(images[0]))
+
+    def update_many(
+        self,
+        image_ids: Sequence[uuid.UUID],
+        command: Callable[[list[Image]], T],
+        *,
+        new: Callable[[], Sequence[Image]] = tuple,
+    ) -> T:
+        """Run ``command`` on several images; save their events (and ``new()``) atomically."""
+        for attempt in range(MAX_ATTEMPTS):
+            images = [self.get(i) for i in image_ids]
+            result = command(images)
+            try:
+                self._save([*images, *new()])
+            except ConcurrencyConflict:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                continue
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _save(self, aggregates: Sequence[Image]) -> None:
+        try:
+            self.app.save(*aggregates)
+        except IntegrityError as e:
+            cause = e.__cause__
+            if isinstance(cause, ConcurrencyConflict):
+                raise cause from e
+            raise ConcurrencyConflict(originator_id="?", current="?", attempted="?") from e
+
+    def now(self) -> datetime:
+        return self.clock()
