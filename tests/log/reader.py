@@ -45,27 +45,33 @@ class TransactionChecker:
     """Fails on any record that shows part of a transaction without the rest of it."""
 
     def __init__(self) -> None:
-        self.open: tuple[bytes, bytes, int, int] | None = None  # host, txn, next index, size
+        self.open: int | None = None  # first seq of a transaction begun and not yet ended
+        self._next: tuple[bytes, bytes, int] | None = None  # tagged: host, txn, next index
 
     def add(self, record: Record) -> None:
-        if not record.state.startswith(b"txn:"):
-            if not record.txn_last or self.open is not None:
-                raise AssertionError(f"seq {record.seq} interrupts or leaves a transaction open")
-            return
-        _, host, txn, i, n = record.state.split(b":", 5)[:5]
-        index, size = int(i), int(n)
-        if self.open is None:
-            if index != 0:
-                raise AssertionError(f"seq {record.seq} starts with event {index} of {txn}")
-        elif self.open[:3] != (host, txn, index):
-            raise AssertionError(f"seq {record.seq} breaks into transaction {self.open}")
-        if record.txn_last != (index == size - 1):
-            raise AssertionError(f"seq {record.seq}: txn_last is {record.txn_last} at {i}/{n}")
-        self.open = None if record.txn_last else (host, txn, index + 1, size)
+        tag = None
+        if record.state.startswith(b"txn:"):
+            _, host, txn, i, n = record.state.split(b":", 5)[:5]
+            index, size = int(i), int(n)
+            tag = (host, txn, index)
+            if self.open is None and index != 0:
+                raise AssertionError(f"seq {record.seq} starts with event {index} of {txn!r}")
+            if record.txn_last != (index == size - 1):
+                raise AssertionError(f"seq {record.seq}: txn_last is {record.txn_last} at {i!r}")
+        # An untagged transaction (another mode's) is only known to end where txn_last says.
+        if self.open is not None and tag != self._next:
+            raise AssertionError(f"seq {record.seq} breaks into the transaction at {self.open}")
+        if record.txn_last:
+            self.open, self._next = None, None
+        else:
+            self.open = record.seq if self.open is None else self.open
+            self._next = None if tag is None else (tag[0], tag[1], tag[2] + 1)
 
     def check_whole(self, last_seq: int) -> None:
         if self.open is not None:
-            raise AssertionError(f"after a refresh to {last_seq} transaction {self.open} is open")
+            raise AssertionError(
+                f"after a refresh to {last_seq} the transaction at {self.open} is open"
+            )
 
 
 def once(directory: str, host: str) -> dict[str, object]:

@@ -177,6 +177,10 @@ class KilledWriters:
         self.mine, self.my_version = uuid.uuid4(), 0
         self.trials = 0
         self.tails_cut = 0  # kills that left part of an append behind
+        # Reads all along: had it been shown an append that a kill then left torn (and the next
+        # appender cut), its history would differ from the log's, or its next read would fail.
+        self.follower = start(READER, "follow", directory, "follower", TIMEOUT)
+        wait_ready(self.follower)
 
     def trial(self, segment_size: int, sizes: str, delay: float, *, pounce: bool) -> None:
         n = self.trials = self.trials + 1
@@ -211,6 +215,10 @@ class KilledWriters:
 
     def check_all(self) -> None:
         records = all_records(self.directory)
+        tell(self.follower, len(records))
+        followed = result_of(self.follower)
+        assert (followed["count"], followed["digest"]) == (len(records), order_digest(records))
+        assert followed["views"] >= self.trials, "the follower did not see the log grow"
         assert [r.seq for r in records] == list(range(1, len(records) + 1))
         by_seq = {r.seq: r for r in records}
         assert {seq: as_acked(by_seq[seq]) for seq in self.acknowledged} == self.acknowledged
