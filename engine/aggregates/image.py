@@ -54,13 +54,18 @@ class Image(StableTopic):
 
     @dataclass(frozen=True, kw_only=True)
     class SnapshotTaken(Event):
-        """The disk's top volume now belongs to a snapshot; the disk writes to a new overlay."""
+        """The disk's top volume is frozen (for a snapshot, or as the base of an incremental
+        copy when ``snapshot_id`` is None); the disk writes to a new overlay from now on.
+
+        Unfinished ``optimize`` operations are superseded: they would flatten a chain whose new
+        top a later operation produces. ``operations`` re-plans what the disk needs now.
+        """
 
         TOPIC = "strata.image.SnapshotTaken"
 
-        snapshot_id: uuid.UUID
+        snapshot_id: uuid.UUID | None
         chain: list[str]
-        operation: dict[str, Any]
+        operations: list[dict[str, Any]]
 
     @dataclass(frozen=True, kw_only=True)
     class FixRequested(Event):
@@ -206,13 +211,13 @@ class Image(StableTopic):
     def take_snapshot(
         self,
         *,
-        snapshot_id: uuid.UUID,
+        snapshot_id: uuid.UUID | None,
         new_top: str,
-        op: dict[str, Any],
+        operations: list[dict[str, Any]],
         host_id: str,
         now: datetime,
     ) -> list[str]:
-        """Hand the current chain to a snapshot; return that chain (the snapshot's)."""
+        """Freeze the current chain (for a snapshot when ``snapshot_id`` is given); return it."""
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
         if self.prepared_on:
@@ -228,7 +233,7 @@ class Image(StableTopic):
             now,
             snapshot_id=snapshot_id,
             chain=[*frozen, new_top],
-            operation=op,
+            operations=operations,
         )
         return frozen
 
@@ -437,7 +442,11 @@ class Image(StableTopic):
     @apply.register(SnapshotTaken)
     def _(self, event: Image.SnapshotTaken) -> None:
         self.chain = list(event.chain)
-        self.operations.append(Operation.from_plan(event.operation))
+        for op in self.operations:
+            if op.purpose == ops.OPTIMIZE and not op.finished:
+                op.state, op.claim_host = ops.DONE, None
+                op.history.append("superseded by a snapshot")
+        self.operations.extend(Operation.from_plan(p) for p in event.operations)
         self._advance(event)
 
     @apply.register(FixRequested)
