@@ -1,1 +1,27 @@
-"""Strata: an event-sourced storage engine for virtual-machine disk images."""
+"""Strata: an event-sourced storage engine for virtual-machine disk images.
+
+``from engine import StorageEngine`` is the facade (SPEC §5). Names are resolved on first use so
+that tools that only read a log (``strata-log``) do not import the whole engine.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["Fix", "ImageInfo", "ImageStatus", "PreparedImage", "StorageEngine"]
+
+if TYPE_CHECKING:
+    from engine.facade import StorageEngine
+    from engine.types import Fix, ImageInfo, ImageStatus, PreparedImage
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StorageEngine":
+        from engine.facade import StorageEngine
+
+        return StorageEngine
+    if name in ("Fix", "ImageInfo", "ImageStatus", "PreparedImage"):
+        from engine import types
+
+        return getattr(types, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -87,7 +87,7 @@ class Operation:
             op_id=plan["op_id"],
             purpose=plan["purpose"],
             stages=[dict(s) for s in plan["stages"]],
-            state=HELD if held else PENDING,
+            state=HELD if held or plan.get("held") else PENDING,
         )
 
     @property

@@ -1,0 +1,95 @@
+"""A repository connected on this host: its storage, its log application, its view, its work.
+
+Also the thread that keeps the view current: it wakes on this process's appends at once and on
+other hosts' within the poll interval (:class:`~engine.log.follow.LogFollower`), folds the new
+records into the view, and wakes whoever waits for an image (``wait_for_image``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.application import StrataLogApplication
+from engine.formats.driver import RepositoryStorage
+from engine.log.follow import LogFollower
+from engine.projections.view import RepositoryView
+from engine.service import ImageService
+
+if TYPE_CHECKING:
+    from engine.executors.scheduler import Executor
+
+
+class ViewFollower:
+    """Keeps a view caught up with its log, and tells waiters when it moved."""
+
+    def __init__(self, view: RepositoryView, follower: LogFollower, poll_interval: float) -> None:
+        self._view = view
+        self._follower = follower
+        self._poll_interval = poll_interval
+        self._stop = threading.Event()
+        self.changed = threading.Condition()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="strata-view", daemon=True)
+
+    def start(self) -> ViewFollower:
+        self._follower.start()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._follower.wait(self._view.position, self._poll_interval)
+                if self._stop.is_set():
+                    return
+                self.caught_up()
+        except BaseException as e:  # surfaced by check() on the caller's next request
+            self.error = e
+            with self.changed:
+                self.changed.notify_all()
+            raise
+
+    def caught_up(self) -> int:
+        position = self._view.catch_up()
+        with self.changed:
+            self.changed.notify_all()
+        return position
+
+    def check(self) -> None:
+        """Raise what stopped the follower, so a view never falls behind silently."""
+        if self.error is not None:
+            raise self.error
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._follower.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+@dataclass
+class ConnectedRepository:
+    repo_id: str
+    repo_format: str
+    storage: RepositoryStorage
+    app: StrataLogApplication
+    service: ImageService
+    view: RepositoryView
+    follower: ViewFollower
+    executor: Executor | None = None
+    # Volumes the last check found missing or damaged: re-derivable from the files themselves.
+    lost: set[str] = field(default_factory=set)
+
+    def close(self) -> None:
+        try:
+            if self.executor is not None:
+                self.executor.stop()
+        finally:
+            self.follower.stop()
+            self.app.close()

@@ -1,0 +1,122 @@
+"""What each call asks of the storage, as operations and stages (ADR 0004). Pure.
+
+The facade finds the images involved and makes the ids; these functions decide the volumes,
+their formats and the order of the work, by strategy:
+
+* ``space`` prefers thin qcow2 volumes and overlays on shared snapshots;
+* ``performance`` prefers one standalone, preallocated raw volume per disk, reached through the
+  quick form first (an overlay: the disk is ``degraded``) and an ``optimize`` operation after.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from engine.aggregates import operations as ops
+from engine.aggregates.operations import plan, volume_ref
+
+NewVolume = Callable[[str], str]  # format -> a fresh volume ref
+
+
+def fresh_volume(fmt: str) -> str:
+    return volume_ref(uuid.uuid4().hex, fmt)
+
+
+def op_id() -> str:
+    return uuid.uuid4().hex
+
+
+def blank_disk(
+    size: int, strategy: str, new: NewVolume = fresh_volume
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """A disk with no base: thin qcow2 for space, a preallocated raw volume for performance."""
+    if strategy == ops.PERFORMANCE:
+        volume = new("raw")
+        stage = {"do": "create", "volume": volume, "size": size, "preallocate": True}
+    else:
+        volume = new("qcow2")
+        stage = {"do": "create", "volume": volume, "size": size}
+    return [volume], [plan(op_id(), "create", stage)]
+
+
+def disk_on_snapshot(
+    size: int,
+    snapshot_chain: list[str],
+    strategy: str,
+    image_id: uuid.UUID,
+    new: NewVolume = fresh_volume,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """A disk whose first content is a snapshot's: an overlay on the snapshot's top volume."""
+    overlay = new("qcow2")
+    chain = [*snapshot_chain, overlay]
+    work = [plan(op_id(), "create", overlay_stage(overlay, snapshot_chain[-1], size))]
+    if strategy == ops.PERFORMANCE:
+        work.append(optimize_plan(image_id, new))
+    return chain, work
+
+
+def overlay_stage(volume: str, backing: str, size: int) -> dict[str, Any]:
+    return {"do": "create", "volume": volume, "size": size, "backing": backing}
+
+
+def optimize_plan(
+    image_id: uuid.UUID, new: NewVolume = fresh_volume, *, op: str | None = None
+) -> dict[str, Any]:
+    """Flatten the image's chain into one preallocated raw volume, then use only that."""
+    flat = new("raw")
+    stage = {
+        "do": "copy",
+        "source_image": str(image_id),
+        "volume": flat,
+        "preallocate": True,
+        "set_chain": [flat],
+    }
+    return plan(op or op_id(), ops.OPTIMIZE, stage)
+
+
+def snapshot_of_disk(
+    disk_id: uuid.UUID,
+    disk_chain: list[str],
+    disk_size: int,
+    strategy: str,
+    new: NewVolume = fresh_volume,
+) -> tuple[str, list[dict[str, Any]]]:
+    """The disk's new top overlay and the work it needs after its chain is frozen."""
+    top = new("qcow2")
+    work = [plan(op_id(), "snapshot", overlay_stage(top, disk_chain[-1], disk_size))]
+    if strategy == ops.PERFORMANCE:
+        work.append(optimize_plan(disk_id, new))
+    return top, work
+
+
+def full_copy(
+    source_id: uuid.UUID, strategy: str, new: NewVolume = fresh_volume
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """A standalone copy of an image's content: sparse qcow2 for space, raw for performance."""
+    if strategy == ops.PERFORMANCE:
+        volume = new("raw")
+        stage = {
+            "do": "copy",
+            "source_image": str(source_id),
+            "volume": volume,
+            "preallocate": True,
+        }
+    else:
+        volume = new("qcow2")
+        stage = {"do": "copy", "source_image": str(source_id), "volume": volume}
+    return [volume], [plan(op_id(), "copy", stage)]
+
+
+def incremental_copy(
+    source_id: uuid.UUID, base_chain: list[str], new: NewVolume = fresh_volume
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Only what the source holds that differs from the base (seed 001's incremental backup)."""
+    diff = new("qcow2")
+    stage = {"do": "diff", "source_image": str(source_id), "base": base_chain[-1], "volume": diff}
+    return [*base_chain, diff], [plan(op_id(), "copy", stage)]
+
+
+def resize(top: str, size: int) -> dict[str, Any]:
+    return plan(op_id(), "resize", {"do": "resize", "volume": top, "size": size})
