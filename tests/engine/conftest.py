@@ -1,0 +1,95 @@
+"""Two real localfs repositories in a temporary directory, and an engine connected to both."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import StorageEngine
+from engine.formats.qemu import QemuImg
+
+MiB = 2**20
+
+
+@pytest.fixture
+def qemu() -> QemuImg:
+    return QemuImg()
+
+
+@pytest.fixture
+def repo_paths(tmp_path: Path) -> tuple[str, str]:
+    paths = (str(tmp_path / "repo1"), str(tmp_path / "repo2"))
+    for p in paths:
+        os.mkdir(p)
+    return paths
+
+
+@pytest.fixture
+def engine(tmp_path: Path, repo_paths: tuple[str, str]) -> Iterator[StorageEngine]:
+    with StorageEngine("host-a", state_dir=str(tmp_path / "state-a"), poll_interval=0.1) as se:
+        for name, path in zip(("r1", "r2"), repo_paths, strict=True):
+            se.create_storage_repository("localfs-1.0", {"path": path})
+            se.connect_storage_repository(name, "localfs-1.0", {"path": path})
+        yield se
+
+
+def write(
+    engine: StorageEngine,
+    qemu: QemuImg,
+    repo: str,
+    image: str,
+    offset: int,
+    length: int,
+    pattern: int,
+) -> None:
+    """Play the virtual machine: write a pattern through the path prepare_image gives."""
+    prepared = engine.prepare_image(repo, image)
+    try:
+        qemu.write_pattern(prepared.path, prepared.format, offset, length, pattern)
+    finally:
+        engine.teardown_image(repo, image)
+
+
+def holds(
+    engine: StorageEngine,
+    qemu: QemuImg,
+    repo: str,
+    image: str,
+    offset: int,
+    length: int,
+    pattern: int,
+) -> bool:
+    prepared = engine.prepare_image(repo, image)
+    try:
+        return qemu.read_pattern_matches(prepared.path, prepared.format, offset, length, pattern)
+    finally:
+        engine.teardown_image(repo, image)
+
+
+def same_content(
+    engine: StorageEngine, qemu: QemuImg, a: tuple[str, str], b: tuple[str, str]
+) -> bool:
+    pa, pb = engine.prepare_image(*a), engine.prepare_image(*b)
+    try:
+        return qemu.compare(pa.path, pb.path, a_fmt=pa.format, b_fmt=pb.format)
+    finally:
+        engine.teardown_image(*a)
+        engine.teardown_image(*b)
+
+
+def tree_digest(*roots: str) -> str:
+    """Every file's path and bytes under the roots: to prove a refused call changed nothing."""
+    h = hashlib.sha256()
+    for root in roots:
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                h.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
