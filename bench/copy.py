@@ -1,0 +1,113 @@
+"""Copies through the engine against ``qemu-img convert`` of the same image, in the same run.
+
+    python bench/copy.py [--dir DIR] [--data-mib N]
+
+Prints ``name: value`` lines:
+
+* ``copy_ratio_vs_qemu_img``: ``copy_image`` to another repository, from the call until the copy
+  is optimized, for a 2 GiB disk holding 1 GiB of data, over ``qemu-img convert`` of the same
+  source volume to the same format on the same filesystem (target <= 1.1);
+* ``sparse_copy_ratio_vs_qemu_img`` and ``sparse_copy_seconds``: the same for a 100 GiB disk
+  holding 10 MiB (target <= 1.1 and under 1 s);
+* ``incremental_bytes_ratio``: bytes the incremental copy allocates over the bytes that changed
+  since the base copy (target <= 1.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import StorageEngine
+from engine.formats.qemu import QemuImg, allocated_bytes
+
+MiB, GiB = 2**20, 2**30
+
+
+def timed_copy(se: StorageEngine, image: str) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    copy = se.copy_image("r2", image)
+    status = se.wait_for_image("r2", copy, timeout=600)
+    elapsed = time.perf_counter() - t0
+    if status.status != "optimized":
+        raise RuntimeError(f"copy ended {status}")
+    return elapsed, copy
+
+
+def timed_convert(qemu: QemuImg, src: str, fmt: str, dst: str) -> float:
+    t0 = time.perf_counter()
+    qemu.convert(src, dst, src_fmt=fmt, dst_fmt=fmt)
+    elapsed = time.perf_counter() - t0
+    os.unlink(dst)
+    return elapsed
+
+
+def disk_with_data(se: StorageEngine, qemu: QemuImg, size: int, data: int) -> tuple[str, str, str]:
+    disk = se.create_virtual_disk("r1", size)
+    se.wait_for_image("r1", disk, timeout=60)
+    prepared = se.prepare_image("r1", disk)
+    chunk = min(data, 256 * MiB)
+    for offset in range(0, data, chunk):  # spread over the disk, like a used filesystem
+        qemu.write_pattern(prepared.path, prepared.format, offset * 2, chunk, 0x5C)
+    se.teardown_image("r1", disk)
+    return disk, prepared.path, prepared.format
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--data-mib", type=int, default=1024)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="strata-bench-copy-", dir=args.dir)
+    qemu = QemuImg()
+    print(f"work_dir: {work}")
+    try:
+        repos = [os.path.join(work, n) for n in ("repo1", "repo2")]
+        with StorageEngine(
+            "bench", state_dir=os.path.join(work, "state"), poll_interval=0.05
+        ) as se:
+            for name, path in zip(("r1", "r2"), repos, strict=True):
+                os.mkdir(path)
+                se.create_storage_repository("localfs-1.0", {"path": path})
+                se.connect_storage_repository(name, "localfs-1.0", {"path": path})
+            scratch = os.path.join(repos[1], "scratch-convert")
+
+            disk, path, fmt = disk_with_data(se, qemu, 2 * GiB, args.data_mib * MiB)
+            baseline = timed_convert(qemu, path, fmt, scratch)
+            ours, _ = timed_copy(se, disk)
+            print(f"copy_seconds: {ours:.3f}")
+            print(f"qemu_img_convert_seconds: {baseline:.3f}")
+            print(f"copy_ratio_vs_qemu_img: {ours / baseline:.2f}")
+
+            sparse, path, fmt = disk_with_data(se, qemu, 100 * GiB, 10 * MiB)
+            baseline = timed_convert(qemu, path, fmt, scratch)
+            ours, copy1 = timed_copy(se, sparse)
+            print(f"sparse_copy_seconds: {ours:.3f}")
+            print(f"sparse_qemu_img_convert_seconds: {baseline:.3f}")
+            print(f"sparse_copy_ratio_vs_qemu_img: {ours / baseline:.2f}")
+
+            changed = 16 * MiB
+            prepared = se.prepare_image("r1", sparse)
+            qemu.write_pattern(prepared.path, prepared.format, 40 * GiB, changed, 0x77)
+            se.teardown_image("r1", sparse)
+            copy2 = se.copy_image("r2", sparse, base_image_id=copy1)
+            se.wait_for_image("r2", copy2, timeout=600)
+            diff = se.prepare_image("r2", copy2)
+            se.teardown_image("r2", copy2)
+            allocated = allocated_bytes(diff.path)
+            print(f"incremental_changed_bytes: {changed}")
+            print(f"incremental_allocated_bytes: {allocated}")
+            print(f"incremental_bytes_ratio: {allocated / changed:.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
