@@ -1,231 +1,176 @@
-"""``python -m engine.demo``: two hosts share one repository's operation log.
+"""``python -m engine.demo`` (``make demo``): a day in the life of two repositories.
 
-In a temporary directory: host-a formats a repository and asks for a chore; host-b, in another
-process, claims the chore and finishes it; host-a, still holding the chore as it first read it,
-tries to claim it too and is refused by the log (optimistic concurrency across processes). Then
-the log is reopened cold (which verifies the whole hash chain), checked with ``strata-log
-verify``, and replayed into the final state of every aggregate.
-
-The ``Chore`` aggregate lives here, not in engine/aggregates: it stands in for the stages that
-executors will claim, and exists only for this story.
+In a temporary directory: a virtual disk gets data, a snapshot, three clones (thin, fast and in
+the other repository), a full copy and an incremental copy to the second repository (seed 001's
+backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
+Every call returns once its events are durable; the executors do the work. At the end: every
+image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
 """
 
 from __future__ import annotations
 
-import io
-import multiprocessing
+import os
 import sys
 import tempfile
-import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from functools import singledispatchmethod
-from pathlib import Path
+import time
 
-from eventsourcing.persistence import IntegrityError
+from engine.facade import StorageEngine
+from engine.formats.qemu import QemuImg, allocated_bytes
 
-from engine.aggregates.topics import StableTopic
-from engine.application import LogConfig, StrataLogApplication
-from engine.log import OperationLog
+MiB = 2**20
 
 
-class Chore(StableTopic):
-    """A piece of work one host asks for and any host may claim, once."""
-
-    TOPIC = "strata.demo.Chore"
-
-    @dataclass(frozen=True, kw_only=True)
-    class Event(StableTopic):
-        TOPIC = "strata.demo.Chore.Event"
-
-        originator_id: uuid.UUID
-        originator_version: int
-        timestamp: datetime
-        host_id: str
-
-    @dataclass(frozen=True, kw_only=True)
-    class Requested(Event):
-        TOPIC = "strata.demo.Chore.Requested"
-        what: str
-
-    @dataclass(frozen=True, kw_only=True)
-    class Claimed(Event):
-        TOPIC = "strata.demo.Chore.Claimed"
-
-    @dataclass(frozen=True, kw_only=True)
-    class Done(Event):
-        TOPIC = "strata.demo.Chore.Done"
-
-    id: uuid.UUID
-    version: int
-    what: str
-    requested_by: str
-    claimed_by: str | None
-    done: bool
-
-    def __init__(self) -> None:
-        self._pending: list[Chore.Event] = []
-
-    @classmethod
-    def request(cls, what: str, host_id: str, at: datetime) -> Chore:
-        chore = cls()
-        chore._record(
-            cls.Requested(
-                originator_id=uuid.uuid4(),
-                originator_version=1,
-                timestamp=at,
-                host_id=host_id,
-                what=what,
-            )
-        )
-        return chore
-
-    def claim(self, host_id: str, at: datetime) -> None:
-        self._record(self._next(self.Claimed, host_id, at))
-
-    def finish(self, host_id: str, at: datetime) -> None:
-        self._record(self._next(self.Done, host_id, at))
-
-    def _next(self, kind: type[Chore.Event], host_id: str, at: datetime) -> Chore.Event:
-        return kind(
-            originator_id=self.id,
-            originator_version=self.version + 1,
-            timestamp=at,
-            host_id=host_id,
-        )
-
-    def _record(self, event: Chore.Event) -> None:
-        self.apply(event)
-        self._pending.append(event)
-
-    def collect_events(self) -> list[Chore.Event]:
-        events, self._pending = self._pending, []
-        return events
-
-    @singledispatchmethod
-    def apply(self, event: Chore.Event) -> None:
-        raise NotImplementedError(type(event).__qualname__)
-
-    @apply.register(Requested)
-    def _(self, event: Chore.Requested) -> None:
-        self.id, self.what, self.requested_by = event.originator_id, event.what, event.host_id
-        self.claimed_by, self.done = None, False
-        self.version = event.originator_version
-
-    @apply.register(Claimed)
-    def _(self, event: Chore.Claimed) -> None:
-        self.claimed_by = event.host_id
-        self.version = event.originator_version
-
-    @apply.register(Done)
-    def _(self, event: Chore.Done) -> None:
-        self.done = True
-        self.version = event.originator_version
-
-    @classmethod
-    def project(cls, chore: Chore | None, events: Iterable[Chore.Event]) -> Chore | None:
-        for event in events:
-            chore = chore or cls()
-            chore.apply(event)
-        return chore
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _say(line: str) -> None:
+def say(line: str = "") -> None:
     print(line, flush=True)
 
 
-def host_b(log_dir: str, chore_id: uuid.UUID) -> None:
-    """The second host, in its own process: claim the chore and finish it."""
-    with StrataLogApplication(LogConfig(log_dir=log_dir, host_id="host-b")) as app:
-        chore: Chore = app.repository.get(chore_id, projector_func=Chore.project)
-        chore.claim("host-b", _now())
-        app.save(chore)
-        _say(f"  host-b  claimed the chore '{chore.what}' (now version {chore.version})")
-        chore.finish("host-b", _now())
-        app.save(chore)
-        _say(f"  host-b  finished it (version {chore.version})")
+class Story:
+    def __init__(self, se: StorageEngine, qemu: QemuImg) -> None:
+        self.se, self.qemu = se, qemu
+        self.names: dict[str, str] = {}
+
+    def name(self, image: str, label: str) -> str:
+        self.names[image] = label
+        return image
+
+    def done(self, repo: str, image: str) -> None:
+        started = time.monotonic()
+        status = self.se.wait_for_image(repo, image, timeout=120)
+        say(
+            f"    {self.names.get(image, image)} in {repo}: {status.status}, stage "
+            f"{status.stage}, by {status.host_id} ({time.monotonic() - started:.2f} s after)"
+        )
+
+    def write(self, repo: str, image: str, offset: int, length: int, pattern: int) -> None:
+        prepared = self.se.prepare_image(repo, image)
+        try:
+            self.qemu.write_pattern(prepared.path, prepared.format, offset, length, pattern)
+        finally:
+            self.se.teardown_image(repo, image)
+        say(f"    the VM wrote {length // MiB} MiB of 0x{pattern:02x} at {offset // MiB} MiB")
+
+    def holds(self, repo: str, image: str, offset: int, length: int, pattern: int) -> bool:
+        prepared = self.se.prepare_image(repo, image)
+        try:
+            return self.qemu.read_pattern_matches(
+                prepared.path, prepared.format, offset, length, pattern
+            )
+        finally:
+            self.se.teardown_image(repo, image)
 
 
 def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-        log_dir = str(Path(tmp) / "repo1" / "log")
-        Path(log_dir).parent.mkdir()
-        _say(f"A repository in {Path(log_dir).parent}, its operation log in log/.\n")
+    qemu = QemuImg()
+    with tempfile.TemporaryDirectory(prefix="strata-demo-") as work:
+        repo1, repo2 = os.path.join(work, "repo1"), os.path.join(work, "repo2")
+        for path in (repo1, repo2):
+            os.mkdir(path)
+        say(f"Two repositories in {work}")
+        with StorageEngine(
+            "host-a", state_dir=os.path.join(work, "state"), poll_interval=0.1
+        ) as se:
+            story = Story(se, qemu)
+            for name, path in (("r1", repo1), ("r2", repo2)):
+                se.create_storage_repository("localfs-1.0", {"path": path})
+                se.connect_storage_repository(name, "localfs-1.0", {"path": path})
+            say("  formatted and connected as r1 and r2 (localfs-1.0)")
 
-        _say("1. Two hosts append to the same log")
-        host_a = LogConfig(log_dir=log_dir, host_id="host-a", create=True)
-        with StrataLogApplication(host_a) as app:
-            app.create_repository(format_name="localfs", format_version="1.0", created_at=_now())
-            _say("  host-a  formatted the repository (localfs 1.0)")
-            chore = Chore.request("copy the base image", "host-a", _now())
-            app.save(chore)
-            _say(f"  host-a  asked for a chore: '{chore.what}'")
-            stale: Chore = app.repository.get(chore.id, projector_func=Chore.project)
-
-            worker = multiprocessing.get_context("spawn").Process(
-                target=host_b, args=(log_dir, chore.id)
+            say("\n1. A virtual disk, and data written by a VM")
+            disk = story.name(
+                se.create_virtual_disk("r1", 256 * MiB, user_data={"name": "web01"}), "web01"
             )
-            worker.start()
-            worker.join(timeout=120)
-            if worker.exitcode != 0:
-                _say(f"host-b failed (exit code {worker.exitcode})")
-                return 1
+            story.done("r1", disk)
+            story.write("r1", disk, 0, 16 * MiB, 0xA1)
 
-            stale.claim("host-a", _now())
-            try:
-                app.save(stale)
-                _say("  host-a  claimed the chore too: the log should have refused this!")
-                return 1
-            except IntegrityError as refused:
-                _say(f"  host-a  tried to claim it with its stale copy: refused ({refused})")
-
-        _say("\n2. Reopen the log cold (this verifies every checksum and the hash chain)")
-        with OperationLog.open(log_dir, "auditor") as log:
-            records = list(log.iter_records())
-        _say(f"  {len(records)} records, hash chain intact:")
-        for r in records:
-            when = datetime.fromtimestamp(r.time_ns / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
-            _say(f"  #{r.seq}  {when}  {r.host_id:7} {r.topic}  (v{r.originator_version})")
-        verified = _strata_log_verify(log_dir)
-        if verified is not None:
-            _say("\n  strata-log verify says:")
-            _say("".join(f"    {line}\n" for line in verified.splitlines()).rstrip())
-
-        _say("\n3. Replay: rebuild every aggregate from the log alone")
-        with StrataLogApplication(LogConfig(log_dir=log_dir, host_id="auditor")) as app:
-            repository = app.get_repository()
-            _say(
-                f"  repository: {repository.format_name} {repository.format_version}, formatted "
-                f"by {repository.created_by} at {repository.created_on:%H:%M:%S}"
+            say("\n2. A snapshot; the disk stays writable")
+            gold = story.name(
+                se.create_snapshot("r1", disk, user_data={"name": "golden"}), "golden"
             )
-            final: Chore = app.repository.get(chore.id, projector_func=Chore.project)
-            _say(
-                f"  chore '{final.what}': asked by {final.requested_by}, claimed by "
-                f"{final.claimed_by}, done={final.done}, version {final.version}"
+            story.done("r1", gold)
+            story.done("r1", disk)
+            story.write("r1", disk, 16 * MiB, 8 * MiB, 0xA2)
+
+            say("\n3. Three clones of the snapshot")
+            thin = story.name(
+                se.create_virtual_disk("r1", 256 * MiB, base_snapshot_id=gold), "clone-thin"
             )
-        ok = final.claimed_by == "host-b" and final.done and len(records) == 4
-        _say("\nThe log holds what both hosts did, in order, and nothing the log refused.")
-        return 0 if ok else 1
+            fast = story.name(
+                se.create_virtual_disk(
+                    "r1", 256 * MiB, base_snapshot_id=gold, options={"strategy": "performance"}
+                ),
+                "clone-fast",
+            )
+            away = story.name(
+                se.create_virtual_disk("r2", 256 * MiB, base_snapshot_id=gold), "clone-in-r2"
+            )
+            say(f"    right after the call, clone-fast is {se.get_image_status('r1', fast).status}")
+            for repo, image in (("r1", thin), ("r1", fast), ("r2", away)):
+                story.done(repo, image)
 
+            say("\n4. A backup to r2, then an incremental one (seed 001)")
+            backup = story.name(se.copy_image("r2", disk), "backup-1")
+            story.done("r2", backup)
+            story.write("r1", disk, 100 * MiB, 4 * MiB, 0xA3)
+            incremental = story.name(se.copy_image("r2", disk, base_image_id=backup), "backup-2")
+            story.done("r2", incremental)
+            diff = se.prepare_image("r2", incremental)
+            se.teardown_image("r2", incremental)
+            allocated = allocated_bytes(diff.path) / MiB
+            say(f"    backup-2 allocates {allocated:.1f} MiB for the 4 MiB that changed")
 
-def _strata_log_verify(log_dir: str) -> str | None:
-    """``strata-log verify``'s report, where log_tools has it; None where it does not."""
-    try:
+            say("\n5. The golden snapshot is removed; check and fix")
+            se.remove_image("r1", gold)
+            for round_ in range(1, 6):
+                fixes = se.check_storage_repository("r1")
+                if not fixes:
+                    break
+                for fix in fixes:
+                    say(f"    round {round_}: {fix.type} - {fix.description}")
+                    se.fix_storage_repository("r1", fix)
+                for fix in fixes:
+                    for image in fix.image_ids:
+                        if image in story.names:
+                            story.done("r1", image)
+                time.sleep(0.3)
+            say(f"    check now offers {len(se.check_storage_repository('r1'))} fixes")
+
+            say("\nFinal statuses")
+            for repo in ("r1", "r2"):
+                for info in se.list_images(repo):
+                    status = se.get_image_status(repo, info.image_id)
+                    label = story.names.get(info.image_id, info.image_id[:8])
+                    say(
+                        f"  {repo} {label:12} {info.kind:12} {status.status:9} "
+                        f"stage {status.stage:5} chain depth {info.chain_depth}"
+                    )
+
+            checks = {
+                "web01 holds both writes": story.holds("r1", disk, 0, 16 * MiB, 0xA1)
+                and story.holds("r1", disk, 16 * MiB, 8 * MiB, 0xA2),
+                "clones hold the snapshot's data, merged in": all(
+                    story.holds(r, i, 0, 16 * MiB, 0xA1)
+                    and not story.holds(r, i, 16 * MiB, MiB, 0xA2)
+                    for r, i in (("r1", thin), ("r1", fast), ("r2", away))
+                ),
+                "backup-2 equals web01": qemu.compare(
+                    se.prepare_image("r2", incremental).path,
+                    se.prepare_image("r1", disk).path,
+                    a_fmt=diff.format,
+                    b_fmt=se.prepare_image("r1", disk).format,
+                ),
+            }
+            for repo, image in (("r2", incremental), ("r1", disk)):
+                se.teardown_image(repo, image)
+            say("\nWhat the volumes hold (qemu-io, qemu-img compare)")
+            for what, ok in checks.items():
+                say(f"  {'ok  ' if ok else 'FAIL'} {what}")
+
+        say("\nstrata-log verify r1:")
         from log_tools.verify import verify, write_text
-    except ImportError:
-        return None
-    summary = verify(log_dir)
-    if summary.damage is not None:
-        raise summary.damage
-    out = io.StringIO()
-    write_text(summary, out)
-    return out.getvalue()
+
+        write_text(verify(os.path.join(repo1, "log")), sys.stdout)
+        return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
