@@ -233,3 +233,34 @@ class StaleFix(StrataError):
 class WaitTimeout(StrataError):
     code = "wait_timeout"
     template = "Image {image_id} still has work pending after {timeout} s ({detail})"
+
+
+# --- executors ------------------------------------------------------------------------------
+
+
+class StageCancelled(StrataError):
+    """A running stage was stopped (``FixStopped``, its claim moved on, or the host stops)."""
+
+    code = "stage_cancelled"
+    template = (
+        "Stage {stage} of operation {op_id} on image {image_id} was cancelled ({detail}); its "
+        "temporary file is left for the next attempt or a clean fix"
+    )
+
+
+class VolumeMismatch(StrataError):
+    """A stage's volume is already published but is not what the stage would have made."""
+
+    code = "volume_mismatch"
+    template = (
+        "Volume {path} already exists but does not match the stage ({detail}); check which "
+        "image uses it before removing it, then mend the image"
+    )
+
+
+class ExecutorFailed(StrataError):
+    code = "executor_failed"
+    template = (
+        "The executor of host {host_id} stopped on an unexpected error: {detail}; stages it "
+        "had claimed stay claimed until it restarts"
+    )

@@ -1,0 +1,137 @@
+"""What a running stage appends under its claim: throttled progress, then its outcome.
+
+Every append names the claim (operation, stage, epoch). Once the claim has moved on (another
+host took it, the operation was stopped or superseded) the image refuses the append with
+``ClaimLost``, so a host never records progress or an outcome for work that is no longer its own.
+
+qemu-img reports every percent; the log should not hold a hundred events per copy (SPEC §6), so
+:class:`StageProgress` saves a report only when its whole percent moved and ``interval`` seconds
+passed since the last save. The first report is saved at once: it tells a user that the data
+work has started. 100 is never saved: ``StageCompleted`` says it.
+
+Saving progress is also how a stage learns that it must stop: when the save is refused, the
+callback raises :class:`~engine.errors.StageCancelled`, which makes the adapter kill qemu-img.
+The executor can also cancel directly (``Claim.cancel``): for a stop it saw in the log before
+the next save, or when the host itself stops.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.aggregates.image import ClaimLost, Image
+from engine.aggregates.operations import Stage
+from engine.errors import StageCancelled
+from engine.service import ImageService
+
+
+@dataclass
+class Claim:
+    """A stage this host claimed at ``epoch``."""
+
+    service: ImageService
+    host_id: str
+    image_id: uuid.UUID
+    op_id: str
+    index: int
+    epoch: int
+    stage: Stage
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def progress(self, interval: float) -> StageProgress:
+        """The callback to hand to qemu-img for this attempt."""
+        return StageProgress(self, interval=interval)
+
+    def save_progress(self, percent: int) -> None:
+        def command(image: Image) -> None:
+            image.progress(
+                op_id=self.op_id,
+                stage=self.index,
+                epoch=self.epoch,
+                percent=percent,
+                host_id=self.host_id,
+                now=self.service.now(),
+            )
+
+        self.service.update(self.image_id, command)
+
+    def complete(self, chain_changes: dict[uuid.UUID, list[str]]) -> bool:
+        """StageCompleted, with other images' new chains in the same transaction. False if
+        the claim had moved on: the log keeps the other host's (or the stop's) word."""
+        reason = f"stage {self.index + 1} of operation {self.op_id} on image {self.image_id}"
+
+        def command(images: list[Image]) -> None:
+            now = self.service.now()
+            images[0].complete(
+                op_id=self.op_id, stage=self.index, epoch=self.epoch, host_id=self.host_id, now=now
+            )
+            for other in images[1:]:
+                chain = chain_changes[other.id]
+                other.change_chain(chain=chain, reason=reason, host_id=self.host_id, now=now)
+
+        try:
+            self.service.update_many([self.image_id, *chain_changes], command)
+        except ClaimLost:
+            return False
+        return True
+
+    def fail(self, error: str) -> bool:
+        """StageFailed with ``error`` as its sentence; False if the claim had moved on."""
+
+        def command(image: Image) -> None:
+            image.fail(
+                op_id=self.op_id,
+                stage=self.index,
+                epoch=self.epoch,
+                error=error,
+                host_id=self.host_id,
+                now=self.service.now(),
+            )
+
+        try:
+            self.service.update(self.image_id, command)
+        except ClaimLost:
+            return False
+        return True
+
+
+class StageProgress:
+    """Call with a percentage (0..100); raises StageCancelled when the stage must stop."""
+
+    def __init__(
+        self,
+        claim: Claim,
+        *,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._claim = claim
+        self._interval = interval
+        self._clock = clock
+        self._saved: int | None = None
+        self._saved_at = 0.0
+
+    def __call__(self, percent: float) -> None:
+        claim = self._claim
+        if claim.cancel.is_set():
+            raise self._cancelled("this host cancelled it")
+        whole = max(0, min(100, int(percent)))
+        now = self._clock()
+        if whole == 100 or whole == self._saved:
+            return
+        if self._saved is not None and now - self._saved_at < self._interval:
+            return
+        try:
+            claim.save_progress(whole)
+        except ClaimLost as e:
+            claim.cancel.set()
+            raise self._cancelled(e.message) from e
+        self._saved, self._saved_at = whole, now
+
+    def _cancelled(self, why: str) -> StageCancelled:
+        claim = self._claim
+        return StageCancelled(why, image_id=claim.image_id, op_id=claim.op_id, stage=claim.index)

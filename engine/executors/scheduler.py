@@ -1,0 +1,333 @@
+"""The executor of one repository on one host: claims the stages that can run and runs them.
+
+Each pass catches the view up with the log and looks at every image whose current operation is
+pending. Its next stage is claimed (``StageClaimed`` at the image's current version: of two
+hosts, the log lets exactly one win) when
+
+* the image is live, or the operation is a ``clean`` or ``merge`` (a removed image's own work
+  is void; the space it holds is not);
+* this Strata knows the stage kind (a newer host's stage waits for a newer host);
+* nobody holds the claim, or this host does but no thread of this process runs it (this process
+  is a restart after a crash: the stage runs again under a new epoch);
+* what the stage reads is ready (:func:`~engine.executors.stages.inputs_ready`).
+
+A stage runs in a worker thread, one per image at a time, ``workers`` at most, and ends with
+``StageCompleted`` or ``StageFailed`` (the error as a sentence) appended under its claim. A stage
+whose operation was stopped (``FixStopped``) is cancelled, qemu-img killed, and records nothing.
+
+An unexpected error (a bug, a log that cannot be written) is not a stage failure to shrug off:
+it stops the executor, stays in :attr:`Executor.errors`, and :meth:`Executor.stop` and
+:meth:`Executor.check` raise it as :class:`~engine.errors.ExecutorFailed`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Protocol
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import ClaimLost, Image
+from engine.aggregates.operations import Operation
+from engine.errors import (
+    ConcurrencyConflict,
+    ExecutorFailed,
+    ImageNotFound,
+    InvalidParameter,
+    StageCancelled,
+    StrataError,
+)
+from engine.executors import crashpoints as points
+from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.executors.progress import Claim
+from engine.executors.stages import (
+    HANDLERS,
+    FindImage,
+    StageRun,
+    chain_changes,
+    inputs_ready,
+    run_stage,
+)
+from engine.formats.driver import RepositoryStorage
+from engine.formats.qemu import QemuImg
+from engine.log.follow import LogFollower
+from engine.service import ImageService
+
+# Operations that still run on a removed image: they free or re-home its volumes.
+RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
+
+
+class ImageSource(Protocol):
+    """What the executor reads of a repository's state (engine.projections.view provides it)."""
+
+    def catch_up(self) -> object: ...
+    def images(self) -> Iterable[Image]: ...
+    def image(self, image_id: uuid.UUID, /) -> Image | None: ...
+    def is_ready(self, volume_ref: str, /) -> bool: ...
+
+
+class Executor:
+    def __init__(
+        self,
+        service: ImageService,
+        view: ImageSource,
+        storage: RepositoryStorage,
+        qemu: QemuImg,
+        *,
+        host_id: str,
+        find_image: FindImage,
+        workers: int = 2,
+        poll_interval: float = 1.0,
+        progress_interval: float = 1.0,
+        follower: LogFollower | None = None,
+        crashpoints: CrashPoints = DISARMED,
+    ) -> None:
+        """``follower`` (made here if None) belongs to the executor, which starts and stops it."""
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise InvalidParameter(f"a whole number of 1 or more, not {workers!r}", name="workers")
+        for name, value in (("poll_interval", poll_interval), ("progress", progress_interval)):
+            if not isinstance(value, int | float) or not 0 < value <= 60:
+                raise InvalidParameter(f"seconds in (0, 60], not {value!r}", name=name)
+        self.service = service
+        self.view = view
+        self.storage = storage
+        self.qemu = qemu
+        self.host_id = host_id
+        self.find_image = find_image
+        self.workers = workers
+        self.poll_interval = float(poll_interval)
+        self.progress_interval = float(progress_interval)
+        self.crashpoints = crashpoints
+        self.errors: list[BaseException] = []
+        self._follower = follower or LogFollower(
+            service.app.operation_log, poll_interval=self.poll_interval
+        )
+        self._lock = threading.Lock()
+        self._running: dict[uuid.UUID, Claim] = {}  # by image: one stage per image at a time
+        self._threads: dict[uuid.UUID, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> Executor:
+        if self._loop is not None or self._stopping.is_set():
+            raise InvalidParameter("an executor starts once", name="start")
+        self._follower.start()
+        self._loop = threading.Thread(target=self._run_loop, name="strata-executor", daemon=True)
+        self._loop.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Claim nothing more; let running stages finish for up to ``timeout`` seconds, then
+        cancel the rest (qemu-img is killed at its next progress report). A cancelled stage
+        keeps this host's claim and its temporary file: this host's next executor runs it again
+        from scratch, as after a crash. Raises ExecutorFailed if the executor had failed."""
+        self._stopping.set()
+        self._follower.stop()  # also releases the loop from its wait
+        if self._loop is not None:
+            self._loop.join()
+        deadline = time.monotonic() + max(0.0, timeout)
+        for thread in self._live_threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for claim in self._claims():
+            claim.cancel.set()
+        for thread in self._live_threads():
+            thread.join(max(timeout, 5.0))
+        self.check()
+
+    def check(self) -> None:
+        """Raise the first unexpected error that stopped the executor, if one did."""
+        if self.errors:
+            raise ExecutorFailed(str(self.errors[0]), host_id=self.host_id) from self.errors[0]
+
+    def busy(self) -> bool:
+        """Whether a stage is running on this host now."""
+        with self._lock:
+            return bool(self._running)
+
+    def run_once(self) -> int:
+        """Claim and run, in this thread, every stage that can run, pass after pass until none
+        is left (a stage that ends may let the next one run); return how many ran."""
+        if self._loop is not None:
+            raise InvalidParameter("run_once is for an executor that was not started", name="run")
+        ran = 0
+        while True:
+            self.view.catch_up()
+            batch = 0
+            for image, op in self._candidates():
+                claim = self._claim(image, op)
+                if claim is not None:
+                    self._track(claim)
+                    try:
+                        self._run(claim)
+                    finally:
+                        self._untrack(claim)
+                    batch += 1
+            if batch == 0:
+                return ran
+            ran += batch
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        log = self.service.app.operation_log
+        try:
+            while not self._stopping.is_set() and not self.errors:
+                seen = log.last_seq
+                self._schedule()
+                self._follower.wait(seen, self.poll_interval)
+        except BaseException as e:
+            self._failed(e)
+
+    def _schedule(self) -> None:
+        self.view.catch_up()
+        self._cancel_moved_on()
+        for image, op in self._candidates():
+            if self._stopping.is_set() or len(self._claims()) >= self.workers:
+                return
+            claim = self._claim(image, op)
+            if claim is not None:
+                thread = threading.Thread(
+                    target=self._work, args=(claim,), name=f"strata-{image.id}", daemon=True
+                )
+                self._track(claim, thread)
+                thread.start()
+
+    def _work(self, claim: Claim) -> None:
+        try:
+            self._run(claim)
+        except BaseException as e:
+            self._failed(e)
+        finally:
+            self._untrack(claim)
+
+    def _cancel_moved_on(self) -> None:
+        """Cancel running stages that the log says were stopped, superseded or taken over."""
+        for claim in self._claims():
+            image = self.view.image(claim.image_id)
+            op = None if image is None else image.operation(claim.op_id)
+            if op is not None and (
+                op.state in (ops.STOPPED, ops.DONE)
+                or op.done > claim.index
+                or op.claim_epoch > claim.epoch
+            ):
+                claim.cancel.set()
+
+    # --- choosing and claiming ------------------------------------------------------------
+
+    def _candidates(self) -> list[tuple[Image, Operation]]:
+        with self._lock:
+            running = set(self._running)
+        found = []
+        for image in self.view.images():
+            op = None if image.id in running else self._next(image)
+            if op is not None and inputs_ready(
+                op.stages[op.done], self.view.is_ready, self.storage, self.find_image
+            ):
+                found.append((image, op))
+        return found
+
+    def _next(self, image: Image) -> Operation | None:
+        """The operation whose next stage this host may claim, if any."""
+        op = image.current_operation()
+        if op is None or op.state != ops.PENDING or op.done >= len(op.stages):
+            return None
+        if image.removed and op.purpose not in RUN_ON_REMOVED:
+            return None
+        if op.stages[op.done].get("do") not in HANDLERS:
+            return None
+        if op.claim_host not in (None, self.host_id) and not self.may_take_over(image, op):
+            return None
+        return op
+
+    def may_take_over(self, image: Image, op: Operation) -> bool:
+        """Whether another host's claim on ``op`` may be taken over.
+
+        The hook for fencing: a later issue answers from the claiming host's heartbeat and
+        ``lease_timeout``. Until then another host's claim is always respected.
+        """
+        return False
+
+    def _claim(self, seen: Image, seen_op: Operation) -> Claim | None:
+        image_id, op_id, index = seen.id, seen_op.op_id, seen_op.done
+
+        def command(image: Image) -> Claim | None:
+            # Decided again on the image as the log holds it now, not as the view saw it.
+            op = self._next(image)
+            if op is None or op.op_id != op_id or op.done != index:
+                return None
+            now = self.service.now()
+            epoch = image.claim(op_id=op_id, stage=index, host_id=self.host_id, now=now)
+            stage = dict(op.stages[index])
+            return Claim(self.service, self.host_id, image_id, op_id, index, epoch, stage)
+
+        try:
+            claim = self.service.update(image_id, command)
+        except (ClaimLost, ConcurrencyConflict):
+            return None  # another host was quicker
+        if claim is not None:
+            self.crashpoints(points.AFTER_CLAIM)
+        return claim
+
+    # --- running --------------------------------------------------------------------------
+
+    def _run(self, claim: Claim) -> None:
+        run = StageRun(
+            claim.image_id,
+            claim.op_id,
+            claim.index,
+            claim.epoch,
+            claim.stage,
+            self.storage,
+            self.qemu,
+            self.find_image,
+            claim.progress(self.progress_interval),
+            self.crashpoints,
+        )
+        try:
+            self.crashpoints(points.BEFORE_DATA)
+            run_stage(run)
+            changes = chain_changes(claim.stage)
+        except StageCancelled:
+            return  # stopped, or claimed elsewhere: there is no outcome of ours to record
+        except (StrataError, OSError) as e:
+            claim.fail(e.message if isinstance(e, StrataError) else str(e))
+            return
+        except Exception as e:
+            claim.fail(f"internal error: {type(e).__name__}: {e}")
+            raise  # a bug: the image shows it, and the executor stops on it
+        self.crashpoints(points.AFTER_PUBLISH)
+        try:
+            claim.complete(changes)
+        except ImageNotFound as e:  # chain_changes names an image this log does not hold
+            claim.fail(e.message)
+            return
+        self.crashpoints(points.AFTER_COMPLETION)
+
+    # --- bookkeeping ----------------------------------------------------------------------
+
+    def _track(self, claim: Claim, thread: threading.Thread | None = None) -> None:
+        with self._lock:
+            self._running[claim.image_id] = claim
+            if thread is not None:
+                self._threads[claim.image_id] = thread
+
+    def _untrack(self, claim: Claim) -> None:
+        with self._lock:
+            self._running.pop(claim.image_id, None)
+            self._threads.pop(claim.image_id, None)
+
+    def _claims(self) -> list[Claim]:
+        with self._lock:
+            return list(self._running.values())
+
+    def _live_threads(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._threads.values())
+
+    def _failed(self, error: BaseException) -> None:
+        with self._lock:
+            self.errors.append(error)

@@ -1,0 +1,335 @@
+"""The data work of each stage kind (engine/aggregates/operations.py), idempotent.
+
+Every stage that produces a volume does its work on a temporary file named after the volume and
+the attempt (``<op_id>-<stage>-e<epoch>``: the claim epoch, so that a fenced host that comes back
+writes into a file nobody publishes, ADR 0003), then publishes it atomically. A re-run after a
+crash at any instruction therefore finds one of three things: the volume published (verify it,
+drop leftovers: done), a temporary file of an earlier attempt (remove it, start again), or
+nothing. ``rebase`` and ``resize`` work in place: a safe rebase rewrites only clusters whose
+content stays the same through the chain, and growing to a size the volume already has is a
+no-op, so both can simply run again.
+
+Raw volumes are preallocated with ``falloc``: it reserves the blocks (no ENOSPC in the guest
+later, no allocation on first write) without writing zeroes, so a 100 GiB disk is ready in a
+moment on local filesystems and NFS 4.2; ``full`` would write every byte for no more guarantee
+on those filesystems.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.aggregates.image import Image
+from engine.aggregates.operations import Stage, split_ref
+from engine.errors import ImageNotFound, ImageNotReady, InvalidParameter, VolumeMismatch
+from engine.executors.crashpoints import BEFORE_PUBLISH, DISARMED, MID_COPY, CrashPoints
+from engine.formats.driver import RepositoryStorage
+from engine.formats.qemu import Progress, QemuImg
+
+# Where an image lives, among the repositories connected on this host; None if in none of them.
+FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One attempt at one stage, under the claim ``epoch``."""
+
+    image_id: uuid.UUID
+    op_id: str
+    index: int
+    epoch: int
+    stage: Stage
+    storage: RepositoryStorage
+    qemu: QemuImg
+    find_image: FindImage
+    progress: Progress | None = None
+    crashpoints: CrashPoints = DISARMED
+
+    @property
+    def tag(self) -> str:
+        return f"{self.op_id}-{self.index}-e{self.epoch}"
+
+
+@dataclass(frozen=True)
+class _Volume:
+    ref: str
+    path: str
+    fmt: str
+
+
+def run_stage(run: StageRun) -> None:
+    HANDLERS[run.stage["do"]](run)
+
+
+# --- what a stage reads ---------------------------------------------------------------------
+
+
+def local_inputs(stage: Stage) -> list[str]:
+    """Volumes of this repository that must be ready before the stage can run."""
+    do = stage["do"]
+    refs: list[str | None] = []
+    if do == "create":
+        refs = [stage.get("backing")]
+    elif do == "diff":
+        refs = [stage.get("base")]
+    elif do == "rebase":
+        refs = [stage.get("volume"), stage.get("backing")]
+    elif do == "resize":
+        refs = [stage.get("volume")]
+    return [r for r in refs if r is not None]
+
+
+def source_image(stage: Stage) -> uuid.UUID | None:
+    """The image whose whole chain the stage reads (it may live in another repository)."""
+    return _source_id(stage) if stage["do"] in ("copy", "diff") else None
+
+
+def inputs_ready(
+    stage: Stage,
+    is_ready: Callable[[str], bool],
+    storage: RepositoryStorage,
+    find_image: FindImage,
+) -> bool:
+    """Whether everything the stage reads is in place. ``is_ready`` answers for volumes of
+    ``storage``'s repository (no pending stage still produces them)."""
+    try:
+        if not all(is_ready(ref) for ref in local_inputs(stage)):
+            return False
+        source_id = source_image(stage)
+    except InvalidParameter:
+        return True  # a malformed stage runs, and fails with this very message in the log
+    if source_id is None:
+        return True
+    found = find_image(source_id)
+    if found is None or not found[0].chain:
+        return False  # not on this host, or not made yet: another host, or later
+    source, source_storage = found
+    if os.path.realpath(source_storage.root) == os.path.realpath(storage.root):
+        return all(is_ready(ref) for ref in source.chain)
+    # Another repository's pending work is not in our view. A volume there is in place once
+    # it is published, which its producer does only when its data is complete.
+    pending = source.pending_volumes()
+    return all(
+        ref not in pending and os.path.exists(source_storage.volume_path(*split_ref(ref)))
+        for ref in source.chain
+    )
+
+
+def chain_changes(stage: Stage) -> dict[uuid.UUID, list[str]]:
+    """Other images' new chains, recorded with the stage's completion (a merge's rebases)."""
+    changes = stage.get("chain_changes") or {}
+    try:
+        return {uuid.UUID(str(k)): list(v) for k, v in changes.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidParameter(
+            f"chain_changes is not {{image id: chain}}: {changes!r}", name="stage"
+        ) from None
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+
+def create(run: StageRun) -> None:
+    fmt = split_ref(_field(run.stage, "volume"))[1]
+    size: int | None = run.stage.get("size")
+    backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
+    preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
+
+    def make(temp: str) -> None:
+        if backing is None:
+            run.qemu.create(temp, fmt, size, preallocation=preallocation)
+        else:
+            relative = run.storage.relative_backing(temp, backing.path)
+            run.qemu.create(temp, fmt, size, backing=relative, backing_fmt=backing.fmt)
+
+    def verify(final: str, info: dict[str, Any]) -> None:
+        expected = size
+        if expected is None and backing is not None:
+            expected = run.qemu.info(backing.path, fmt=backing.fmt)["virtual-size"]
+        if info["virtual-size"] != expected:
+            raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {expected}", path=final)
+        _expect_backing(run, final, info, backing)
+
+    _produce(run, run.stage["volume"], make, verify)
+
+
+def copy(run: StageRun) -> None:
+    fmt = split_ref(_field(run.stage, "volume"))[1]
+    source = _source_top(run)
+    preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
+    reported = False
+
+    def progress(percent: float) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            run.crashpoints(MID_COPY)
+        if run.progress is not None:
+            run.progress(percent)
+
+    def make(temp: str) -> None:
+        run.qemu.convert(
+            source.path,
+            temp,
+            src_fmt=source.fmt,
+            dst_fmt=fmt,
+            preallocation=preallocation,
+            progress=progress,
+        )
+
+    def verify(final: str, info: dict[str, Any]) -> None:
+        _expect_backing(run, final, info, None)
+
+    _produce(run, run.stage["volume"], make, verify)
+
+
+def diff(run: StageRun) -> None:
+    """An overlay on the source, safe-rebased onto ``base``: qemu-img compares both backings
+    and writes only the clusters where they differ (ADR 0004, incremental copies)."""
+    fmt = split_ref(_field(run.stage, "volume"))[1]
+    if fmt != "qcow2":
+        raise InvalidParameter(f"a diff volume is qcow2, not {fmt}", name="stage")
+    source = _source_top(run)
+    base = _local(run, _field(run.stage, "base"))
+
+    def make(temp: str) -> None:
+        on_source = run.storage.relative_backing(temp, source.path)
+        run.qemu.create(temp, "qcow2", None, backing=on_source, backing_fmt=source.fmt)
+        on_base = run.storage.relative_backing(temp, base.path)
+        run.qemu.rebase(
+            temp, on_base, backing_fmt=base.fmt, fmt="qcow2", safe=True, progress=run.progress
+        )
+
+    def verify(final: str, info: dict[str, Any]) -> None:
+        _expect_backing(run, final, info, base)
+
+    _produce(run, run.stage["volume"], make, verify)
+
+
+def rebase(run: StageRun) -> None:
+    """Point ``volume`` at ``backing`` (None: no backing, its data folded in), in place."""
+    volume = _local(run, _field(run.stage, "volume"))
+    backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
+    if volume.fmt != "qcow2":
+        if backing is not None:
+            raise InvalidParameter(f"{volume.ref} is raw and cannot have a backing", name="stage")
+        return  # a raw volume has no backing to fold in: nothing to do
+    relative = None if backing is None else run.storage.relative_backing(volume.path, backing.path)
+    run.qemu.rebase(
+        volume.path,
+        relative,
+        backing_fmt=None if backing is None else backing.fmt,
+        fmt="qcow2",
+        safe=True,
+        progress=run.progress,
+    )
+
+
+def resize(run: StageRun) -> None:
+    volume = _local(run, _field(run.stage, "volume"))
+    run.qemu.resize(volume.path, _field(run.stage, "size"), fmt=volume.fmt)
+
+
+def delete(run: StageRun) -> None:
+    """Remove the volumes, and any temporary file that was becoming one of them."""
+    for ref in _field(run.stage, "volumes"):
+        volume = _local(run, ref)
+        for leftover in _temporaries(run.storage, split_ref(ref)[0]):
+            run.storage.remove(leftover)
+        run.storage.remove(volume.path)
+
+
+HANDLERS: dict[str, Callable[[StageRun], None]] = {
+    "create": create,
+    "copy": copy,
+    "diff": diff,
+    "rebase": rebase,
+    "resize": resize,
+    "delete": delete,
+}
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _produce(
+    run: StageRun,
+    ref: str,
+    make: Callable[[str], None],
+    verify: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Make volume ``ref`` through a temporary file, unless an earlier attempt published it."""
+    volume = _local(run, ref)
+    leftovers = _temporaries(run.storage, split_ref(ref)[0])
+    if os.path.exists(volume.path):
+        # Published only after its data was complete and durable; a crash may have left its
+        # temporary name too (a second link to the same file), or an older attempt's file.
+        verify(volume.path, run.qemu.info(volume.path, fmt=volume.fmt))
+        for leftover in leftovers:
+            run.storage.remove(leftover)
+        return
+    for leftover in leftovers:
+        run.storage.remove(leftover)
+    temp = run.storage.temp_path(split_ref(ref)[0], volume.fmt, run.tag)
+    make(temp)
+    run.crashpoints(BEFORE_PUBLISH)
+    run.storage.publish(temp, volume.path)
+
+
+def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[str]:
+    return [
+        f.path for f in storage.list_volume_files() if f.is_temporary and f.volume_id == volume_id
+    ]
+
+
+def _local(run: StageRun, ref: object) -> _Volume:
+    if not isinstance(ref, str):
+        raise InvalidParameter(f"not a volume reference: {ref!r}", name="stage")
+    try:
+        volume_id, fmt = split_ref(ref)
+    except ValueError as e:
+        raise InvalidParameter(str(e), name="stage") from None
+    return _Volume(ref, run.storage.volume_path(volume_id, fmt), fmt)
+
+
+def _source_top(run: StageRun) -> _Volume:
+    """The top volume of the source image's current chain: reading it reads the whole chain."""
+    image_id = _source_id(run.stage)
+    found = run.find_image(image_id)
+    if found is None:
+        raise ImageNotFound("in any repository connected on this host", image_id=image_id)
+    image, storage = found
+    if not image.chain:
+        raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
+    volume_id, fmt = split_ref(image.chain[-1])
+    return _Volume(image.chain[-1], storage.volume_path(volume_id, fmt), fmt)
+
+
+def _expect_backing(
+    run: StageRun, final: str, info: dict[str, Any], backing: _Volume | None
+) -> None:
+    found = info.get("backing-filename")
+    wanted = None if backing is None else run.storage.relative_backing(final, backing.path)
+    if found != wanted:
+        raise VolumeMismatch(f"backing file {found!r}, not {wanted!r}", path=final)
+
+
+def _source_id(stage: Stage) -> uuid.UUID:
+    value = _field(stage, "source_image")
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
+
+
+def _field(stage: Stage, name: str) -> Any:
+    try:
+        return stage[name]
+    except KeyError:
+        raise InvalidParameter(
+            f"a {stage.get('do')!r} stage needs {name!r}: {stage!r}", name="stage"
+        ) from None

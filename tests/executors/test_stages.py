@@ -1,0 +1,201 @@
+"""Each stage kind, run by an executor on real files with the real qemu-img."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from engine.aggregates import operations as ops
+from engine.formats.qemu import allocated_bytes
+from executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
+
+CLUSTER = 64 * 2**10
+
+
+def data_bytes(path: str) -> int:
+    """Bytes of data the qcow2 file itself holds (not its backing chain)."""
+    extents = qemu.map(path, fmt="qcow2")
+    return sum(e["length"] for e in extents if e["depth"] == 0 and e["data"])
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_blank_disk_is_created_sparse_with_its_virtual_size(repo: Repo, fmt: str) -> None:
+    ref = new_volume(fmt)
+    disk = repo.request({"do": "create", "volume": ref, "size": 256 * MiB}, chain=[ref])
+
+    assert repo.executor().run_once() == 1
+
+    assert qemu.info(repo.path(ref), fmt=fmt)["virtual-size"] == 256 * MiB
+    assert allocated_bytes(repo.path(ref)) < MiB
+    assert repo.service.get(disk).operations[0].state == ops.DONE
+    assert repo.topics(disk) == ["ImageRequested", "StageClaimed", "StageCompleted"]
+    assert repo.temporaries() == []
+
+
+def test_a_preallocated_raw_disk_has_all_its_blocks_reserved(repo: Repo) -> None:
+    ref = new_volume("raw")
+    repo.request({"do": "create", "volume": ref, "size": 8 * MiB, "preallocate": True}, chain=[ref])
+
+    repo.executor().run_once()
+
+    assert allocated_bytes(repo.path(ref)) >= 8 * MiB
+
+
+def test_an_overlay_on_a_snapshot_volume_reads_its_data_through_a_relative_backing(
+    repo: Repo,
+) -> None:
+    _, base = snapshot_with_data(repo)
+    top = new_volume("qcow2")
+    repo.request(
+        {"do": "create", "volume": top, "size": 4 * MiB, "backing": base}, chain=[base, top]
+    )
+
+    repo.executor().run_once()
+
+    info = qemu.info(repo.path(top), fmt="qcow2")
+    assert info["backing-filename"] == base  # relative: the repository can move
+    assert qemu.read_pattern_matches(repo.path(top), "qcow2", 0, MiB, 0x5A)
+    assert data_bytes(repo.path(top)) == 0
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_a_copy_reads_the_same_as_its_source_chain_and_its_progress_is_in_the_log(
+    repo: Repo, fmt: str
+) -> None:
+    base, top = new_volume("qcow2"), new_volume("qcow2")
+    qemu.create(repo.path(base), "qcow2", 64 * MiB)
+    qemu.write_pattern(repo.path(base), "qcow2", 0, 32 * MiB, 0x33)
+    qemu.create(repo.path(top), "qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(top), "qcow2", 40 * MiB, 16 * MiB, 0x44)
+    source = repo.request(chain=[base, top], size=64 * MiB, kind=ops.SNAPSHOT)
+    copy = new_volume(fmt)
+    stage = {"do": "copy", "source_image": str(source), "volume": copy, "preallocate": True}
+    image = repo.request(stage, chain=[copy], size=64 * MiB)
+
+    repo.executor().run_once()
+
+    assert qemu.compare(repo.path(top), repo.path(copy), a_fmt="qcow2", b_fmt=fmt)
+    assert "backing-filename" not in qemu.info(repo.path(copy), fmt=fmt)
+    assert repo.topics(image).count("StageProgressed") >= 1
+    assert repo.topics(image)[-1] == "StageCompleted"
+    if fmt == "raw":
+        assert allocated_bytes(repo.path(copy)) >= 64 * MiB  # preallocated
+
+
+def test_an_incremental_copy_reads_as_its_source_and_holds_only_the_changed_clusters(
+    repo: Repo, repo2: Repo
+) -> None:
+    snapshot, shared = snapshot_with_data(repo, size=8 * MiB, pattern=0x11)
+    overlay = new_volume("qcow2")
+    qemu.create(repo.path(overlay), "qcow2", None, backing=shared, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(overlay), "qcow2", 1 * MiB, CLUSTER, 0x22)
+    qemu.write_pattern(repo.path(overlay), "qcow2", 5 * MiB, CLUSTER, 0x22)
+    disk = repo.request(chain=[shared, overlay], size=8 * MiB)
+    # The backup repository already holds a full copy of the snapshot: the base.
+    base = new_volume("qcow2")
+    repo2.request(
+        {"do": "copy", "source_image": str(snapshot), "volume": base}, chain=[base], size=8 * MiB
+    )
+    diff = new_volume("qcow2")
+    repo2.request(
+        {"do": "diff", "source_image": str(disk), "base": base, "volume": diff},
+        chain=[base, diff],
+        size=8 * MiB,
+    )
+
+    assert repo2.executor().run_once() == 2
+
+    assert qemu.compare(repo.path(overlay), repo2.path(diff), a_fmt="qcow2", b_fmt="qcow2")
+    assert qemu.info(repo2.path(diff), fmt="qcow2")["backing-filename"] == base
+    assert data_bytes(repo2.path(diff)) == 2 * CLUSTER
+
+
+def test_a_rebase_keeps_the_content_whether_it_drops_a_middle_volume_or_flattens(
+    repo: Repo, tmp_path: os.PathLike[str]
+) -> None:
+    base, middle, top = new_volume("qcow2"), new_volume("qcow2"), new_volume("qcow2")
+    qemu.create(repo.path(base), "qcow2", 4 * MiB)
+    qemu.write_pattern(repo.path(base), "qcow2", 0, MiB, 0xA1)
+    qemu.create(repo.path(middle), "qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(middle), "qcow2", MiB, MiB, 0xB2)
+    qemu.create(repo.path(top), "qcow2", None, backing=middle, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(top), "qcow2", 2 * MiB, MiB, 0xC3)
+    before = os.path.join(tmp_path, "before.raw")
+    qemu.convert(repo.path(top), before, src_fmt="qcow2", dst_fmt="raw")
+    disk = repo.request(
+        {"do": "rebase", "volume": top, "backing": base, "set_chain": [base, top]},
+        {"do": "rebase", "volume": top, "backing": base},  # again: nothing left to do
+        chain=[base, middle, top],
+    )
+
+    repo.executor().run_once()
+
+    assert repo.service.get(disk).chain == [base, top]
+    assert qemu.info(repo.path(top), fmt="qcow2")["backing-filename"] == base
+    assert qemu.compare(repo.path(top), before, a_fmt="qcow2", b_fmt="raw")
+
+    repo.service.update(
+        disk,
+        lambda i: i.request_fix(
+            fix_type=ops.OPTIMIZE,
+            op_id="flatten",
+            operation=ops.plan(
+                "flatten", ops.OPTIMIZE, {"do": "rebase", "volume": top, "set_chain": [top]}
+            ),
+            host_id="host-a",
+            now=repo.service.now(),
+        ),
+    )
+    repo.executor().run_once()
+
+    assert repo.service.get(disk).chain == [top]
+    assert "backing-filename" not in qemu.info(repo.path(top), fmt="qcow2")
+    assert qemu.compare(repo.path(top), before, a_fmt="qcow2", b_fmt="raw")
+
+
+def test_a_resize_grows_the_volume(repo: Repo) -> None:
+    ref = new_volume("qcow2")
+    repo.request(
+        {"do": "create", "volume": ref, "size": 4 * MiB},
+        {"do": "resize", "volume": ref, "size": 12 * MiB},
+        chain=[ref],
+    )
+
+    assert repo.executor().run_once() == 2
+
+    assert qemu.info(repo.path(ref), fmt="qcow2")["virtual-size"] == 12 * MiB
+
+
+def test_a_delete_removes_its_volumes_and_any_temporary_file_becoming_one(repo: Repo) -> None:
+    gone, there, never = new_volume("qcow2"), new_volume("raw"), new_volume("qcow2")
+    qemu.create(repo.path(gone), "qcow2", MiB)
+    qemu.create(repo.path(there), "raw", MiB)
+    leftover = repo.storage.temp_path(never.split(".")[0], "qcow2", "crashed-0-e1")
+    qemu.create(leftover, "qcow2", MiB)
+    os.unlink(repo.path(gone))  # a first attempt removed it already
+    image = repo.request(
+        {"do": "delete", "volumes": [gone, there, never]}, chain=[], purpose=ops.CLEAN
+    )
+
+    repo.executor().run_once()
+
+    assert repo.storage.list_volume_files() == []
+    assert repo.service.get(image).operations[0].state == ops.DONE
+
+
+def test_a_copy_whose_source_file_was_deleted_fails_with_a_readable_error(repo: Repo) -> None:
+    source, ref = snapshot_with_data(repo)
+    os.unlink(repo.path(ref))
+    copy = new_volume("qcow2")
+    image = repo.request({"do": "copy", "source_image": str(source), "volume": copy}, chain=[copy])
+
+    assert repo.executor().run_once() == 1
+
+    op = repo.service.get(image).operations[0]
+    assert op.state == ops.FAILED
+    assert op.error == f"Volume file {repo.path(ref)} does not exist"
+    assert repo.topics(image)[-1] == "StageFailed"
+    assert "does not exist" in (repo.service.get(image).last_error or "")
+    assert not os.path.exists(repo.path(copy))
+    assert repo.executor().run_once() == 0  # a failed stage waits for a mend, it is not retried
