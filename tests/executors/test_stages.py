@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
 
 from engine.aggregates import operations as ops
 from engine.formats.qemu import allocated_bytes
-from executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
 
 CLUSTER = 64 * 2**10
 
