@@ -1,0 +1,197 @@
+"""Who needs which volume: the index the fix rules (engine/projections/fixes.py) decide from.
+
+Built in one pass over every image. A volume is *needed* while a live chain holds it, an
+unfinished stage that will still run mentions it (produces it, reads it, or reads the chain of an
+image it names), or a queued ``clean`` will delete it anyway. Work on a removed image runs only
+when it is a ``clean`` or a ``merge`` (the executors' rule): the rest of it never will.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
+
+RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
+_VOLUME_KEYS = ("volume", "backing", "base", "drop_volume")
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """Volume ``volume`` of removed ``owners``, which live ``users`` still go through."""
+
+    volume: str
+    parent: str | None
+    children: tuple[str, ...]
+    users: tuple[Image, ...]  # live, by id
+    owners: tuple[Image, ...]  # removed images whose top it is, by id
+    depth: int
+
+    @property
+    def family(self) -> str:
+        """Chains that share a volume share their base: one merge at a time per base."""
+        return self.users[0].chain[0]
+
+
+def will_run(image: Image, op: Operation) -> bool:
+    return not op.finished and (not image.removed or op.purpose in RUN_ON_REMOVED)
+
+
+def merge_chain_changes(images: Iterable[Image], volume: str) -> dict[uuid.UUID, list[str]]:
+    """Each live image whose chain holds ``volume``, and its chain without it.
+
+    What a merge's last stage should record when it completes, computed on the images as they
+    are then (a snapshot taken meanwhile has added a top that a chain computed earlier lacks).
+    """
+    return {
+        i.id: [ref for ref in i.chain if ref != volume]
+        for i in images
+        if not i.removed and volume in i.chain
+    }
+
+
+class VolumeIndex:
+    def __init__(self, images: Iterable[Image]) -> None:
+        self.images = sorted(images, key=lambda i: str(i.id))
+        self.by_id = {i.id: i for i in self.images}
+        self.live_users: dict[str, list[Image]] = {}
+        self.removed_users: dict[str, list[Image]] = {}
+        self.tops: set[str] = set()  # the top volume of each live chain: its own data
+        self.pending: set[str] = set()  # made by an unfinished stage that will run
+        self.mentioned: set[str] = set()  # read or made by an unfinished stage that will run
+        self.queued: set[str] = set()  # to be deleted by a queued clean
+        merges: list[tuple[Image, Operation]] = []
+        for image in self.images:
+            users = self.removed_users if image.removed else self.live_users
+            for ref in image.chain:
+                users.setdefault(ref, []).append(image)
+            if image.chain and not image.removed:
+                self.tops.add(image.chain[-1])
+            for op in image.operations:
+                if will_run(image, op):
+                    self._note(op)
+                    if op.purpose == ops.MERGE:
+                        merges.append((image, op))
+        self.merging_families = {f for image, op in merges for f in self._families(image, op)}
+
+    def _note(self, op: Operation) -> None:
+        for stage in op.stages[op.done :]:
+            made = ops.produced_by(stage)
+            if made is not None:
+                self.pending.add(made)
+            if stage.get("do") == "delete":
+                self.queued.update(stage.get("volumes") or ())
+                continue
+            for key in _VOLUME_KEYS:
+                if isinstance(stage.get(key), str):
+                    self.mentioned.add(stage[key])
+            self.mentioned.update(stage.get("set_chain") or ())
+            for chain in (stage.get("chain_changes") or {}).values():
+                self.mentioned.update(chain)
+            source = self._image(stage.get("source_image"))
+            if source is not None:
+                self.mentioned.update(source.chain)
+
+    def _image(self, image_id: Any) -> Image | None:
+        try:
+            return self.by_id.get(uuid.UUID(str(image_id))) if image_id else None
+        except ValueError:
+            return None
+
+    def _families(self, image: Image, op: Operation) -> set[str]:
+        families = {image.chain[0]} if image.chain else set()
+        for stage in op.stages:
+            volume = stage.get("drop_volume")
+            if isinstance(volume, str):
+                families |= {u.chain[0] for u in self.live_users.get(volume, ())}
+        return families
+
+    # --- clean ----------------------------------------------------------------------------
+
+    def is_needed(self, ref: str) -> bool:
+        return ref in self.live_users or ref in self.mentioned or ref in self.queued
+
+    def clean_owner(self, ref: str) -> Image | None:
+        """The removed image to carry the clean of ``ref``: one whose chain holds it and whose
+        queue is not blocked by work waiting for a fix; None for a new carrier."""
+        for image in self.removed_users.get(ref, ()):
+            op = image.current_operation()
+            if op is None or op.state == ops.PENDING:
+                return image
+        return None
+
+    # --- merge ----------------------------------------------------------------------------
+
+    def mergeable(self) -> list[Merge]:
+        found = []
+        for ref in self.live_users:
+            merge = self.merge_of(ref)
+            if merge is not None:
+                found.append(merge)
+        return found
+
+    def merge_of(self, ref: str) -> Merge | None:
+        """The merge of ``ref``, if it is a removed image's top that live chains go through."""
+        users = self.live_users.get(ref)
+        if not users or ref in self.tops:
+            return None
+        owners = tuple(i for i in self.removed_users.get(ref, ()) if i.chain[-1] == ref)
+        if not owners:
+            return None  # nobody's own data, yet no removal made it so: leave it be
+        parents, children = set(), set()
+        for user in users:
+            at = user.chain.index(ref)
+            parents.add(user.chain[at - 1] if at else None)
+            children.add(user.chain[at + 1])
+        if len(parents) != 1:
+            return None  # chains disagree on what lies below: not ours to rewrite
+        depth = users[0].chain.index(ref)
+        return Merge(ref, parents.pop(), tuple(sorted(children)), tuple(users), owners, depth)
+
+    def merge_blocker(self, merge: Merge, lost: Collection[str]) -> str | None:
+        """Why the merge cannot be queued now, or None."""
+        for ref in (merge.volume, *merge.children):
+            if ref in lost or ref in self.pending:
+                return f"volume {ref} is not in place"
+        for user in merge.users:
+            if user.prepared_on:
+                return f"image {user.id} is in use on {sorted(user.prepared_on)}"
+            if user.current_operation() is not None:
+                return f"image {user.id} has work queued; merge once it is done"
+        return None
+
+    def merge_stages(self, merge: Merge, carrier: Image) -> list[dict[str, Any]]:
+        """Rebase each child onto the volume's parent; the last stage drops it from the chains.
+
+        The carrier's chain changes through ``set_chain``, the other live users' through
+        ``chain_changes`` (recorded with the last ``StageCompleted``); ``drop_volume`` names
+        what both drop, so an executor can recompute them on the chains at completion.
+        """
+        stages: list[dict[str, Any]] = [
+            {"do": "rebase", "volume": child, "backing": merge.parent} for child in merge.children
+        ]
+        changes = merge_chain_changes(merge.users, merge.volume)
+        stages[-1]["set_chain"] = changes.pop(carrier.id)
+        stages[-1]["chain_changes"] = {str(k): v for k, v in changes.items()}
+        stages[-1]["drop_volume"] = merge.volume
+        return stages
+
+    def stale_merge(self, carrier: Image, stages: list[dict[str, Any]]) -> str | None:
+        """Why a merge planned earlier no longer applies as planned, or None."""
+        volume = stages[-1].get("drop_volume") if stages else None
+        merge = None if not isinstance(volume, str) else self.merge_of(volume)
+        if merge is None:
+            return f"volume {volume} is no longer a removed image's volume that chains go through"
+        why = self.merge_blocker(merge, ())
+        if why is not None:
+            return why
+        if merge.family in self.merging_families:
+            return "another merge runs on these chains; check again once it is done"
+        if carrier.removed or self.merge_stages(merge, carrier) != stages:
+            return f"the chains through {volume} changed since the check"
+        return None

@@ -1,0 +1,93 @@
+"""An image's status (seed 000's getImageStatus), derived from its state and the view's.
+
+``broken``: the image cannot be used now: a volume of its chain is not produced yet (by its own
+or another image's unfinished stage), is lost (``lost``: found missing or corrupt by a check), or
+the operation in progress failed, was stopped, or waits for a fix (``auto_fix=False``).
+
+``degraded``: usable, and a better representation is planned or possible: an ``optimize``
+operation is queued (held, failed or stopped included: the quick form it improves on is in place
+and usable), or a ``performance`` virtual disk is not one raw volume yet.
+
+``optimized`` otherwise. A ``clean`` operation never changes the status: it frees files the image
+does not use. See docs/adr/0004-images-volumes-operations-and-stages.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
+from engine.types import BROKEN, DEGRADED, OPTIMIZED, ImageStatus
+
+if TYPE_CHECKING:
+    from engine.projections.view import RepositoryView
+
+_BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)
+# Operations that leave the image's data usable while they wait, fail or are stopped.
+_HARMLESS = (ops.OPTIMIZE, ops.CLEAN)
+
+
+def image_status(image: Image, view: RepositoryView, lost: Collection[str] = ()) -> ImageStatus:
+    """The status of a (live) image.
+
+    ``host_id`` is the last host that claimed or ran a stage of the image, or the host that
+    requested it when none did yet: seed 000's "the last host to try and optimize or fix the
+    image", which a host that merely set user data or prepared it is not.
+    """
+    current = image.current_operation()
+    return ImageStatus(
+        image_id=str(image.id),
+        status=_status(image, current, view, lost),
+        host_id=view.worker(image.id) or image.created_by,
+        stage=_stage(image, current),
+        percent_complete=_percent(image, current),
+        last_error=image.last_error,
+    )
+
+
+def is_usable(image: Image, view: RepositoryView, lost: Collection[str] = ()) -> bool:
+    return _status(image, image.current_operation(), view, lost) != BROKEN
+
+
+def _status(
+    image: Image, current: Operation | None, view: RepositoryView, lost: Collection[str]
+) -> str:
+    for ref in image.chain:
+        if not view.is_ready(ref) or ref in lost:
+            return BROKEN
+    if current is not None and current.state in _BLOCKED and current.purpose not in _HARMLESS:
+        return BROKEN
+    if current is not None and any(
+        op.purpose == ops.OPTIMIZE and not op.finished for op in image.operations
+    ):
+        return DEGRADED
+    if wants_optimizing(image):
+        return DEGRADED
+    return OPTIMIZED
+
+
+def wants_optimizing(image: Image) -> bool:
+    """A ``performance`` virtual disk whose data is not (yet) one standalone raw volume."""
+    return (
+        image.strategy == ops.PERFORMANCE
+        and image.kind == ops.VIRTUAL_DISK
+        and not (len(image.chain) == 1 and image.chain[0].endswith(".raw"))
+    )
+
+
+def _stage(image: Image, current: Operation | None) -> str:
+    op = current if current is not None else image.last_operation()
+    return "0/0" if op is None else op.stage_label()
+
+
+def _percent(image: Image, current: Operation | None) -> int:
+    if current is None:
+        return -1 if not image.operations else 100
+    # After a stage completes the aggregate keeps 100 until the next stage is claimed; that
+    # figure belongs to the previous stage, not to the one the label now names.
+    if current.percent == 100 and current.done > 0 and current.state != ops.FAILED:
+        return -1
+    return current.percent

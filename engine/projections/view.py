@@ -1,0 +1,292 @@
+"""The read model of one repository: every image's state, folded from the log and kept current.
+
+Images are folded with the aggregate's own ``Image.apply``, so the view can never disagree with
+what a command would see. :meth:`RepositoryView.catch_up` reads only the records after its
+position; the facade calls it after each of its own saves (read-your-writes, microseconds when
+little is new), executors and a follower thread call it when the log grows. It is thread-safe:
+state changes under one lock, and images are copy-on-write, so an ``Image`` a query returned is
+never changed afterwards and may be read without the lock (treat it as read-only).
+
+With ``db_path`` the view keeps the SQLite read model (engine/projections/read_model.py) in step
+and starts from it: a restart reads only what was appended since.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.persistence import StoredEvent
+
+from engine.aggregates.image import Image
+from engine.aggregates.repository import Repository
+from engine.application import StrataLogApplication
+from engine.log.framing import Record
+from engine.projections.image_state import clone, image_key
+from engine.projections.read_model import Checkpoint, ReadModel, image_row
+from engine.projections.status import image_status
+
+DEFAULT_BATCH = 500
+_START = Checkpoint(0, b"", 0)
+# The events that mean a host worked on the image (claimed, ran, finished or failed a stage).
+_WORK = (Image.StageClaimed, Image.StageProgressed, Image.StageCompleted, Image.StageFailed)
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryInfo:
+    """What ``Repository.Created`` recorded."""
+
+    format_name: str
+    format_version: str
+    created_by: str
+    created_on: str  # ISO 8601
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_name": self.format_name,
+            "format_version": self.format_version,
+            "created_by": self.created_by,
+            "created_on": self.created_on,
+        }
+
+
+class RepositoryView:
+    def __init__(
+        self,
+        app: StrataLogApplication,
+        *,
+        db_path: str | None = None,
+        batch_size: int = DEFAULT_BATCH,
+    ) -> None:
+        self._app = app
+        self._log = app.operation_log
+        self._batch_size = batch_size
+        self._lock = threading.RLock()
+        self._store = None if db_path is None else ReadModel(db_path)
+        self._clear()
+        self.records_read = 0  # records folded since construction (restart cost, in tests)
+        if self._store is not None:
+            self._load(self._store)
+
+    def _clear(self) -> None:
+        self._images: dict[uuid.UUID, Image] = {}
+        self._workers: dict[uuid.UUID, str] = {}
+        self._users: dict[str, set[uuid.UUID]] = {}  # volume -> images whose chain holds it
+        self._producers: dict[str, uuid.UUID] = {}  # volume -> image whose stage will make it
+        self._indexed: dict[uuid.UUID, tuple[tuple[str, ...], frozenset[str]]] = {}
+        self._checkpoint = _START
+        self._repository: RepositoryInfo | None = None
+        self._unsaved: set[uuid.UUID] = set()  # rows the read model has not caught up with
+
+    def _load(self, store: ReadModel) -> None:
+        stored = store.load()
+        if stored is None or not self._same_log(stored.checkpoint):
+            store.reset()  # empty, for other code, or of another log: rebuilt by catch_up
+            return
+        for image, worker in stored.images:
+            self._images[image.id] = image
+            if worker is not None:
+                self._workers[image.id] = worker
+            self._reindex(image.id, image)
+        self._checkpoint = stored.checkpoint
+        if stored.repository is not None:
+            self._repository = RepositoryInfo(**stored.repository)
+
+    def _same_log(self, checkpoint: Checkpoint) -> bool:
+        """Whether the record at the checkpoint is still the one the model folded."""
+        if checkpoint.position == 0:
+            return True
+        if checkpoint.position > self._log.refresh():
+            return False  # the log is shorter than the model: it was replaced
+        [record] = self._log.read(checkpoint.position, checkpoint.position, 1)
+        return (record.prev_hash, record.time_ns) == (checkpoint.prev_hash, checkpoint.time_ns)
+
+    # --- keeping up -----------------------------------------------------------------------
+
+    def catch_up(self, *, refresh: bool = True) -> int:
+        """Fold the records appended since the last call; return the new position.
+
+        ``refresh=False`` skips looking for other hosts' appends and folds only what this
+        process already knows of (its own saves): the cheapest read-your-writes.
+        """
+        with self._lock:
+            last = self._log.refresh() if refresh else self._log.last_seq
+            if last < self._checkpoint.position:
+                self._restart()  # the log shrank under us: it is another log now
+            while self._checkpoint.position < last:
+                records = self._log.read(self._checkpoint.position + 1, last, self._batch_size)
+                self._persist(self._fold(records))
+            return self._checkpoint.position
+
+    def rebuild(self) -> int:
+        """Forget everything and fold the whole log again."""
+        with self._lock:
+            self._restart()
+            return self.catch_up()
+
+    def _restart(self) -> None:
+        self._clear()
+        if self._store is not None:
+            self._store.reset()
+
+    def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
+        """Apply records; return the images whose row changed. All or nothing on error."""
+        to_domain_event = self._app.mapper.to_domain_event
+        staged: dict[uuid.UUID, Image] = {}
+        workers: dict[uuid.UUID, str] = {}
+        repository = self._repository
+        for record in records:
+            event: Any = to_domain_event(
+                StoredEvent(
+                    record.originator_id, record.originator_version, record.topic, record.state
+                )
+            )
+            if isinstance(event, Image.Event):
+                key = event.originator_id
+                image = staged.get(key)
+                if image is None:
+                    current = self._images.get(key)
+                    image = staged[key] = Image() if current is None else clone(current)
+                image.apply(event)
+                if isinstance(event, _WORK):
+                    workers[key] = event.host_id
+            elif isinstance(event, Repository.Created):
+                repository = RepositoryInfo(
+                    event.format_name,
+                    event.format_version,
+                    event.host_id,
+                    event.timestamp.isoformat(),
+                )
+            # Events of aggregates a later version adds are not this view's business.
+        self.records_read += len(records)
+        dirty = set(staged)
+        for key, image in staged.items():
+            self._images[key] = image
+            dirty |= self._reindex(key, image)
+        self._workers.update(workers)
+        self._repository = repository
+        last = records[-1]
+        self._checkpoint = Checkpoint(last.seq, last.prev_hash, last.time_ns)
+        return dirty
+
+    def _reindex(self, key: uuid.UUID, image: Image) -> set[uuid.UUID]:
+        """Update the volume indexes; return the images whose readiness may have changed."""
+        old_chain, old_pending = self._indexed.get(key, ((), frozenset()))
+        chain, pending = tuple(image.chain), frozenset(image.pending_volumes())
+        if chain != old_chain:
+            for ref in old_chain:
+                if ref not in chain:
+                    users = self._users[ref]
+                    users.discard(key)
+                    if not users:
+                        del self._users[ref]
+            for ref in chain:
+                self._users.setdefault(ref, set()).add(key)
+        affected: set[uuid.UUID] = set()
+        if pending != old_pending:
+            for ref in old_pending - pending:
+                if self._producers.get(ref) == key:
+                    del self._producers[ref]
+            for ref in pending - old_pending:
+                self._producers[ref] = key
+            for ref in pending ^ old_pending:
+                affected |= self._users.get(ref, set())
+        self._indexed[key] = (chain, pending)
+        return affected
+
+    def _persist(self, dirty: set[uuid.UUID]) -> None:
+        if self._store is None:
+            return
+        # Kept until written, so a failed write is retried by the next batch rather than lost.
+        self._unsaved |= dirty
+        rows = [
+            image_row(
+                self._images[key], self._workers.get(key), image_status(self._images[key], self)
+            )
+            for key in self._unsaved
+        ]
+        repository = None if self._repository is None else self._repository.to_dict()
+        self._store.save(self._checkpoint, repository, rows)
+        self._unsaved.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    # --- queries --------------------------------------------------------------------------
+    # Single dictionary reads need no lock: each is atomic, and the images are copy-on-write.
+
+    @property
+    def position(self) -> int:
+        """The log sequence number of the last record folded."""
+        return self._checkpoint.position
+
+    @property
+    def repository(self) -> RepositoryInfo | None:
+        return self._repository
+
+    def image(self, image_id: uuid.UUID | str) -> Image | None:
+        """The image's state (removed images included), or None if the log never named it."""
+        try:
+            return self._images.get(image_key(image_id))
+        except ValueError:
+            return None
+
+    def images(self) -> list[Image]:
+        """Every image the log names, removed ones included."""
+        with self._lock:
+            return list(self._images.values())
+
+    def live_images(self) -> list[Image]:
+        with self._lock:
+            return [i for i in self._images.values() if not i.removed]
+
+    def worker(self, image_id: uuid.UUID) -> str | None:
+        """The last host that claimed, ran, completed or failed a stage of the image."""
+        return self._workers.get(image_id)
+
+    def users_of(self, volume: str) -> list[Image]:
+        """Images whose chain holds ``volume``, REMOVED ONES INCLUDED, by id."""
+        with self._lock:
+            ids = sorted(self._users.get(volume, ()), key=str)
+            return [self._images[i] for i in ids]
+
+    def live_users_of(self, volume: str) -> list[Image]:
+        """Images not removed whose chain holds ``volume``, by id."""
+        return [i for i in self.users_of(volume) if not i.removed]
+
+    def producer_of(self, volume: str) -> Image | None:
+        """The image whose unfinished stage will produce ``volume``, if any."""
+        key = self._producers.get(volume)
+        return None if key is None else self._images.get(key)
+
+    def is_ready(self, volume: str) -> bool:
+        """True unless an unfinished stage of some image will still produce ``volume``."""
+        return volume not in self._producers
+
+    def referenced_volumes(self, *, live_only: bool) -> set[str]:
+        """Volumes in the chain of some image (of some live image, with ``live_only``)."""
+        with self._lock:
+            if not live_only:
+                return set(self._users)
+            images = self._images
+            return {
+                ref for ref, ids in self._users.items() if any(not images[i].removed for i in ids)
+            }
+
+    def history(self, image_id: uuid.UUID | str) -> list[Image.Event]:
+        """The image's events from the log, oldest first (an auditor's view, read each time)."""
+        to_domain_event = self._app.mapper.to_domain_event
+        events: list[Image.Event] = []
+        self._log.refresh()
+        for record in self._log.events_of(image_key(image_id)):
+            stored = StoredEvent(
+                record.originator_id, record.originator_version, record.topic, record.state
+            )
+            events.append(to_domain_event(stored))  # type: ignore[arg-type]
+        return events
