@@ -13,7 +13,7 @@ import pytest
 from engine import StorageEngine
 from engine.errors import ImageNotFound, StaleFix
 from engine.formats.qemu import QemuImg
-from tests.engine.conftest import MiB, holds, write
+from tests.facade.conftest import MiB, holds, write
 
 
 def run_fixes(engine: StorageEngine, repo: str, kind: str) -> int:

@@ -22,7 +22,7 @@ from engine.errors import (
     UnknownRepositoryFormat,
     WrongImageKind,
 )
-from tests.engine.conftest import MiB, tree_digest
+from tests.facade.conftest import MiB, tree_digest
 
 
 @pytest.fixture
