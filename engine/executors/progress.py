@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from engine.aggregates.image import ClaimLost, Image
 from engine.aggregates.operations import Stage
 from engine.errors import StageCancelled
+from engine.projections.fix_index import merge_chain_changes
 from engine.service import ImageService
 
 
@@ -59,9 +60,15 @@ class Claim:
 
         self.service.update(self.image_id, command)
 
-    def complete(self, chain_changes: dict[uuid.UUID, list[str]]) -> bool:
+    def complete(
+        self, chain_changes: dict[uuid.UUID, list[str]], *, drop_volume: str | None = None
+    ) -> bool:
         """StageCompleted, with other images' new chains in the same transaction. False if
-        the claim had moved on: the log keeps the other host's (or the stop's) word."""
+        the claim had moved on: the log keeps the other host's (or the stop's) word.
+
+        With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
+        without that volume: a snapshot taken since the plan gave it a top the plan lacks.
+        """
         reason = f"stage {self.index + 1} of operation {self.op_id} on image {self.image_id}"
 
         def command(images: list[Image]) -> None:
@@ -69,9 +76,15 @@ class Claim:
             images[0].complete(
                 op_id=self.op_id, stage=self.index, epoch=self.epoch, host_id=self.host_id, now=now
             )
-            for other in images[1:]:
-                chain = chain_changes[other.id]
-                other.change_chain(chain=chain, reason=reason, host_id=self.host_id, now=now)
+            others = images[1:]
+            if drop_volume is not None:
+                changes = merge_chain_changes(others, drop_volume)
+            else:
+                changes = {other.id: chain_changes[other.id] for other in others}
+            for other in others:
+                if other.id in changes:
+                    chain = changes[other.id]
+                    other.change_chain(chain=chain, reason=reason, host_id=self.host_id, now=now)
 
         try:
             self.service.update_many([self.image_id, *chain_changes], command)

@@ -53,10 +53,8 @@ from engine.executors.stages import (
 from engine.formats.driver import RepositoryStorage
 from engine.formats.qemu import QemuImg
 from engine.log.follow import LogFollower
+from engine.projections.fix_index import will_run
 from engine.service import ImageService
-
-# Operations that still run on a removed image: they free or re-home its volumes.
-RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
 
 
 class ImageSource(Protocol):
@@ -235,7 +233,7 @@ class Executor:
         op = image.current_operation()
         if op is None or op.state != ops.PENDING or op.done >= len(op.stages):
             return None
-        if image.removed and op.purpose not in RUN_ON_REMOVED:
+        if not will_run(image, op):  # a removed image's own work is void, its clean/merge not
             return None
         if op.stages[op.done].get("do") not in HANDLERS:
             return None
@@ -301,7 +299,7 @@ class Executor:
             raise  # a bug: the image shows it, and the executor stops on it
         self.crashpoints(points.AFTER_PUBLISH)
         try:
-            claim.complete(changes)
+            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
         except ImageNotFound as e:  # chain_changes names an image this log does not hold
             claim.fail(e.message)
             return

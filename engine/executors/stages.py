@@ -165,7 +165,7 @@ def copy(run: StageRun) -> None:
 
     def progress(percent: float) -> None:
         nonlocal reported
-        if not reported:
+        if not reported and percent > 0:  # qemu-img reports 0% before it opens the target
             reported = True
             run.crashpoints(MID_COPY)
         if run.progress is not None:

@@ -14,41 +14,12 @@ from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.scheduler import Executor
 from engine.formats.driver import RepositoryStorage, get_format
 from engine.formats.qemu import QemuImg
+from engine.projections.view import RepositoryView
 from engine.service import ImageService
 
 MiB = 2**20
 HOST = "host-a"
 qemu = QemuImg()
-
-
-class FoldedLogImages:
-    """TEST FIXTURE, standing in for engine.projections.view.RepositoryView: every image the
-    log names, rebuilt through the service at each catch_up. Fine for a handful of images."""
-
-    def __init__(self, service: ImageService) -> None:
-        self.service = service
-        self.position = 0
-        self._ids: set[uuid.UUID] = set()
-        self._images: dict[uuid.UUID, Image] = {}
-
-    def catch_up(self) -> int:
-        log = self.service.app.operation_log
-        log.refresh()
-        for record in log.read(self.position + 1):
-            if record.topic.startswith("strata.image."):
-                self._ids.add(uuid.UUID(str(record.originator_id)))
-            self.position = record.seq
-        self._images = {i: self.service.get(i) for i in self._ids}
-        return self.position
-
-    def images(self) -> list[Image]:
-        return list(self._images.values())
-
-    def image(self, image_id: uuid.UUID, /) -> Image | None:
-        return self._images.get(image_id)
-
-    def is_ready(self, volume_ref: str, /) -> bool:
-        return not any(volume_ref in i.pending_volumes() for i in self._images.values())
 
 
 class Repo:
@@ -61,10 +32,11 @@ class Repo:
         self.app = StrataLogApplication(LogConfig(log_dir=self.storage.log_dir, host_id=host_id))
         self.host_id = host_id
         self.service = ImageService(self.app, host_id)
-        self.view = FoldedLogImages(self.service)
+        self.view = RepositoryView(self.app)
         self.others: list[Repo] = []
 
     def close(self) -> None:
+        self.view.close()
         self.app.close()
 
     def find_image(self, image_id: uuid.UUID) -> tuple[Image, RepositoryStorage] | None:

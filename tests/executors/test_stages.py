@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
@@ -112,7 +113,7 @@ def test_an_incremental_copy_reads_as_its_source_and_holds_only_the_changed_clus
 
 
 def test_a_rebase_keeps_the_content_whether_it_drops_a_middle_volume_or_flattens(
-    repo: Repo, tmp_path: os.PathLike[str]
+    repo: Repo, tmp_path: Path
 ) -> None:
     base, middle, top = new_volume("qcow2"), new_volume("qcow2"), new_volume("qcow2")
     qemu.create(repo.path(base), "qcow2", 4 * MiB)
@@ -121,7 +122,7 @@ def test_a_rebase_keeps_the_content_whether_it_drops_a_middle_volume_or_flattens
     qemu.write_pattern(repo.path(middle), "qcow2", MiB, MiB, 0xB2)
     qemu.create(repo.path(top), "qcow2", None, backing=middle, backing_fmt="qcow2")
     qemu.write_pattern(repo.path(top), "qcow2", 2 * MiB, MiB, 0xC3)
-    before = os.path.join(tmp_path, "before.raw")
+    before = str(tmp_path / "before.raw")
     qemu.convert(repo.path(top), before, src_fmt="qcow2", dst_fmt="raw")
     disk = repo.request(
         {"do": "rebase", "volume": top, "backing": base, "set_chain": [base, top]},
@@ -199,3 +200,52 @@ def test_a_copy_whose_source_file_was_deleted_fails_with_a_readable_error(repo: 
     assert "does not exist" in (repo.service.get(image).last_error or "")
     assert not os.path.exists(repo.path(copy))
     assert repo.executor().run_once() == 0  # a failed stage waits for a mend, it is not retried
+
+
+def test_a_merge_rebases_the_children_of_a_volume_and_drops_it_from_every_chain_at_once(
+    repo: Repo, tmp_path: Path
+) -> None:
+    base, merged, top, other_top = (new_volume("qcow2") for _ in range(4))
+    qemu.create(repo.path(base), "qcow2", 4 * MiB)
+    qemu.write_pattern(repo.path(base), "qcow2", 0, MiB, 0xA1)
+    qemu.create(repo.path(merged), "qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(merged), "qcow2", MiB, MiB, 0xB2)
+    for pattern, ref in ((0xC3, top), (0xD4, other_top)):
+        qemu.create(repo.path(ref), "qcow2", None, backing=merged, backing_fmt="qcow2")
+        qemu.write_pattern(repo.path(ref), "qcow2", 2 * MiB, MiB, pattern)
+    before = {ref: str(tmp_path / f"{ref}.raw") for ref in (top, other_top)}
+    for ref, path in before.items():
+        qemu.convert(repo.path(ref), path, src_fmt="qcow2", dst_fmt="raw")
+    other = repo.request(chain=[base, merged, other_top])
+    # Planned when ``other`` ended at other_top; it has grown a top since.
+    later = new_volume("qcow2")
+    repo.service.update(
+        other,
+        lambda i: i.change_chain(
+            chain=[base, merged, other_top, later], reason="test", host_id="t", now=i.modified_on
+        ),
+    )
+    carrier = repo.request(
+        {"do": "rebase", "volume": top, "backing": base},
+        {
+            "do": "rebase",
+            "volume": other_top,
+            "backing": base,
+            "set_chain": [base, top],
+            "chain_changes": {str(other): [base, other_top]},
+            "drop_volume": merged,
+        },
+        chain=[base, merged, top],
+        purpose=ops.MERGE,
+    )
+
+    assert repo.executor().run_once() == 2
+
+    assert repo.service.get(carrier).chain == [base, top]
+    assert repo.service.get(other).chain == [base, other_top, later]
+    for ref, path in before.items():
+        assert qemu.info(repo.path(ref), fmt="qcow2")["backing-filename"] == base
+        assert qemu.compare(repo.path(ref), path, a_fmt="qcow2", b_fmt="raw")
+    log = repo.app.operation_log.read()
+    assert [r.topic.rsplit(".", 1)[-1] for r in log[-2:]] == ["StageCompleted", "ChainChanged"]
+    assert log[-2].txn_last is False  # one transaction: no reader sees one without the other
