@@ -127,10 +127,9 @@ def main() -> int:
                 for fix in fixes:
                     say(f"    round {round_}: {fix.type} - {fix.description}")
                     se.fix_storage_repository("r1", fix)
-                for fix in fixes:
-                    for image in fix.image_ids:
-                        if image in story.names:
-                            story.done("r1", image)
+                listed = {i.image_id for i in se.list_images("r1")}
+                for image in {i for fix in fixes for i in fix.image_ids} & listed:
+                    story.done("r1", image)
                 time.sleep(0.3)
             say(f"    check now offers {len(se.check_storage_repository('r1'))} fixes")
 
