@@ -16,8 +16,10 @@ from typing import Any
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.projections.status import wants_optimizing
 
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
+BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
 _VOLUME_KEYS = ("volume", "backing", "base", "drop_volume")
 
 
@@ -40,6 +42,24 @@ class Merge:
 
 def will_run(image: Image, op: Operation) -> bool:
     return not op.finished and (not image.removed or op.purpose in RUN_ON_REMOVED)
+
+
+def release_type(image: Image, op: Operation) -> str | None:
+    """The fix that releases a blocked operation, or None when nothing may release it."""
+    if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
+        return op.purpose if not image.removed or op.purpose in RUN_ON_REMOVED else None
+    return None if image.removed else ops.MEND
+
+
+def can_optimize(image: Image, lost: Collection[str]) -> bool:
+    """Whether an optimize may be queued now: idle, unused, whole, and not flat yet."""
+    return (
+        not image.removed
+        and wants_optimizing(image)
+        and image.current_operation() is None
+        and not image.prepared_on
+        and not any(ref in lost for ref in image.chain)
+    )
 
 
 def merge_chain_changes(images: Iterable[Image], volume: str) -> dict[uuid.UUID, list[str]]:

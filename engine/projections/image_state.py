@@ -11,7 +11,6 @@ mutated afterwards, so callers on other threads may read it without a lock.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import uuid
@@ -98,7 +97,8 @@ def clone(image: Image) -> Image:
 
 
 def _clone_operation(op: Operation) -> Operation:
-    twin = copy.copy(op)
+    twin: Operation = object.__new__(Operation)  # copy.copy's protocol costs 10 us a call
+    twin.__dict__.update(vars(op))
     twin.history = list(op.history)
     return twin
 

@@ -1,0 +1,261 @@
+"""A fix's opaque data, and starting a fix: decoding it, checking it still applies, queuing it.
+
+``Fix.data`` is base64 msgpack ``{"v", "type", "target", "new_carrier", "images", "salt", "op",
+"release"}``: the image that carries the work, the versions the check saw, and either the
+operation to queue or the id of a blocked operation to release. A new operation's id is a hash
+of its type, target, stages and ``salt`` (the target's operation count at check time), so the
+same fix from two hosts or two calls queues one operation (the second finds it queued and does
+nothing), while a problem that comes back after its fix ran gets a new one. Data that no check
+made (the id does not match the operation) is refused as an invalid parameter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.errors import ConcurrencyConflict, InvalidParameter, StaleFix
+from engine.projections.fix_index import BLOCKED, VolumeIndex, can_optimize, release_type
+from engine.types import Fix
+
+if TYPE_CHECKING:
+    from engine.projections.view import RepositoryView
+    from engine.service import ImageService
+
+DATA_VERSION = 1
+_CARRIERS = uuid.UUID("5d1e8a0c-2f4b-4e58-9a55-0c1ea4c0ffee")  # namespace of new carriers' ids
+
+
+@dataclass(frozen=True, slots=True)
+class FixPlan:
+    """A decoded, checked fix: queue ``operation`` on ``target`` (or release ``op_id``)."""
+
+    type: str
+    target: uuid.UUID
+    op_id: str
+    operation: dict[str, Any] | None  # None: release the held, failed or stopped op_id
+    new_carrier: bool  # the target is to be created (requested and removed) with the operation
+    already_queued: bool  # nothing to do: this very work is queued, running or done
+    images: dict[str, int]  # the versions the check saw
+
+
+# --- making ----------------------------------------------------------------------------------
+
+
+def digest(*parts: Any) -> str:
+    packed = msgpack.packb([str(p) if isinstance(p, uuid.UUID) else p for p in parts])
+    return hashlib.blake2b(packed, digest_size=16).hexdigest()
+
+
+def _op_id(kind: str, target: str, salt: int, stages: list[dict[str, Any]]) -> str:
+    return digest("op", kind, target, salt, stages)
+
+
+def make_fix(
+    kind: str,
+    target: Image,
+    touched: list[Image],
+    description: str,
+    *,
+    stages: list[dict[str, Any]] | None = None,
+    release: str | None = None,
+) -> Fix:
+    salt = len(target.operations)
+    op = None
+    if stages is not None:
+        op = ops.plan(_op_id(kind, str(target.id), salt, stages), kind, *stages)
+    data = {
+        "v": DATA_VERSION,
+        "type": kind,
+        "target": str(target.id),
+        "new_carrier": False,
+        "images": {str(i.id): i.version for i in touched},
+        "salt": salt,
+        "op": op,
+        "release": release,
+    }
+    ids = tuple(dict.fromkeys(str(i.id) for i in touched))
+    return Fix(type=kind, image_ids=ids, description=description, data=_encode(data))
+
+
+def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
+    op_id = _op_id(ops.CLEAN, "new", 0, stages)
+    data = {
+        "v": DATA_VERSION,
+        "type": ops.CLEAN,
+        "target": str(uuid.uuid5(_CARRIERS, op_id)),
+        "new_carrier": True,
+        "images": {},
+        "salt": 0,
+        "op": ops.plan(op_id, ops.CLEAN, *stages),
+        "release": None,
+    }
+    return Fix(type=ops.CLEAN, image_ids=(), description=description, data=_encode(data))
+
+
+def _encode(data: dict[str, Any]) -> str:
+    return base64.b64encode(msgpack.packb(data, use_bin_type=True)).decode("ascii")
+
+
+# --- starting --------------------------------------------------------------------------------
+
+
+def decode_fix(view: RepositoryView, fix: Fix) -> FixPlan:
+    """Check a fix against the current state. InvalidParameter for data that no check made,
+    StaleFix when it no longer applies; ``already_queued`` when its work is already queued."""
+    data = _decode(fix)
+    plan = FixPlan(
+        type=data["type"],
+        target=uuid.UUID(data["target"]),
+        op_id=data["release"] or data["op"]["op_id"],
+        operation=data["op"],
+        new_carrier=data["new_carrier"],
+        already_queued=False,
+        images=data["images"],
+    )
+    image = view.image(plan.target)
+    if plan.new_carrier:
+        if image is not None:
+            return _queued(plan)  # the carrier exists: this very fix was started
+        _check_clean(VolumeIndex(view.images()), None, data["op"]["stages"])
+        return plan
+    if image is None:
+        raise StaleFix(f"image {plan.target} is not in this repository")
+    if data["release"] is not None:
+        return _check_release(view, image, plan)
+    if image.operation(plan.op_id) is not None:
+        return _queued(plan)
+    stages = data["op"]["stages"]
+    index = VolumeIndex(view.images())
+    if plan.type == ops.OPTIMIZE:
+        if not can_optimize(image, ()) or stages[0].get("source_image") != str(image.id):
+            raise StaleFix(f"virtual disk {image.id} is busy, in use or optimized already")
+    elif plan.type == ops.MERGE:
+        why = index.stale_merge(image, stages)
+        if why is not None:
+            raise StaleFix(f"{why} ({_moved(view, plan)})")
+    else:
+        _check_clean(index, image, stages)
+    return plan
+
+
+def apply_fix(view: RepositoryView, service: ImageService, fix: Fix) -> bool:
+    """Start a fix: True if this call queued (or released) the work, False if it already was."""
+    plan = decode_fix(view, fix)
+    if plan.already_queued:
+        return False
+    if plan.new_carrier:
+        now = service.now()
+        carrier = Image.request(
+            image_id=plan.target,
+            kind=ops.SNAPSHOT,
+            size=0,
+            chain=[],
+            user_data=None,
+            strategy=ops.SPACE,
+            auto_fix=True,
+            origin={"how": "clean carrier"},
+            operations=[plan.operation] if plan.operation is not None else [],
+            host_id=service.host_id,
+            now=now,
+        )
+        carrier.remove(host_id=service.host_id, now=now)
+        try:
+            service.add(carrier)
+        except ConcurrencyConflict:
+            return False  # another host started the same fix a moment ago
+        return True
+
+    def command(image: Image) -> bool:
+        return image.request_fix(
+            fix_type=plan.type,
+            op_id=plan.op_id,
+            operation=plan.operation,
+            host_id=service.host_id,
+            now=service.now(),
+        )
+
+    return service.update(plan.target, command)
+
+
+def _queued(plan: FixPlan) -> FixPlan:
+    return replace(plan, already_queued=True)
+
+
+def _moved(view: RepositoryView, plan: FixPlan) -> str:
+    moved = []
+    for image_id, seen in plan.images.items():
+        image = view.image(image_id)
+        now = "gone" if image is None else image.version
+        if now != seen:
+            moved.append(f"image {image_id} version {seen} -> {now}")
+    return "; ".join(moved) or "no image version moved"
+
+
+def _check_release(view: RepositoryView, image: Image, plan: FixPlan) -> FixPlan:
+    op = image.operation(plan.op_id)
+    if op is None:
+        raise InvalidParameter(f"image {image.id} has no operation {plan.op_id}", name="fix")
+    if op.state not in BLOCKED:
+        return _queued(plan)  # released already, by this host or another
+    if release_type(image, op) != plan.type:
+        why = "it was removed" if image.removed else "its work changed"
+        raise StaleFix(f"{plan.type} of image {image.id}: {why} ({_moved(view, plan)})")
+    return plan
+
+
+def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[dict[str, Any]]) -> None:
+    needed = [ref for ref in stages[0]["volumes"] if index.is_needed(ref)]
+    if needed:
+        raise StaleFix(f"volume(s) {', '.join(needed)} are needed again or already queued")
+    if carrier is None:
+        return
+    op = carrier.current_operation()
+    if op is not None and op.state in BLOCKED:
+        raise StaleFix(f"image {carrier.id} has work waiting for a fix first; check again")
+
+
+def _decode(fix: Fix) -> dict[str, Any]:
+    if not isinstance(fix, Fix) or not isinstance(fix.data, str):
+        raise InvalidParameter("a Fix as check_storage_repository returned it", name="fix")
+    try:
+        data = msgpack.unpackb(base64.b64decode(fix.data, validate=True), raw=False)
+        _check_shape(data, fix)
+    except (ValueError, TypeError, KeyError, binascii.Error, msgpack.UnpackException) as e:
+        raise InvalidParameter(f"its data was not made by a check ({e})", name="fix") from None
+    return data  # type: ignore[no-any-return]
+
+
+def _check_shape(data: Any, fix: Fix) -> None:
+    if not isinstance(data, dict) or data.get("v") != DATA_VERSION:
+        raise ValueError("unknown layout")
+    if data["type"] != fix.type or fix.type not in ops.FIX_TYPES:
+        raise ValueError(f"type {data['type']!r} is not the fix's {fix.type!r}")
+    uuid.UUID(data["target"])
+    if not isinstance(data["images"], dict) or not isinstance(data["salt"], int):
+        raise ValueError("bad images or salt")
+    op, release = data["op"], data["release"]
+    if (op is None) == (release is None):
+        raise ValueError("neither or both of an operation and a release")
+    if release is not None and not isinstance(release, str):
+        raise ValueError("bad release")
+    if op is not None:
+        target = "new" if data["new_carrier"] else data["target"]
+        stages = op["stages"]
+        if (
+            op["purpose"] != fix.type
+            or _op_id(fix.type, target, data["salt"], stages) != op["op_id"]
+        ):
+            raise ValueError("the operation does not match its id")
+        if fix.type == ops.CLEAN and not all(isinstance(r, str) for r in stages[0]["volumes"]):
+            raise ValueError("bad volumes")
+    elif data["new_carrier"]:
+        raise ValueError("a new carrier without an operation")
