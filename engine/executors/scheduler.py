@@ -85,7 +85,10 @@ class Executor:
         """``follower`` (made here if None) belongs to the executor, which starts and stops it."""
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise InvalidParameter(f"a whole number of 1 or more, not {workers!r}", name="workers")
-        for name, value in (("poll_interval", poll_interval), ("progress", progress_interval)):
+        for name, value in (
+            ("poll_interval", poll_interval),
+            ("progress_interval", progress_interval),
+        ):
             if not isinstance(value, int | float) or not 0 < value <= 60:
                 raise InvalidParameter(f"seconds in (0, 60], not {value!r}", name=name)
         self.service = service

@@ -57,8 +57,9 @@ class StageRun:
 @dataclass(frozen=True)
 class _Volume:
     ref: str
-    path: str
+    volume_id: str
     fmt: str
+    path: str
 
 
 def run_stage(run: StageRun) -> None:
@@ -134,7 +135,8 @@ def chain_changes(stage: Stage) -> dict[uuid.UUID, list[str]]:
 
 
 def create(run: StageRun) -> None:
-    fmt = split_ref(_field(run.stage, "volume"))[1]
+    volume = _local(run, _field(run.stage, "volume"))
+    fmt = volume.fmt
     size: int | None = run.stage.get("size")
     backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
     preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
@@ -154,11 +156,12 @@ def create(run: StageRun) -> None:
             raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {expected}", path=final)
         _expect_backing(run, final, info, backing)
 
-    _produce(run, run.stage["volume"], make, verify)
+    _produce(run, volume, make, verify)
 
 
 def copy(run: StageRun) -> None:
-    fmt = split_ref(_field(run.stage, "volume"))[1]
+    volume = _local(run, _field(run.stage, "volume"))
+    fmt = volume.fmt
     source = _source_top(run)
     preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
     reported = False
@@ -184,15 +187,15 @@ def copy(run: StageRun) -> None:
     def verify(final: str, info: dict[str, Any]) -> None:
         _expect_backing(run, final, info, None)
 
-    _produce(run, run.stage["volume"], make, verify)
+    _produce(run, volume, make, verify)
 
 
 def diff(run: StageRun) -> None:
     """An overlay on the source, safe-rebased onto ``base``: qemu-img compares both backings
     and writes only the clusters where they differ (ADR 0004, incremental copies)."""
-    fmt = split_ref(_field(run.stage, "volume"))[1]
-    if fmt != "qcow2":
-        raise InvalidParameter(f"a diff volume is qcow2, not {fmt}", name="stage")
+    volume = _local(run, _field(run.stage, "volume"))
+    if volume.fmt != "qcow2":
+        raise InvalidParameter(f"a diff volume is qcow2, not {volume.fmt}", name="stage")
     source = _source_top(run)
     base = _local(run, _field(run.stage, "base"))
 
@@ -207,7 +210,7 @@ def diff(run: StageRun) -> None:
     def verify(final: str, info: dict[str, Any]) -> None:
         _expect_backing(run, final, info, base)
 
-    _produce(run, run.stage["volume"], make, verify)
+    _produce(run, volume, make, verify)
 
 
 def rebase(run: StageRun) -> None:
@@ -238,7 +241,7 @@ def delete(run: StageRun) -> None:
     """Remove the volumes, and any temporary file that was becoming one of them."""
     for ref in _field(run.stage, "volumes"):
         volume = _local(run, ref)
-        for leftover in _temporaries(run.storage, split_ref(ref)[0]):
+        for leftover in _temporaries(run.storage, volume.volume_id):
             run.storage.remove(leftover)
         run.storage.remove(volume.path)
 
@@ -258,13 +261,12 @@ HANDLERS: dict[str, Callable[[StageRun], None]] = {
 
 def _produce(
     run: StageRun,
-    ref: str,
+    volume: _Volume,
     make: Callable[[str], None],
     verify: Callable[[str, dict[str, Any]], None],
 ) -> None:
-    """Make volume ``ref`` through a temporary file, unless an earlier attempt published it."""
-    volume = _local(run, ref)
-    leftovers = _temporaries(run.storage, split_ref(ref)[0])
+    """Make ``volume`` through a temporary file, unless an earlier attempt published it."""
+    leftovers = _temporaries(run.storage, volume.volume_id)
     if os.path.exists(volume.path):
         # Published only after its data was complete and durable; a crash may have left its
         # temporary name too (a second link to the same file), or an older attempt's file.
@@ -274,7 +276,7 @@ def _produce(
         return
     for leftover in leftovers:
         run.storage.remove(leftover)
-    temp = run.storage.temp_path(split_ref(ref)[0], volume.fmt, run.tag)
+    temp = run.storage.temp_path(volume.volume_id, volume.fmt, run.tag)
     make(temp)
     run.crashpoints(BEFORE_PUBLISH)
     run.storage.publish(temp, volume.path)
@@ -293,7 +295,7 @@ def _local(run: StageRun, ref: object) -> _Volume:
         volume_id, fmt = split_ref(ref)
     except ValueError as e:
         raise InvalidParameter(str(e), name="stage") from None
-    return _Volume(ref, run.storage.volume_path(volume_id, fmt), fmt)
+    return _Volume(ref, volume_id, fmt, run.storage.volume_path(volume_id, fmt))
 
 
 def _source_top(run: StageRun) -> _Volume:
@@ -306,7 +308,7 @@ def _source_top(run: StageRun) -> _Volume:
     if not image.chain:
         raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
     volume_id, fmt = split_ref(image.chain[-1])
-    return _Volume(image.chain[-1], storage.volume_path(volume_id, fmt), fmt)
+    return _Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
 
 
 def _expect_backing(
