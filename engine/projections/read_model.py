@@ -13,7 +13,9 @@ belonging to another log (one replaced or restored from a backup) and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,8 +69,21 @@ class ReadModel:
     """One SQLite file; callers serialize access (the view holds its lock around every call)."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._open()
+        except sqlite3.DatabaseError:
+            # Not a database any more (a torn copy, a disk error): it is only a cache.
+            self._conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+            self._open()
+
+    def _open(self) -> None:
         # The view is used from several threads, one at a time under its lock.
-        self.db = Database(sqlite3.connect(path, check_same_thread=False))
+        self._conn = sqlite3.connect(self.path, check_same_thread=False)
+        self.db = Database(self._conn)
         # A cache: WAL without an fsync per commit keeps commits cheap; a crash loses at most
         # the last commits, never the agreement between rows and position.
         self.db.enable_wal()

@@ -157,6 +157,20 @@ def test_a_database_written_for_another_version_of_the_aggregate_is_rebuilt(
     again.close()
 
 
+def test_a_database_file_that_is_not_a_database_any_more_is_replaced_and_rebuilt(
+    repo: Repo, tmp_path: Path
+) -> None:
+    db = tmp_path / "view.sqlite"
+    story(repo)
+    expected = states(repo.view())
+    db.write_bytes(b"this is no SQLite database, it was torn by a bad disk" * 100)
+    view = RepositoryView(repo.app, db_path=str(db))
+    view.catch_up()
+    assert states(view) == expected
+    view.close()
+    assert RepositoryView(repo.app, db_path=str(db)).records_read == 0
+
+
 def test_rebuild_folds_the_whole_log_again(repo: Repo, tmp_path: Path) -> None:
     story(repo)
     view = repo.view(tmp_path / "view.sqlite")
