@@ -210,13 +210,22 @@ def test_a_stage_kind_this_version_does_not_know_is_left_for_a_newer_host(repo: 
     assert repo.topics(image) == ["ImageRequested"]
 
 
-def test_a_malformed_stage_fails_with_a_message_naming_what_it_lacks(repo: Repo) -> None:
-    image = repo.request({"do": "copy", "volume": new_volume("qcow2")}, chain=[])
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"do": "copy", "volume": new_volume("qcow2")}, "'copy' stage needs 'source_image'"),
+        ({"do": "create", "volume": "disk.img", "size": MiB}, "not a volume reference"),
+    ],
+    ids=["missing-field", "bad-volume"],
+)
+def test_a_malformed_stage_fails_with_a_message_saying_what_is_wrong(
+    repo: Repo, stage: dict[str, object], message: str
+) -> None:
+    image = repo.request(stage, chain=[])
 
     assert repo.executor().run_once() == 1
 
-    error = repo.service.get(image).operations[0].error or ""
-    assert "'copy' stage needs 'source_image'" in error
+    assert message in (repo.service.get(image).operations[0].error or "")
 
 
 def test_the_running_executor_runs_two_images_at_a_time_and_each_to_the_end(
