@@ -70,9 +70,10 @@ class Repo:
         kind: str = ops.VIRTUAL_DISK,
         auto_fix: bool = True,
         purpose: str = "create",
+        image_id: uuid.UUID | None = None,
     ) -> uuid.UUID:
         """An image whose one operation is ``stages`` (none: an image with no work)."""
-        image_id = uuid.uuid4()
+        image_id = image_id or uuid.uuid4()
         operations = [plan(uuid.uuid4().hex, purpose, *stages)] if stages else []
         image = Image.request(
             image_id=image_id,

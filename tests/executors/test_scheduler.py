@@ -13,7 +13,6 @@ import pytest
 from executor_repos import MiB, Repo, new_volume, qemu
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import Image
 from engine.errors import ExecutorFailed
 from engine.formats.qemu import QemuImg
 
@@ -67,24 +66,15 @@ def test_a_disk_snapshotted_at_once_gets_its_volume_then_its_new_overlay(repo: R
     first, overlay = new_volume("qcow2"), new_volume("qcow2")
     disk = repo.request({"do": "create", "volume": first, "size": 4 * MiB}, chain=[first])
     snapshot = uuid.uuid4()
-    frozen: list[str] = []
-
-    def snap(images: list[Image]) -> None:
-        work = ops.plan(uuid.uuid4().hex, "snapshot", {"do": "create", "volume": overlay,
-                        "size": 4 * MiB, "backing": first})  # fmt: skip
-        frozen[:] = images[0].take_snapshot(
-            snapshot_id=snapshot, new_top=overlay, operations=[work], host_id="host-a",
-            now=repo.service.now(),
-        )  # fmt: skip
-
-    def snapshot_image() -> list[Image]:
-        return [Image.request(
-            image_id=snapshot, kind=ops.SNAPSHOT, size=4 * MiB, chain=frozen, user_data=None,
-            strategy=ops.SPACE, auto_fix=True, origin={}, operations=[], host_id="host-a",
-            now=repo.service.now(),
-        )]  # fmt: skip
-
-    repo.service.update_many([disk], snap, new=snapshot_image)
+    overlay_stage = {"do": "create", "volume": overlay, "size": 4 * MiB, "backing": first}
+    work = ops.plan(uuid.uuid4().hex, "snapshot", overlay_stage)
+    frozen = repo.service.update(
+        disk,
+        lambda i: i.take_snapshot(
+            snapshot_id=snapshot, new_top=overlay, operations=[work], host_id="h", now=i.modified_on
+        ),
+    )
+    repo.request(chain=frozen, kind=ops.SNAPSHOT, image_id=snapshot)
 
     assert repo.executor().run_once() == 2
 
