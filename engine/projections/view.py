@@ -269,7 +269,7 @@ class RepositoryView:
         """True unless an unfinished stage of some image will still produce ``volume``."""
         return volume not in self._producers
 
-    def referenced_volumes(self, *, live_only: bool) -> set[str]:
+    def referenced_volumes(self, live_only: bool) -> set[str]:
         """Volumes in the chain of some image (of some live image, with ``live_only``)."""
         with self._lock:
             if not live_only:
