@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+import engine.projections.fixes as fix_rules
 from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -34,7 +35,6 @@ from engine.formats import qemu as qemu_adapter
 from engine.formats.driver import RepositoryStorage, get_format
 from engine.images import ImageCommands
 from engine.log.follow import LogFollower
-from engine.projections import fixes as fix_rules
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
