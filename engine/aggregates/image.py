@@ -476,7 +476,11 @@ class Image(StableTopic):
     def _(self, event: Image.StageCompleted) -> None:
         op = self._op(event.op_id)
         stage = op.stages[event.stage]
-        if "set_chain" in stage:
+        if "drop_volume" in stage:
+            # A merge: drop the merged volume from the chain as it is now, which may have grown
+            # a top since the merge was planned (a snapshot meanwhile).
+            self.chain = [ref for ref in self.chain if ref != stage["drop_volume"]]
+        elif "set_chain" in stage:
             self.chain = list(stage["set_chain"])
         op.done = event.stage + 1
         op.claim_host, op.percent = None, 100

@@ -13,7 +13,8 @@ the data work an executor performs (docs/adr/0004-images-volumes-operations-and-
 ``resize``  grow ``volume`` to ``size``
 ``delete``  remove the files ``volumes``
 
-``set_chain``, when present, is the image's chain once the stage has completed. Stages are
+``set_chain``, when present, is the image's chain once the stage has completed; ``drop_volume``
+(a merge) instead removes that volume from the chain as it is at completion. Stages are
 values: keys are only ever added, so old logs keep their meaning.
 """
 
