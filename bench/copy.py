@@ -62,7 +62,14 @@ def timed_convert(qemu: QemuImg, src: str, fmt: str, dst: str, *, durable: bool 
 
 
 def compare(
-    se: StorageEngine, qemu: QemuImg, image: str, path: str, fmt: str, scratch: str, rounds: int
+    se: StorageEngine,
+    qemu: QemuImg,
+    image: str,
+    path: str,
+    fmt: str,
+    scratch: str,
+    rounds: int,
+    label: str,
 ) -> tuple[float, float, str]:
     """Median of ``rounds`` alternating runs of each side, the page cache flushed before each
     (a source written moments ago is still being written back, which slows whoever goes first).
@@ -77,7 +84,7 @@ def compare(
         elapsed, copy = timed_copy(se, image)
         ours.append(elapsed)
         copies.append(copy)
-    print(f"durable_convert_seconds: {statistics.median(durable):.3f}")
+    print(f"{label}durable_convert_seconds: {statistics.median(durable):.3f}")
     return statistics.median(ours), statistics.median(theirs), copies[0]
 
 
@@ -113,13 +120,15 @@ def main() -> int:
             scratch = os.path.join(repos[1], "scratch-convert")
 
             disk, path, fmt = disk_with_data(se, qemu, 2 * GiB, args.data_mib * MiB)
-            ours, baseline, _ = compare(se, qemu, disk, path, fmt, scratch, args.rounds)
+            ours, baseline, _ = compare(se, qemu, disk, path, fmt, scratch, args.rounds, "")
             print(f"copy_seconds: {ours:.3f}")
             print(f"qemu_img_convert_seconds: {baseline:.3f}")
             print(f"copy_ratio_vs_qemu_img: {ours / baseline:.2f}")
 
             sparse, path, fmt = disk_with_data(se, qemu, 100 * GiB, 10 * MiB)
-            ours, baseline, copy1 = compare(se, qemu, sparse, path, fmt, scratch, args.rounds)
+            ours, baseline, copy1 = compare(
+                se, qemu, sparse, path, fmt, scratch, args.rounds, "sparse_"
+            )
             print(f"sparse_copy_seconds: {ours:.3f}")
             print(f"sparse_qemu_img_convert_seconds: {baseline:.3f}")
             print(f"sparse_copy_ratio_vs_qemu_img: {ours / baseline:.2f}")
