@@ -18,6 +18,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import ProgrammingError
 from eventsourcing.persistence import IntegrityError
 
+from engine.aggregates.base import Aggregate
 from engine.aggregates.repository import REPOSITORY_ID, Repository
 from engine.application import LogConfig, StrataLogApplication
 from engine.errors import InvalidParameter, NotSupported
@@ -149,6 +150,8 @@ def _domain_classes() -> Iterator[type]:
 
 
 def _is_event_or_aggregate(cls: type) -> bool:
+    if cls is Aggregate:  # the shared plumbing: never stored, so it has no topic
+        return False
     names = {name for klass in cls.__mro__ for name in getattr(klass, "__annotations__", {})}
     return "originator_version" in names or hasattr(cls, "collect_events")
 

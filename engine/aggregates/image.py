@@ -8,13 +8,13 @@ See docs/adr/0004-images-volumes-operations-and-stages.md.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import singledispatchmethod
 from typing import Any
 
 from engine.aggregates import operations as ops
+from engine.aggregates.base import Aggregate
 from engine.aggregates.operations import Operation
 from engine.aggregates.topics import StableTopic
 from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StaleFix, WrongImageKind
@@ -27,7 +27,7 @@ class ClaimLost(StaleFix):
     template = "The claim on {image_id} stage {stage} moved on ({detail}); this host's work is void"
 
 
-class Image(StableTopic):
+class Image(Aggregate["Image.Event"], StableTopic):
     TOPIC = "strata.image.Image"
 
     @dataclass(frozen=True, kw_only=True)
@@ -167,9 +167,6 @@ class Image(StableTopic):
     prepared_on: set[str]
     last_host: str
     last_error: str | None
-
-    def __init__(self) -> None:
-        self._pending: list[Image.Event] = []
 
     # --- commands -------------------------------------------------------------------------
 
@@ -408,14 +405,6 @@ class Image(StableTopic):
             )
         )
 
-    def _record(self, event: Image.Event) -> None:
-        self.apply(event)
-        self._pending.append(event)
-
-    def collect_events(self) -> list[Image.Event]:
-        events, self._pending = self._pending, []
-        return events
-
     @singledispatchmethod
     def apply(self, event: Image.Event) -> None:
         raise NotImplementedError(f"Image cannot apply {type(event).__qualname__}")
@@ -546,12 +535,3 @@ class Image(StableTopic):
         self.version = event.originator_version
         self.modified_on = event.timestamp
         self.last_host = event.host_id
-
-    @classmethod
-    def project(cls, image: Image | None, events: Iterable[Image.Event]) -> Image | None:
-        """eventsourcing's projector function: the state after ``events``."""
-        for event in events:
-            if image is None:
-                image = cls()
-            image.apply(event)
-        return image

@@ -9,17 +9,17 @@ Pure: every value, the time included, is passed in by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import singledispatchmethod
 
+from engine.aggregates.base import Aggregate
 from engine.aggregates.topics import StableTopic
 
 REPOSITORY_ID = "repository"
 
 
-class Repository(StableTopic):
+class Repository(Aggregate["Repository.Event"], StableTopic):
     TOPIC = "strata.repository.Repository"
 
     @dataclass(frozen=True, kw_only=True)
@@ -46,9 +46,6 @@ class Repository(StableTopic):
     format_version: str
     created_by: str
 
-    def __init__(self) -> None:
-        self._pending: list[Repository.Event] = []
-
     @classmethod
     def create(
         cls, *, format_name: str, format_version: str, host_id: str, created_at: datetime
@@ -64,14 +61,6 @@ class Repository(StableTopic):
         repository = cls()
         repository._record(created)
         return repository
-
-    def _record(self, event: Repository.Event) -> None:
-        self.apply(event)
-        self._pending.append(event)
-
-    def collect_events(self) -> list[Repository.Event]:
-        events, self._pending = self._pending, []
-        return events
 
     @singledispatchmethod
     def apply(self, event: Repository.Event) -> None:
@@ -89,14 +78,3 @@ class Repository(StableTopic):
     def _advance(self, event: Repository.Event) -> None:
         self.version = event.originator_version
         self.modified_on = event.timestamp
-
-    @classmethod
-    def project(
-        cls, repository: Repository | None, events: Iterable[Repository.Event]
-    ) -> Repository | None:
-        """eventsourcing's projector function: the state after ``events``."""
-        for event in events:
-            if repository is None:
-                repository = cls()
-            repository.apply(event)
-        return repository
