@@ -125,7 +125,16 @@ class Image(Aggregate["Image.Event"], StableTopic):
 
     @dataclass(frozen=True, kw_only=True)
     class ImageRemoved(Event):
+        """Version 2 adds ``reason``; a version 1 event is upcast with no reason given."""
+
         TOPIC = "strata.image.ImageRemoved"
+        class_version = 2
+
+        reason: str = ""
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["reason"] = ""
 
     @dataclass(frozen=True, kw_only=True)
     class UserDataSet(Event):
@@ -303,11 +312,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def change_chain(self, *, chain: list[str], reason: str, host_id: str, now: datetime) -> None:
         self._trigger(self.ChainChanged, host_id, now, chain=list(chain), reason=reason)
 
-    def remove(self, *, host_id: str, now: datetime) -> None:
+    def remove(self, *, host_id: str, now: datetime, reason: str = "") -> None:
         self._require_live()
         if self.prepared_on:
             raise ImageInUse(f"prepared on {sorted(self.prepared_on)}", image_id=self.id)
-        self._trigger(self.ImageRemoved, host_id, now)
+        self._trigger(self.ImageRemoved, host_id, now, reason=reason)
 
     def set_user_data(self, *, user_data: Any, host_id: str, now: datetime) -> None:
         self._require_live()
