@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import Mapper, StoredEvent
 
 from engine.aggregates.image import Image
 from engine.aggregates.repository import Repository
 from engine.application import StrataLogApplication
+from engine.errors import InvalidParameter
+from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.image_state import clone, image_key
 from engine.projections.read_model import Checkpoint, ReadModel, image_row
@@ -56,13 +58,22 @@ class RepositoryInfo:
 class RepositoryView:
     def __init__(
         self,
-        app: StrataLogApplication,
+        app: StrataLogApplication | None,
         *,
         db_path: str | None = None,
         batch_size: int = DEFAULT_BATCH,
+        mapper: Mapper[Any] | None = None,
     ) -> None:
-        self._app = app
-        self._log = app.operation_log
+        """``app=None`` (with a ``mapper``) makes a detached view: no log and no read model of
+        its own, fed only by :meth:`fold` with records read elsewhere (point-in-time replay
+        over a read-only log, engine/projections/replay.py)."""
+        if app is not None:
+            self._log: OperationLog | None = app.operation_log
+            self._mapper: Mapper[Any] = mapper or app.mapper
+        elif mapper is not None and db_path is None:
+            self._log, self._mapper = None, mapper
+        else:
+            raise InvalidParameter("a detached view needs a mapper and has no db_path", name="app")
         self._batch_size = batch_size
         self._lock = threading.RLock()
         self._store = None if db_path is None else ReadModel(db_path)
@@ -99,9 +110,10 @@ class RepositoryView:
         """Whether the record at the checkpoint is still the one the model folded."""
         if checkpoint.position == 0:
             return True
-        if checkpoint.position > self._log.refresh():
+        log = self._own_log()
+        if checkpoint.position > log.refresh():
             return False  # the log is shorter than the model: it was replaced
-        [record] = self._log.read(checkpoint.position, checkpoint.position, 1)
+        [record] = log.read(checkpoint.position, checkpoint.position, 1)
         return (record.prev_hash, record.time_ns) == (checkpoint.prev_hash, checkpoint.time_ns)
 
     # --- keeping up -----------------------------------------------------------------------
@@ -113,13 +125,32 @@ class RepositoryView:
         process already knows of (its own saves): the cheapest read-your-writes.
         """
         with self._lock:
-            last = self._log.refresh() if refresh else self._log.last_seq
+            log = self._own_log()
+            last = log.refresh() if refresh else log.last_seq
             if last < self._checkpoint.position:
                 self._restart()  # the log shrank under us: it is another log now
             while self._checkpoint.position < last:
-                records = self._log.read(self._checkpoint.position + 1, last, self._batch_size)
+                records = log.read(self._checkpoint.position + 1, last, self._batch_size)
                 self._persist(self._fold(records))
             return self._checkpoint.position
+
+    def fold(self, records: Sequence[Record]) -> int:
+        """Fold records read elsewhere, the ones right after :attr:`position`, in order, whole
+        transactions only; return the new position. For detached views."""
+        with self._lock:
+            if records:
+                if records[0].seq != self._checkpoint.position + 1:
+                    raise InvalidParameter(
+                        f"record {records[0].seq} does not follow {self._checkpoint.position}",
+                        name="records",
+                    )
+                self._persist(self._fold(records))
+            return self._checkpoint.position
+
+    def _own_log(self) -> OperationLog:
+        if self._log is None:
+            raise InvalidParameter("a detached view reads no log; fold() feeds it", name="log")
+        return self._log
 
     def rebuild(self) -> int:
         """Forget everything and fold the whole log again."""
@@ -134,7 +165,7 @@ class RepositoryView:
 
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
-        to_domain_event = self._app.mapper.to_domain_event
+        to_domain_event = self._mapper.to_domain_event
         staged: dict[uuid.UUID, Image] = {}
         workers: dict[uuid.UUID, str] = {}
         repository = self._repository
@@ -281,10 +312,11 @@ class RepositoryView:
 
     def history(self, image_id: uuid.UUID | str) -> list[Image.Event]:
         """The image's events from the log, oldest first (an auditor's view, read each time)."""
-        to_domain_event = self._app.mapper.to_domain_event
+        to_domain_event = self._mapper.to_domain_event
         events: list[Image.Event] = []
-        self._log.refresh()
-        for record in self._log.events_of(image_key(image_id)):
+        log = self._own_log()
+        log.refresh()
+        for record in log.events_of(image_key(image_id)):
             stored = StoredEvent(
                 record.originator_id, record.originator_version, record.topic, record.state
             )

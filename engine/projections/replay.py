@@ -1,0 +1,294 @@
+"""Point-in-time replay: the repository as the log says it was after a record or at a moment.
+
+For auditors and recovery tooling, from the log alone: the log is read with the read-only
+reader (:class:`~engine.log.reader.ReadOnlyLog`, which checks every frame and the hash chain
+and never writes), and folded into a detached :class:`RepositoryView` (no SQLite file), so the
+statuses and fixes are those of the engine's own code. Only whole transactions are folded: a
+point inside a transaction stops before it. Reading stops at the point, so damage after it is
+not seen (``strata-log verify`` reads everything).
+
+A check compares the log with the files. Here there are no files, so :func:`log_volume_files`
+stands in for them: every volume a completed stage made or a chain holds, less those a
+completed stage deleted. What only the files can tell (leftovers of crashed stages, missing or
+damaged volumes, byte counts) is not in fixes offered here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.utils import TopicError
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.aggregates.topics import register_topics
+from engine.errors import InvalidParameter, LogCorrupted
+from engine.formats.driver import VolumeFile
+from engine.log import segments
+from engine.log.framing import Record, key_of
+from engine.log.reader import ReadOnlyLog
+from engine.log.scan import gc_paused, scan
+from engine.persistence.transcoder import default_transcoder
+from engine.projections.fixes import find_fixes
+from engine.projections.status import image_status
+from engine.projections.view import RepositoryView
+from engine.types import Fix
+
+BATCH = 20_000  # records folded at a time: copy-on-write costs once per image per batch
+_CLAIMED = Image.StageClaimed.TOPIC
+
+
+@dataclass(frozen=True, slots=True)
+class Until:
+    """A point in the log: after record ``seq``, or at ``time_ns`` (ns since the epoch)."""
+
+    seq: int | None = None
+    time_ns: int | None = None
+
+
+@dataclass(slots=True)
+class HostSeen:
+    """A host as the log knows it: the records it appended."""
+
+    host_id: str
+    records: int = 0
+    first_seq: int = 0
+    first_time_ns: int = 0
+    last_seq: int = 0
+    last_time_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A stage claimed and not finished at the point: its host may still run it, or be dead."""
+
+    image: Image
+    op_id: str
+    purpose: str
+    stage: str  # "X/Y"
+    epoch: int
+    host_id: str
+    seq: int  # the StageClaimed record
+    time_ns: int
+
+
+@dataclass
+class Replay:
+    view: RepositoryView
+    log_began_ns: int  # when the log's first segment was created
+    time_ns: int | None = None  # of the last record folded
+    ended: bool = True  # the log ended before the point (or no point was given)
+    hosts: dict[str, HostSeen] = field(default_factory=dict)
+    _claims: dict[bytes | str, Record] = field(default_factory=dict)
+
+    @property
+    def position(self) -> int:
+        return self.view.position
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Every image the log names by id, removed ones last, as the engine would report it."""
+        images = sorted(self.view.images(), key=lambda i: (i.removed, str(i.id)))
+        return [image_summary(i, self.view) for i in images]
+
+    def fixes(self) -> list[Fix]:
+        """What a check would have offered then, from the log alone (see the module's doc)."""
+        return find_fixes(self.view, log_volume_files(self.view))
+
+    def claims(self) -> list[Claim]:
+        """Stages claimed and neither completed, failed nor stopped at the point, by host."""
+        found = []
+        for image in self.view.images():
+            op = image.current_operation()
+            record = self._claims.get(key_of(image.id))
+            if op is None or op.claim_host is None or record is None:
+                continue
+            found.append(
+                Claim(
+                    image, op.op_id, op.purpose, op.stage_label(), op.claim_epoch,
+                    op.claim_host, record.seq, record.time_ns,
+                )
+            )  # fmt: skip
+        return sorted(found, key=lambda c: (c.host_id, c.seq))
+
+
+def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
+    status = image_status(image, view)
+    return {
+        "image_id": str(image.id),
+        "kind": image.kind,
+        "size": image.size,
+        "status": "removed" if image.removed else status.status,
+        "stage": status.stage,
+        "percent_complete": status.percent_complete,
+        "host_id": status.host_id,
+        "last_error": status.last_error,
+        "removed": image.removed,
+        "created": image.created_on.isoformat(),
+        "modified": image.modified_on.isoformat(),
+        "version": image.version,
+        "chain_depth": len(image.chain),
+        "chain": list(image.chain),
+        "user_data": image.user_data,
+    }
+
+
+def new_mapper() -> Mapper[Any]:
+    register_topics()
+    return Mapper(default_transcoder())
+
+
+def replay(
+    log_dir: str,
+    until: Until | None = None,
+    *,
+    watch: uuid.UUID | None = None,
+    on_watched: Callable[[Sequence[Record], RepositoryView], None] | None = None,
+) -> Replay:
+    """Fold the log up to ``until`` (the whole log without one).
+
+    With ``watch``, every transaction that holds an event of that aggregate is folded at once
+    and ``on_watched(its records, the view)`` called: the state right after it (history).
+    Raises InvalidParameter for a point outside the log, LogCorrupted for damage before it.
+    """
+    until = until or Until()
+    mapper = new_mapper()
+    view = RepositoryView(None, mapper=mapper)
+    log = ReadOnlyLog(log_dir)
+    result = Replay(view, log_began_ns=0)
+    watched = None if watch is None else key_of(watch)
+    stop_seq, stop_ns = until.seq, until.time_ns
+    hosts, claims = result.hosts, result._claims
+    batch: list[Record] = []
+    start = 0  # where the transaction being read begins in the batch
+    records = log.records()
+    try:
+        with gc_paused():
+            for record in records:
+                batch.append(record)
+                if not record.txn_last:
+                    continue
+                if (stop_seq is not None and record.seq > stop_seq) or (
+                    stop_ns is not None and record.time_ns > stop_ns
+                ):
+                    del batch[start:]
+                    result.ended = False
+                    break
+                touched = False
+                for r in batch[start:]:
+                    seen = hosts.get(r.host_id)
+                    if seen is None:
+                        seen = hosts[r.host_id] = HostSeen(r.host_id, 0, r.seq, r.time_ns)
+                    seen.records += 1
+                    seen.last_seq, seen.last_time_ns = r.seq, r.time_ns
+                    if r.topic == _CLAIMED:
+                        claims[r.originator_key] = r
+                    touched = touched or r.originator_key == watched
+                if touched and on_watched is not None:
+                    _fold(view, mapper, log_dir, batch)
+                    on_watched(batch[start:], view)
+                    batch = []
+                elif len(batch) >= BATCH:
+                    _fold(view, mapper, log_dir, batch)
+                    batch = []
+                start = len(batch)
+            _fold(view, mapper, log_dir, batch)
+    finally:
+        records.close()
+    if batch:
+        result.time_ns = batch[-1].time_ns
+    elif hosts:
+        result.time_ns = max(h.last_time_ns for h in hosts.values())
+    result.log_began_ns = min(
+        [log.headers[1].created_ns, *(h.first_time_ns for h in hosts.values())]
+    )
+    _check_point(until, result)
+    return result
+
+
+def _check_point(until: Until, result: Replay) -> None:
+    if until.seq is not None and result.ended and until.seq > result.position:
+        raise InvalidParameter(
+            f"sequence {until.seq} is past the end of the log, which ends at {result.position}",
+            name="until",
+        )
+    if until.time_ns is not None and until.time_ns < result.log_began_ns:
+        raise InvalidParameter(
+            f"{_iso(until.time_ns)} is before the log began ({_iso(result.log_began_ns)})",
+            name="until",
+        )
+
+
+def _iso(time_ns: int) -> str:
+    moment = datetime.datetime.fromtimestamp(time_ns / 1e9, datetime.UTC)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _fold(view: RepositoryView, mapper: Mapper[Any], log_dir: str, batch: list[Record]) -> None:
+    try:
+        view.fold(batch)
+    except (TopicError, ValueError) as e:
+        # Which record? Decode them again one by one; a record that decodes is not the cause.
+        for record in batch:
+            try:
+                mapper.to_domain_event(
+                    StoredEvent(
+                        record.originator_id, record.originator_version, record.topic, record.state
+                    )
+                )
+            except (TopicError, ValueError) as bad:
+                segment, offset = locate(log_dir, record.seq)
+                raise LogCorrupted(
+                    f"record {record.seq} ({record.topic}) does not decode as an event this "
+                    f"Strata knows: {bad}",
+                    segment=segment,
+                    offset=offset,
+                ) from e
+        raise
+
+
+def locate(log_dir: str, seq: int) -> tuple[int, int]:
+    """The segment and byte offset of record ``seq`` (of a log the reader found sound)."""
+    numbers = segments.list_segments(log_dir)
+    for number in reversed(numbers):
+        path = segments.segment_path(log_dir, number)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header, data_start = segments.read_header(fd, path, number)
+            if header.first_seq > seq:
+                continue
+            size = os.fstat(fd).st_size
+            buf = os.pread(fd, size - data_start, data_start)
+        finally:
+            os.close(fd)
+        found = scan(buf, data_start, number, header.first_seq, header.prev_hash)
+        return number, found.offsets[seq - header.first_seq]
+    raise InvalidParameter(f"no record {seq} in {log_dir}", name="seq")
+
+
+def log_volume_files(view: RepositoryView) -> list[VolumeFile]:
+    """The volume files the log says exist: what completed stages made and chains hold, less
+    what stages still to run will make and what completed stages deleted. No sizes."""
+    made: set[str] = set()
+    pending: set[str] = set()
+    deleted: set[str] = set()
+    for image in view.images():
+        made.update(image.chain)
+        for op in image.operations:
+            for number, stage in enumerate(op.stages):
+                done = number < op.done
+                volume = ops.produced_by(stage)
+                if volume is not None:
+                    (made if done else pending).add(volume)
+                if done and stage.get("do") == "delete":
+                    deleted.update(stage.get("volumes") or ())
+    files = []
+    for ref in sorted(made - pending - deleted):
+        volume_id, fmt = ops.split_ref(ref)
+        files.append(VolumeFile(volume_id, fmt, f"volumes/{ref}", 0, 0, False))
+    return files
