@@ -135,13 +135,14 @@ class RepositoryView:
             return self._checkpoint.position
 
     def fold(self, records: Sequence[Record]) -> int:
-        """Fold records read elsewhere, the ones right after :attr:`position`, in order, whole
-        transactions only; return the new position. For detached views."""
+        """Fold records read elsewhere, after :attr:`position`, in log order, ending with a
+        whole transaction; return the new position. For detached views. The caller may leave
+        out records whose effect a later one overwrites (engine/projections/replay.py)."""
         with self._lock:
             if records:
-                if records[0].seq != self._checkpoint.position + 1:
+                if records[0].seq <= self._checkpoint.position:
                     raise InvalidParameter(
-                        f"record {records[0].seq} does not follow {self._checkpoint.position}",
+                        f"record {records[0].seq} is not after {self._checkpoint.position}",
                         name="records",
                     )
                 self._persist(self._fold(records))
