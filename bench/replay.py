@@ -49,7 +49,8 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.log import NewEvent, OperationLog
 from engine.log.reader import ReadOnlyLog
-from engine.projections.replay import Until, new_mapper, replay, to_event
+from engine.projections.replay import Until, replay
+from engine.projections.replay_events import new_mapper, to_event
 
 BATCH = 10_000
 PROGRESS = 8  # throttled progress events per stage

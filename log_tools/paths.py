@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from engine.errors import LogCorrupted, NotAStrataLog
+from engine.formats.localfs import MARKER as REPOSITORY_MARKER
 from engine.log import segments
 
 LOG_DIR_NAME = "log"
@@ -33,3 +34,14 @@ def _has_segments(directory: str) -> bool:
         return bool(segments.list_segments(directory))
     except LogCorrupted:
         return True  # a segment is missing: a damaged log, which the reader reports as such
+
+
+def repository_root(path: str) -> str | None:
+    """The repository directory ``path`` names (itself, or the parent of its ``log/``), or
+    None when it is a log directory outside any repository."""
+    path = os.path.abspath(path)
+    for candidate in (path, os.path.dirname(path)):
+        marked = os.path.isfile(os.path.join(candidate, REPOSITORY_MARKER))
+        if marked and (candidate == path or os.path.basename(path) == LOG_DIR_NAME):
+            return candidate
+    return None

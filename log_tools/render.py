@@ -7,6 +7,7 @@ BLAKE2b digest computed elsewhere without decoding anything.
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from typing import Any
 
@@ -70,3 +71,27 @@ def record_json(record: Record) -> dict[str, Any]:
         "topic": record.topic,
         "state": record.state.hex(),
     }
+
+
+def plain(value: Any) -> Any:
+    """A value from the log as JSON can hold it: bytes as hex, anything else unknown as text."""
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def to_json(value: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(value, indent=indent, default=plain)
+
+
+def short(text: str, width: int) -> str:
+    text = printable(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# Every event has these; the rest of its fields are what it says happened.
+_COMMON_FIELDS = ("originator_id", "originator_version", "timestamp", "host_id")
+
+
+def event_fields(event: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(event).items() if k not in _COMMON_FIELDS}

@@ -1,8 +1,10 @@
 """``strata-log verify``: check a whole log without touching it, and say what it holds.
 
 Every segment header, frame checksum, sequence number, hash-chain link and record payload is
-checked by the engine's own reader code (see :mod:`log_tools.reading`). A torn tail is sound: it
-is what a crash mid-append leaves, it was never committed, and the next appender cuts it.
+checked by the engine's own reader code (:mod:`engine.log.reader`), and every event is decoded
+by the application's mapper (upcasting included). A torn tail is sound: it is what a crash
+mid-append leaves, it was never committed, and the next appender cuts it. An event of a class
+this Strata does not know (a later version wrote it) is counted, not called damage.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from eventsourcing.utils import TopicError
+
 from engine.errors import LogCorrupted
 from engine.log.framing import Record
 from engine.log.reader import ReadOnlyLog, TailState, leftovers
+from engine.projections.replay_events import locate, new_mapper, to_event
 from log_tools.render import iso_time, printable
 
 
@@ -33,6 +38,7 @@ class Summary:
     tail: TailState | None = None
     kept_torn_tails: list[str] = field(default_factory=list)
     stale_temporaries: list[str] = field(default_factory=list)
+    unknown_topics: Counter[str] = field(default_factory=Counter)
     damage: LogCorrupted | None = None
 
     def add(self, record: Record) -> None:
@@ -52,7 +58,19 @@ def verify(log_dir: str) -> Summary:
     try:
         log = ReadOnlyLog(log_dir)
         summary.segments = len(log.numbers)
+        mapper = new_mapper()
         for record in log.records():
+            try:
+                to_event(mapper, record)
+            except TopicError:
+                summary.unknown_topics[record.topic] += 1
+            except (ValueError, TypeError, KeyError) as e:
+                segment, offset = locate(log_dir, record.seq)
+                raise LogCorrupted(
+                    f"record {record.seq} ({record.topic}) does not decode: {e}",
+                    segment=segment,
+                    offset=offset,
+                ) from e
             summary.add(record)
     except LogCorrupted as e:
         summary.damage = e
@@ -92,6 +110,7 @@ def to_json(summary: Summary) -> dict[str, Any]:
         },
         "kept_torn_tails": summary.kept_torn_tails,
         "stale_temporaries": summary.stale_temporaries,
+        "unknown_topics": dict(sorted(summary.unknown_topics.items())),
         "damage": None if damage is None else {**damage.to_dict(), "detail": damage.detail},
     }
 
@@ -108,6 +127,17 @@ def write_text(summary: Summary, out: TextIO) -> None:
     ]
     if summary.kept_torn_tails:
         rows.append(("kept", f"{len(summary.kept_torn_tails)} cut-off torn tail(s) in torn/"))
+    if summary.unknown_topics:
+        count = sum(summary.unknown_topics.values())
+        rows.append(
+            (
+                "events",
+                f"{count} of {len(summary.unknown_topics)} class(es) this Strata does not know "
+                "(written by a later version?); the rest decode",
+            )
+        )
+    elif summary.records:
+        rows.append(("events", "every one decodes"))
     if summary.stale_temporaries:
         names = ", ".join(map(printable, summary.stale_temporaries))
         rows.append(("leftover", f"{names} (an unfinished roll-over; not part of the log)"))

@@ -16,47 +16,45 @@ damaged volumes, byte counts) is not in fixes offered here.
 from __future__ import annotations
 
 import datetime
-import os
 import uuid
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from eventsourcing.persistence import (
     Mapper,
-    MapperDeserialisationError,
-    StoredEvent,
-    find_id_convertor,
 )
-from eventsourcing.utils import TopicError, resolve_topic
+from eventsourcing.utils import TopicError
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter, LogCorrupted
 from engine.formats.driver import VolumeFile
-from engine.log import segments
 from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
-from engine.log.scan import gc_paused, scan
-from engine.persistence.transcoder import default_transcoder
+from engine.log.scan import gc_paused
 from engine.projections.fixes import find_fixes
+from engine.projections.replay_events import (
+    locate,
+    new_mapper,
+    to_event,
+    without_superseded_progress,
+)
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 from engine.types import Fix
 
 BATCH = 20_000  # records folded at a time: copy-on-write costs once per image per batch
 _CLAIMED = Image.StageClaimed.TOPIC
-_PROGRESSED = Image.StageProgressed.TOPIC
-# What a StageProgressed sets (the operation's percent, the image's version, time, last host
-# and the view's worker), the next of these events of the same image sets again: the aggregate
-# lets only the current operation's next stage be claimed, progressed or completed.
-_OVERWRITE_PROGRESS = frozenset((_CLAIMED, _PROGRESSED, Image.StageCompleted.TOPIC))
 
 
 @dataclass(frozen=True, slots=True)
 class Until:
-    """A point in the log: after record ``seq``, or at ``time_ns`` (ns since the epoch)."""
+    """A point in the log: after record ``seq``, or at ``time_ns`` (ns since the epoch).
+
+    The log's order is the history; a time only says where to stop: before the first
+    transaction stamped later than it (hosts' clocks may disagree by a little).
+    """
 
     seq: int | None = None
     time_ns: int | None = None
@@ -148,56 +146,6 @@ def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
     }
 
 
-class ReplayMapper(Mapper[Any]):
-    """eventsourcing's ``Mapper`` that looks up what it needs per event class once, not per
-    event: replay decodes millions. ``to_domain_event`` gives what the library's does for
-    Strata's mapper (msgpack transcoder, no cipher, no compressor), upcasting included."""
-
-    def __init__(self) -> None:
-        super().__init__(default_transcoder())
-        self._decode = self.transcoder.decode
-        self._classes: dict[tuple[str, type], tuple[type, Callable[[Any], Any], int]] = {}
-
-    def to_domain_event(self, stored_event: StoredEvent) -> Any:
-        originator_id = stored_event.originator_id
-        key = (stored_event.topic, type(originator_id))
-        known = self._classes.get(key)
-        if known is None:
-            cls = resolve_topic(stored_event.topic)
-            convert = find_id_convertor(cls, cast(Hashable, type(originator_id)))
-            known = self._classes[key] = (cls, convert, getattr(cls, "class_version", 1))
-        cls, convert, class_version = known
-        try:
-            state: dict[str, Any] = self._decode(stored_event.state)
-        except Exception as e:  # the library's wording and type, so callers see one error
-            raise MapperDeserialisationError(
-                f"Failed to deserialise state of stored event with topic '{stored_event.topic}', "
-                f"originator_id '{originator_id}' and originator_version "
-                f"{stored_event.originator_version}: {e}"
-            ) from e
-        state["originator_id"] = convert(originator_id)
-        state["originator_version"] = stored_event.originator_version
-        version = state.pop("class_version", 1)
-        while version < class_version:
-            getattr(cls, f"upcast_v{version}_v{version + 1}")(state)
-            version += 1
-        event: Any = object.__new__(cls)
-        object.__setattr__(event, "__dict__", state)
-        return event
-
-
-def new_mapper() -> Mapper[Any]:
-    register_topics()
-    return ReplayMapper()
-
-
-def to_event(mapper: Mapper[Any], record: Record) -> Any:
-    """The domain event a record holds, upcast to its class's current version."""
-    return mapper.to_domain_event(
-        StoredEvent(record.originator_id, record.originator_version, record.topic, record.state)
-    )
-
-
 def replay(
     log_dir: str,
     until: Until | None = None,
@@ -226,6 +174,7 @@ def replay(
     hosts, claims = result.hosts, result._claims
     batch: list[Record] = []
     start = 0  # where the transaction being read begins in the batch
+    last: Record | None = None  # the last record of the last transaction taken
     records = log.records()
     try:
         with gc_paused():
@@ -239,7 +188,7 @@ def replay(
                     del batch[start:]
                     result.ended = False
                     break
-                touched = False
+                last, touched = record, False
                 for r in batch[start:]:
                     seen = hosts.get(r.host_id)
                     if seen is None:
@@ -260,10 +209,7 @@ def replay(
             _fold(view, mapper, log_dir, batch, skip_superseded)
     finally:
         records.close()
-    if batch:
-        result.time_ns = batch[-1].time_ns
-    elif hosts:
-        result.time_ns = max(h.last_time_ns for h in hosts.values())
+    result.time_ns = None if last is None else last.time_ns
     result.log_began_ns = min(
         [log.headers[1].created_ns, *(h.first_time_ns for h in hosts.values())]
     )
@@ -308,42 +254,6 @@ def _fold(
                     offset=offset,
                 ) from e
         raise
-
-
-def without_superseded_progress(batch: Sequence[Record]) -> list[Record]:
-    """``batch`` less each StageProgressed whose image's next record in it overwrites it."""
-    overwritten: set[bytes | str] = set()  # images whose next record (so far) overwrites
-    kept = []
-    for record in reversed(batch):
-        key, topic = record.originator_key, record.topic
-        if topic == _PROGRESSED and key in overwritten:
-            continue
-        if topic in _OVERWRITE_PROGRESS:
-            overwritten.add(key)
-        else:
-            overwritten.discard(key)
-        kept.append(record)
-    kept.reverse()
-    return kept
-
-
-def locate(log_dir: str, seq: int) -> tuple[int, int]:
-    """The segment and byte offset of record ``seq`` (of a log the reader found sound)."""
-    numbers = segments.list_segments(log_dir)
-    for number in reversed(numbers):
-        path = segments.segment_path(log_dir, number)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            header, data_start = segments.read_header(fd, path, number)
-            if header.first_seq > seq:
-                continue
-            size = os.fstat(fd).st_size
-            buf = os.pread(fd, size - data_start, data_start)
-        finally:
-            os.close(fd)
-        found = scan(buf, data_start, number, header.first_seq, header.prev_hash)
-        return number, found.offsets[seq - header.first_seq]
-    raise InvalidParameter(f"no record {seq} in {log_dir}", name="seq")
 
 
 def log_volume_files(view: RepositoryView) -> list[VolumeFile]:

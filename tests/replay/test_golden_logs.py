@@ -22,7 +22,8 @@ from engine.aggregates.image import Image
 from engine.formats.driver import get_format
 from engine.log import VERSION
 from engine.log.reader import ReadOnlyLog
-from engine.projections.replay import Until, new_mapper, replay
+from engine.projections.replay import Until, replay
+from engine.projections.replay_events import new_mapper
 
 GOLDEN = Path(__file__).with_name("golden")
 LOGS = sorted(p.parent for p in GOLDEN.glob("*/expected.json"))

@@ -13,7 +13,8 @@ from engine.aggregates.image import Image
 from engine.errors import InvalidParameter
 from engine.log import NewEvent, OperationLog
 from engine.projections.image_state import to_state
-from engine.projections.replay import Replay, Until, new_mapper, replay
+from engine.projections.replay import Replay, Until, replay
+from engine.projections.replay_events import new_mapper
 
 GOLDEN = sorted(p.parent / "log" for p in Path(__file__).parent.glob("golden/*/expected.json"))
 
