@@ -1,7 +1,8 @@
 """``strata-log``: the auditor's command line over a repository's operation log.
 
 Exit status: 0 when the log is sound (a torn tail is sound), 1 when it is damaged, 2 when the
-path is not a Strata log, its version is unknown, or the arguments are wrong. Only the engine's
+path is not a Strata log, its version is unknown, or the arguments are wrong (an image the log
+does not name, a point outside the log, ...). Only the engine's
 own errors are turned into one line on stderr; anything else is a bug and keeps its traceback.
 """
 
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.errors import LogCorrupted, StrataError
-from log_tools import dump, verify
+from log_tools import dump, export, follow, graph, history, hosts, replay, verify
 from log_tools.paths import find_log_dir
 
 PROG = "strata-log"
@@ -109,4 +110,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--limit", type=_positive, metavar="N", help="print at most N records")
     show.set_defaults(command=_dump)
+    for module in (history, replay, export, graph, follow, hosts):
+        module.register(commands, path_help)
     return parser

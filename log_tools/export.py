@@ -1,0 +1,177 @@
+"""``strata-log export``: the log's projections as SQLite tables, for Datasette or any client.
+
+``images`` (one row per image, status as the engine computes it), ``events`` (every record
+up to the point, decoded: the history of every image), ``fixes`` (what a check would have
+offered, from the log alone), ``hosts`` (each host that appended, with its heartbeat when the
+repository has one), ``claims`` (stages claimed and not finished) and ``export`` (where the
+tables come from). The database is written to a temporary file and renamed into place, so a
+failed export leaves nothing half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlite_utils import Database
+
+from engine.errors import InvalidParameter
+from engine.log.reader import ReadOnlyLog
+from engine.projections.replay_events import new_mapper, to_event
+from log_tools import hosts
+from log_tools.paths import repository_root
+from log_tools.render import event_fields, iso_time, plain
+from log_tools.replay import FIXES_BASIS, UNTIL_HELP, fix_dict, replay_at
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path_help: str) -> None:
+    command = commands.add_parser(
+        "export",
+        help="write the projections to a SQLite database (images, events, fixes, hosts)",
+        description="Write the state at a point in the log (default: its end) as SQLite tables "
+        "that Datasette or any SQLite client opens: images, events, fixes, hosts, claims.",
+    )
+    command.add_argument("path", metavar="PATH", help=path_help)
+    command.add_argument("database", metavar="DB.sqlite", help="the database file to write")
+    command.add_argument("--until", metavar="SEQ|ISO-TIME", help=UNTIL_HELP)
+    command.add_argument("--replace", action="store_true", help="overwrite an existing file")
+    command.set_defaults(command=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    target = os.path.abspath(args.database)
+    if os.path.exists(target) and not args.replace:
+        raise InvalidParameter(f"{target} exists; pass --replace to overwrite it", name="DB")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise InvalidParameter(f"{os.path.dirname(target)} is not a directory", name="DB")
+    counts = export(args.path, target, args.until)
+    print(f"wrote {target}: " + ", ".join(f"{n} {table}" for table, n in counts.items()))
+    return 0
+
+
+# Every table is created with its columns, so an empty one is still there to query.
+SCHEMAS: dict[str, tuple[dict[str, type], str | tuple[str, ...]]] = {
+    "images": (
+        {
+            "image_id": str, "kind": str, "size": int, "status": str, "stage": str,
+            "percent_complete": int, "host_id": str, "last_error": str, "removed": int,
+            "created": str, "modified": str, "version": int, "chain_depth": int, "chain": str,
+            "user_data": str,
+        },
+        "image_id",
+    ),
+    "events": (
+        {
+            "seq": int, "time": str, "time_ns": int, "host_id": str, "aggregate_id": str,
+            "aggregate_version": int, "event": str, "topic": str, "txn_last": int, "fields": str,
+            "prev_hash": str,
+        },
+        "seq",
+    ),
+    "fixes": (
+        {"position": int, "type": str, "image_ids": str, "description": str, "data": str},
+        "position",
+    ),
+    "hosts": (
+        {
+            "host_id": str, "state": str, "records": int, "first_seq": int, "first_time": str,
+            "last_seq": int, "last_time": str, "heartbeat_time": str,
+            "heartbeat_age_seconds": float, "heartbeat": str, "claims": int,
+        },
+        "host_id",
+    ),
+    "claims": (
+        {
+            "image_id": str, "op_id": str, "purpose": str, "stage": str, "epoch": int,
+            "host_id": str, "host_state": str, "left_claimed": int, "claimed_seq": int,
+            "claimed_time": str,
+        },
+        ("image_id", "op_id"),
+    ),
+    "export": ({"key": str, "value": str}, "key"),
+}  # fmt: skip
+
+
+def export(path: str, target: str, until: str | None) -> dict[str, int]:
+    log_dir, state = replay_at(path, until)
+    temporary = f"{target}.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    db = Database(temporary)
+    try:
+        for name, (columns, pk) in SCHEMAS.items():
+            db.table(name).create(columns, pk=pk)
+        db.table("claims").add_foreign_key("image_id", "images", "image_id")
+        images = [
+            {**row, "chain": json.dumps(row["chain"]), "user_data": _json(row["user_data"])}
+            for row in state.statuses()
+        ]
+        db.table("images").insert_all(images)
+        db.table("events").insert_all(events(log_dir, state.position), batch_size=5000)
+        db.table("events").create_index(["aggregate_id", "seq"])
+        fixes = [
+            {**fix_dict(f), "position": i, "image_ids": json.dumps(list(f.image_ids))}
+            for i, f in enumerate(state.fixes())
+        ]
+        db.table("fixes").insert_all(fixes)
+        report = hosts.hosts_report(repository_root(path), state, time.time())
+        db.table("hosts").insert_all([_flat(h) for h in report["hosts"]])
+        db.table("claims").insert_all(report["claims"])
+        db.table("export").insert_all(
+            [
+                {"key": "log_directory", "value": log_dir},
+                {"key": "position", "value": str(state.position)},
+                {"key": "time", "value": "" if state.time_ns is None else iso_time(state.time_ns)},
+                {"key": "log_ends_here", "value": str(state.ended)},
+                {"key": "fixes_basis", "value": FIXES_BASIS},
+                {"key": "exported_at", "value": iso_time(time.time_ns())},
+            ]
+        )
+        counts = {name: db.table(name).count for name in SCHEMAS if name != "export"}
+    except BaseException:
+        db.close()
+        os.unlink(temporary)
+        raise
+    db.close()
+    os.replace(temporary, target)
+    return counts
+
+
+def events(log_dir: str, until_seq: int) -> Iterator[dict[str, Any]]:
+    """Every record up to ``until_seq``, with its event's own fields as JSON."""
+    mapper = new_mapper()
+    records = ReadOnlyLog(log_dir).records()
+    try:
+        for record in records:
+            if record.seq > until_seq:
+                return
+            event = to_event(mapper, record)
+            fields = event_fields(event)
+            yield {
+                "seq": record.seq,
+                "time": iso_time(record.time_ns),
+                "time_ns": record.time_ns,
+                "host_id": record.host_id,
+                "aggregate_id": str(record.originator_id),
+                "aggregate_version": record.originator_version,
+                "event": type(event).__name__,
+                "topic": record.topic,
+                "txn_last": int(record.txn_last),
+                "fields": _json(fields),
+                "prev_hash": record.prev_hash.hex(),
+            }
+    finally:
+        records.close()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=plain)
+
+
+def _flat(host: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json(v) if isinstance(v, dict | list) else v for k, v in host.items()}

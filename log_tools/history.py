@@ -1,0 +1,110 @@
+"""``strata-log history``: the life of one image, event by event.
+
+Each event with its sequence number, time and host, its own fields (what it says happened), and
+how the image looked after its transaction compared with the image's previous event: status,
+stage, chain, size and so on, computed by the engine's own view over the whole log up to there
+(an image's status also depends on the images whose volumes it uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from engine.errors import ImageNotFound, InvalidParameter
+from engine.log.framing import Record, key_of
+from engine.projections.replay import image_summary, replay
+from engine.projections.replay_events import new_mapper, to_event
+from engine.projections.view import RepositoryView
+from log_tools.paths import find_log_dir
+from log_tools.render import event_fields, iso_time, printable, short, to_json
+
+# How the image looked, compared between its events.
+_WATCHED = (
+    "status", "stage", "percent_complete", "host_id", "last_error", "size", "chain", "removed",
+    "user_data",
+)  # fmt: skip
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path_help: str) -> None:
+    command = commands.add_parser(
+        "history",
+        help="every event of one image, with time, host and what changed",
+        description="The life of one image: each of its events with sequence number, time, "
+        "host and fields, and what changed in the image after it.",
+    )
+    command.add_argument("path", metavar="PATH", help=path_help)
+    command.add_argument("image_id", metavar="IMAGE_ID", help="the image's id (a UUID)")
+    command.add_argument("--json", action="store_true", help="one JSON object per event")
+    command.set_defaults(command=run)
+
+
+def history(log_dir: str, image_id: str) -> list[dict[str, Any]]:
+    try:
+        key = uuid.UUID(image_id)
+    except ValueError:
+        raise InvalidParameter(f"not an image id (a UUID): {image_id!r}", name="IMAGE_ID") from None
+    mapper = new_mapper()
+    entries: list[dict[str, Any]] = []
+    before: dict[str, Any] = {}
+
+    def seen(records: Sequence[Record], view: RepositoryView) -> None:
+        nonlocal before
+        image = view.image(key)
+        after = {} if image is None else image_summary(image, view)
+        changed = {k: [before.get(k), after[k]] for k in _WATCHED if before.get(k) != after.get(k)}
+        for record in records:
+            if record.originator_key != key_of(key):
+                continue
+            event = to_event(mapper, record)
+            fields = event_fields(event)
+            entries.append(
+                {
+                    "seq": record.seq,
+                    "time": iso_time(record.time_ns),
+                    "time_ns": record.time_ns,
+                    "host_id": record.host_id,
+                    "version": record.originator_version,
+                    "event": type(event).__name__,
+                    "fields": fields,
+                    "changed": changed,
+                }
+            )
+            changed = {}  # said once per transaction, on the image's first event in it
+        before = after
+
+    replay(log_dir, watch=key, on_watched=seen)
+    if not entries:
+        raise ImageNotFound("in this log (it names no event of it)", image_id=image_id)
+    return entries
+
+
+def run(args: argparse.Namespace) -> int:
+    entries = history(find_log_dir(args.path), args.image_id)
+    if args.json:
+        for entry in entries:
+            print(to_json(entry, indent=None))
+    else:
+        write_text(entries, sys.stdout)
+    return 0
+
+
+def write_text(entries: list[dict[str, Any]], out: TextIO) -> None:
+    for entry in entries:
+        fields = ", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items())
+        out.write(
+            f"{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
+            f"v{entry['version']}  {entry['event']}  {short(fields, 160)}\n"
+        )
+        for name, (old, new) in entry["changed"].items():
+            out.write(f"{'':>10}{name}: {_value(old)} -> {_value(new)}\n")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        # Operation plans: their purposes say enough here; --json has every stage.
+        return "[" + ", ".join(str(v.get("purpose", "?")) for v in value) + "]"
+    return short(repr(value) if isinstance(value, str) else str(value), 100)
