@@ -68,20 +68,18 @@ class ImageCommands:
             base_chain = snapshot.chain
             if source_repo is not repo:
                 # Chains stay inside a repository (ADR 0004): build on a local copy of the
-                # snapshot, under the snapshot's own id, made first if it is not there yet.
+                # snapshot, under the snapshot's own id (or a new one, if a removed copy still
+                # holds that id here), made first if it is not there yet.
                 local = repo.view.image(snapshot.id)
-                if local is None:
+                if local is not None and local.removed:
+                    local = _live_copy_of(repo, snapshot.id) or local
+                if local is None or local.removed:
+                    copy_id = snapshot.id if local is None else uuid.uuid4()
                     base_chain, copy_work = planning.full_copy(snapshot.id, ops.SPACE)
                     also.append(self._request(
-                        snapshot.id, ops.SNAPSHOT, snapshot.size, base_chain, snapshot.user_data,
+                        copy_id, ops.SNAPSHOT, snapshot.size, base_chain, snapshot.user_data,
                         opts, {"how": "copy", "of": str(snapshot.id)}, copy_work, repo,
                     ))  # fmt: skip
-                elif local.removed:
-                    raise InvalidParameter(
-                        f"a removed copy of snapshot {snapshot.id} is still in {repo.repo_id!r}; "
-                        "run its clean fix first",
-                        name="base_snapshot_id",
-                    )
                 else:
                     base_chain = local.chain
             chain, work = planning.disk_on_snapshot(size, base_chain, opts.strategy, new_id)
@@ -169,7 +167,7 @@ class ImageCommands:
         new_id = uuid.uuid4()
         origin["base"] = str(base.id)
         if base.kind == ops.SNAPSHOT:
-            chain, work = planning.incremental_copy(source.id, base.chain)
+            chain, work = planning.incremental_copy(source.id, base.chain, opts.strategy, new_id)
             image = self._request(
                 new_id, source.kind, source.size, chain, data, opts, origin, work, target
             )
@@ -188,7 +186,7 @@ class ImageCommands:
                     snapshot_id=None, new_top=top, operations=base_work,
                     host_id=self.host_id, now=target.service.now(),
                 )  # fmt: skip
-                chain, work = planning.incremental_copy(source.id, frozen)
+                chain, work = planning.incremental_copy(source.id, frozen, opts.strategy, new_id)
                 made[:] = [self._request(
                     new_id, source.kind, source.size, chain, data, opts, origin, work, target
                 )]  # fmt: skip
@@ -280,3 +278,16 @@ class ImageCommands:
 def _held(plan: dict[str, Any], opts: validation.Options) -> dict[str, Any]:
     """An operation that waits for a fix when the caller asked for ``auto_fix=False``."""
     return plan if opts.auto_fix else {**plan, "held": True}
+
+
+def _live_copy_of(repo: ConnectedRepository, image_id: uuid.UUID) -> Image | None:
+    """A live snapshot in ``repo`` copied from ``image_id`` under another id."""
+    for image in repo.view.live_images():
+        origin = image.origin
+        if (
+            image.kind == ops.SNAPSHOT
+            and origin.get("how") == "copy"
+            and origin.get("of") == str(image_id)
+        ):
+            return image
+    return None

@@ -110,12 +110,23 @@ def full_copy(
 
 
 def incremental_copy(
-    source_id: uuid.UUID, base_chain: list[str], new: NewVolume = fresh_volume
+    source_id: uuid.UUID,
+    base_chain: list[str],
+    strategy: str,
+    image_id: uuid.UUID,
+    new: NewVolume = fresh_volume,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Only what the source holds that differs from the base (seed 001's incremental backup)."""
+    """Only what the source holds that differs from the base (seed 001's incremental backup).
+
+    The transfer is always the difference; with ``performance`` the copy is then flattened
+    into its own raw volume, like any other disk of that strategy.
+    """
     diff = new("qcow2")
     stage = {"do": "diff", "source_image": str(source_id), "base": base_chain[-1], "volume": diff}
-    return [*base_chain, diff], [plan(op_id(), "copy", stage)]
+    work = [plan(op_id(), "copy", stage)]
+    if strategy == ops.PERFORMANCE:
+        work.append(optimize_plan(image_id, new))
+    return [*base_chain, diff], work
 
 
 def resize(top: str, size: int) -> dict[str, Any]:

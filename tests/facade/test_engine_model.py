@@ -58,16 +58,6 @@ KNOWN_BUGS = {
     "snapshot-copy-reads-itself": (
         "test_a_snapshot_copied_into_the_first_connected_repository_is_made"
     ),
-    # copy_image with base_image_id ignores the performance strategy's optimize: the copy stays
-    # degraded until someone runs check and its optimize fix.
-    "performance-incremental-copy-stays-degraded": (
-        "test_an_incremental_copy_with_the_performance_strategy_ends_optimized"
-    ),
-    # A removed local copy of a snapshot blocks disks on that snapshot in its repository for
-    # ever, though the refusal says that its clean fix would unblock them.
-    "removed-snapshot-copy-blocks-disks": (
-        "test_a_disk_can_be_based_on_a_snapshot_whose_local_copy_was_removed_and_cleaned"
-    ),
 }
 
 repos = st.sampled_from(REPOS)
@@ -569,7 +559,7 @@ def test_a_snapshot_copied_into_the_first_connected_repository_is_made(
 def test_an_incremental_copy_with_the_performance_strategy_ends_optimized(
     engine: StorageEngine,
 ) -> None:
-    """KNOWN_BUGS["performance-incremental-copy-stays-degraded"]."""
+    """Regression: an incremental copy ignored the performance strategy and stayed degraded."""
     disk = engine.create_virtual_disk("r1", 4 * MiB)
     full = engine.copy_image("r2", disk)
     engine.wait_for_image("r2", full, timeout=30)
@@ -580,7 +570,7 @@ def test_an_incremental_copy_with_the_performance_strategy_ends_optimized(
 def test_a_disk_can_be_based_on_a_snapshot_whose_local_copy_was_removed_and_cleaned(
     engine: StorageEngine, repo_paths: tuple[str, str]
 ) -> None:
-    """KNOWN_BUGS["removed-snapshot-copy-blocks-disks"]."""
+    """Regression: a removed local copy of a snapshot blocked disks on it in its repository."""
     disk = engine.create_virtual_disk("r1", 4 * MiB)
     snap = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", snap, timeout=30)
