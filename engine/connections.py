@@ -1,4 +1,5 @@
-"""A repository connected on this host: its storage, its log application, its view, its work.
+"""A repository connected on this host: its storage, its log application, its view, its work,
+and this host's lease on its host id there (engine/executors/liveness.py).
 
 Also the thread that keeps the view current: it wakes on this process's appends at once and on
 other hosts' within the poll interval (:class:`~engine.log.follow.LogFollower`), folds the new
@@ -18,6 +19,7 @@ from engine.projections.view import RepositoryView
 from engine.service import ImageService
 
 if TYPE_CHECKING:
+    from engine.executors.liveness import HostLease, HostMonitor
     from engine.executors.scheduler import Executor
 
 
@@ -82,14 +84,22 @@ class ConnectedRepository:
     service: ImageService
     view: RepositoryView
     follower: ViewFollower
+    lease: HostLease | None = None
+    hosts: HostMonitor | None = None
     executor: Executor | None = None
     # Volumes the last check found missing or damaged: re-derivable from the files themselves.
     lost: set[str] = field(default_factory=set)
 
     def close(self) -> None:
+        """Stop the executor first, then say this host left (its remaining claims can be
+        taken over at once), then stop following and close the log."""
         try:
             if self.executor is not None:
                 self.executor.stop()
         finally:
-            self.follower.stop()
-            self.app.close()
+            try:
+                if self.lease is not None:
+                    self.lease.release()
+            finally:
+                self.follower.stop()
+                self.app.close()

@@ -264,3 +264,38 @@ class ExecutorFailed(StrataError):
         "The executor of host {host_id} stopped on an unexpected error: {detail}; stages it "
         "had claimed stay claimed until it restarts"
     )
+
+
+# --- hosts and fencing ----------------------------------------------------------------------
+
+
+class HostIdInUse(StrataError):
+    """Another live process holds this host id's lock on the repository (SPEC §7)."""
+
+    code = "host_id_in_use"
+    template = (
+        "Host id {host_id!r} is in use on {path} by another live process ({detail}); give "
+        "each engine process its own host id, or stop the other one first"
+    )
+
+
+class QemuCancelled(QemuError):
+    """A QEMU tool was killed because its caller cancelled the work (``cancel`` was set)."""
+
+    code = "qemu_cancelled"
+    template = "{command} was cancelled and killed"
+
+
+class VolumeLocked(QemuError):
+    """QEMU refused to open a volume for writing: another process holds its image lock.
+
+    A fenced host's ``qemu-img`` that is still running is one such process; the work waits for
+    the lock rather than failing at once.
+    """
+
+    code = "volume_locked"
+    template = (
+        "{path} is locked by another process (QEMU image locking) and stayed locked for "
+        "{waited} s: {stderr}; find the process using it (a virtual machine, or a host that "
+        "was fenced), then mend the image"
+    )

@@ -30,6 +30,8 @@ from engine.errors import (
     StrataError,
     WaitTimeout,
 )
+from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.executors.liveness import HostLease, HostMonitor
 from engine.executors.scheduler import Executor
 from engine.formats import qemu as qemu_adapter
 from engine.formats.driver import RepositoryStorage, get_format
@@ -59,7 +61,10 @@ class StorageEngine(ImageCommands):
         poll_interval: float = 1.0,
         workers: int = 2,
         qemu: qemu_adapter.QemuImg | None = None,
+        crashpoints: CrashPoints = DISARMED,
     ) -> None:
+        """See SPEC §5. ``crashpoints`` is for crash tests only (engine/executors/crashpoints.py):
+        an armed point kills this process there."""
         self.host_id = validation.host_id(host_id)
         self.lease_timeout = validation.positive_seconds(lease_timeout, "lease_timeout")
         self.poll_interval = validation.positive_seconds(poll_interval, "poll_interval")
@@ -71,6 +76,9 @@ class StorageEngine(ImageCommands):
         self.run_executors = run_executors
         self.workers = workers
         self.qemu = qemu or qemu_adapter.QemuImg()
+        if not isinstance(crashpoints, CrashPoints):
+            raise InvalidParameter("a CrashPoints", name="crashpoints")
+        self.crashpoints = crashpoints
         self._repos: dict[str, ConnectedRepository] = {}
         self._lock = threading.RLock()
         self._closed = False
@@ -139,6 +147,20 @@ class StorageEngine(ImageCommands):
     def _wire(
         self, repo_id: str, repo_format: str, storage: RepositoryStorage
     ) -> ConnectedRepository:
+        # First, so that a second live process with this host id is refused before it does
+        # anything (HostIdInUse), and a restart after a crash takes the id over at once.
+        lease = HostLease(
+            storage.root, self.host_id, self.lease_timeout, runs_executors=self.run_executors
+        ).acquire()
+        try:
+            return self._wire_leased(repo_id, repo_format, storage, lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    def _wire_leased(
+        self, repo_id: str, repo_format: str, storage: RepositoryStorage, lease: HostLease
+    ) -> ConnectedRepository:
         app = StrataLogApplication(LogConfig(log_dir=storage.log_dir, host_id=self.host_id))
         try:
             service = ImageService(app, self.host_id)
@@ -148,7 +170,14 @@ class StorageEngine(ImageCommands):
             view.catch_up()
             log_follower = LogFollower(app.operation_log, poll_interval=self.poll_interval)
             follower = ViewFollower(view, log_follower, self.poll_interval).start()
-            repo = ConnectedRepository(repo_id, repo_format, storage, app, service, view, follower)
+            hosts = HostMonitor(
+                storage.root,
+                self.lease_timeout,
+                refresh=min(self.poll_interval, self.lease_timeout / 8),
+            )
+            repo = ConnectedRepository(
+                repo_id, repo_format, storage, app, service, view, follower, lease, hosts
+            )
             if self.run_executors:
                 repo.executor = Executor(
                     service,
@@ -160,6 +189,9 @@ class StorageEngine(ImageCommands):
                     workers=self.workers,
                     poll_interval=self.poll_interval,
                     follower=LogFollower(app.operation_log, poll_interval=self.poll_interval),
+                    crashpoints=self.crashpoints,
+                    lease=lease,
+                    hosts=hosts,
                 )
                 repo.executor.start()
             return repo
@@ -378,11 +410,18 @@ class StorageEngine(ImageCommands):
         raise ImageNotFound(where, image_id=image_id)
 
     def _find_for_executor(self, image_id: uuid.UUID) -> tuple[Image, RepositoryStorage] | None:
+        """Where executors read an image from. A snapshot's copy keeps its id (seed 000), so
+        one id can live in two repositories: a copy whose own volumes are still to be made is
+        read from only if no other is there, or its copy stage would wait for itself."""
+        unfinished = None
         for repo in self._connected():
             image = repo.view.image(image_id)
-            if image is not None and not image.removed:
+            if image is None or image.removed:
+                continue
+            if not set(image.chain) & image.pending_volumes():
                 return image, repo.storage
-        return None
+            unfinished = unfinished or (image, repo.storage)
+        return unfinished
 
     def _info(self, repo: ConnectedRepository, image: Image) -> ImageInfo:
         return ImageInfo(

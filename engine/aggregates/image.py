@@ -267,9 +267,27 @@ class Image(Aggregate["Image.Event"], StableTopic):
         )
         return True
 
-    def claim(self, *, op_id: str, stage: int, host_id: str, now: datetime) -> int:
-        """Claim a stage that is next to run; return the claim epoch."""
+    def claim(
+        self,
+        *,
+        op_id: str,
+        stage: int,
+        host_id: str,
+        now: datetime,
+        take_over: str | None = None,
+    ) -> int:
+        """Claim a stage that is next to run; return the claim epoch.
+
+        ``take_over`` names the host whose claim the caller decided to take over (it counted
+        that host dead); the claim is refused if another host holds the stage by now.
+        """
         op = self._runnable(op_id, stage)
+        if take_over is not None and op.claim_host not in (None, take_over, host_id):
+            raise ClaimLost(
+                f"taken over by {op.claim_host} at epoch {op.claim_epoch} first",
+                image_id=self.id,
+                stage=stage,
+            )
         epoch = op.claim_epoch + 1
         self._trigger(self.StageClaimed, host_id, now, op_id=op_id, stage=stage, epoch=epoch)
         return epoch

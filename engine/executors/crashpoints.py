@@ -1,30 +1,53 @@
 """Named places where a test can make this process die as a fenced host would: ``kill -9``.
 
 Recovery is only as good as the crash points it was tried at (SPEC §7). Executors call
-``crashpoints("stage.before-publish")`` at each durable step of a stage; that does nothing unless
-the wiring armed exactly that name, in which case the process sends itself SIGKILL there: no
-``finally``, no flush, no atexit. The switch is read once, at wiring
-(:meth:`CrashPoints.from_environ`), never deep inside the code that runs the stage.
+``crashpoints("stage.before-publish")`` at each durable step of a stage and around each append
+they make; that does nothing unless the wiring armed exactly that name, in which case the process
+sends itself SIGKILL there: no ``finally``, no flush, no atexit. ``name@N`` arms the N-th time
+the point is reached in the process (the second stage of an operation, say). The switch is read
+once, at wiring (:meth:`CrashPoints.from_environ`), never deep inside the code that runs the
+stage.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import threading
 from collections.abc import Callable, Mapping
 
 from engine.errors import InvalidParameter
 
 ENVIRONMENT_SWITCH = "STRATA_CRASH_AT"
 
+BEFORE_CLAIM = "claim.before-append"  # a stage was chosen to run; StageClaimed is not appended
 AFTER_CLAIM = "stage.after-claim"  # StageClaimed is durable, nothing else happened
 BEFORE_DATA = "stage.before-data"  # inputs resolved, no file touched yet
+BEFORE_PROGRESS = "progress.before-append"  # the data work reported progress, not yet saved
+AFTER_PROGRESS = "progress.after-append"  # StageProgressed is durable, the work goes on
 MID_COPY = "stage.mid-copy"  # qemu-img is copying into the temporary file (first progress)
+MID_REBASE = "stage.mid-rebase"  # qemu-img rebase (a diff, a merge) is rewriting clusters
+MID_DELETE = "stage.mid-delete"  # a delete removed its first file
 BEFORE_PUBLISH = "stage.before-publish"  # the temporary file is complete
-AFTER_PUBLISH = "stage.after-publish"  # the volume is published, StageCompleted is not
+AFTER_PUBLISH = "stage.after-publish"  # the volume is published (linked, temporary name gone)
+AFTER_DATA = "stage.after-data"  # all data work is done; StageCompleted is not appended
 AFTER_COMPLETION = "stage.after-completion"  # StageCompleted is durable
 
+# The points a stage that produces a volume (create, copy, diff) passes, in order.
 NAMES = (AFTER_CLAIM, BEFORE_DATA, MID_COPY, BEFORE_PUBLISH, AFTER_PUBLISH, AFTER_COMPLETION)
+# Around the other appends, and inside the other stage kinds.
+MORE_NAMES = (
+    BEFORE_CLAIM,
+    BEFORE_PROGRESS,
+    AFTER_PROGRESS,
+    MID_REBASE,
+    MID_DELETE,
+    AFTER_DATA,
+)
+ALL_NAMES = NAMES + MORE_NAMES
+
+_ARMED = re.compile(r"(?P<name>[a-z.-]+)(?:@(?P<occurrence>[1-9][0-9]{0,3}))?")
 
 
 def _kill_this_process() -> None:
@@ -32,25 +55,39 @@ def _kill_this_process() -> None:
 
 
 class CrashPoints:
-    """Crash points of one process; disarmed unless given the name of one of :data:`NAMES`."""
+    """Crash points of one process; disarmed unless given ``name`` or ``name@N`` of one of
+    :data:`ALL_NAMES`."""
 
     def __init__(
         self, armed: str | None = None, *, crash: Callable[[], None] = _kill_this_process
     ) -> None:
-        if armed is not None and armed not in NAMES:
-            raise InvalidParameter(
-                f"one of {', '.join(NAMES)}, not {armed!r}", name=ENVIRONMENT_SWITCH
-            )
-        self.armed = armed
+        self.armed: str | None = None
+        self.occurrence = 1
+        if armed is not None:
+            match = _ARMED.fullmatch(armed) if isinstance(armed, str) else None
+            if match is None or match["name"] not in ALL_NAMES:
+                raise InvalidParameter(
+                    f"one of {', '.join(ALL_NAMES)} (optionally @N), not {armed!r}",
+                    name=ENVIRONMENT_SWITCH,
+                )
+            self.armed = match["name"]
+            self.occurrence = int(match["occurrence"] or 1)
         self._crash = crash
+        self._reached = 0
+        self._mutex = threading.Lock()
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> CrashPoints:
-        """Armed by ``STRATA_CRASH_AT=<name>`` in ``environ``; for test harnesses only."""
+        """Armed by ``STRATA_CRASH_AT=<name>[@N]`` in ``environ``; for test harnesses only."""
         return cls(environ.get(ENVIRONMENT_SWITCH) or None)
 
     def __call__(self, name: str) -> None:
-        if name == self.armed:
+        if name != self.armed:
+            return
+        with self._mutex:
+            self._reached += 1
+            now = self._reached == self.occurrence
+        if now:
             self._crash()
 
 

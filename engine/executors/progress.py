@@ -13,6 +13,12 @@ Saving progress is also how a stage learns that it must stop: when the save is r
 callback raises :class:`~engine.errors.StageCancelled`, which makes the adapter kill qemu-img.
 The executor can also cancel directly (``Claim.cancel``): for a stop it saw in the log before
 the next save, or when the host itself stops.
+
+Before a stage writes anything other hosts read (publishes a volume, rewrites one in place,
+deletes files), it calls :meth:`Claim.confirm`: the claim is read again from the log, and this
+host's lease must not have lapsed since the claim was made (docs/adr/0005). A host that was
+paused past ``lease_timeout`` and resumed therefore learns that it may have been counted dead
+before it touches anything, even if nobody took its claim yet.
 """
 
 from __future__ import annotations
@@ -22,17 +28,28 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from engine.aggregates import operations as ops
 from engine.aggregates.image import ClaimLost, Image
 from engine.aggregates.operations import Stage
 from engine.errors import StageCancelled
+from engine.executors import crashpoints as points
+from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.projections.fix_index import merge_chain_changes
 from engine.service import ImageService
 
 
+class Lease(Protocol):
+    """This host's liveness in the claim's repository (engine.executors.liveness.HostLease)."""
+
+    def term(self) -> int: ...
+    def fresh(self) -> bool: ...
+
+
 @dataclass
 class Claim:
-    """A stage this host claimed at ``epoch``."""
+    """A stage this host claimed at ``epoch``, in its lease's ``term``."""
 
     service: ImageService
     host_id: str
@@ -42,6 +59,9 @@ class Claim:
     epoch: int
     stage: Stage
     cancel: threading.Event = field(default_factory=threading.Event)
+    lease: Lease | None = None
+    term: int = 0
+    crashpoints: CrashPoints = DISARMED
 
     def progress(self, interval: float) -> StageProgress:
         """The callback to hand to qemu-img for this attempt."""
@@ -58,7 +78,41 @@ class Claim:
                 now=self.service.now(),
             )
 
+        self.crashpoints(points.BEFORE_PROGRESS)
         self.service.update(self.image_id, command)
+        self.crashpoints(points.AFTER_PROGRESS)
+
+    def confirm(self) -> None:
+        """Raise StageCancelled unless this attempt may still write what other hosts read: the
+        log says the claim is still ours, and our lease neither lapsed since the claim nor is
+        about to (checked last, right before the write it guards)."""
+        if self.cancel.is_set():
+            raise self.cancelled("this host cancelled it")
+        op = self.service.get(self.image_id).operation(self.op_id)
+        if (
+            op is None
+            or op.state != ops.PENDING
+            or op.done != self.index
+            or (op.claim_host, op.claim_epoch) != (self.host_id, self.epoch)
+        ):
+            self.cancel.set()
+            where = "gone" if op is None else f"{op.state}, claimed by {op.claim_host}"
+            raise self.cancelled(f"the claim moved on: the operation is {where}")
+        if self.lease is not None and (self.lease.term() != self.term or not self.lease.fresh()):
+            self.cancel.set()
+            raise self.cancelled(
+                "this host's lease lapsed (it could not renew its heartbeat in time), so "
+                "another host may have taken the stage over"
+            )
+
+    def superseded(self) -> bool:
+        """Whether the log moved past this attempt: another claim (of any host) or the
+        stage's completion. A stopped operation is not superseded: its claim stands."""
+        op = self.service.get(self.image_id).operation(self.op_id)
+        return op is None or op.claim_epoch > self.epoch or op.done > self.index
+
+    def cancelled(self, why: str) -> StageCancelled:
+        return StageCancelled(why, image_id=self.image_id, op_id=self.op_id, stage=self.index)
 
     def complete(
         self, chain_changes: dict[uuid.UUID, list[str]], *, drop_volume: str | None = None
@@ -131,7 +185,7 @@ class StageProgress:
     def __call__(self, percent: float) -> None:
         claim = self._claim
         if claim.cancel.is_set():
-            raise self._cancelled("this host cancelled it")
+            raise claim.cancelled("this host cancelled it")
         whole = max(0, min(100, int(percent)))
         now = self._clock()
         if whole == 100 or whole == self._saved:
@@ -142,9 +196,5 @@ class StageProgress:
             claim.save_progress(whole)
         except ClaimLost as e:
             claim.cancel.set()
-            raise self._cancelled(e.message) from e
+            raise claim.cancelled(e.message) from e
         self._saved, self._saved_at = whole, now
-
-    def _cancelled(self, why: str) -> StageCancelled:
-        claim = self._claim
-        return StageCancelled(why, image_id=claim.image_id, op_id=claim.op_id, stage=claim.index)

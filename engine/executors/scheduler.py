@@ -8,8 +8,15 @@ hosts, the log lets exactly one win) when
   is void; the space it holds is not);
 * this Strata knows the stage kind (a newer host's stage waits for a newer host);
 * nobody holds the claim, or this host does but no thread of this process runs it (this process
-  is a restart after a crash: the stage runs again under a new epoch);
+  is a restart after a crash: the stage runs again under a new epoch), or the host that holds
+  it may be taken over (:meth:`Executor.may_take_over`: its heartbeat went silent for
+  ``lease_timeout``, or it runs no executors);
 * what the stage reads is ready (:func:`~engine.executors.stages.inputs_ready`).
+
+A host whose own lease lapsed (it could not renew its heartbeat for ``lease_timeout``: storage
+hung, or the process was stopped and resumed) may have been counted dead: it cancels the stages
+it runs, claims nothing until its lease is fresh again, and then claims again what nobody took
+(docs/adr/0005-executors-hosts-and-fencing.md).
 
 A stage runs in a worker thread, one per image at a time, ``workers`` at most, and ends with
 ``StageCompleted`` or ``StageFailed`` (the error as a sentence) appended under its claim. A stage
@@ -36,13 +43,15 @@ from engine.errors import (
     ExecutorFailed,
     ImageNotFound,
     InvalidParameter,
+    QemuCancelled,
     StageCancelled,
     StrataError,
 )
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
-from engine.executors.progress import Claim
+from engine.executors.progress import Claim, Lease
 from engine.executors.stages import (
+    DEFAULT_LOCK_WAIT,
     HANDLERS,
     FindImage,
     StageRun,
@@ -66,6 +75,13 @@ class ImageSource(Protocol):
     def is_ready(self, volume_ref: str, /) -> bool: ...
 
 
+class Hosts(Protocol):
+    """What the executor knows of other hosts (engine.executors.liveness.HostMonitor)."""
+
+    def may_take_over(self, host_id: str, /) -> bool: ...
+    def expires_in(self, host_id: str, /) -> float: ...
+
+
 class Executor:
     def __init__(
         self,
@@ -81,8 +97,13 @@ class Executor:
         progress_interval: float = 1.0,
         follower: LogFollower | None = None,
         crashpoints: CrashPoints = DISARMED,
+        lease: Lease | None = None,
+        hosts: Hosts | None = None,
+        lock_wait: float = DEFAULT_LOCK_WAIT,
     ) -> None:
-        """``follower`` (made here if None) belongs to the executor, which starts and stops it."""
+        """``follower`` (made here if None) belongs to the executor, which starts and stops it.
+        ``lease`` is this host's liveness in the repository and ``hosts`` what it knows of the
+        others'; without them no claim of another host is ever taken over."""
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise InvalidParameter(f"a whole number of 1 or more, not {workers!r}", name="workers")
         for name, value in (
@@ -101,6 +122,9 @@ class Executor:
         self.poll_interval = float(poll_interval)
         self.progress_interval = float(progress_interval)
         self.crashpoints = crashpoints
+        self.lease = lease
+        self.hosts = hosts
+        self.lock_wait = float(lock_wait)
         self.errors: list[BaseException] = []
         self._follower = follower or LogFollower(
             service.app.operation_log, poll_interval=self.poll_interval
@@ -110,6 +134,8 @@ class Executor:
         self._threads: dict[uuid.UUID, threading.Thread] = {}
         self._stopping = threading.Event()
         self._loop: threading.Thread | None = None
+        # Seconds until the first claim this host waits on could be taken over (None: none).
+        self._next_expiry: float | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -178,14 +204,21 @@ class Executor:
         try:
             while not self._stopping.is_set() and not self.errors:
                 seen = log.last_seq
+                self._next_expiry = None
                 self._schedule()
-                self._follower.wait(seen, self.poll_interval)
+                # Wake when a silent host's claim can be taken over, not up to a poll later.
+                wait = self.poll_interval
+                if self._next_expiry is not None:
+                    wait = min(wait, self._next_expiry + 0.01)
+                self._follower.wait(seen, wait)
         except BaseException as e:
             self._failed(e)
 
     def _schedule(self) -> None:
         self.view.catch_up()
         self._cancel_moved_on()
+        if not self._lease_holds():
+            return
         for image, op in self._candidates():
             if self._stopping.is_set() or len(self._claims()) >= self.workers:
                 return
@@ -217,6 +250,17 @@ class Executor:
             ):
                 claim.cancel.set()
 
+    def _lease_holds(self) -> bool:
+        """Whether this host may claim now. After a lapse every running stage is cancelled:
+        they were claimed in an earlier term, and may have been taken over meanwhile."""
+        if self.lease is None:
+            return True
+        term = self.lease.term()
+        for claim in self._claims():
+            if claim.term != term:
+                claim.cancel.set()
+        return self.lease.fresh()
+
     # --- choosing and claiming ------------------------------------------------------------
 
     def _candidates(self) -> list[tuple[Image, Operation]]:
@@ -241,19 +285,29 @@ class Executor:
         if op.stages[op.done].get("do") not in HANDLERS:
             return None
         if op.claim_host not in (None, self.host_id) and not self.may_take_over(image, op):
+            if self.hosts is not None:
+                expiry = self.hosts.expires_in(op.claim_host)
+                if self._next_expiry is None or expiry < self._next_expiry:
+                    self._next_expiry = expiry
             return None
         return op
 
     def may_take_over(self, image: Image, op: Operation) -> bool:
-        """Whether another host's claim on ``op`` may be taken over.
-
-        The hook for fencing: a later issue answers from the claiming host's heartbeat and
-        ``lease_timeout``. Until then another host's claim is always respected.
-        """
-        return False
+        """Whether another host's claim on ``op`` may be taken over: that host's heartbeat
+        has been silent for ``lease_timeout`` (it counts as dead), it disconnected, or it came
+        back without executors. Its later appends under the old claim are then refused
+        (ClaimLost), and what it writes lands in files tagged with its old epoch."""
+        return (
+            self.hosts is not None
+            and op.claim_host is not None
+            and self.hosts.may_take_over(op.claim_host)
+        )
 
     def _claim(self, seen: Image, seen_op: Operation) -> Claim | None:
         image_id, op_id, index = seen.id, seen_op.op_id, seen_op.done
+
+        # Read before the append: a lapse between the two makes the claim look older, not newer.
+        term = 0 if self.lease is None else self.lease.term()
 
         def command(image: Image) -> Claim | None:
             # Decided again on the image as the log holds it now, not as the view saw it.
@@ -261,10 +315,29 @@ class Executor:
             if op is None or op.op_id != op_id or op.done != index:
                 return None
             now = self.service.now()
-            epoch = image.claim(op_id=op_id, stage=index, host_id=self.host_id, now=now)
+            holder = op.claim_host
+            epoch = image.claim(
+                op_id=op_id,
+                stage=index,
+                host_id=self.host_id,
+                now=now,
+                take_over=holder if holder not in (None, self.host_id) else None,
+            )
             stage = dict(op.stages[index])
-            return Claim(self.service, self.host_id, image_id, op_id, index, epoch, stage)
+            return Claim(
+                self.service,
+                self.host_id,
+                image_id,
+                op_id,
+                index,
+                epoch,
+                stage,
+                lease=self.lease,
+                term=term,
+                crashpoints=self.crashpoints,
+            )
 
+        self.crashpoints(points.BEFORE_CLAIM)
         try:
             claim = self.service.update(image_id, command)
         except (ClaimLost, ConcurrencyConflict):
@@ -287,12 +360,16 @@ class Executor:
             self.find_image,
             claim.progress(self.progress_interval),
             self.crashpoints,
+            cancel=claim.cancel,
+            confirm=claim.confirm,
+            superseded=claim.superseded,
+            lock_wait=self.lock_wait,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
             run_stage(run)
             changes = chain_changes(claim.stage)
-        except StageCancelled:
+        except (StageCancelled, QemuCancelled):
             return  # stopped, or claimed elsewhere: there is no outcome of ours to record
         except (StrataError, OSError) as e:
             claim.fail(e.message if isinstance(e, StrataError) else str(e))
@@ -300,7 +377,7 @@ class Executor:
         except Exception as e:
             claim.fail(f"internal error: {type(e).__name__}: {e}")
             raise  # a bug: the image shows it, and the executor stops on it
-        self.crashpoints(points.AFTER_PUBLISH)
+        self.crashpoints(points.AFTER_DATA)
         try:
             claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
         except ImageNotFound as e:  # chain_changes names an image this log does not hold

@@ -5,9 +5,17 @@ the attempt (``<op_id>-<stage>-e<epoch>``: the claim epoch, so that a fenced hos
 writes into a file nobody publishes, ADR 0003), then publishes it atomically. A re-run after a
 crash at any instruction therefore finds one of three things: the volume published (verify it,
 drop leftovers: done), a temporary file of an earlier attempt (remove it, start again), or
-nothing. ``rebase`` and ``resize`` work in place: a safe rebase rewrites only clusters whose
-content stays the same through the chain, and growing to a size the volume already has is a
-no-op, so both can simply run again.
+nothing. A temporary file of a *later* attempt (a higher epoch: the host that took the stage
+over while this one was paused) is never touched. ``rebase`` and ``resize`` work in place: a
+safe rebase rewrites only clusters whose content stays the same through the chain, and growing
+to a size the volume already has is a no-op, so both can simply run again.
+
+Fencing (docs/adr/0005): right before anything other hosts read is written (a publish, an
+in-place rewrite, a delete), ``confirm`` re-reads the claim from the log and checks this host's
+lease. Two attempts that both get past it (one paused right after it, longer than the lease)
+still cannot corrupt a volume: a publish is a ``link()`` that never replaces a file, and both
+attempts made the same content from the same immutable inputs; in-place work is serialized by
+QEMU's own image locks, and a volume locked by another process is waited for, not failed.
 
 Raw volumes are preallocated with ``falloc``: it reserves the blocks (no ENOSPC in the guest
 later, no allocation on first write) without writing zeroes, so a 100 GiB disk is ready in a
@@ -18,6 +26,9 @@ on those filesystems.
 from __future__ import annotations
 
 import os
+import re
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,13 +36,44 @@ from typing import Any
 
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Stage, split_ref
-from engine.errors import ImageNotFound, ImageNotReady, InvalidParameter, VolumeMismatch
-from engine.executors.crashpoints import BEFORE_PUBLISH, DISARMED, MID_COPY, CrashPoints
-from engine.formats.driver import RepositoryStorage
+from engine.errors import (
+    ImageNotFound,
+    ImageNotReady,
+    InvalidParameter,
+    QemuCancelled,
+    QemuError,
+    StageCancelled,
+    VolumeAlreadyExists,
+    VolumeLocked,
+    VolumeMismatch,
+)
+from engine.executors.crashpoints import (
+    AFTER_PUBLISH,
+    BEFORE_PUBLISH,
+    DISARMED,
+    MID_COPY,
+    MID_DELETE,
+    MID_REBASE,
+    CrashPoints,
+)
+from engine.formats.driver import RepositoryStorage, VolumeFile
 from engine.formats.qemu import Progress, QemuImg
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
 FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
+
+_ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
+# How QEMU says that another process holds an image's lock ("write", "consistent read"...).
+_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
+DEFAULT_LOCK_WAIT = 600.0
+
+
+def _no_check() -> None:
+    return None
+
+
+def _not_superseded() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -48,10 +90,27 @@ class StageRun:
     find_image: FindImage
     progress: Progress | None = None
     crashpoints: CrashPoints = DISARMED
+    cancel: threading.Event | None = None  # set: stop now (qemu-img is killed)
+    confirm: Callable[[], None] = _no_check  # raises StageCancelled if the claim moved on
+    superseded: Callable[[], bool] = _not_superseded  # another attempt replaced this one
+    lock_wait: float = DEFAULT_LOCK_WAIT  # how long in-place work waits for a locked volume
 
     @property
     def tag(self) -> str:
         return f"{self.op_id}-{self.index}-e{self.epoch}"
+
+    def is_later_attempt(self, tag: str | None) -> bool:
+        """Whether a temporary file's tag is a later attempt at this same stage."""
+        match = _ATTEMPT_TAG.fullmatch(tag or "")
+        return (
+            match is not None
+            and match["op"] == self.op_id
+            and int(match["stage"]) == self.index
+            and int(match["epoch"]) > self.epoch
+        )
+
+    def cancelled(self, why: str) -> StageCancelled:
+        return StageCancelled(why, image_id=self.image_id, op_id=self.op_id, stage=self.index)
 
 
 @dataclass(frozen=True)
@@ -143,10 +202,12 @@ def create(run: StageRun) -> None:
 
     def make(temp: str) -> None:
         if backing is None:
-            run.qemu.create(temp, fmt, size, preallocation=preallocation)
+            run.qemu.create(temp, fmt, size, preallocation=preallocation, cancel=run.cancel)
         else:
             relative = run.storage.relative_backing(temp, backing.path)
-            run.qemu.create(temp, fmt, size, backing=relative, backing_fmt=backing.fmt)
+            run.qemu.create(
+                temp, fmt, size, backing=relative, backing_fmt=backing.fmt, cancel=run.cancel
+            )
 
     def verify(final: str, info: dict[str, Any]) -> None:
         expected = size
@@ -182,6 +243,7 @@ def copy(run: StageRun) -> None:
             dst_fmt=fmt,
             preallocation=preallocation,
             progress=progress,
+            cancel=run.cancel,
         )
 
     def verify(final: str, info: dict[str, Any]) -> None:
@@ -201,10 +263,18 @@ def diff(run: StageRun) -> None:
 
     def make(temp: str) -> None:
         on_source = run.storage.relative_backing(temp, source.path)
-        run.qemu.create(temp, "qcow2", None, backing=on_source, backing_fmt=source.fmt)
+        run.qemu.create(
+            temp, "qcow2", None, backing=on_source, backing_fmt=source.fmt, cancel=run.cancel
+        )
         on_base = run.storage.relative_backing(temp, base.path)
         run.qemu.rebase(
-            temp, on_base, backing_fmt=base.fmt, fmt="qcow2", safe=True, progress=run.progress
+            temp,
+            on_base,
+            backing_fmt=base.fmt,
+            fmt="qcow2",
+            safe=True,
+            progress=_rebase_progress(run),
+            cancel=run.cancel,
         )
 
     def verify(final: str, info: dict[str, Any]) -> None:
@@ -222,28 +292,40 @@ def rebase(run: StageRun) -> None:
             raise InvalidParameter(f"{volume.ref} is raw and cannot have a backing", name="stage")
         return  # a raw volume has no backing to fold in: nothing to do
     relative = None if backing is None else run.storage.relative_backing(volume.path, backing.path)
-    run.qemu.rebase(
-        volume.path,
-        relative,
-        backing_fmt=None if backing is None else backing.fmt,
-        fmt="qcow2",
-        safe=True,
-        progress=run.progress,
-    )
+    progress = _rebase_progress(run)
+
+    def work() -> None:
+        run.qemu.rebase(
+            volume.path,
+            relative,
+            backing_fmt=None if backing is None else backing.fmt,
+            fmt="qcow2",
+            safe=True,
+            progress=progress,
+            cancel=run.cancel,
+        )
+
+    _in_place(run, volume, work)
 
 
 def resize(run: StageRun) -> None:
     volume = _local(run, _field(run.stage, "volume"))
-    run.qemu.resize(volume.path, _field(run.stage, "size"), fmt=volume.fmt)
+    size = _field(run.stage, "size")
+    _in_place(
+        run, volume, lambda: run.qemu.resize(volume.path, size, fmt=volume.fmt, cancel=run.cancel)
+    )
 
 
 def delete(run: StageRun) -> None:
     """Remove the volumes, and any temporary file that was becoming one of them."""
-    for ref in _field(run.stage, "volumes"):
-        volume = _local(run, ref)
+    volumes = [_local(run, ref) for ref in _field(run.stage, "volumes")]
+    run.confirm()
+    for n, volume in enumerate(volumes):
         for leftover in _temporaries(run.storage, volume.volume_id):
-            run.storage.remove(leftover)
+            run.storage.remove(leftover.path)
         run.storage.remove(volume.path)
+        if n == 0:
+            run.crashpoints(MID_DELETE)
 
 
 HANDLERS: dict[str, Callable[[StageRun], None]] = {
@@ -266,7 +348,11 @@ def _produce(
     verify: Callable[[str, dict[str, Any]], None],
 ) -> None:
     """Make ``volume`` through a temporary file, unless an earlier attempt published it."""
-    leftovers = _temporaries(run.storage, volume.volume_id)
+    leftovers = [
+        f.path
+        for f in _temporaries(run.storage, volume.volume_id)
+        if not run.is_later_attempt(f.tag)  # the file of whoever took this stage over
+    ]
     if os.path.exists(volume.path):
         # Published only after its data was complete and durable; a crash may have left its
         # temporary name too (a second link to the same file), or an older attempt's file.
@@ -277,15 +363,80 @@ def _produce(
     for leftover in leftovers:
         run.storage.remove(leftover)
     temp = run.storage.temp_path(volume.volume_id, volume.fmt, run.tag)
-    make(temp)
-    run.crashpoints(BEFORE_PUBLISH)
-    run.storage.publish(temp, volume.path)
+    try:
+        make(temp)
+        run.crashpoints(BEFORE_PUBLISH)
+        run.confirm()
+        run.storage.publish(temp, volume.path)
+    except (StageCancelled, QemuCancelled):
+        # Taken over: nobody will ever publish this attempt's file, and a check would not
+        # offer it to clean (its volume is in use), so it goes now. A stop or a host that
+        # shuts down keeps it, as a crash would.
+        if run.superseded():
+            run.storage.remove(temp)
+        raise
+    except VolumeAlreadyExists:
+        # Another attempt at this very stage published first (we were counted dead and came
+        # back, or the other way round). It made the same content from the same inputs:
+        # check what it published, as a re-run would, and drop ours.
+        try:
+            verify(volume.path, run.qemu.info(volume.path, fmt=volume.fmt))
+        finally:
+            run.storage.remove(temp)
+        return
+    run.crashpoints(AFTER_PUBLISH)
 
 
-def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[str]:
-    return [
-        f.path for f in storage.list_volume_files() if f.is_temporary and f.volume_id == volume_id
-    ]
+def _in_place(run: StageRun, volume: _Volume, work: Callable[[], None]) -> None:
+    """Run in-place ``work`` on ``volume`` once the claim is confirmed; while QEMU says another
+    process holds the volume's lock (a fenced host's qemu-img, still running), wait and try
+    again rather than fail: that process either finishes the same idempotent work or dies."""
+    started = time.monotonic()
+    delay = 0.1
+    while True:
+        run.confirm()
+        try:
+            work()
+            return
+        except QemuCancelled:
+            raise
+        except QemuError as e:
+            stderr = str(e.fields.get("stderr", ""))
+            if not _LOCKED.search(stderr):
+                raise
+            waited = time.monotonic() - started
+            if waited >= run.lock_wait:
+                raise VolumeLocked(
+                    path=volume.path,
+                    waited=round(waited, 1),
+                    command=e.fields.get("command"),
+                    returncode=e.fields.get("returncode"),
+                    stderr=stderr,
+                ) from e
+        cancel = run.cancel or threading.Event()
+        if cancel.wait(delay):
+            raise run.cancelled("cancelled while the volume was locked by another process")
+        delay = min(delay * 2, 1.0)
+
+
+def _rebase_progress(run: StageRun) -> Progress:
+    """The stage's progress callback, with the mid-rebase crash point on the first report
+    strictly between 0 and 100 (qemu-img reports 0 before it starts and 100 when done)."""
+    reached = False
+
+    def progress(percent: float) -> None:
+        nonlocal reached
+        if not reached and 0 < percent < 100:
+            reached = True
+            run.crashpoints(MID_REBASE)
+        if run.progress is not None:
+            run.progress(percent)
+
+    return progress
+
+
+def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[VolumeFile]:
+    return [f for f in storage.list_volume_files() if f.is_temporary and f.volume_id == volume_id]
 
 
 def _local(run: StageRun, ref: object) -> _Volume:

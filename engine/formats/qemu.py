@@ -16,17 +16,27 @@ import selectors
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from engine.errors import InvalidParameter, QemuError, QemuTimeout, VolumeFileNotFound
+from engine.errors import (
+    InvalidParameter,
+    QemuCancelled,
+    QemuError,
+    QemuTimeout,
+    VolumeFileNotFound,
+)
 
 IMAGE_FORMATS = ("raw", "qcow2")
 PREALLOCATION = {"raw": ("off", "falloc", "full"), "qcow2": ("off", "metadata", "falloc", "full")}
 DEFAULT_TIMEOUT = 120.0  # for commands that touch metadata only; data copies default to none
 Progress = Callable[[float], None]
+# How often a running tool's ``cancel`` event is looked at: a stage that prints no progress
+# (create, resize, a rebase of an image with nothing to copy) must still stop soon.
+CANCEL_CHECK_SECONDS = 0.2
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _STDERR_TAIL = 2000
@@ -91,6 +101,7 @@ class QemuImg:
         backing_fmt: str | None = None,
         preallocation: str | None = None,
         cluster_size: int | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Create (or replace) an image; ``backing`` is relative to ``path``'s directory.
 
@@ -118,7 +129,7 @@ class QemuImg:
         args.append(path)
         if size is not None:
             args.append(str(_size(size)))
-        self._run(args, timeout=self.timeout)
+        self._run(args, timeout=self.timeout, cancel=cancel)
 
     @overload
     def info(
@@ -156,6 +167,7 @@ class QemuImg:
         existing_target: bool = False,
         progress: Progress | None = None,
         timeout: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Copy ``src`` into ``dst`` (created, or reused as is with ``existing_target``).
 
@@ -182,7 +194,7 @@ class QemuImg:
         if options:
             args += ["-o", ",".join(options)]
         args += [_existing(src), dst]
-        self._run(_with_progress(args, progress), timeout=timeout, progress=progress)
+        self._run(_with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel)
 
     def rebase(
         self,
@@ -194,6 +206,7 @@ class QemuImg:
         safe: bool = True,
         progress: Progress | None = None,
         timeout: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Point ``path`` at ``backing`` (relative to ``path``'s directory; None: no backing).
 
@@ -207,7 +220,7 @@ class QemuImg:
         if not safe:
             args.append("-u")
         args += ["-b", new, *_format_flag("-F", backing_fmt if new else None), path]
-        self._run(_with_progress(args, progress), timeout=timeout, progress=progress)
+        self._run(_with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel)
 
     def commit(
         self,
@@ -295,7 +308,9 @@ class QemuImg:
         result = json.loads(self._run(args, timeout=self.timeout)[1])
         return Measurement(result["required"], result["fully-allocated"])
 
-    def resize(self, path: str, size: int, *, fmt: str) -> None:
+    def resize(
+        self, path: str, size: int, *, fmt: str, cancel: threading.Event | None = None
+    ) -> None:
         """Grow the image to ``size`` bytes; shrinking would destroy data and is refused."""
         current = self.info(path, fmt=fmt)["virtual-size"]
         if _size(size) < current:
@@ -304,7 +319,7 @@ class QemuImg:
             )
         if size > current:
             args = [self.qemu_img, "resize", "-q", "-f", fmt, _existing(path), str(size)]
-            self._run(args, timeout=self.timeout)
+            self._run(args, timeout=self.timeout, cancel=cancel)
 
     # --- qemu-io, for tests and the demo --------------------------------------------------
 
@@ -335,21 +350,26 @@ class QemuImg:
         timeout: float | None,
         progress: Progress | None = None,
         ok: Sequence[int] = (0,),
+        cancel: threading.Event | None = None,
     ) -> tuple[int, bytes, bytes]:
-        code, out, err = _execute(args, timeout, progress)
+        code, out, err = _execute(args, timeout, progress, cancel)
         if code not in ok:
             raise _failure(args, code, err)
         return code, out, err
 
 
 def _execute(
-    args: Sequence[str], timeout: float | None, progress: Progress | None
+    args: Sequence[str],
+    timeout: float | None,
+    progress: Progress | None,
+    cancel: threading.Event | None = None,
 ) -> tuple[int, bytes, bytes]:
     """Run to completion, reading stdout as it comes so progress is reported while it runs.
 
     Standard error goes to a file so that a chatty tool can never fill a pipe and stall. If
     ``progress`` raises, the tool is killed and the exception propagates: that is how a caller
-    stops a long copy.
+    stops a long copy. Setting ``cancel`` kills it too (within CANCEL_CHECK_SECONDS), with
+    :class:`QemuCancelled`: that is how a caller stops a tool that prints nothing.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     reporter = _ProgressReporter(progress)
@@ -366,9 +386,15 @@ def _execute(
             with proc.stdout, selectors.DefaultSelector() as selector:
                 selector.register(proc.stdout, selectors.EVENT_READ)
                 while True:
+                    if cancel is not None and cancel.is_set():
+                        raise QemuCancelled(
+                            command=shlex.join(args), returncode=None, stderr="cancelled"
+                        )
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise subprocess.TimeoutExpired(args, timeout or 0)
+                    if cancel is not None:
+                        left = min(CANCEL_CHECK_SECONDS, left or CANCEL_CHECK_SECONDS)
                     if not selector.select(left):
                         continue
                     chunk = os.read(proc.stdout.fileno(), 65536)
