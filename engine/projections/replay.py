@@ -101,12 +101,14 @@ class Replay:
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every image the log names by id, removed ones last, as the engine would report it."""
-        images = sorted(self.view.images(), key=lambda i: (i.removed, str(i.id)))
-        return [image_summary(i, self.view) for i in images]
+        with gc_paused():  # a large state is millions of objects for the collector to walk
+            images = sorted(self.view.images(), key=lambda i: (i.removed, str(i.id)))
+            return [image_summary(i, self.view) for i in images]
 
     def fixes(self) -> list[Fix]:
         """What a check would have offered then, from the log alone (see the module's doc)."""
-        return find_fixes(self.view, log_volume_files(self.view))
+        with gc_paused():
+            return find_fixes(self.view, log_volume_files(self.view))
 
     def claims(self) -> list[Claim]:
         """Stages claimed and neither completed, failed nor stopped at the point, by host."""
