@@ -17,18 +17,15 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
+from engine.executors.liveness import Heartbeat, hosts_dir, read_heartbeat
 from engine.projections.replay import Replay
 from log_tools.paths import repository_root
 from log_tools.render import iso_time, printable, to_json
 from log_tools.replay import replay_at
 
-if TYPE_CHECKING:
-    from engine.executors.liveness import Heartbeat
-
 ALIVE, DEAD, LEFT, UNKNOWN = "alive", "dead", "left", "unknown"
-HOSTS_DIR = "hosts"  # engine/executors/liveness.py: <repository>/hosts/<host_id>
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path_help: str) -> None:
@@ -58,15 +55,11 @@ def heartbeats(root: str | None) -> dict[str, Heartbeat | None]:
     """Each host id with a file in ``hosts/``, and its record (None when unreadable)."""
     if root is None:
         return {}
-    directory = os.path.join(root, HOSTS_DIR)
+    directory = hosts_dir(root)
     try:
         names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
     except FileNotFoundError:
         return {}
-    # Imported here until engine/executors/liveness.py (issue 4) is committed: a repository
-    # has a hosts/ directory only once an engine that writes heartbeats has connected.
-    from engine.executors.liveness import read_heartbeat
-
     return {name: read_heartbeat(os.path.join(directory, name)) for name in names}
 
 
