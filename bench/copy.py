@@ -15,22 +15,19 @@ Prints ``name: value`` lines:
 
 from __future__ import annotations
 
+# isort: off
+import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
+# isort: on
+
+import argparse
 import os
-import sys
+import shutil
+import statistics
+import tempfile
+import time
 
-# Run as a script, this file's directory comes first on sys.path, where its name would shadow
-# the standard library's ``copy`` module: put the project root there instead.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from engine import StorageEngine  # noqa: E402
-from engine.formats.qemu import QemuImg, allocated_bytes  # noqa: E402
+from engine import StorageEngine
+from engine.formats.qemu import QemuImg, allocated_bytes
 
 MiB, GiB = 2**20, 2**30
 

@@ -25,19 +25,17 @@ load average is printed, since other work on it slows every figure (the ratio le
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python bench/replay.py`, this directory comes first on sys.path, where copy.py (the
-# copy benchmark) would shadow the standard library's copy module that dataclasses imports.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+# isort: off
+import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
+# isort: on
 
 import argparse
 import cProfile
+import os
 import pstats
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid

@@ -14,15 +14,16 @@ Prints ``name: value`` lines:
 
 from __future__ import annotations
 
+# isort: off
+import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
+# isort: on
+
 import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import StorageEngine
 

@@ -17,6 +17,10 @@ heartbeat has been silent for that long and claims the stage again. Prints ``nam
 
 from __future__ import annotations
 
+# isort: off
+import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
+# isort: on
+
 import argparse
 import json
 import os
@@ -27,12 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-# Run as `python bench/takeover.py`, this directory comes first on sys.path, where copy.py (the
-# copy benchmark) would shadow the standard library's copy module: put the project there instead.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import StorageEngine
 from engine.formats.qemu import QemuImg
