@@ -102,4 +102,5 @@ class ConnectedRepository:
                     self.lease.release()
             finally:
                 self.follower.stop()
+                self.view.close()
                 self.app.close()

@@ -499,9 +499,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         elif "set_chain" in stage:
             self.chain = list(stage["set_chain"])
         op.done = event.stage + 1
-        op.claim_host, op.percent = None, 100
+        op.claim_host = None
         if op.done >= len(op.stages):
-            op.state = ops.DONE
+            op.state, op.percent = ops.DONE, 100
+        else:
+            op.percent = -1  # the next stage has not reported any progress yet
         self._advance(event)
 
     @apply.register(StageFailed)

@@ -436,7 +436,7 @@ def _rebase_progress(run: StageRun) -> Progress:
 
 
 def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[VolumeFile]:
-    return [f for f in storage.list_volume_files() if f.is_temporary and f.volume_id == volume_id]
+    return storage.temporaries_of(volume_id)
 
 
 def _local(run: StageRun, ref: object) -> _Volume:

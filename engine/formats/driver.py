@@ -81,6 +81,14 @@ class RepositoryStorage(ABC):
         """Every volume and temporary file, in name order; other files are not listed."""
 
     @abstractmethod
+    def temporaries_of(self, volume_id: str) -> list[VolumeFile]:
+        """The temporary files of one volume: what a stage re-run removes before it starts.
+
+        Cheap beside :meth:`list_volume_files`, which stats every file: stages call this once
+        each, so in a repository of many volumes it must not cost a stat per volume.
+        """
+
+    @abstractmethod
     def publish(self, temp_path: str, final_path: str) -> None:
         """Durably and atomically give a finished temporary file its volume's name.
 

@@ -129,6 +129,21 @@ class LocalStorage(RepositoryStorage):
             files.append(VolumeFile(volume_id, fmt, path, size, allocated, tag is not None, tag))
         return files
 
+    def temporaries_of(self, volume_id: str) -> list[VolumeFile]:
+        check_volume_id(volume_id)
+        prefix = f"{TEMP_PREFIX}{volume_id}."
+        found = []
+        for name in os.listdir(self.volumes_dir):  # names only: a stat for just the matches
+            if not name.startswith(prefix) or (parsed := _parse(name)) is None:
+                continue
+            path = os.path.join(self.volumes_dir, name)
+            try:
+                size, allocated = os.stat(path).st_size, allocated_bytes(path)
+            except (FileNotFoundError, VolumeFileNotFound):
+                continue
+            found.append(VolumeFile(parsed[0], parsed[1], path, size, allocated, True, parsed[2]))
+        return sorted(found, key=lambda f: f.path)
+
     def publish(self, temp_path: str, final_path: str) -> None:
         temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
         final_id, final_fmt, final_tag = self._own(final_path, "final_path")

@@ -86,8 +86,4 @@ def _stage(image: Image, current: Operation | None) -> str:
 def _percent(image: Image, current: Operation | None) -> int:
     if current is None:
         return -1 if not image.operations else 100
-    # After a stage completes the aggregate keeps 100 until the next stage is claimed; that
-    # figure belongs to the previous stage, not to the one the label now names.
-    if current.percent == 100 and current.done > 0 and current.state != ops.FAILED:
-        return -1
     return current.percent

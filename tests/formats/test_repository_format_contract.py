@@ -237,6 +237,23 @@ def test_temporary_files_are_listed_as_temporary_until_published(
     assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x3C)
 
 
+def test_temporaries_of_a_volume_are_only_its_own_temporary_files(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    mine, other = uuid.uuid4().hex, uuid.uuid4().hex
+    for volume_id, tag in ((mine, "op-0-e1"), (mine, "op-0-e2"), (other, "op-0-e1")):
+        qemu.create(repo.temp_path(volume_id, "qcow2", tag), "qcow2", MiB)
+    qemu.create(repo.volume_path(mine, "qcow2"), "qcow2", MiB)  # published: not a temporary
+
+    found = repo.temporaries_of(mine)
+    assert [(f.volume_id, f.tag, f.is_temporary) for f in found] == [
+        (mine, "op-0-e1", True),
+        (mine, "op-0-e2", True),
+    ]
+    assert repo.temporaries_of(uuid.uuid4().hex) == []
+
+
 def test_publish_refuses_to_overwrite_a_volume(
     driver: type[RepositoryFormat], tmp_path: Path
 ) -> None:
