@@ -9,10 +9,13 @@ SOURCES := engine log_tools tests bench
 
 setup: qemu-tools $(STAMP)
 
+# QEMU's tools do the image work; Graphviz draws `strata-log graph` as SVG or PNG.
 qemu-tools:
-	@if ! command -v qemu-img >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then \
+	@if ! command -v qemu-img >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
+		|| ! command -v dot >/dev/null; then \
 		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y qemu-utils qemu-system-common; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+			qemu-utils qemu-system-common graphviz; \
 	fi
 
 $(BIN)/python:
