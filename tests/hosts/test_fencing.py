@@ -111,11 +111,21 @@ def disk_in_use(tmp_path: Path, repos: dict[str, str]) -> Iterator[tuple[Storage
 
 def hold_write_lock(path: str) -> subprocess.Popen[bytes]:
     """A process that has the image open for writing, as a fenced host's qemu-img would."""
-    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", path])
-    eventually(
-        lambda: b"lock" in subprocess.run(["qemu-img", "info", path], capture_output=True).stderr
-    )
-    return holder
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        holder = subprocess.Popen(
+            ["qemu-io", "-f", "qcow2", "-c", "sleep 60000", path], stderr=subprocess.DEVNULL
+        )
+        # Looking takes a read lock, which can make the holder's own open fail: then it exits
+        # and is started again. Once it holds its lock, looking only ever sees the lock.
+        while holder.poll() is None and time.monotonic() < deadline:
+            look = subprocess.run(["qemu-img", "info", path], capture_output=True)
+            if b'Failed to get shared "write" lock' in look.stderr and holder.poll() is None:
+                return holder
+            time.sleep(0.05)
+        holder.kill()
+        holder.wait()
+    raise AssertionError(f"could not hold {path} open for writing")
 
 
 def test_a_second_qemu_img_on_a_locked_volume_fails_and_writes_nothing(
