@@ -43,6 +43,7 @@ def timed_copy(se: StorageEngine, image: str) -> tuple[float, str]:
 
 
 def timed_convert(qemu: QemuImg, src: str, fmt: str, dst: str, *, durable: bool = False) -> float:
+    dst = f"{dst}-{time.monotonic_ns()}"
     """``qemu-img convert``; with ``durable``, also the fsync the engine must do before it may
     record the copy as done (plain convert leaves the data in the page cache)."""
     t0 = time.perf_counter()
@@ -53,9 +54,9 @@ def timed_convert(qemu: QemuImg, src: str, fmt: str, dst: str, *, durable: bool 
             os.fsync(fd)
         finally:
             os.close(fd)
-    elapsed = time.perf_counter() - t0
-    os.unlink(dst)
-    return elapsed
+    # Not deleted here: freeing a just-written GiB slows whatever the filesystem does next,
+    # which would be the next measurement. The work directory goes at the end.
+    return time.perf_counter() - t0
 
 
 def compare(
@@ -71,16 +72,27 @@ def compare(
     """Median of ``rounds`` alternating runs of each side, the page cache flushed before each
     (a source written moments ago is still being written back, which slows whoever goes first).
     """
-    ours, theirs, durable, copies = [], [], [], []
-    for _ in range(rounds):
-        os.sync()
-        theirs.append(timed_convert(qemu, path, fmt, scratch))
-        os.sync()
-        durable.append(timed_convert(qemu, path, fmt, scratch, durable=True))
-        os.sync()
+    ours: list[float] = []
+    theirs: list[float] = []
+    durable: list[float] = []
+    copies: list[str] = []
+
+    def copy_once() -> None:
         elapsed, copy = timed_copy(se, image)
         ours.append(elapsed)
         copies.append(copy)
+
+    sides = [
+        lambda: theirs.append(timed_convert(qemu, path, fmt, scratch)),
+        lambda: durable.append(timed_convert(qemu, path, fmt, scratch, durable=True)),
+        copy_once,
+    ]
+    os.sync()
+    timed_convert(qemu, path, fmt, scratch)  # warm-up, not counted: the first run pays extra
+    for round_ in range(rounds):
+        for i in range(len(sides)):  # rotate, so that no side always runs first
+            os.sync()
+            sides[(round_ + i) % len(sides)]()
     print(f"{label}durable_convert_seconds: {statistics.median(durable):.3f}")
     return statistics.median(ours), statistics.median(theirs), copies[0]
 
@@ -100,7 +112,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--data-mib", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="strata-bench-copy-", dir=args.dir)
     qemu = QemuImg()
