@@ -280,7 +280,9 @@ class Executor:
         op = image.current_operation()
         if op is None or op.state != ops.PENDING or op.done >= len(op.stages):
             return None
-        if not will_run(image, op):  # a removed image's own work is void, its clean/merge not
+        # Only a removed image needs the others' chains (what it still makes for them).
+        live = self._live_volumes() if image.removed else frozenset[str]()
+        if not will_run(image, op, live):
             return None
         if op.stages[op.done].get("do") not in HANDLERS:
             return None
@@ -302,6 +304,9 @@ class Executor:
             and op.claim_host is not None
             and self.hosts.may_take_over(op.claim_host)
         )
+
+    def _live_volumes(self) -> set[str]:
+        return {ref for image in self.view.images() if not image.removed for ref in image.chain}
 
     def _claim(self, seen: Image, seen_op: Operation) -> Claim | None:
         image_id, op_id, index = seen.id, seen_op.op_id, seen_op.done

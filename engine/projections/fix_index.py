@@ -40,8 +40,18 @@ class Merge:
         return self.users[0].chain[0]
 
 
-def will_run(image: Image, op: Operation) -> bool:
-    return not op.finished and (not image.removed or op.purpose in RUN_ON_REMOVED)
+def will_run(image: Image, op: Operation, live_volumes: Collection[str] = frozenset()) -> bool:
+    """Whether an unfinished operation will still run.
+
+    A removed image's own work is void, except its clean and merge, and except a stage making
+    a volume that a live image's chain holds: a snapshot or clone taken before the removal
+    builds on it, and would wait for it for ever.
+    """
+    if op.finished:
+        return False
+    if not image.removed or op.purpose in RUN_ON_REMOVED:
+        return True
+    return any(ops.produced_by(stage) in live_volumes for stage in op.stages[op.done :])
 
 
 def release_type(image: Image, op: Operation) -> str | None:
@@ -92,8 +102,9 @@ class VolumeIndex:
                 users.setdefault(ref, []).append(image)
             if image.chain and not image.removed:
                 self.tops.add(image.chain[-1])
+        for image in self.images:
             for op in image.operations:
-                if will_run(image, op):
+                if will_run(image, op, self.live_users):
                     self._note(op)
                     if op.purpose == ops.MERGE:
                         merges.append((image, op))

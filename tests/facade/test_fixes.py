@@ -154,3 +154,20 @@ def test_statuses_replay_from_the_log_alone(tmp_path: Path, repo_paths: tuple[st
         with StorageEngine("host-a", state_dir=str(state_dir), run_executors=False) as se:
             se.connect_storage_repository("r1", "localfs-1.0", {"path": repo_paths[0]})
             assert statuses(se) == before
+
+
+def test_a_snapshot_of_a_disk_removed_before_its_work_ran_is_still_made(
+    tmp_path: Path, repo_paths: tuple[str, str]
+) -> None:
+    with StorageEngine("host-c", state_dir=str(tmp_path / "c"), run_executors=False) as se:
+        se.create_storage_repository("localfs-1.0", {"path": repo_paths[0]})
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo_paths[0]})
+        disk = se.create_virtual_disk("r1", 8 * MiB)
+        snap = se.create_snapshot("r1", disk)
+        se.remove_image("r1", disk)  # before any executor made the disk's volume
+    with StorageEngine("host-c", state_dir=str(tmp_path / "c"), poll_interval=0.1) as se:
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo_paths[0]})
+        assert se.wait_for_image("r1", snap, timeout=30).status == "optimized"
+        settle(se, "r1", "clean")
+        assert se.get_image_info("r1", snap).chain_depth == 1
+        assert se.check_storage_repository("r1") == []
