@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from engine.errors import LogCorrupted, StrataError
 from log_tools import dump, export, follow, graph, history, hosts, replay, verify
-from log_tools.paths import find_log_dir
+from log_tools.paths import find_log_dir, positive_int
 
 PROG = "strata-log"
 EXIT_DAMAGED = 1
@@ -70,16 +70,6 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Audit a Strata repository's operation log (read-only)."
@@ -106,9 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("path", metavar="PATH", help=path_help)
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.add_argument(
-        "--from", dest="from_seq", type=_positive, default=1, metavar="SEQ", help="first sequence"
+        "--from",
+        dest="from_seq",
+        type=positive_int,
+        default=1,
+        metavar="SEQ",
+        help="first sequence",
     )
-    show.add_argument("--limit", type=_positive, metavar="N", help="print at most N records")
+    show.add_argument("--limit", type=positive_int, metavar="N", help="print at most N records")
     show.set_defaults(command=_dump)
     for module in (history, replay, export, graph, follow, hosts):
         module.register(commands, path_help)

@@ -15,7 +15,7 @@ import threading
 
 from engine.log.follow import LogFollower
 from engine.log.store import OperationLog
-from log_tools.paths import find_log_dir
+from log_tools.paths import find_log_dir, positive_int
 from log_tools.render import record_json, record_line
 
 READER_ID = "strata-log"  # the log wants a host id even from a reader; it never writes one
@@ -30,8 +30,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
     )
     command.add_argument("path", metavar="PATH", help=path_help)
     command.add_argument("--json", action="store_true", help="one JSON object per line")
-    command.add_argument("--from", dest="from_seq", type=_whole, metavar="SEQ", help="first record")
-    command.add_argument("--count", type=_whole, metavar="N", help="stop after N records")
+    command.add_argument(
+        "--from", dest="from_seq", type=positive_int, metavar="SEQ", help="first record"
+    )
+    command.add_argument("--count", type=positive_int, metavar="N", help="stop after N records")
     command.add_argument("--timeout", type=_seconds, metavar="S", help="stop after S seconds")
     command.add_argument(
         "--poll", type=_seconds, default=0.5, metavar="S", help="look at least every S seconds"
@@ -58,16 +60,6 @@ def run(args: argparse.Namespace) -> int:
                 if timer is not None:
                     timer.cancel()
     return 0
-
-
-def _whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _seconds(text: str) -> float:

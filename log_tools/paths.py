@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from engine.errors import LogCorrupted, NotAStrataLog
@@ -45,3 +46,14 @@ def repository_root(path: str) -> str | None:
         if marked and (candidate == path or os.path.basename(path) == LOG_DIR_NAME):
             return candidate
     return None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a sequence number, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
