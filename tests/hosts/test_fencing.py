@@ -19,7 +19,6 @@ from hostlib import (
     claims,
     events,
     eventually,
-    formatted_repositories,
     host_spec,
     snapshot_with_data,
     temporaries,
@@ -30,11 +29,6 @@ from engine.errors import QemuError
 from engine.formats.qemu import QemuImg
 
 qemu = QemuImg()
-
-
-@pytest.fixture
-def repos(tmp_path: Path) -> dict[str, str]:
-    return formatted_repositories(tmp_path)
 
 
 def digest(path: str) -> str:

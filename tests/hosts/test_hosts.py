@@ -14,7 +14,6 @@ from hostlib import (
     claims,
     events,
     eventually,
-    formatted_repositories,
     host_spec,
     records,
     snapshot_with_data,
@@ -25,11 +24,6 @@ from engine.errors import HostIdInUse
 from engine.formats.qemu import QemuImg
 
 qemu = QemuImg()
-
-
-@pytest.fixture
-def repos(tmp_path: Path) -> dict[str, str]:
-    return formatted_repositories(tmp_path)
 
 
 def engine(tmp_path: Path, host: str, repos: dict[str, str], **options: float) -> StorageEngine:
