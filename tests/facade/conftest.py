@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from engine import StorageEngine
+from engine import PreparedImage, StorageEngine
 from engine.formats.qemu import QemuImg
 
 MiB = 2**20
@@ -37,6 +38,16 @@ def engine(tmp_path: Path, repo_paths: tuple[str, str]) -> Iterator[StorageEngin
         yield se
 
 
+@contextmanager
+def prepared(engine: StorageEngine, repo: str, image: str) -> Iterator[PreparedImage]:
+    """The image's path while a virtual machine would have it open."""
+    opened = engine.prepare_image(repo, image)
+    try:
+        yield opened
+    finally:
+        engine.teardown_image(repo, image)
+
+
 def write(
     engine: StorageEngine,
     qemu: QemuImg,
@@ -47,11 +58,8 @@ def write(
     pattern: int,
 ) -> None:
     """Play the virtual machine: write a pattern through the path prepare_image gives."""
-    prepared = engine.prepare_image(repo, image)
-    try:
-        qemu.write_pattern(prepared.path, prepared.format, offset, length, pattern)
-    finally:
-        engine.teardown_image(repo, image)
+    with prepared(engine, repo, image) as p:
+        qemu.write_pattern(p.path, p.format, offset, length, pattern)
 
 
 def holds(
@@ -63,22 +71,15 @@ def holds(
     length: int,
     pattern: int,
 ) -> bool:
-    prepared = engine.prepare_image(repo, image)
-    try:
-        return qemu.read_pattern_matches(prepared.path, prepared.format, offset, length, pattern)
-    finally:
-        engine.teardown_image(repo, image)
+    with prepared(engine, repo, image) as p:
+        return qemu.read_pattern_matches(p.path, p.format, offset, length, pattern)
 
 
 def same_content(
     engine: StorageEngine, qemu: QemuImg, a: tuple[str, str], b: tuple[str, str]
 ) -> bool:
-    pa, pb = engine.prepare_image(*a), engine.prepare_image(*b)
-    try:
+    with prepared(engine, *a) as pa, prepared(engine, *b) as pb:
         return qemu.compare(pa.path, pb.path, a_fmt=pa.format, b_fmt=pb.format)
-    finally:
-        engine.teardown_image(*a)
-        engine.teardown_image(*b)
 
 
 def tree_digest(*roots: str) -> str:
