@@ -256,3 +256,22 @@ def snapshot_with_data(root: Path, paths: dict[str, str], size: int, byte: int =
 def claims(repo_path: str) -> list[tuple[str, int]]:
     """(host, epoch) of every StageClaimed, in log order."""
     return [(host, f["epoch"]) for name, host, f in events(repo_path) if name == "StageClaimed"]
+
+
+def progressed_on(repo_path: str, host: str) -> bool:
+    return any(n == "StageProgressed" and h == host for n, h, _ in events(repo_path))
+
+
+def host_a_copying(
+    root: Path, repos: dict[str, str], slow_rate: str = "2M", **spec: Any
+) -> tuple[str, HostProcess, str]:
+    """A snapshot with data in r1, and host A (a process) copying it to r2 slowly enough to be
+    caught mid-copy: returns once A has persisted progress. (snapshot, A, the copy's id)."""
+    snapshot = snapshot_with_data(root, repos, 8 * 2**20)
+    steps = [{"call": "copy_image", "args": ["r2", snapshot], "save": "copy"}]
+    a = HostProcess(
+        host_spec("host-a", root / "a", repos, slow_rate=slow_rate, steps=steps, **spec)
+    )
+    copy = a.saved("copy")
+    eventually(lambda: progressed_on(repos["r2"], "host-a"))
+    return snapshot, a, copy

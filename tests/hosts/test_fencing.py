@@ -14,13 +14,10 @@ from pathlib import Path
 
 import pytest
 from hostlib import (
-    HostProcess,
     MiB,
     claims,
     events,
-    eventually,
-    host_spec,
-    snapshot_with_data,
+    host_a_copying,
     temporaries,
 )
 
@@ -52,11 +49,7 @@ def writers_of(path: str) -> list[int]:
 def test_a_paused_host_that_comes_back_after_a_takeover_corrupts_nothing(
     tmp_path: Path, repos: dict[str, str]
 ) -> None:
-    snapshot = snapshot_with_data(tmp_path, repos, 8 * MiB)
-    steps = [{"call": "copy_image", "args": ["r2", snapshot], "save": "copy"}]
-    a = HostProcess(host_spec("host-a", tmp_path / "a", repos, slow_rate="1M", steps=steps))
-    copy = a.saved("copy")
-    eventually(lambda: any(n == "StageProgressed" for n, _, _ in events(repos["r2"])))
+    snapshot, a, copy = host_a_copying(tmp_path, repos, slow_rate="1M")
     [a_temp] = temporaries(repos["r2"])
     assert a_temp.endswith("-e1")  # host A writes into a file tagged with its claim epoch
 

@@ -14,6 +14,7 @@ from hostlib import (
     claims,
     events,
     eventually,
+    host_a_copying,
     host_spec,
     records,
     snapshot_with_data,
@@ -44,10 +45,6 @@ def host_b(tmp_path: Path, repos: dict[str, str]) -> Iterator[StorageEngine]:
         yield se
 
 
-def progressed_on(repo_path: str, host: str) -> bool:
-    return any(n == "StageProgressed" and h == host for n, h, _ in events(repo_path))
-
-
 def same_content(se: StorageEngine, a: tuple[str, str], b: tuple[str, str]) -> bool:
     pa, pb = se.prepare_image(*a), se.prepare_image(*b)
     try:
@@ -60,11 +57,7 @@ def same_content(se: StorageEngine, a: tuple[str, str], b: tuple[str, str]) -> b
 def test_a_claim_of_a_host_killed_mid_copy_is_taken_over_with_a_new_epoch(
     tmp_path: Path, repos: dict[str, str]
 ) -> None:
-    snapshot = snapshot_with_data(tmp_path, repos, 8 * MiB)
-    steps = [{"call": "copy_image", "args": ["r2", snapshot], "save": "copy"}]
-    a = HostProcess(host_spec("host-a", tmp_path / "a", repos, slow_rate="2M", steps=steps))
-    copy = a.saved("copy")
-    eventually(lambda: progressed_on(repos["r2"], "host-a"))
+    snapshot, a, copy = host_a_copying(tmp_path, repos)
 
     with engine(tmp_path, "host-b", repos) as b:
         a.kill()
@@ -78,13 +71,9 @@ def test_a_claim_of_a_host_killed_mid_copy_is_taken_over_with_a_new_epoch(
 def test_a_host_restarted_under_its_old_id_after_kill_9_resumes_its_claims_at_once(
     tmp_path: Path, repos: dict[str, str]
 ) -> None:
-    snapshot = snapshot_with_data(tmp_path, repos, 8 * MiB)
-    steps = [{"call": "copy_image", "args": ["r2", snapshot], "save": "copy"}]
-    spec = host_spec("host-a", tmp_path / "a", repos, lease_timeout=30.0)
-    a = HostProcess({**spec, "slow_rate": "2M", "steps": steps})
-    copy = a.saved("copy")
-    eventually(lambda: progressed_on(repos["r2"], "host-a"))
+    snapshot, a, copy = host_a_copying(tmp_path, repos, lease_timeout=30.0)
     a.kill()
+    spec = host_spec("host-a", tmp_path / "a", repos, lease_timeout=30.0)  # A, started again
 
     restarted_at = time.monotonic()
     again = HostProcess({**spec, "steps": [{"settle": True, "save": "settled"}]})
@@ -101,13 +90,9 @@ def test_a_host_restarted_under_its_old_id_after_kill_9_resumes_its_claims_at_on
 def test_a_host_restarted_without_executors_lets_the_others_take_its_claims_at_once(
     tmp_path: Path, repos: dict[str, str]
 ) -> None:
-    snapshot = snapshot_with_data(tmp_path, repos, 8 * MiB)
-    steps = [{"call": "copy_image", "args": ["r2", snapshot], "save": "copy"}]
-    spec = host_spec("host-a", tmp_path / "a", repos, lease_timeout=30.0)
-    a = HostProcess({**spec, "slow_rate": "2M", "steps": steps})
-    copy = a.saved("copy")
-    eventually(lambda: progressed_on(repos["r2"], "host-a"))
+    _, a, copy = host_a_copying(tmp_path, repos, lease_timeout=30.0)
     a.kill()
+    spec = host_spec("host-a", tmp_path / "a", repos, lease_timeout=30.0)  # A, started again
 
     with engine(tmp_path, "host-b", repos, lease_timeout=30.0) as b:
         auditor_a = HostProcess({**spec, "run_executors": False})
