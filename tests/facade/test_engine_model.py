@@ -13,10 +13,7 @@ touched are also read region by region with ``holds`` (written regions and unwri
 Removed images must be gone. After check and fix, every file in ``<repo>/volumes`` belongs to a
 live image's chain.
 
-Bugs the model found are pinned by the plain tests at the end of this module, which fail until
-they are fixed. While they are listed in ``KNOWN_BUGS`` the machine steps around them (and says
-so with ``note``) so that it keeps exploring everything else; delete an entry once its test
-passes and the model checks that path again.
+Bugs the model found are pinned by the plain tests at the end of this module.
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from hypothesis.stateful import (
 )
 
 from engine import StorageEngine
-from engine.errors import ImageNotFound, InvalidParameter
+from engine.errors import ImageNotFound
 from engine.formats.qemu import QemuImg
 from tests.facade.conftest import MiB, holds, write
 
@@ -50,15 +47,6 @@ REPOS = ("r1", "r2")
 MAX_MIB = 10  # disks are created with 4-8 MiB and grow to at most this
 WAIT = 30.0  # seconds: no step on these small disks comes near it; a hang fails, not blocks
 FIX_ROUNDS = 12
-
-KNOWN_BUGS = {
-    # A copy of a snapshot keeps its id; the executor of the target repository looks the source
-    # up by id in the repositories in connection order and, when the target comes first, finds
-    # the copy itself, whose volume is not made yet: the copy waits forever.
-    "snapshot-copy-reads-itself": (
-        "test_a_snapshot_copied_into_the_first_connected_repository_is_made"
-    ),
-}
 
 repos = st.sampled_from(REPOS)
 strategies = st.sampled_from(("space", "performance"))
@@ -246,28 +234,15 @@ class EngineModel(RuleBasedStateMachine):
         self, data: st.DataObject, repo: str, extra_mib: int, strategy: str, disk_data: Any
     ) -> None:
         snap = self._pick(data, SNAPSHOT)
-        if self._copy_would_read_itself(repo, snap.image_id):
-            return
         source = self._found(snap.image_id)
         before = {i.image_id for i in self.engine.list_images(repo)}
-        try:
-            disk = self.engine.create_virtual_disk(
-                repo,
-                (snap.size_mib + extra_mib) * MiB,
-                base_snapshot_id=snap.image_id,
-                user_data=disk_data,
-                options={"strategy": strategy},
-            )
-        except InvalidParameter as e:
-            if (
-                "removed-snapshot-copy-blocks-disks" in KNOWN_BUGS
-                and (repo, snap.image_id) in self.removed
-                and "removed copy" in e.message
-            ):
-                event("stepped around: removed-snapshot-copy-blocks-disks")
-                note(f"known bug {KNOWN_BUGS['removed-snapshot-copy-blocks-disks']}: {e}")
-                return
-            raise
+        disk = self.engine.create_virtual_disk(
+            repo,
+            (snap.size_mib + extra_mib) * MiB,
+            base_snapshot_id=snap.image_id,
+            user_data=disk_data,
+            options={"strategy": strategy},
+        )
         made = {i.image_id for i in self.engine.list_images(repo)} - before - {disk}
         if self._live(repo, snap.image_id) is not None:
             assert not made, f"a disk on {snap.label} in {repo} also made {made}"
@@ -295,8 +270,6 @@ class EngineModel(RuleBasedStateMachine):
         image = self._pick(data, DISK, SNAPSHOT)
         target = REPOS[1 - REPOS.index(image.repo)]
         source = self._found(image.image_id)
-        if source.kind == SNAPSHOT and self._copy_would_read_itself(target, image.image_id):
-            return
         copy = self.engine.copy_image(
             target, image.image_id, user_data=copy_data, options={"strategy": strategy}
         )
@@ -317,20 +290,6 @@ class EngineModel(RuleBasedStateMachine):
             copy_of=image.image_id,
         )  # fmt: skip
 
-    def _copy_would_read_itself(self, target: str, snapshot_id: str) -> bool:
-        """Whether a copy of the snapshot into ``target`` would keep its id and find itself
-        first (KNOWN_BUGS["snapshot-copy-reads-itself"])."""
-        reads_itself = (
-            self._live(target, snapshot_id) is None
-            and (target, snapshot_id) not in self.removed
-            and REPOS.index(target) < REPOS.index(self._found(snapshot_id).repo)
-        )
-        if reads_itself and "snapshot-copy-reads-itself" in KNOWN_BUGS:
-            event("stepped around: snapshot-copy-reads-itself")
-            note(f"stepped around known bug {KNOWN_BUGS['snapshot-copy-reads-itself']}")
-            return True
-        return False
-
     @precondition(lambda self: bool(self._incremental_bases()))
     @rule(data=st.data(), strategy=strategies, copy_data=st.none() | user_data)
     def copy_incrementally_onto_an_earlier_copy(
@@ -341,11 +300,6 @@ class EngineModel(RuleBasedStateMachine):
         )
         source = self._found(self.images[source_label].image_id)
         base = self.images[base_label]
-        known = KNOWN_BUGS.get("performance-incremental-copy-stays-degraded")
-        if known and source.kind == DISK and strategy == "performance":
-            event("stepped around: performance-incremental-copy-stays-degraded")
-            note(f"stepped around known bug {known}: strategy space instead")
-            strategy = "space"
         copy = self.engine.copy_image(
             base.repo,
             source.image_id,
@@ -546,8 +500,9 @@ TestTheFacadeAgainstAModel.settings = settings(
 def test_a_snapshot_copied_into_the_first_connected_repository_is_made(
     engine: StorageEngine,
 ) -> None:
-    """KNOWN_BUGS["snapshot-copy-reads-itself"]. The same hang hits create_virtual_disk("r1",
-    base_snapshot_id=<a snapshot in r2>), whose local copy of the snapshot keeps its id too."""
+    """A copy that keeps its id must not find itself as its source (it waited for ever). The
+    same hang hit create_virtual_disk("r1", base_snapshot_id=<a snapshot in r2>), whose local
+    copy of the snapshot keeps its id too."""
     disk = engine.create_virtual_disk("r2", 4 * MiB)
     snap = engine.create_snapshot("r2", disk)
     engine.wait_for_image("r2", snap, timeout=30)
