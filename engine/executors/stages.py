@@ -57,7 +57,8 @@ from engine.executors.crashpoints import (
     CrashPoints,
 )
 from engine.formats.driver import RepositoryStorage, VolumeFile
-from engine.formats.qemu import Progress, QemuImg
+from engine.formats.qemu import QemuImg
+from engine.formats.qemu_process import Progress
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
 FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
