@@ -243,6 +243,7 @@ def copy(run: StageRun) -> None:
             src_fmt=source.fmt,
             dst_fmt=fmt,
             preallocation=preallocation,
+            direct=True,  # nothing left in the page cache for publish's fsync to write back
             progress=progress,
             cancel=run.cancel,
         )
