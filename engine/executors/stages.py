@@ -57,7 +57,8 @@ from engine.executors.crashpoints import (
     CrashPoints,
 )
 from engine.formats.driver import RepositoryStorage, VolumeFile
-from engine.formats.qemu import Progress, QemuImg
+from engine.formats.qemu import QemuImg
+from engine.formats.qemu_process import Progress
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
 FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
@@ -242,6 +243,7 @@ def copy(run: StageRun) -> None:
             src_fmt=source.fmt,
             dst_fmt=fmt,
             preallocation=preallocation,
+            direct=True,  # nothing left in the page cache for publish's fsync to write back
             progress=progress,
             cancel=run.cancel,
         )

@@ -12,34 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
-import shlex
-import subprocess
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from engine.errors import (
-    InvalidParameter,
-    QemuCancelled,
-    QemuError,
-    QemuTimeout,
-    VolumeFileNotFound,
-)
+from engine.errors import InvalidParameter, VolumeFileNotFound
+from engine.formats.direct_io import accepts_direct_io
+from engine.formats.qemu_process import Progress, execute, failure
 
 IMAGE_FORMATS = ("raw", "qcow2")
 PREALLOCATION = {"raw": ("off", "falloc", "full"), "qcow2": ("off", "metadata", "falloc", "full")}
 DEFAULT_TIMEOUT = 120.0  # for commands that touch metadata only; data copies default to none
-Progress = Callable[[float], None]
-# How often a running tool's ``cancel`` event is looked at: a stage that prints no progress
-# (create, resize, a rebase of an image with nothing to copy) must still stop soon.
-CANCEL_CHECK_SECONDS = 0.2
 
-_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
-_STDERR_TAIL = 2000
 _NOT_SUPPORTED = 63  # qemu-img check: "This image format does not support checks"
 
 
@@ -165,6 +150,7 @@ class QemuImg:
         preallocation: str | None = None,
         sparse: bool = True,
         existing_target: bool = False,
+        direct: bool = False,
         progress: Progress | None = None,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
@@ -174,6 +160,12 @@ class QemuImg:
         With ``backing`` (relative to ``dst``'s directory), only what ``src``'s top volume holds
         is copied and the rest is left to that backing file, which must hold the same content as
         ``src``'s backing chain. ``sparse=False`` writes zeroes out instead of leaving holes.
+
+        ``direct`` writes ``dst`` around the page cache (``-t none``, docs/adr/0006) where its
+        filesystem allows it, and through it where not: qemu-img then flushes ``dst`` before it
+        exits, so a caller's fsync finds nothing left to write back. A raw ``dst`` is then also
+        written out of order (``-W``): its offsets fix its layout, so only the speed changes,
+        where a qcow2 one would get its clusters in the order the writes happened to complete.
         """
         check_image_format(src_fmt)
         check_image_format(dst_fmt)
@@ -193,7 +185,10 @@ class QemuImg:
         options = _options(dst_fmt, preallocation)
         if options:
             args += ["-o", ",".join(options)]
-        args += [_existing(src), dst]
+        src = _existing(src)
+        if direct and accepts_direct_io(dst, create=not existing_target):
+            args += ["-t", "none", *(["-W"] if dst_fmt == "raw" else [])]
+        args += [src, dst]
         self._run(_with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel)
 
     def rebase(
@@ -338,7 +333,7 @@ class QemuImg:
         args = [self.qemu_io, "-r", "-U", "-f", fmt, "-c", command, _existing(path)]
         code, out, _ = self._run(args, timeout=self.timeout, ok=(0, 1))
         if code == 1 and b"Pattern verification failed" not in out:
-            raise _failure(args, code, out)  # an I/O error, not a mismatch
+            raise failure(args, code, out)  # an I/O error, not a mismatch
         return code == 0
 
     # --- running --------------------------------------------------------------------------
@@ -352,108 +347,10 @@ class QemuImg:
         ok: Sequence[int] = (0,),
         cancel: threading.Event | None = None,
     ) -> tuple[int, bytes, bytes]:
-        code, out, err = _execute(args, timeout, progress, cancel)
+        code, out, err = execute(args, timeout, progress, cancel)
         if code not in ok:
-            raise _failure(args, code, err)
+            raise failure(args, code, err)
         return code, out, err
-
-
-def _execute(
-    args: Sequence[str],
-    timeout: float | None,
-    progress: Progress | None,
-    cancel: threading.Event | None = None,
-) -> tuple[int, bytes, bytes]:
-    """Run to completion, reading stdout as it comes so progress is reported while it runs.
-
-    Standard error goes to a file so that a chatty tool can never fill a pipe and stall. If
-    ``progress`` raises, the tool is killed and the exception propagates: that is how a caller
-    stops a long copy. Setting ``cancel`` kills it too (within CANCEL_CHECK_SECONDS), with
-    :class:`QemuCancelled`: that is how a caller stops a tool that prints nothing.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    reporter = _ProgressReporter(progress)
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
-            )
-        except OSError as e:
-            raise QemuError(command=shlex.join(args), returncode=None, stderr=str(e)) from e
-        assert proc.stdout is not None  # for the type checker: PIPE was asked for
-        out = bytearray()
-        try:
-            with proc.stdout, selectors.DefaultSelector() as selector:
-                selector.register(proc.stdout, selectors.EVENT_READ)
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        raise QemuCancelled(
-                            command=shlex.join(args), returncode=None, stderr="cancelled"
-                        )
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise subprocess.TimeoutExpired(args, timeout or 0)
-                    if cancel is not None:
-                        left = min(CANCEL_CHECK_SECONDS, left or CANCEL_CHECK_SECONDS)
-                    if not selector.select(left):
-                        continue
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                    if not chunk:
-                        break
-                    out += chunk
-                    reporter.feed(chunk)
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            code = proc.wait(left)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise QemuTimeout(
-                command=shlex.join(args), returncode=None, stderr="", timeout=timeout
-            ) from None
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if code == 0:
-            reporter.finish()
-        err.seek(0)
-        return code, bytes(out), err.read()
-
-
-class _ProgressReporter:
-    """Turns qemu-img's ``    (12.34/100%)\\r`` output into calls with rising percentages."""
-
-    def __init__(self, callback: Progress | None) -> None:
-        self.callback = callback
-        self.pending = b""
-        self.last = -1.0
-
-    def feed(self, chunk: bytes) -> None:
-        if self.callback is None:
-            return
-        *lines, self.pending = (self.pending + chunk).split(b"\r")
-        for line in lines:
-            self._report(line)
-
-    def finish(self) -> None:
-        if self.callback is None:
-            return
-        self._report(self.pending)
-        if self.last < 100.0:  # success is complete even if the last print was throttled away
-            self._report(b"(100/100%)")
-
-    def _report(self, line: bytes) -> None:
-        match = _PROGRESS.search(line)
-        if match is not None and self.callback is not None:
-            percent = min(float(match.group(1)), 100.0)
-            if percent > self.last:
-                self.last = percent
-                self.callback(percent)
-
-
-def _failure(args: Sequence[str], code: int, err: bytes) -> QemuError:
-    tail = err.decode(errors="replace").strip()[-_STDERR_TAIL:]
-    return QemuError(command=shlex.join(args), returncode=code, stderr=tail)
 
 
 def _with_progress(args: list[str], progress: Progress | None) -> list[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InvalidParameter, QemuError, QemuTimeout, VolumeFileNotFound
+from engine.formats import qemu as qemu_adapter
+from engine.formats.direct_io import accepts_direct_io
 from engine.formats.qemu import QemuImg, allocated_bytes
 
 MiB = 2**20
@@ -127,6 +129,66 @@ def test_convert_into_an_existing_target_overwrites_its_content(tmp_path: Path) 
     qemu.convert(src, dst, src_fmt="qcow2", dst_fmt="raw", existing_target=True)
 
     assert qemu.compare(src, dst, a_fmt="qcow2", b_fmt="raw")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_direct_convert_makes_the_same_image_as_one_through_the_page_cache(
+    tmp_path: Path, fmt: str
+) -> None:
+    src = image(tmp_path, "src.qcow2", size=32 * MiB)
+    qemu.write_pattern(src, "qcow2", 0, 3 * MiB, 0x5C)
+    qemu.write_pattern(src, "qcow2", 20 * MiB, CLUSTER, 0x11)
+    cached, direct = str(tmp_path / f"cached.{fmt}"), str(tmp_path / f"direct.{fmt}")
+    existing = image(tmp_path, f"existing.{fmt}", fmt, 32 * MiB)
+
+    qemu.convert(src, cached, src_fmt="qcow2", dst_fmt=fmt)
+    qemu.convert(src, direct, src_fmt="qcow2", dst_fmt=fmt, direct=True)
+    qemu.convert(src, existing, src_fmt="qcow2", dst_fmt=fmt, direct=True, existing_target=True)
+
+    assert qemu.compare(cached, direct, a_fmt=fmt, b_fmt=fmt, strict=True)  # holes too
+    assert allocated_bytes(direct) == allocated_bytes(cached)
+    assert qemu.compare(src, existing, a_fmt="qcow2", b_fmt=fmt)
+
+
+def refusing_direct_io(directory: Path) -> QemuImg:
+    """qemu-img as it behaves on a filesystem without O_DIRECT (ramfs; tmpfs before Linux 6.6):
+    a copy with ``-t none`` fails to open its target, one without it works."""
+    script = directory / "qemu-img-without-o-direct"
+    real = shutil.which("qemu-img")
+    script.write_text(
+        "#!/bin/sh\n"
+        'for arg; do if [ "$arg" = none ]; then\n'
+        '  echo "qemu-img: Could not open: filesystem does not support O_DIRECT" >&2; exit 1\n'
+        "fi; done\n"
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    return QemuImg(qemu_img=str(script))
+
+
+def test_a_direct_convert_goes_through_the_page_cache_where_the_filesystem_refuses_o_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No writable filesystem here refuses O_DIRECT without a mount (tmpfs accepts it since
+    # Linux 6.6), so the kernel's answer on ramfs is played by the probe and by qemu-img alike.
+    monkeypatch.setattr(qemu_adapter, "accepts_direct_io", lambda path, create: False)
+    src = image(tmp_path, "src.qcow2")
+    qemu.write_pattern(src, "qcow2", 0, MiB, 0x5C)
+    dst = str(tmp_path / "dst.qcow2")
+
+    refusing_direct_io(tmp_path).convert(src, dst, src_fmt="qcow2", dst_fmt="qcow2", direct=True)
+
+    assert qemu.compare(src, dst, a_fmt="qcow2", b_fmt="qcow2")
+
+
+def test_o_direct_is_asked_of_the_kernel_on_the_file_itself(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+
+    assert accepts_direct_io(str(target), create=True)  # ext4 or tmpfs: accepted, and made
+    assert target.exists()
+    assert accepts_direct_io(str(target), create=False)
+    assert not accepts_direct_io("/proc/self/comm", create=False)  # procfs refuses: EINVAL
+    assert not accepts_direct_io(str(tmp_path / "missing" / "file"), create=True)
 
 
 def test_a_progress_callback_that_raises_stops_the_copy(tmp_path: Path) -> None:
