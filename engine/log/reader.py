@@ -18,8 +18,10 @@ from engine.log import framing, segments, store
 from engine.log.framing import Record, SegmentHeader
 from engine.log.scan import ScanResult, Tail, scan
 
-# Segments are read in chunks so that memory stays bounded however large a segment grows.
-CHUNK = 4 * 2**20
+# Segments are read in chunks so that memory stays bounded however large a segment grows. A
+# chunk's records are all alive at once: 1 MiB of them (some 3,500) stays closer to the CPU's
+# caches than 4 MiB did: replay was 5-8% faster (bench/log_replay.py).
+CHUNK = 2**20
 
 
 @dataclass(frozen=True, slots=True)
