@@ -75,7 +75,7 @@ class Outcome:
     damage: tuple[int, int] | None
 
 
-def read(segments: list[bytes], chunk: int) -> Outcome:
+def read(segments: list[bytes], chunk: int, start: int = 1) -> Outcome:
     with tempfile.TemporaryDirectory() as directory:
         for number, data in enumerate(segments, 1):
             with open(os.path.join(directory, f"segment-{number:010d}.log"), "wb") as f:
@@ -84,7 +84,7 @@ def read(segments: list[bytes], chunk: int) -> Outcome:
         batches: list[list[Record]] = []
         damage = None
         try:
-            batches.extend(log.batches())
+            batches.extend(log.batches(start))
         except LogCorrupted as e:
             damage = (int(e.fields["segment"]), int(e.fields["offset"]))
         tail = None if log.tail is None else (log.tail.segment, log.tail.end, log.tail.size)
@@ -102,18 +102,20 @@ transactions = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(transactions, st.integers(0, 8), st.integers(1, 3000))
-def test_a_sound_log_reads_alike_in_any_chunk_size(
-    txns: list[list[bytes]], roll_after: int, chunk: int
+@given(transactions, st.integers(0, 8), st.integers(1, 3000), st.integers(1, 50))
+def test_a_sound_log_reads_alike_in_any_chunk_size_from_any_record(
+    txns: list[list[bytes]], roll_after: int, chunk: int, start: int
 ) -> None:
     built = build(txns, roll_after)
 
     got = read(built.segments, chunk)
+    later = read(built.segments, chunk, start)
 
     assert got.records == built.records
     assert got.batches_end_transactions
     end = len(built.segments[-1])
     assert got.tail == (len(built.segments), end, end) and got.damage is None
+    assert later.records == [r for r in built.records if r.seq >= start]
 
 
 @settings(max_examples=150, deadline=None)
