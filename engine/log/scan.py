@@ -72,8 +72,9 @@ def scan(buf: bytes, base: int, segment: int, next_seq: int, last_hash: bytes) -
     """Decode the frames in ``buf`` (which starts at segment offset ``base``).
 
     ``next_seq`` and ``last_hash`` are what the chain expects next. Only whole transactions are
-    returned: records of a transaction whose last record is missing are held back, and their
-    bytes count as torn when the buffer ends there.
+    returned: records of a transaction whose last record is missing are held back (in
+    ``pending``, for a caller that reads on), and their bytes count as torn when the buffer
+    ends there.
     """
     with gc_paused():
         return _scan(buf, base, segment, next_seq, last_hash)
