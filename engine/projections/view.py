@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.persistence import Mapper
 
 from engine.aggregates.image import Image
 from engine.aggregates.repository import Repository
@@ -29,6 +29,7 @@ from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.image_state import clone, image_key
 from engine.projections.read_model import Checkpoint, ReadModel, image_row
+from engine.projections.replay_events import record_decoder
 from engine.projections.status import image_status
 
 DEFAULT_BATCH = 500
@@ -74,6 +75,7 @@ class RepositoryView:
             self._log, self._mapper = None, mapper
         else:
             raise InvalidParameter("a detached view needs a mapper and has no db_path", name="app")
+        self._to_event = record_decoder(self._mapper)
         self._batch_size = batch_size
         self._lock = threading.RLock()
         self._store = None if db_path is None else ReadModel(db_path)
@@ -166,16 +168,12 @@ class RepositoryView:
 
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
-        to_domain_event = self._mapper.to_domain_event
+        to_event = self._to_event
         staged: dict[uuid.UUID, Image] = {}
         workers: dict[uuid.UUID, str] = {}
         repository = self._repository
         for record in records:
-            event: Any = to_domain_event(
-                StoredEvent(
-                    record.originator_id, record.originator_version, record.topic, record.state
-                )
-            )
+            event = to_event(record)
             if isinstance(event, Image.Event):
                 key = event.originator_id
                 image = staged.get(key)
@@ -313,13 +311,6 @@ class RepositoryView:
 
     def history(self, image_id: uuid.UUID | str) -> list[Image.Event]:
         """The image's events from the log, oldest first (an auditor's view, read each time)."""
-        to_domain_event = self._mapper.to_domain_event
-        events: list[Image.Event] = []
         log = self._own_log()
         log.refresh()
-        for record in log.events_of(image_key(image_id)):
-            stored = StoredEvent(
-                record.originator_id, record.originator_version, record.topic, record.state
-            )
-            events.append(to_domain_event(stored))  # type: ignore[arg-type]
-        return events
+        return [self._to_event(record) for record in log.events_of(image_key(image_id))]
