@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from eventsourcing.persistence import (
@@ -46,6 +48,7 @@ from engine.types import Fix
 
 BATCH = 20_000  # records folded at a time: copy-on-write costs once per image per batch
 _CLAIMED = Image.StageClaimed.TOPIC
+_HOST_ID = attrgetter("host_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +176,15 @@ def replay(
     result = Replay(view, log_began_ns=0)
     watched = None if watch is None else key_of(watch)
     stop_seq, stop_ns = until.seq, until.time_ns
-    hosts, claims = result.hosts, result._claims
     batch: list[Record] = []
     start = 0  # where the transaction being read begins in the batch
     last: Record | None = None  # the last record of the last transaction taken
     records = log.records()
+
+    def fold() -> None:
+        _note_hosts_and_claims(result, batch)
+        _fold(view, mapper, log_dir, batch, skip_superseded)
+
     try:
         with gc_paused():
             for record in records:
@@ -190,33 +197,50 @@ def replay(
                     del batch[start:]
                     result.ended = False
                     break
-                last, touched = record, False
-                for r in batch[start:]:
-                    seen = hosts.get(r.host_id)
-                    if seen is None:
-                        seen = hosts[r.host_id] = HostSeen(r.host_id, 0, r.seq, r.time_ns)
-                    seen.records += 1
-                    seen.last_seq, seen.last_time_ns = r.seq, r.time_ns
-                    if r.topic == _CLAIMED:
-                        claims[r.originator_key] = r
-                    touched = touched or r.originator_key == watched
-                if touched and on_watched is not None:
-                    _fold(view, mapper, log_dir, batch, skip_superseded)
+                last = record
+                if on_watched is not None and any(
+                    r.originator_key == watched for r in batch[start:]
+                ):
+                    fold()
                     on_watched(batch[start:], view)
                     batch = []
                 elif len(batch) >= BATCH:
-                    _fold(view, mapper, log_dir, batch, skip_superseded)
+                    fold()
                     batch = []
                 start = len(batch)
-            _fold(view, mapper, log_dir, batch, skip_superseded)
+            fold()
     finally:
         records.close()
     result.time_ns = None if last is None else last.time_ns
     result.log_began_ns = min(
-        [log.headers[1].created_ns, *(h.first_time_ns for h in hosts.values())]
+        [log.headers[1].created_ns, *(h.first_time_ns for h in result.hosts.values())]
     )
     _check_point(until, result)
     return result
+
+
+def _note_hosts_and_claims(result: Replay, batch: Sequence[Record]) -> None:
+    """Count each host's records in ``batch``, and keep each image's last claim.
+
+    Per batch rather than per record: the counting and the filtering run in C.
+    """
+    hosts = result.hosts
+    counts = Counter(map(_HOST_ID, batch))
+    for host_id, count in counts.items():
+        seen = hosts.get(host_id)
+        if seen is None:
+            first = next(r for r in batch if r.host_id == host_id)
+            seen = hosts[host_id] = HostSeen(host_id, 0, first.seq, first.time_ns)
+        seen.records += count
+    unseen = set(counts)  # hosts whose last record in the batch is still to find
+    for r in reversed(batch):
+        if r.host_id in unseen:
+            unseen.discard(r.host_id)
+            seen = hosts[r.host_id]
+            seen.last_seq, seen.last_time_ns = r.seq, r.time_ns
+            if not unseen:
+                break
+    result._claims.update({r.originator_key: r for r in batch if r.topic == _CLAIMED})
 
 
 def _check_point(until: Until, result: Replay) -> None:

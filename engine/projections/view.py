@@ -169,16 +169,19 @@ class RepositoryView:
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
         to_event = self._to_event
-        staged: dict[uuid.UUID, Image] = {}
-        workers: dict[uuid.UUID, str] = {}
+        # Keyed by the record's originator key (bytes hash in C, a UUID in Python) until the end.
+        ids: dict[bytes | str, uuid.UUID] = {}
+        staged: dict[bytes | str, Image] = {}
+        workers: dict[bytes | str, str] = {}
         repository = self._repository
         for record in records:
             event = to_event(record)
             if isinstance(event, Image.Event):
-                key = event.originator_id
+                key = record.originator_key
                 image = staged.get(key)
                 if image is None:
-                    current = self._images.get(key)
+                    image_id = ids[key] = event.originator_id
+                    current = self._images.get(image_id)
                     image = staged[key] = Image() if current is None else clone(current)
                 image.apply(event)
                 if isinstance(event, _WORK):
@@ -192,11 +195,12 @@ class RepositoryView:
                 )
             # Events of aggregates a later version adds are not this view's business.
         self.records_read += len(records)
-        dirty = set(staged)
+        dirty = set(ids.values())
         for key, image in staged.items():
-            self._images[key] = image
-            dirty |= self._reindex(key, image)
-        self._workers.update(workers)
+            self._images[ids[key]] = image
+            dirty |= self._reindex(ids[key], image)
+        for key, host_id in workers.items():
+            self._workers[ids[key]] = host_id
         self._repository = repository
         last = records[-1]
         self._checkpoint = Checkpoint(last.seq, last.prev_hash, last.time_ns)
