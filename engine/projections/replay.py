@@ -36,6 +36,7 @@ from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
 from engine.log.scan import gc_paused
 from engine.projections.fixes import find_fixes
+from engine.projections.image_state import by_id
 from engine.projections.replay_events import (
     locate,
     new_mapper,
@@ -105,7 +106,7 @@ class Replay:
     def statuses(self) -> list[dict[str, Any]]:
         """Every image the log names by id, removed ones last, as the engine would report it."""
         with gc_paused():  # a large state is millions of objects for the collector to walk
-            images = sorted(self.view.images(), key=lambda i: (i.removed, str(i.id)))
+            images = sorted(self.view.images(), key=lambda i: (i.removed, by_id(i)))
             return [image_summary(i, self.view) for i in images]
 
     def fixes(self) -> list[Fix]:
@@ -133,7 +134,7 @@ class Replay:
 def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
     status = image_status(image, view)
     return {
-        "image_id": str(image.id),
+        "image_id": status.image_id,
         "kind": image.kind,
         "size": image.size,
         "status": "removed" if image.removed else status.status,
