@@ -89,7 +89,6 @@ class RepositoryView:
         self._workers: dict[uuid.UUID, str] = {}
         self._users: dict[str, set[uuid.UUID]] = {}  # volume -> images whose chain holds it
         self._producers: dict[str, uuid.UUID] = {}  # volume -> image whose stage will make it
-        self._indexed: dict[uuid.UUID, tuple[tuple[str, ...], frozenset[str]]] = {}
         self._checkpoint = _START
         self._repository: RepositoryInfo | None = None
         self._unsaved: set[uuid.UUID] = set()  # rows the read model has not caught up with
@@ -103,7 +102,7 @@ class RepositoryView:
             self._images[image.id] = image
             if worker is not None:
                 self._workers[image.id] = worker
-            self._reindex(image.id, image)
+            self._reindex(image.id, None, image)
         self._checkpoint = stored.checkpoint
         if stored.repository is not None:
             self._repository = RepositoryInfo(**stored.repository)
@@ -171,6 +170,7 @@ class RepositoryView:
         to_event = self._to_event
         # Keyed by the record's originator key (bytes hash in C, a UUID in Python) until the end.
         ids: dict[bytes | str, uuid.UUID] = {}
+        before: dict[bytes | str, Image | None] = {}  # copy-on-write: as the batch found them
         staged: dict[bytes | str, Image] = {}
         workers: dict[bytes | str, str] = {}
         repository = self._repository
@@ -181,7 +181,7 @@ class RepositoryView:
                 image = staged.get(key)
                 if image is None:
                     image_id = ids[key] = event.originator_id
-                    current = self._images.get(image_id)
+                    current = before[key] = self._images.get(image_id)
                     image = staged[key] = Image() if current is None else clone(current)
                 image.apply(event)
                 if isinstance(event, _WORK):
@@ -198,7 +198,7 @@ class RepositoryView:
         dirty = set(ids.values())
         for key, image in staged.items():
             self._images[ids[key]] = image
-            dirty |= self._reindex(ids[key], image)
+            dirty |= self._reindex(ids[key], before[key], image)
         for key, host_id in workers.items():
             self._workers[ids[key]] = host_id
         self._repository = repository
@@ -206,10 +206,11 @@ class RepositoryView:
         self._checkpoint = Checkpoint(last.seq, last.prev_hash, last.time_ns)
         return dirty
 
-    def _reindex(self, key: uuid.UUID, image: Image) -> set[uuid.UUID]:
-        """Update the volume indexes; return the images whose readiness may have changed."""
-        old_chain, old_pending = self._indexed.get(key, ((), frozenset()))
-        chain, pending = tuple(image.chain), frozenset(image.pending_volumes())
+    def _reindex(self, key: uuid.UUID, old: Image | None, image: Image) -> set[uuid.UUID]:
+        """Update the volume indexes from the image as they last saw it (``old``, None if
+        never); return the images whose readiness may have changed."""
+        old_chain, old_pending = ((), set()) if old is None else (old.chain, old.pending_volumes())
+        chain, pending = image.chain, image.pending_volumes()
         if chain != old_chain:
             for ref in old_chain:
                 if ref not in chain:
@@ -228,7 +229,6 @@ class RepositoryView:
                 self._producers[ref] = key
             for ref in pending ^ old_pending:
                 affected |= self._users.get(ref, set())
-        self._indexed[key] = (chain, pending)
         return affected
 
     def _persist(self, dirty: set[uuid.UUID]) -> None:
