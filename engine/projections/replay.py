@@ -20,7 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from eventsourcing.persistence import (
@@ -106,8 +106,13 @@ class Replay:
     def statuses(self) -> list[dict[str, Any]]:
         """Every image the log names by id, removed ones last, as the engine would report it."""
         with gc_paused():  # a large state is millions of objects for the collector to walk
-            images = sorted(self.view.images(), key=lambda i: (i.removed, by_id(i)))
-            return [image_summary(i, self.view) for i in images]
+            # Summarised in the view's order, then sorted: going through the images in id
+            # order would visit memory at random, a tenth slower for a large repository.
+            rows = [
+                ((i.removed, by_id(i)), image_summary(i, self.view)) for i in self.view.images()
+            ]
+            rows.sort(key=itemgetter(0))
+            return [summary for _, summary in rows]
 
     def fixes(self) -> list[Fix]:
         """What a check would have offered then, from the log alone (see the module's doc)."""
