@@ -107,7 +107,7 @@ class Replay:
         """Every image the log names by id, removed ones last, as the engine would report it."""
         with gc_paused():  # a large state is millions of objects for the collector to walk
             # Summarised in the view's order, then sorted: going through the images in id
-            # order would visit memory at random, a tenth slower for a large repository.
+            # order would visit memory at random, a fifth slower for a large repository.
             rows = [
                 ((i.removed, by_id(i)), image_summary(i, self.view)) for i in self.view.images()
             ]
