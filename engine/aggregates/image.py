@@ -10,11 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from functools import singledispatchmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.aggregates import operations as ops
-from engine.aggregates.base import Aggregate
+from engine.aggregates.base import Aggregate, Appliers
 from engine.aggregates.operations import Operation
 from engine.aggregates.topics import StableTopic
 from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StaleFix, WrongImageKind
@@ -432,11 +431,12 @@ class Image(Aggregate["Image.Event"], StableTopic):
             )
         )
 
-    @singledispatchmethod
-    def apply(self, event: Image.Event) -> None:
-        raise NotImplementedError(f"Image cannot apply {type(event).__qualname__}")
+    _appliers: ClassVar[Appliers[Image]] = Appliers("Image")
 
-    @apply.register(ImageRequested)
+    def apply(self, event: Image.Event) -> None:
+        self._appliers(self, event)
+
+    @_appliers.register(ImageRequested)
     def _(self, event: Image.ImageRequested) -> None:
         self.id = event.originator_id
         self.created_on = event.timestamp
@@ -455,7 +455,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.last_error = None
         self._advance(event)
 
-    @apply.register(SnapshotTaken)
+    @_appliers.register(SnapshotTaken)
     def _(self, event: Image.SnapshotTaken) -> None:
         self.chain = list(event.chain)
         for op in self.operations:
@@ -465,7 +465,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.operations.extend(Operation.from_plan(p) for p in event.operations)
         self._advance(event)
 
-    @apply.register(FixRequested)
+    @_appliers.register(FixRequested)
     def _(self, event: Image.FixRequested) -> None:
         if event.operation is not None:
             self.operations.append(Operation.from_plan(event.operation))
@@ -477,18 +477,18 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.last_error = None
         self._advance(event)
 
-    @apply.register(StageClaimed)
+    @_appliers.register(StageClaimed)
     def _(self, event: Image.StageClaimed) -> None:
         op = self._op(event.op_id)
         op.claim_host, op.claim_epoch, op.percent = event.host_id, event.epoch, -1
         self._advance(event)
 
-    @apply.register(StageProgressed)
+    @_appliers.register(StageProgressed)
     def _(self, event: Image.StageProgressed) -> None:
         self._op(event.op_id).percent = event.percent
         self._advance(event)
 
-    @apply.register(StageCompleted)
+    @_appliers.register(StageCompleted)
     def _(self, event: Image.StageCompleted) -> None:
         op = self._op(event.op_id)
         stage = op.stages[event.stage]
@@ -506,7 +506,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
             op.percent = -1  # the next stage has not reported any progress yet
         self._advance(event)
 
-    @apply.register(StageFailed)
+    @_appliers.register(StageFailed)
     def _(self, event: Image.StageFailed) -> None:
         op = self._op(event.op_id)
         op.state, op.error, op.claim_host = ops.FAILED, event.error, None
@@ -515,7 +515,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         )
         self._advance(event)
 
-    @apply.register(FixStopped)
+    @_appliers.register(FixStopped)
     def _(self, event: Image.FixStopped) -> None:
         op = self._op(event.op_id)
         op.state, op.claim_host = ops.STOPPED, None
@@ -523,32 +523,32 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.last_error = op.error
         self._advance(event)
 
-    @apply.register(ChainChanged)
+    @_appliers.register(ChainChanged)
     def _(self, event: Image.ChainChanged) -> None:
         self.chain = list(event.chain)
         self._advance(event)
 
-    @apply.register(ImageRemoved)
+    @_appliers.register(ImageRemoved)
     def _(self, event: Image.ImageRemoved) -> None:
         self.removed = True
         self._advance(event)
 
-    @apply.register(UserDataSet)
+    @_appliers.register(UserDataSet)
     def _(self, event: Image.UserDataSet) -> None:
         self.user_data = event.user_data
         self._advance(event)
 
-    @apply.register(ImagePrepared)
+    @_appliers.register(ImagePrepared)
     def _(self, event: Image.ImagePrepared) -> None:
         self.prepared_on.add(event.host_id)
         self._advance(event)
 
-    @apply.register(ImageTornDown)
+    @_appliers.register(ImageTornDown)
     def _(self, event: Image.ImageTornDown) -> None:
         self.prepared_on.discard(event.host_id)
         self._advance(event)
 
-    @apply.register(ImageResized)
+    @_appliers.register(ImageResized)
     def _(self, event: Image.ImageResized) -> None:
         self.size = event.size
         self.operations.append(Operation.from_plan(event.operation))

@@ -69,20 +69,22 @@ def make_fix(
     release: str | None = None,
 ) -> Fix:
     salt = len(target.operations)
+    target_id = str(target.id)
     op = None
     if stages is not None:
-        op = ops.plan(_op_id(kind, str(target.id), salt, stages), kind, *stages)
+        op = ops.plan(_op_id(kind, target_id, salt, stages), kind, *stages)
+    touched_ids = [str(i.id) for i in touched]  # a UUID's string costs a microsecond: once
     data = {
         "v": DATA_VERSION,
         "type": kind,
-        "target": str(target.id),
+        "target": target_id,
         "new_carrier": False,
-        "images": {str(i.id): i.version for i in touched},
+        "images": {i: image.version for i, image in zip(touched_ids, touched, strict=True)},
         "salt": salt,
         "op": op,
         "release": release,
     }
-    ids = tuple(dict.fromkeys(str(i.id) for i in touched))
+    ids = tuple(dict.fromkeys(touched_ids))
     return Fix(type=kind, image_ids=ids, description=description, data=_encode(data))
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.projections.image_state import by_id
 from engine.projections.status import wants_optimizing
 
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
@@ -23,9 +23,12 @@ BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
 _VOLUME_KEYS = ("volume", "backing", "base", "drop_volume")
 
 
-@dataclass(frozen=True, slots=True)
-class Merge:
-    """Volume ``volume`` of removed ``owners``, which live ``users`` still go through."""
+class Merge(NamedTuple):
+    """Volume ``volume`` of removed ``owners``, which live ``users`` still go through.
+
+    A NamedTuple, not a frozen dataclass (a ``setattr`` per field): a check of a large
+    repository makes one for every removed volume that chains go through.
+    """
 
     volume: str
     parent: str | None
@@ -87,7 +90,7 @@ def merge_chain_changes(images: Iterable[Image], volume: str) -> dict[uuid.UUID,
 
 class VolumeIndex:
     def __init__(self, images: Iterable[Image]) -> None:
-        self.images = sorted(images, key=lambda i: str(i.id))
+        self.images = sorted(images, key=by_id)
         self.by_id = {i.id: i for i in self.images}
         self.live_users: dict[str, list[Image]] = {}
         self.removed_users: dict[str, list[Image]] = {}

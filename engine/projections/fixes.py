@@ -68,9 +68,12 @@ def find_problems(
     corrupt; they count as lost."""
     index = VolumeIndex(view.images())
     on_disk: dict[str, list[VolumeFile]] = {}
+    published: set[str] = set()  # volumes with a file that is not a stage's temporary
     for f in files:
-        on_disk.setdefault(ops.volume_ref(f.volume_id, f.fmt), []).append(f)
-    published = {ref for ref, fs in on_disk.items() if any(not f.is_temporary for f in fs)}
+        ref = ops.volume_ref(f.volume_id, f.fmt)
+        on_disk.setdefault(ref, []).append(f)
+        if not f.is_temporary:
+            published.add(ref)
     lost = frozenset(
         ref
         for ref in index.live_users

@@ -103,6 +103,12 @@ def _clone_operation(op: Operation) -> Operation:
     return twin
 
 
+def by_id(image: Image) -> int:
+    """Sort key: images in the order of their ids' strings, without making the strings (a
+    UUID's string is its 128-bit number in fixed-width hex, so the orders agree)."""
+    return image.id.int
+
+
 def image_key(image_id: uuid.UUID | str) -> uuid.UUID:
     """An image id as the view keys it; raises ValueError for something that is not a UUID."""
     return image_id if isinstance(image_id, uuid.UUID) else uuid.UUID(str(image_id))

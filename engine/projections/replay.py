@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import datetime
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from eventsourcing.persistence import (
@@ -34,6 +36,7 @@ from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
 from engine.log.scan import gc_paused
 from engine.projections.fixes import find_fixes
+from engine.projections.image_state import by_id
 from engine.projections.replay_events import (
     locate,
     new_mapper,
@@ -46,6 +49,7 @@ from engine.types import Fix
 
 BATCH = 20_000  # records folded at a time: copy-on-write costs once per image per batch
 _CLAIMED = Image.StageClaimed.TOPIC
+_HOST_ID = attrgetter("host_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +106,13 @@ class Replay:
     def statuses(self) -> list[dict[str, Any]]:
         """Every image the log names by id, removed ones last, as the engine would report it."""
         with gc_paused():  # a large state is millions of objects for the collector to walk
-            images = sorted(self.view.images(), key=lambda i: (i.removed, str(i.id)))
-            return [image_summary(i, self.view) for i in images]
+            # Summarised in the view's order, then sorted: going through the images in id
+            # order would visit memory at random, a fifth slower for a large repository.
+            rows = [
+                ((i.removed, by_id(i)), image_summary(i, self.view)) for i in self.view.images()
+            ]
+            rows.sort(key=itemgetter(0))
+            return [summary for _, summary in rows]
 
     def fixes(self) -> list[Fix]:
         """What a check would have offered then, from the log alone (see the module's doc)."""
@@ -130,7 +139,7 @@ class Replay:
 def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
     status = image_status(image, view)
     return {
-        "image_id": str(image.id),
+        "image_id": status.image_id,
         "kind": image.kind,
         "size": image.size,
         "status": "removed" if image.removed else status.status,
@@ -173,11 +182,15 @@ def replay(
     result = Replay(view, log_began_ns=0)
     watched = None if watch is None else key_of(watch)
     stop_seq, stop_ns = until.seq, until.time_ns
-    hosts, claims = result.hosts, result._claims
     batch: list[Record] = []
     start = 0  # where the transaction being read begins in the batch
     last: Record | None = None  # the last record of the last transaction taken
     records = log.records()
+
+    def fold() -> None:
+        _note_hosts_and_claims(result, batch)
+        _fold(view, mapper, log_dir, batch, skip_superseded)
+
     try:
         with gc_paused():
             for record in records:
@@ -190,33 +203,50 @@ def replay(
                     del batch[start:]
                     result.ended = False
                     break
-                last, touched = record, False
-                for r in batch[start:]:
-                    seen = hosts.get(r.host_id)
-                    if seen is None:
-                        seen = hosts[r.host_id] = HostSeen(r.host_id, 0, r.seq, r.time_ns)
-                    seen.records += 1
-                    seen.last_seq, seen.last_time_ns = r.seq, r.time_ns
-                    if r.topic == _CLAIMED:
-                        claims[r.originator_key] = r
-                    touched = touched or r.originator_key == watched
-                if touched and on_watched is not None:
-                    _fold(view, mapper, log_dir, batch, skip_superseded)
+                last = record
+                if on_watched is not None and any(
+                    r.originator_key == watched for r in batch[start:]
+                ):
+                    fold()
                     on_watched(batch[start:], view)
                     batch = []
                 elif len(batch) >= BATCH:
-                    _fold(view, mapper, log_dir, batch, skip_superseded)
+                    fold()
                     batch = []
                 start = len(batch)
-            _fold(view, mapper, log_dir, batch, skip_superseded)
+            fold()
     finally:
         records.close()
     result.time_ns = None if last is None else last.time_ns
     result.log_began_ns = min(
-        [log.headers[1].created_ns, *(h.first_time_ns for h in hosts.values())]
+        [log.headers[1].created_ns, *(h.first_time_ns for h in result.hosts.values())]
     )
     _check_point(until, result)
     return result
+
+
+def _note_hosts_and_claims(result: Replay, batch: Sequence[Record]) -> None:
+    """Count each host's records in ``batch``, and keep each image's last claim.
+
+    Per batch rather than per record: the counting and the filtering run in C.
+    """
+    hosts = result.hosts
+    counts = Counter(map(_HOST_ID, batch))
+    for host_id, count in counts.items():
+        seen = hosts.get(host_id)
+        if seen is None:
+            first = next(r for r in batch if r.host_id == host_id)
+            seen = hosts[host_id] = HostSeen(host_id, 0, first.seq, first.time_ns)
+        seen.records += count
+    unseen = set(counts)  # hosts whose last record in the batch is still to find
+    for r in reversed(batch):
+        if r.host_id in unseen:
+            unseen.discard(r.host_id)
+            seen = hosts[r.host_id]
+            seen.last_seq, seen.last_time_ns = r.seq, r.time_ns
+            if not unseen:
+                break
+    result._claims.update({r.originator_key: r for r in batch if r.topic == _CLAIMED})
 
 
 def _check_point(until: Until, result: Replay) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import Mapper, StoredEvent
+from eventsourcing.persistence import Mapper
 
 from engine.aggregates.image import Image
 from engine.aggregates.repository import Repository
@@ -29,6 +29,7 @@ from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.image_state import clone, image_key
 from engine.projections.read_model import Checkpoint, ReadModel, image_row
+from engine.projections.replay_events import record_decoder
 from engine.projections.status import image_status
 
 DEFAULT_BATCH = 500
@@ -74,6 +75,7 @@ class RepositoryView:
             self._log, self._mapper = None, mapper
         else:
             raise InvalidParameter("a detached view needs a mapper and has no db_path", name="app")
+        self._to_event = record_decoder(self._mapper)
         self._batch_size = batch_size
         self._lock = threading.RLock()
         self._store = None if db_path is None else ReadModel(db_path)
@@ -87,7 +89,6 @@ class RepositoryView:
         self._workers: dict[uuid.UUID, str] = {}
         self._users: dict[str, set[uuid.UUID]] = {}  # volume -> images whose chain holds it
         self._producers: dict[str, uuid.UUID] = {}  # volume -> image whose stage will make it
-        self._indexed: dict[uuid.UUID, tuple[tuple[str, ...], frozenset[str]]] = {}
         self._checkpoint = _START
         self._repository: RepositoryInfo | None = None
         self._unsaved: set[uuid.UUID] = set()  # rows the read model has not caught up with
@@ -101,7 +102,7 @@ class RepositoryView:
             self._images[image.id] = image
             if worker is not None:
                 self._workers[image.id] = worker
-            self._reindex(image.id, image)
+            self._reindex(image.id, None, image)
         self._checkpoint = stored.checkpoint
         if stored.repository is not None:
             self._repository = RepositoryInfo(**stored.repository)
@@ -166,21 +167,21 @@ class RepositoryView:
 
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
-        to_domain_event = self._mapper.to_domain_event
-        staged: dict[uuid.UUID, Image] = {}
-        workers: dict[uuid.UUID, str] = {}
+        to_event = self._to_event
+        # Keyed by the record's originator key (bytes hash in C, a UUID in Python) until the end.
+        ids: dict[bytes | str, uuid.UUID] = {}
+        before: dict[bytes | str, Image | None] = {}  # copy-on-write: as the batch found them
+        staged: dict[bytes | str, Image] = {}
+        workers: dict[bytes | str, str] = {}
         repository = self._repository
         for record in records:
-            event: Any = to_domain_event(
-                StoredEvent(
-                    record.originator_id, record.originator_version, record.topic, record.state
-                )
-            )
+            event = to_event(record)
             if isinstance(event, Image.Event):
-                key = event.originator_id
+                key = record.originator_key
                 image = staged.get(key)
                 if image is None:
-                    current = self._images.get(key)
+                    image_id = ids[key] = event.originator_id
+                    current = before[key] = self._images.get(image_id)
                     image = staged[key] = Image() if current is None else clone(current)
                 image.apply(event)
                 if isinstance(event, _WORK):
@@ -194,20 +195,22 @@ class RepositoryView:
                 )
             # Events of aggregates a later version adds are not this view's business.
         self.records_read += len(records)
-        dirty = set(staged)
+        dirty = set(ids.values())
         for key, image in staged.items():
-            self._images[key] = image
-            dirty |= self._reindex(key, image)
-        self._workers.update(workers)
+            self._images[ids[key]] = image
+            dirty |= self._reindex(ids[key], before[key], image)
+        for key, host_id in workers.items():
+            self._workers[ids[key]] = host_id
         self._repository = repository
         last = records[-1]
         self._checkpoint = Checkpoint(last.seq, last.prev_hash, last.time_ns)
         return dirty
 
-    def _reindex(self, key: uuid.UUID, image: Image) -> set[uuid.UUID]:
-        """Update the volume indexes; return the images whose readiness may have changed."""
-        old_chain, old_pending = self._indexed.get(key, ((), frozenset()))
-        chain, pending = tuple(image.chain), frozenset(image.pending_volumes())
+    def _reindex(self, key: uuid.UUID, old: Image | None, image: Image) -> set[uuid.UUID]:
+        """Update the volume indexes from the image as they last saw it (``old``, None if
+        never); return the images whose readiness may have changed."""
+        old_chain, old_pending = ((), set()) if old is None else (old.chain, old.pending_volumes())
+        chain, pending = image.chain, image.pending_volumes()
         if chain != old_chain:
             for ref in old_chain:
                 if ref not in chain:
@@ -226,7 +229,6 @@ class RepositoryView:
                 self._producers[ref] = key
             for ref in pending ^ old_pending:
                 affected |= self._users.get(ref, set())
-        self._indexed[key] = (chain, pending)
         return affected
 
     def _persist(self, dirty: set[uuid.UUID]) -> None:
@@ -313,13 +315,6 @@ class RepositoryView:
 
     def history(self, image_id: uuid.UUID | str) -> list[Image.Event]:
         """The image's events from the log, oldest first (an auditor's view, read each time)."""
-        to_domain_event = self._mapper.to_domain_event
-        events: list[Image.Event] = []
         log = self._own_log()
         log.refresh()
-        for record in log.events_of(image_key(image_id)):
-            stored = StoredEvent(
-                record.originator_id, record.originator_version, record.topic, record.state
-            )
-            events.append(to_domain_event(stored))  # type: ignore[arg-type]
-        return events
+        return [self._to_event(record) for record in log.events_of(image_key(image_id))]
