@@ -18,8 +18,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.errors import (
     ConcurrencyConflict,
@@ -41,9 +40,11 @@ TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as eve
 _MAX_HOST_ID = 255
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append; the log adds sequence, chain hash, host and time."""
+class NewEvent(NamedTuple):
+    """An event to append; the log adds sequence, chain hash, host and time.
+
+    A NamedTuple, as :class:`Record` is: built once per event saved, in one C call.
+    """
 
     originator_id: uuid.UUID | str
     originator_version: int
@@ -96,6 +97,7 @@ class OperationLog:
         self._read_fds: dict[int, int] = {}
         self._write_fd = -1
         self._end = 0  # offset just past the last whole transaction in the last segment
+        self._next_segment_path = ""  # the one whose appearance ends the last segment
         self._next_seq = 1
         self._last_hash = framing.ZERO_HASH
         self._offsets = array("Q")  # frame offset of sequence n at index n - 1
@@ -104,6 +106,7 @@ class OperationLog:
         self._aggregates: dict[bytes | str, _Aggregate] = {}
         self._listeners: set[Wakeable] = set()
         self._group: GroupCommit[Sequence[NewEvent]] = GroupCommit(self._commit, commit_delay)
+        self._packer = framing.new_packer()  # used by the committing thread, under _mutex
         self._swept = False
         if not os.path.isdir(self.directory):
             raise NotAStrataLog("no such directory", path=self.directory)
@@ -210,41 +213,28 @@ class OperationLog:
     def _write_batch(self, batch: list[Request[Sequence[NewEvent]]]) -> None:
         out = bytearray()
         seq, prev = self._next_seq, self._last_hash
-        accepted: list[
-            tuple[Request[Sequence[NewEvent]], list[Record], list[int], dict[uuid.UUID | str, int]]
-        ] = []
-        claimed: dict[uuid.UUID | str, int] = {}  # versions taken by earlier requests of the batch
+        accepted: list[tuple[Request[Sequence[NewEvent]], list[Record], list[int]]] = []
+        claimed: dict[bytes | str, int] = {}  # versions taken by earlier requests of the batch
         now = self._clock()
         for request in batch:
-            versions: dict[uuid.UUID | str, int] = {}
-            conflict = None
-            for event in request.payload:
-                key = event.originator_id
-                current = versions.get(key, claimed.get(key, self._version(key)))
-                if current is not None and event.originator_version != current + 1:
-                    conflict = ConcurrencyConflict(
-                        originator_id=key, current=current, attempted=event.originator_version
-                    )
-                    break
-                versions[key] = event.originator_version
+            keys = [framing.key_of(event.originator_id) for event in request.payload]
+            conflict = self._claim_versions(request.payload, keys, claimed)
             if conflict is not None:
                 request.error = conflict
                 continue
             records, offsets = [], []
-            last = len(request.payload) - 1
-            for i, event in enumerate(request.payload):
-                okey = framing.key_of(event.originator_id)
+            last = len(keys) - 1
+            for i, (event, key) in enumerate(zip(request.payload, keys, strict=True)):
                 record = Record(
                     seq, prev, self.host_id, now, i == last,
-                    okey, event.originator_version, event.topic, event.state,
+                    key, event.originator_version, event.topic, event.state,
                 )  # fmt: skip
-                framed = framing.frame(framing.encode_payload(record))
+                framed = framing.frame(framing.encode_payload(record, self._packer))
                 offsets.append(self._end + len(out))
                 out += framed
                 records.append(record)
                 seq, prev = seq + 1, framing.digest(framed)
-            claimed.update(versions)
-            accepted.append((request, records, offsets, versions))
+            accepted.append((request, records, offsets))
         if not out:
             return
         try:
@@ -260,11 +250,34 @@ class OperationLog:
             if isinstance(e, OSError):
                 raise LogClosed(path=self.directory) from e
             raise
-        for request, records, offsets, _ in accepted:
+        for request, records, offsets in accepted:
             self._index(records, offsets)
             request.seqs = [r.seq for r in records]
         self._end += len(out)
         self._next_seq, self._last_hash = seq, prev
+
+    def _claim_versions(
+        self, events: Sequence[NewEvent], keys: list[bytes | str], claimed: dict[bytes | str, int]
+    ) -> ConcurrencyConflict | None:
+        """Check that each event carries its aggregate's next version, counting the versions
+        that earlier transactions of the batch claimed (none of them is on disk yet); on
+        success add this transaction's versions to ``claimed``."""
+        versions: dict[bytes | str, int] = {}
+        for event, key in zip(events, keys, strict=True):
+            current = versions.get(key)
+            if current is None:
+                current = claimed.get(key)
+            if current is None:
+                current = self._version_by_key(key)
+            if current is not None and event.originator_version != current + 1:
+                return ConcurrencyConflict(
+                    originator_id=event.originator_id,
+                    current=current,
+                    attempted=event.originator_version,
+                )
+            versions[key] = event.originator_version
+        claimed.update(versions)
+        return None
 
     def _roll_over(self) -> None:
         number = self._segments[-1].number + 1
@@ -303,7 +316,7 @@ class OperationLog:
             fd = self._read_fds[info.number]
             # Looked at before reading: only the last segment may ever be cut, and under the
             # lock no one can roll over between this look and the cut.
-            final = os.path.exists(segments.segment_path(self.directory, info.number + 1))
+            final = os.path.exists(self._next_segment_path)
             size = os.fstat(fd).st_size
             if size > self._end:
                 self._scan_tail(info, fd, size, locked=locked, may_cut=not final)
@@ -391,6 +404,7 @@ class OperationLog:
             )
         self._read_fds[number] = fd
         self._segments.append(SegmentInfo(number, header.first_seq, data_start))
+        self._next_segment_path = segments.segment_path(self.directory, number + 1)
         self._first_seqs.append(header.first_seq)
         self._end = data_start
         if self._write_fd >= 0:
@@ -408,8 +422,8 @@ class OperationLog:
                 entry[0] = record.originator_version
                 entry[1].append(record.seq)
 
-    def _version(self, originator_id: uuid.UUID | str) -> int | None:
-        entry = self._aggregates.get(framing.key_of(originator_id))
+    def _version_by_key(self, key: bytes | str) -> int | None:
+        entry = self._aggregates.get(key)
         return None if entry is None else entry[0]
 
     # --- reading --------------------------------------------------------------------------
@@ -421,7 +435,7 @@ class OperationLog:
 
     def version_of(self, originator_id: uuid.UUID | str) -> int | None:
         with self._mutex:
-            return self._version(originator_id)
+            return self._version_by_key(framing.key_of(originator_id))
 
     def read(
         self, start: int = 1, stop: int | None = None, limit: int | None = None
