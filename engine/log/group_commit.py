@@ -39,8 +39,9 @@ class Request(Generic[P]):
     seqs: list[int] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
-    # Held from creation; released once the request is done, or to make its caller the leader.
-    turn: threading.Lock = field(default_factory=_held_lock)
+    # A waiting caller's (the leader's own request has none): held from the time it queues,
+    # released once the request is done, or to make its caller the next leader.
+    turn: threading.Lock = field(init=False)
     then: Request[P] | None = None  # the next caller of the same batch, woken by this one
 
 
@@ -67,8 +68,10 @@ class GroupCommit(Generic[P]):
             lead = not self._leading
             if lead:
                 self._leading = True
-            elif self._gathering and len(self._queue) >= self._want:
-                self._arrivals.notify()  # only the arrival that completes the group
+            else:
+                request.turn = _held_lock()
+                if self._gathering and len(self._queue) >= self._want:
+                    self._arrivals.notify()  # only the arrival that completes the group
         interrupted = None if lead else _wait_for_turn(request)
         if request.done:
             if request.then is not None:
@@ -125,6 +128,8 @@ class GroupCommit(Generic[P]):
         seconds lets one sync cover them all (PostgreSQL's commit_delay). A lone caller never
         waits. Called with the lock held.
         """
+        if len(self._queue) >= len(self._callers):
+            return  # everyone is here (a lone caller, say): no need to look closer
         now = time.monotonic()
         stale = [t for t, seen in self._callers.items() if now - seen > _CALLER_WINDOW]
         for thread in stale:

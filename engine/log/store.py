@@ -316,7 +316,7 @@ class OperationLog:
             fd = self._read_fds[info.number]
             # Looked at before reading: only the last segment may ever be cut, and under the
             # lock no one can roll over between this look and the cut.
-            final = os.path.exists(self._next_segment_path)
+            final = os.access(self._next_segment_path, os.F_OK)  # no exception to build
             size = os.fstat(fd).st_size
             if size > self._end:
                 self._scan_tail(info, fd, size, locked=locked, may_cut=not final)
