@@ -39,8 +39,8 @@ class Request(Generic[P]):
     seqs: list[int] = field(default_factory=list)
     error: BaseException | None = None
     done: bool = False
-    # A waiting caller's (the leader's own request has none): held from the time it queues,
-    # released once the request is done, or to make its caller the next leader.
+    # Only a caller that waits has one (a leader's own request does not): held from the time
+    # it queues until its request is done, or until its caller is to lead the next batch.
     turn: threading.Lock = field(init=False)
     then: Request[P] | None = None  # the next caller of the same batch, woken by this one
 
