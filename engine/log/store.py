@@ -4,9 +4,8 @@ One :class:`OperationLog` per log directory per process, shared by that process'
 Appenders are serialized across processes by an OFD byte-range lock on ``lock``; inside a process
 they go through a group commit (engine/log/group_commit.py: one leader writes every waiting
 transaction with one ``write`` and one ``fdatasync``), yet each call returns only once its own
-records are durable. The index
-(sequence -> segment offset, aggregate -> versions) lives in memory and is caught up by reading
-only the bytes appended since the last look.
+records are durable. The index (sequence -> segment offset, aggregate -> versions) lives in
+memory and is caught up by reading only the bytes appended since the last look.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ _MAX_HOST_ID = 255
 class NewEvent(NamedTuple):
     """An event to append; the log adds sequence, chain hash, host and time.
 
-    A NamedTuple, as :class:`Record` is: built once per event saved, in one C call.
+    A NamedTuple, as :class:`Record` is: built once per event saved, and a frozen dataclass
+    pays a ``setattr`` per field.
     """
 
     originator_id: uuid.UUID | str
