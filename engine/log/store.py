@@ -2,10 +2,10 @@
 
 One :class:`OperationLog` per log directory per process, shared by that process's threads.
 Appenders are serialized across processes by an OFD byte-range lock on ``lock``; inside a process
-they go through a group commit (one leader writes every waiting transaction with one ``write``
-and one ``fdatasync``), yet each call returns only once its own records are durable. The index
-(sequence -> segment offset, aggregate -> versions) lives in memory and is caught up by reading
-only the bytes appended since the last look.
+they go through a group commit (engine/log/group_commit.py: one leader writes every waiting
+transaction with one ``write`` and one ``fdatasync``), yet each call returns only once its own
+records are durable. The index (sequence -> segment offset, aggregate -> versions) lives in
+memory and is caught up by reading only the bytes appended since the last look.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.errors import (
     ConcurrencyConflict,
@@ -29,20 +28,23 @@ from engine.errors import (
 )
 from engine.log import framing, segments
 from engine.log.framing import Record, SegmentHeader
+from engine.log.group_commit import GroupCommit, Request
 from engine.log.locking import RangeLock
 from engine.log.scan import ScanResult, Tail, gc_paused, scan
 from engine.log.segments import SegmentInfo
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
-_CALLER_WINDOW = 0.05  # a thread that appended this recently counts as a concurrent caller
 TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as events
 _MAX_HOST_ID = 255
 
 
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append; the log adds sequence, chain hash, host and time."""
+class NewEvent(NamedTuple):
+    """An event to append; the log adds sequence, chain hash, host and time.
+
+    A NamedTuple, as :class:`Record` is: built once per event saved, and a frozen dataclass
+    pays a ``setattr`` per field.
+    """
 
     originator_id: uuid.UUID | str
     originator_version: int
@@ -58,14 +60,6 @@ class Wakeable(Protocol):
     """Anything with ``set()``: a ``threading.Event``, or a follower's wake-up counter."""
 
     def set(self) -> None: ...
-
-
-@dataclass(slots=True)
-class _Request:
-    events: Sequence[NewEvent]
-    done: bool = False
-    seqs: list[int] = field(default_factory=list)
-    error: BaseException | None = None
 
 
 def _check_host_id(host_id: object) -> str:
@@ -103,6 +97,7 @@ class OperationLog:
         self._read_fds: dict[int, int] = {}
         self._write_fd = -1
         self._end = 0  # offset just past the last whole transaction in the last segment
+        self._next_segment_path = ""  # the one whose appearance ends the last segment
         self._next_seq = 1
         self._last_hash = framing.ZERO_HASH
         self._offsets = array("Q")  # frame offset of sequence n at index n - 1
@@ -110,13 +105,8 @@ class OperationLog:
         # on replay, where a UUID key costs a Python-level __hash__).
         self._aggregates: dict[bytes | str, _Aggregate] = {}
         self._listeners: set[Wakeable] = set()
-        commit_lock = threading.Lock()
-        self._commit_cv = threading.Condition(commit_lock)  # followers wait for their commit
-        self._arrivals = threading.Condition(commit_lock)  # a gathering leader waits for callers
-        self._callers: dict[int, float] = {}  # thread -> when it last appended
-        self._commit_delay = commit_delay
-        self._queue: list[_Request] = []
-        self._leading = False
+        self._group: GroupCommit[Sequence[NewEvent]] = GroupCommit(self._commit, commit_delay)
+        self._packer = framing.new_packer()  # used by the committing thread, under _mutex
         self._swept = False
         if not os.path.isdir(self.directory):
             raise NotAStrataLog("no such directory", path=self.directory)
@@ -196,50 +186,10 @@ class OperationLog:
             return []
         for event in events:
             _check_event(event)
-        request = _Request(events)
-        with self._commit_cv:
-            self._queue.append(request)
-            self._callers[threading.get_ident()] = time.monotonic()
-            self._arrivals.notify()
-            while self._leading and not request.done:
-                self._commit_cv.wait()
-            if not request.done:
-                self._leading = True
-                self._gather()
-                batch, self._queue = self._queue, []
-        if not request.done:
-            try:
-                self._commit(batch)
-            finally:
-                with self._commit_cv:
-                    self._leading = False
-                    self._commit_cv.notify_all()
-        if request.error is not None:
-            raise request.error
-        return request.seqs
+        return self._group.submit(events)
 
-    def _gather(self) -> None:
-        """Before a group commit, wait a moment for the other callers that are appending.
-
-        Under load, the callers one sync releases come back microseconds later, just after the
-        next leader has started: the group splits in two and each sync covers half of it.
-        Waiting up to ``commit_delay`` for every thread that appended in the last
-        ``_CALLER_WINDOW`` seconds lets one sync cover them all (PostgreSQL's commit_delay). A
-        lone caller never waits. Called with the commit lock held.
-        """
-        now = time.monotonic()
-        stale = [t for t, seen in self._callers.items() if now - seen > _CALLER_WINDOW]
-        for thread in stale:
-            del self._callers[thread]
-        want = len(self._callers)
-        deadline = now + self._commit_delay
-        while len(self._queue) < want:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._arrivals.wait(remaining)
-
-    def _commit(self, batch: list[_Request]) -> None:
+    def _commit(self, batch: list[Request[Sequence[NewEvent]]]) -> None:
+        """Write one group's transactions; a request refused or failed gets its ``error``."""
         try:
             with self._mutex:
                 self._check_open()
@@ -257,50 +207,34 @@ class OperationLog:
                     self._write_batch(batch)
                 finally:
                     self._lock.release()
-        except BaseException as e:
-            for request in batch:
-                if not request.done:
-                    request.error = e
-                    request.done = True
-        self._notify()
+        finally:
+            self._notify()
 
-    def _write_batch(self, batch: list[_Request]) -> None:
+    def _write_batch(self, batch: list[Request[Sequence[NewEvent]]]) -> None:
         out = bytearray()
         seq, prev = self._next_seq, self._last_hash
-        accepted: list[tuple[_Request, list[Record], list[int], dict[uuid.UUID | str, int]]] = []
-        claimed: dict[uuid.UUID | str, int] = {}  # versions taken by earlier requests of the batch
+        accepted: list[tuple[Request[Sequence[NewEvent]], list[Record], list[int]]] = []
+        claimed: dict[bytes | str, int] = {}  # versions taken by earlier requests of the batch
         now = self._clock()
         for request in batch:
-            versions: dict[uuid.UUID | str, int] = {}
-            conflict = None
-            for event in request.events:
-                key = event.originator_id
-                current = versions.get(key, claimed.get(key, self._version(key)))
-                if current is not None and event.originator_version != current + 1:
-                    conflict = ConcurrencyConflict(
-                        originator_id=key, current=current, attempted=event.originator_version
-                    )
-                    break
-                versions[key] = event.originator_version
+            keys = [framing.key_of(event.originator_id) for event in request.payload]
+            conflict = self._claim_versions(request.payload, keys, claimed)
             if conflict is not None:
                 request.error = conflict
-                request.done = True
                 continue
             records, offsets = [], []
-            last = len(request.events) - 1
-            for i, event in enumerate(request.events):
-                okey = framing.key_of(event.originator_id)
+            last = len(keys) - 1
+            for i, (event, key) in enumerate(zip(request.payload, keys, strict=True)):
                 record = Record(
                     seq, prev, self.host_id, now, i == last,
-                    okey, event.originator_version, event.topic, event.state,
+                    key, event.originator_version, event.topic, event.state,
                 )  # fmt: skip
-                framed = framing.frame(framing.encode_payload(record))
+                framed = framing.frame(framing.encode_payload(record, self._packer))
                 offsets.append(self._end + len(out))
                 out += framed
                 records.append(record)
                 seq, prev = seq + 1, framing.digest(framed)
-            claimed.update(versions)
-            accepted.append((request, records, offsets, versions))
+            accepted.append((request, records, offsets))
         if not out:
             return
         try:
@@ -308,17 +242,42 @@ class OperationLog:
             if written != len(out):
                 raise OSError(f"short write to the log: {written} of {len(out)} bytes")
             os.fdatasync(self._write_fd)
-        except OSError as e:
-            # After a failed write or fsync nobody knows what reached the disk: stop using this
-            # handle rather than guess (the records, if whole, will be read back as committed).
+        except BaseException as e:
+            # After a failed (or interrupted) write or fsync nobody knows what reached the disk:
+            # stop using this handle rather than guess, or write over records a reader may
+            # already have seen (the records, if whole, will be read back as committed).
             self._failed = e
-            raise LogClosed(path=self.directory) from e
-        for request, records, offsets, _ in accepted:
+            if isinstance(e, OSError):
+                raise LogClosed(path=self.directory) from e
+            raise
+        for request, records, offsets in accepted:
             self._index(records, offsets)
             request.seqs = [r.seq for r in records]
-            request.done = True
         self._end += len(out)
         self._next_seq, self._last_hash = seq, prev
+
+    def _claim_versions(
+        self, events: Sequence[NewEvent], keys: list[bytes | str], claimed: dict[bytes | str, int]
+    ) -> ConcurrencyConflict | None:
+        """Check that each event carries its aggregate's next version, counting the versions
+        that earlier transactions of the batch claimed (none of them is on disk yet); on
+        success add this transaction's versions to ``claimed``."""
+        versions: dict[bytes | str, int] = {}
+        for event, key in zip(events, keys, strict=True):
+            current = versions.get(key)
+            if current is None:
+                current = claimed.get(key)
+            if current is None:
+                current = self._version_by_key(key)
+            if current is not None and event.originator_version != current + 1:
+                return ConcurrencyConflict(
+                    originator_id=event.originator_id,
+                    current=current,
+                    attempted=event.originator_version,
+                )
+            versions[key] = event.originator_version
+        claimed.update(versions)
+        return None
 
     def _roll_over(self) -> None:
         number = self._segments[-1].number + 1
@@ -357,7 +316,7 @@ class OperationLog:
             fd = self._read_fds[info.number]
             # Looked at before reading: only the last segment may ever be cut, and under the
             # lock no one can roll over between this look and the cut.
-            final = os.path.exists(segments.segment_path(self.directory, info.number + 1))
+            final = os.access(self._next_segment_path, os.F_OK)  # no exception to build
             size = os.fstat(fd).st_size
             if size > self._end:
                 self._scan_tail(info, fd, size, locked=locked, may_cut=not final)
@@ -445,6 +404,7 @@ class OperationLog:
             )
         self._read_fds[number] = fd
         self._segments.append(SegmentInfo(number, header.first_seq, data_start))
+        self._next_segment_path = segments.segment_path(self.directory, number + 1)
         self._first_seqs.append(header.first_seq)
         self._end = data_start
         if self._write_fd >= 0:
@@ -462,8 +422,8 @@ class OperationLog:
                 entry[0] = record.originator_version
                 entry[1].append(record.seq)
 
-    def _version(self, originator_id: uuid.UUID | str) -> int | None:
-        entry = self._aggregates.get(framing.key_of(originator_id))
+    def _version_by_key(self, key: bytes | str) -> int | None:
+        entry = self._aggregates.get(key)
         return None if entry is None else entry[0]
 
     # --- reading --------------------------------------------------------------------------
@@ -475,7 +435,7 @@ class OperationLog:
 
     def version_of(self, originator_id: uuid.UUID | str) -> int | None:
         with self._mutex:
-            return self._version(originator_id)
+            return self._version_by_key(framing.key_of(originator_id))
 
     def read(
         self, start: int = 1, stop: int | None = None, limit: int | None = None

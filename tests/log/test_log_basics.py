@@ -290,3 +290,27 @@ def test_a_limit_of_zero_returns_no_records_from_events_of_as_it_does_from_read(
         log.append([event("a", 1), event("a", 2)])
         assert log.read(1, limit=0) == []
         assert log.events_of("a", limit=0) == []
+
+
+@pytest.mark.parametrize(
+    "failure", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["EIO", "interrupt"]
+)
+def test_a_failed_or_interrupted_sync_closes_the_log_rather_than_write_over_its_records(
+    log_dir, monkeypatch, failure
+):
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([event("first", 1)])
+
+        def fail(fd: int) -> None:
+            raise failure
+
+        monkeypatch.setattr("engine.log.store.os.fdatasync", fail)
+        with pytest.raises((LogClosed, KeyboardInterrupt)):
+            log.append([event("unsure", 1)])
+        monkeypatch.undo()
+        with pytest.raises(LogClosed):
+            log.append([event("after", 1)])
+    with OperationLog.open(log_dir, "host-b") as log:
+        # The unsure record reached the page cache whole, so it reads back as committed; what
+        # matters is that nothing was written over it.
+        assert [r.originator_id for r in log.read()] == ["first", "unsure"]
