@@ -95,6 +95,7 @@ class VolumeIndex:
         self.live_users: dict[str, list[Image]] = {}
         self.removed_users: dict[str, list[Image]] = {}
         self.tops: set[str] = set()  # the top volume of each live chain: its own data
+        self.removed_tops: set[str] = set()  # the top volume of each removed chain
         self.pending: set[str] = set()  # made by an unfinished stage that will run
         self.mentioned: set[str] = set()  # read or made by an unfinished stage that will run
         self.queued: set[str] = set()  # to be deleted by a queued clean
@@ -103,8 +104,8 @@ class VolumeIndex:
             users = self.removed_users if image.removed else self.live_users
             for ref in image.chain:
                 users.setdefault(ref, []).append(image)
-            if image.chain and not image.removed:
-                self.tops.add(image.chain[-1])
+            if image.chain:
+                (self.removed_tops if image.removed else self.tops).add(image.chain[-1])
         for image in self.images:
             for op in image.operations:
                 if will_run(image, op, self.live_users):
@@ -162,8 +163,13 @@ class VolumeIndex:
     # --- merge ----------------------------------------------------------------------------
 
     def mergeable(self) -> list[Merge]:
+        # Only a removed image's top can be merged (merge_of): asking about those alone skips
+        # most volumes of a large repository.
         found = []
+        candidates = self.removed_tops - self.tops
         for ref in self.live_users:
+            if ref not in candidates:
+                continue
             merge = self.merge_of(ref)
             if merge is not None:
                 found.append(merge)
