@@ -25,7 +25,7 @@ from engine.aggregates.image import Image
 from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter
 from engine.log import segments
-from engine.log.framing import Record
+from engine.log.framing import Record, id_of
 from engine.log.scan import scan
 from engine.persistence.transcoder import default_transcoder
 
@@ -36,6 +36,9 @@ _PROGRESSED = Image.StageProgressed.TOPIC
 _OVERWRITE_PROGRESS = frozenset((Image.StageClaimed.TOPIC, _PROGRESSED, Image.StageCompleted.TOPIC))
 
 
+_Known = tuple[type, Callable[[Any], Any], int]  # an event class, its id convertor, its version
+
+
 class ReplayMapper(Mapper[Any]):
     """eventsourcing's ``Mapper`` that looks up what it needs per event class once, not per
     event: replay decodes millions. ``to_domain_event`` gives what the library's does for
@@ -44,7 +47,8 @@ class ReplayMapper(Mapper[Any]):
     def __init__(self) -> None:
         super().__init__(default_transcoder())
         self._decode = self.transcoder.decode
-        self._classes: dict[tuple[str, type], tuple[type, Callable[[Any], Any], int]] = {}
+        self._classes: dict[tuple[str, type], _Known] = {}
+        self._uuid_classes: dict[str, _Known] = {}  # the same, for UUID ids (by topic alone)
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         return self.event(
@@ -56,9 +60,13 @@ class ReplayMapper(Mapper[Any]):
 
     def record_event(self, record: Record) -> Any:
         """``to_domain_event`` of the record's ``StoredEvent``, without building one."""
-        return self.event(
-            record.topic, record.originator_id, record.originator_version, record.state
-        )
+        topic, key = record.topic, record.originator_key
+        if not isinstance(key, bytes):  # an id that is not a UUID: the log keeps it as is
+            return self.event(topic, key, record.originator_version, record.state)
+        known = self._uuid_classes.get(topic)  # one lookup, no key tuple: most records
+        if known is None:
+            known = self._uuid_classes[topic] = self._class(topic, uuid.UUID)
+        return self._event(known, topic, id_of(key), record.originator_version, record.state)
 
     def event(
         self, topic: str, originator_id: uuid.UUID | str, originator_version: int, stored: bytes
@@ -66,9 +74,23 @@ class ReplayMapper(Mapper[Any]):
         key = (topic, type(originator_id))
         known = self._classes.get(key)
         if known is None:
-            cls = resolve_topic(topic)
-            convert = find_id_convertor(cls, cast(Hashable, type(originator_id)))
-            known = self._classes[key] = (cls, convert, getattr(cls, "class_version", 1))
+            known = self._classes[key] = self._class(topic, type(originator_id))
+        return self._event(known, topic, originator_id, originator_version, stored)
+
+    @staticmethod
+    def _class(topic: str, id_type: type) -> _Known:
+        cls = resolve_topic(topic)
+        convert = find_id_convertor(cls, cast(Hashable, id_type))
+        return cls, convert, getattr(cls, "class_version", 1)
+
+    def _event(
+        self,
+        known: _Known,
+        topic: str,
+        originator_id: uuid.UUID | str,
+        originator_version: int,
+        stored: bytes,
+    ) -> Any:
         cls, convert, class_version = known
         try:
             state: dict[str, Any] = self._decode(stored)
