@@ -36,6 +36,7 @@ DEFAULT_BATCH = 500
 _START = Checkpoint(0, b"", 0)
 # The events that mean a host worked on the image (claimed, ran, finished or failed a stage).
 _WORK = (Image.StageClaimed, Image.StageProgressed, Image.StageCompleted, Image.StageFailed)
+_is_work: dict[type, bool] = {}  # isinstance(event, _WORK) by event class, asked once per class
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,17 +175,21 @@ class RepositoryView:
         staged: dict[bytes | str, Image] = {}
         workers: dict[bytes | str, str] = {}
         repository = self._repository
+        image_event, images, is_work = Image.Event, self._images, _is_work
         for record in records:
             event = to_event(record)
-            if isinstance(event, Image.Event):
+            if isinstance(event, image_event):
                 key = record.originator_key
                 image = staged.get(key)
                 if image is None:
                     image_id = ids[key] = event.originator_id
-                    current = before[key] = self._images.get(image_id)
+                    current = before[key] = images.get(image_id)
                     image = staged[key] = Image() if current is None else clone(current)
                 image.apply(event)
-                if isinstance(event, _WORK):
+                work = is_work.get(type(event))
+                if work is None:
+                    work = is_work[type(event)] = isinstance(event, _WORK)
+                if work:
                     workers[key] = event.host_id
             elif isinstance(event, Repository.Created):
                 repository = RepositoryInfo(
@@ -195,10 +200,14 @@ class RepositoryView:
                 )
             # Events of aggregates a later version adds are not this view's business.
         self.records_read += len(records)
-        dirty = set(ids.values())
+        # Only a read model has rows to rewrite: a detached view skips hashing the ids again.
+        saving = self._store is not None
+        dirty = set(ids.values()) if saving else set()
         for key, image in staged.items():
-            self._images[ids[key]] = image
-            dirty |= self._reindex(ids[key], before[key], image)
+            images[ids[key]] = image
+            affected = self._reindex(ids[key], before[key], image)
+            if saving:
+                dirty |= affected
         for key, host_id in workers.items():
             self._workers[ids[key]] = host_id
         self._repository = repository
