@@ -55,6 +55,20 @@ class NewEvent(NamedTuple):
     state: bytes
 
 
+class EventToAppend(Protocol):
+    """What :meth:`OperationLog.append` reads of an event: a :class:`NewEvent`, or anything with
+    the same four attributes (eventsourcing's ``StoredEvent``, appended as it comes)."""
+
+    @property
+    def originator_id(self) -> uuid.UUID | str: ...
+    @property
+    def originator_version(self) -> int: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def state(self) -> bytes: ...
+
+
 # [last version, sequence numbers] of one aggregate; a list, to update in place cheaply.
 _Aggregate = list[Any]
 # An event's aggregate key and version, and the version an earlier request of its batch had
@@ -115,7 +129,7 @@ class OperationLog:
         # on replay, where a UUID key costs a Python-level __hash__).
         self._aggregates: dict[bytes | str, _Aggregate] = {}
         self._listeners: set[Wakeable] = set()
-        self._group: GroupCommit[Sequence[NewEvent]] = GroupCommit(self._commit, commit_delay)
+        self._group: GroupCommit[Sequence[EventToAppend]] = GroupCommit(self._commit, commit_delay)
         self._packer = framing.new_packer()  # used by the committing thread, under _mutex
         self._swept = False
         if not os.path.isdir(self.directory):
@@ -186,7 +200,7 @@ class OperationLog:
 
     # --- appending ------------------------------------------------------------------------
 
-    def append(self, events: Sequence[NewEvent]) -> list[int]:
+    def append(self, events: Sequence[EventToAppend]) -> list[int]:
         """Append one transaction; return its sequence numbers once they are durable.
 
         Raises :class:`ConcurrencyConflict` (and appends nothing) when an aggregate's version
@@ -198,7 +212,7 @@ class OperationLog:
             _check_event(event)
         return self._group.submit(events)
 
-    def _commit(self, batch: list[Request[Sequence[NewEvent]]]) -> None:
+    def _commit(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
         """Write one group's transactions; a request refused or failed gets its ``error``."""
         try:
             with self._mutex:
@@ -220,7 +234,7 @@ class OperationLog:
         finally:
             self._notify()
 
-    def _write_batch(self, batch: list[Request[Sequence[NewEvent]]]) -> None:
+    def _write_batch(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
         """Frame every acceptable request of ``batch``, then write and sync them all at once.
 
         Each event must carry the next version of its aggregate, counting the versions that
@@ -235,7 +249,7 @@ class OperationLog:
         out = bytearray()
         seq, prev = self._next_seq, self._last_hash
         # (request, its first sequence number, its (key, version, earlier claim) per event)
-        accepted: list[tuple[Request[Sequence[NewEvent]], int, list[_Claim]]] = []
+        accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[_Claim]]] = []
         offsets: list[int] = []
         claimed: dict[bytes | str, int] = {}  # versions taken by earlier requests of the batch
         aggregates = self._aggregates
@@ -597,7 +611,7 @@ def segments_lock(directory: str) -> RangeLock:
     return RangeLock(os.path.join(directory, segments.LOCK_NAME))
 
 
-def _check_event(event: NewEvent) -> None:
+def _check_event(event: EventToAppend) -> None:
     if not isinstance(event.originator_id, uuid.UUID | str):
         raise InvalidParameter("a UUID or a string", name="originator_id")
     version = event.originator_version
