@@ -19,10 +19,14 @@ store and tracking written atomically with events have no home in the shared log
 
 from __future__ import annotations
 
+from typing import Any
+
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
+    EventStore,
     InfrastructureFactory,
+    Mapper,
     ProcessRecorder,
     Transcoder,
 )
@@ -31,6 +35,7 @@ from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
 from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter, NotSupported
 from engine.log import OperationLog
+from engine.persistence.event_store import LogEventStore
 from engine.persistence.recorders import (
     LogAggregateRecorder,
     LogApplicationRecorder,
@@ -79,6 +84,13 @@ class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
         if self.env.get(self.TRANSCODER_TOPIC):
             return super().transcoder()
         return default_transcoder()
+
+    def event_store(
+        self, mapper: Mapper[Any] | None = None, recorder: AggregateRecorder | None = None
+    ) -> EventStore[Any]:
+        return LogEventStore(
+            mapper=mapper or self.mapper(), recorder=recorder or self.application_recorder()
+        )
 
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         if purpose != "events":

@@ -23,7 +23,7 @@ from eventsourcing.persistence import (
 )
 
 from engine.errors import ConcurrencyConflict, NotSupported
-from engine.log import NewEvent, OperationLog, Record
+from engine.log import OperationLog, Record
 from engine.log.follow import LogFollower
 from engine.persistence.subscription import LogSubscription
 
@@ -65,11 +65,8 @@ class LogAggregateRecorder(AggregateRecorder):
             )
         if not stored_events:
             return []
-        events = [
-            NewEvent(s.originator_id, s.originator_version, s.topic, s.state) for s in stored_events
-        ]
         try:
-            return self.log.append(events)
+            return self.log.append(stored_events)  # a StoredEvent has what a NewEvent has
         except ConcurrencyConflict as e:
             raise IntegrityError(e.message) from e
 

@@ -12,6 +12,7 @@ import pytest
 
 from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed
 from engine.log import NewEvent, OperationLog
+from engine.log.group_commit import Request
 from engine.log.segments import read_header
 
 
@@ -314,3 +315,27 @@ def test_a_failed_or_interrupted_sync_closes_the_log_rather_than_write_over_its_
         # The unsure record reached the page cache whole, so it reads back as committed; what
         # matters is that nothing was written over it.
         assert [r.originator_id for r in log.read()] == ["first", "unsure"]
+
+
+def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir):
+    """One batch, as a group commit hands it over: a refused request keeps no record and no
+    claim, and the requests after it are checked against what the others claimed."""
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([event("a", 1)])
+        requests = [
+            Request([event("a", 2), event("b", 1)]),
+            Request([event("b", 2), event("c", 1), event("a", 2)]),  # a is at 2 by now: refused
+            Request([event("c", 1), event("b", 2)]),  # c and b as if the refused one never was
+            Request([event("a", 3)]),
+        ]
+        log._commit(requests)
+        assert [r.seqs for r in requests] == [[2, 3], [], [4, 5], [6]]
+        assert isinstance(requests[1].error, ConcurrencyConflict)
+        assert (requests[1].error.current, requests[1].error.attempted) == (2, 2)
+        assert [(r.originator_id, r.originator_version) for r in log.read()] == [
+            ("a", 1), ("a", 2), ("b", 1), ("c", 1), ("b", 2), ("a", 3),
+        ]  # fmt: skip
+        assert [r.txn_last for r in log.read()] == [True, False, True, False, True, True]
+        assert (log.version_of("a"), log.version_of("b"), log.version_of("c")) == (3, 2, 1)
+    with OperationLog.open(log_dir, "auditor") as reopened:  # the chain reads back whole
+        assert [r.seq for r in reopened.read()] == [1, 2, 3, 4, 5, 6]
