@@ -137,6 +137,19 @@ class EngineModel(RuleBasedStateMachine):
     def _live(self, repo: str, image_id: str) -> ModelImage | None:
         return self.images.get(f"{self.names.get(image_id)}@{repo}")
 
+    def _local_snapshot(self, repo: str, snapshot_id: str) -> ModelImage | None:
+        """What a disk on the snapshot builds on in ``repo`` without copying it there again:
+        the snapshot under its own id, or, once that id was removed here, a live copy of it
+        made under another id."""
+        here = self._live(repo, snapshot_id)
+        if here is not None or (repo, snapshot_id) not in self.removed:
+            return here
+        copies = (
+            i for i in self.images.values()
+            if i.repo == repo and i.kind == SNAPSHOT and i.copy_of == snapshot_id
+        )  # fmt: skip
+        return next(copies, None)
+
     def _found(self, image_id: str) -> ModelImage:
         """The image a call finds by id alone: the first connected repository holding it."""
         found = [i for r in REPOS if (i := self._live(r, image_id)) is not None]
@@ -244,7 +257,7 @@ class EngineModel(RuleBasedStateMachine):
             options={"strategy": strategy},
         )
         made = {i.image_id for i in self.engine.list_images(repo)} - before - {disk}
-        if self._live(repo, snap.image_id) is not None:
+        if self._local_snapshot(repo, snap.image_id) is not None:
             assert not made, f"a disk on {snap.label} in {repo} also made {made}"
         else:
             # Chains stay in their repository (ADR 0004): the snapshot is copied here first, as
