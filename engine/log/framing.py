@@ -46,8 +46,9 @@ SUPPORTED_VERSIONS = frozenset({1})
 SEGMENT_PREAMBLE = struct.Struct(">8sHHII")  # magic, version, reserved, body length, body crc
 FRAME_HEADER = struct.Struct(">III")  # payload length, payload crc, crc of the first 8 bytes
 FRAME_HEADER_SIZE = FRAME_HEADER.size
-_LENGTH_AND_CRC = struct.Struct(">II")
-_HEADER_CRC = struct.Struct(">I")
+# A frame header in two parts, as it is built: length and payload crc, then the crc of those.
+LENGTH_AND_CRC = struct.Struct(">II")
+HEADER_CRC = struct.Struct(">I")
 HASH_SIZE = 32
 ZERO_HASH = bytes(HASH_SIZE)
 # A record larger than this is refused on write and read as damage: no event is this big, and
@@ -87,8 +88,15 @@ class SegmentHeader:
     host_id: str
 
 
+# A fresh BLAKE2b-256 hasher: copying a prepared one skips the constructor's parsing of its
+# keyword parameters, which costs more than hashing a small frame (the chain hashes every one).
+new_hasher = hashlib.blake2b(digest_size=HASH_SIZE).copy
+
+
 def digest(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=HASH_SIZE).digest()
+    hasher = new_hasher()
+    hasher.update(payload)
+    return hasher.digest()
 
 
 def crc(data: bytes | memoryview) -> int:
@@ -155,8 +163,8 @@ def decode_payload(payload: bytes | memoryview) -> Record:
 def frame(payload: bytes) -> bytes:
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    head = _LENGTH_AND_CRC.pack(len(payload), zlib.crc32(payload))
-    return b"".join((head, _HEADER_CRC.pack(zlib.crc32(head)), payload))
+    head = LENGTH_AND_CRC.pack(len(payload), zlib.crc32(payload))
+    return b"".join((head, HEADER_CRC.pack(zlib.crc32(head)), payload))
 
 
 def encode_segment_header(header: SegmentHeader) -> bytes:

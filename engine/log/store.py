@@ -11,9 +11,7 @@ memory and is caught up by reading only the bytes appended since the last look.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import os
-import struct
 import threading
 import time
 import uuid
@@ -74,10 +72,6 @@ _Aggregate = list[Any]
 # An event's aggregate key and version, and the version an earlier request of its batch had
 # claimed for that aggregate (None if none had): enough to index it, or to undo its claim.
 _Claim = tuple[bytes | str, int, int | None]
-
-_LENGTH_AND_CRC = struct.Struct(">II")  # framing.frame's header, less the header's own crc
-_HEADER_CRC = struct.Struct(">I")
-_new_hasher = hashlib.blake2b(digest_size=framing.HASH_SIZE).copy  # as scan.py does
 
 
 class Wakeable(Protocol):
@@ -254,11 +248,12 @@ class OperationLog:
         claimed: dict[bytes | str, int] = {}  # versions taken by earlier requests of the batch
         aggregates = self._aggregates
         now, host_id, base = self._clock(), self.host_id, self._end
-        pack, new_hasher = self._packer.pack, _new_hasher
-        pack_head, pack_head_crc, crc32 = _LENGTH_AND_CRC.pack, _HEADER_CRC.pack, zlib.crc32
+        pack, new_hasher = self._packer.pack, framing.new_hasher
+        pack_head, pack_head_crc = framing.LENGTH_AND_CRC.pack, framing.HEADER_CRC.pack
+        crc32 = zlib.crc32
         for request in batch:
             events = request.payload
-            first, mark, mark_prev = seq, len(out), prev
+            first, mark, mark_prev, offsets_mark = seq, len(out), prev, len(offsets)
             claims: list[_Claim] = []
             last = len(events) - 1
             for i, event in enumerate(events):
@@ -280,9 +275,12 @@ class OperationLog:
                     [seq, prev, host_id, now, i == last, key, version, event.topic, event.state]
                 )
                 if len(payload) > framing.MAX_PAYLOAD:
-                    raise ValueError(
-                        f"record of {len(payload)} bytes exceeds {framing.MAX_PAYLOAD}"
+                    # Refused alone, like a conflict: the rest of the group is not at fault.
+                    request.error = InvalidParameter(
+                        f"a record of at most {framing.MAX_PAYLOAD} bytes, not {len(payload)}",
+                        name="state",
                     )
+                    break
                 head = pack_head(len(payload), crc32(payload))
                 framed = b"".join((head, pack_head_crc(crc32(head)), payload))
                 offsets.append(base + len(out))
@@ -292,7 +290,7 @@ class OperationLog:
                 seq, prev = seq + 1, hasher.digest()
             if request.error is not None:  # refused: drop its records and its claims
                 del out[mark:]
-                del offsets[len(offsets) - len(claims) :]
+                del offsets[offsets_mark:]
                 for key, _, earlier in reversed(claims):
                     if earlier is None:
                         del claimed[key]

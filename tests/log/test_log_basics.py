@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed
-from engine.log import NewEvent, OperationLog
+from engine.log import NewEvent, OperationLog, framing
 from engine.log.group_commit import Request
 from engine.log.segments import read_header
 
@@ -339,3 +339,23 @@ def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir
         assert (log.version_of("a"), log.version_of("b"), log.version_of("c")) == (3, 2, 1)
     with OperationLog.open(log_dir, "auditor") as reopened:  # the chain reads back whole
         assert [r.seq for r in reopened.read()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_record_too_large_is_refused_alone_and_the_rest_of_its_group_is_written(log_dir):
+    """The size limit of a record (framing.MAX_PAYLOAD) refuses that request with a typed
+    error, as a conflict does; the other requests of the group are not at fault."""
+    too_large = event("big", 1, bytes(framing.MAX_PAYLOAD))
+    with OperationLog.create(log_dir, "host-a") as log:
+        requests = [
+            Request([event("a", 1)]),
+            Request([event("b", 1), too_large]),
+            Request([event("b", 1)]),  # b as if the refused request never was
+        ]
+        log._commit(requests)
+        assert [r.seqs for r in requests] == [[1], [], [2]]
+        assert isinstance(requests[1].error, InvalidParameter)
+        with pytest.raises(InvalidParameter):
+            log.append([too_large])
+        assert log.append([event("big", 1)]) == [3]
+    with OperationLog.open(log_dir, "auditor") as reopened:
+        assert [r.originator_id for r in reopened.read()] == ["a", "b", "big"]
