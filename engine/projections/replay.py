@@ -36,6 +36,7 @@ from engine.errors import InvalidParameter, LogCorrupted
 from engine.formats.driver import VolumeFile
 from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
+from engine.log.scan import gc_paused
 from engine.projections.fixes import find_fixes
 from engine.projections.image_state import by_id
 from engine.projections.replay_events import (
@@ -67,16 +68,11 @@ def long_lived() -> Iterator[None]:
     survivors are left young rather than unfreeze it). Cyclic garbage made meanwhile is
     found by the next full collection instead of a young one.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         yield
         if gc.get_freeze_count() == 0:
             gc.freeze()
             gc.unfreeze()
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass(frozen=True, slots=True)
