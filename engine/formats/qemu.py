@@ -199,6 +199,8 @@ class QemuImg:
         backing_fmt: str | None = None,
         fmt: str | None = None,
         safe: bool = True,
+        old_backing: str | None = None,
+        old_backing_fmt: str | None = None,
         progress: Progress | None = None,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
@@ -208,14 +210,34 @@ class QemuImg:
         In safe mode the old and new backing chains are compared and every cluster where they
         differ is written into ``path``, so its content is unchanged; ``safe=False`` only
         rewrites the reference (for a backing file that was moved, not changed).
+
+        The old chain is the one ``path``'s header names, or ``old_backing`` (named like
+        ``backing``; ``fmt`` is then required) whatever the header says. qemu-img writes the
+        new header before the tables of the clusters it copied: killed between the two, it
+        leaves ``path`` pointing at ``backing`` without that data, and only a run that is told
+        the old backing can copy it again.
         """
         path = _existing(path)
         new = "" if backing is None else _backing(path, backing, backing_fmt)
-        args = [self.qemu_img, "rebase", *_format_flag("-f", fmt)]
-        if not safe:
-            args.append("-u")
-        args += ["-b", new, *_format_flag("-F", backing_fmt if new else None), path]
+        new_fmt = _format_flag("-F", backing_fmt if new else None)
+        if old_backing is None:
+            args = [self.qemu_img, "rebase", *_format_flag("-f", fmt), *_unsafe(safe)]
+            args += ["-b", new, *new_fmt, path]
+            self._run(
+                _with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel
+            )
+            return
+        old = _backing(path, old_backing, old_backing_fmt)
+        # Opened over another backing than its header's, the image has no file name of its own
+        # for qemu-img to resolve a relative backing name against: name the new backing by its
+        # absolute path, then put the relative name in the header (the same file either way).
+        absolute = new and os.path.join(os.path.dirname(path), new)
+        args = [self.qemu_img, "rebase", "--image-opts", *_unsafe(safe), "-b", absolute, *new_fmt]
+        args.append(_with_backing(path, fmt, old, old_backing_fmt))
         self._run(_with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel)
+        if absolute != new:
+            args = [self.qemu_img, "rebase", *_format_flag("-f", fmt), "-u", "-b", new, *new_fmt]
+            self._run([*args, path], timeout=self.timeout, cancel=cancel)
 
     def commit(
         self,
@@ -402,6 +424,25 @@ def _backing(image: str, backing: object, backing_fmt: object) -> str:
     if not os.path.exists(os.path.join(os.path.dirname(image), backing)):
         raise VolumeFileNotFound(path=os.path.join(os.path.dirname(image), backing))
     return backing
+
+
+def _unsafe(safe: bool) -> list[str]:
+    return [] if safe else ["-u"]
+
+
+def _with_backing(path: str, fmt: str | None, backing: str, backing_fmt: str | None) -> str:
+    """``path`` as ``--image-opts``, opened over ``backing`` rather than its header's."""
+    if fmt is None:
+        raise InvalidParameter("the format of an image opened over another backing", name="fmt")
+    options = {
+        "driver": check_image_format(fmt),
+        "file.driver": "file",
+        "file.filename": path,
+        "backing.driver": check_image_format(backing_fmt),
+        "backing.file.driver": "file",
+        "backing.file.filename": os.path.join(os.path.dirname(path), backing),
+    }
+    return ",".join(f"{key}={value.replace(',', ',,')}" for key, value in options.items())
 
 
 def _size(size: object) -> int:

@@ -251,6 +251,40 @@ def test_rebase_onto_nothing_makes_a_standalone_image(tmp_path: Path) -> None:
     assert qemu.compare(overlay, base, a_fmt="qcow2", b_fmt="qcow2")
 
 
+def test_a_rebase_told_its_old_backing_folds_it_in_whatever_the_header_names(
+    tmp_path: Path,
+) -> None:
+    here = tmp_path / "a,b"  # a comma is how --image-opts separates options
+    new = image(tmp_path / "c", "new.qcow2")
+    qemu.write_pattern(new, "qcow2", 0, MiB, 0x11)
+    old = str(here / "old.qcow2")
+    here.mkdir()
+    qemu.create(old, "qcow2", None, backing="../c/new.qcow2", backing_fmt="qcow2")
+    qemu.write_pattern(old, "qcow2", MiB, MiB, 0x22)
+    overlay = str(here / "overlay.qcow2")
+    qemu.create(overlay, "qcow2", None, backing="old.qcow2", backing_fmt="qcow2")
+    expected = str(tmp_path / "expected.raw")
+    qemu.convert(overlay, expected, src_fmt="qcow2", dst_fmt="raw")
+    # What a qemu-img killed mid-rebase can leave: the new header, none of the copied data.
+    qemu.rebase(overlay, "../c/new.qcow2", backing_fmt="qcow2", fmt="qcow2", safe=False)
+    seen: list[float] = []
+
+    qemu.rebase(
+        overlay,
+        "../c/new.qcow2",
+        backing_fmt="qcow2",
+        fmt="qcow2",
+        old_backing="old.qcow2",
+        old_backing_fmt="qcow2",
+        progress=seen.append,
+    )
+
+    assert qemu.info(overlay, fmt="qcow2")["backing-filename"] == "../c/new.qcow2"
+    assert qemu.compare(overlay, expected, a_fmt="qcow2", b_fmt="raw")
+    assert data_extents(overlay) == [(MiB, MiB)]
+    assert seen[-1] == 100.0
+
+
 def test_commit_writes_the_overlay_into_its_backing_file(tmp_path: Path) -> None:
     base = image(tmp_path, "base.raw", "raw")
     qemu.write_pattern(base, "raw", 0, 2 * MiB, 0x11)
