@@ -9,7 +9,8 @@ the data work an executor performs (docs/adr/0004-images-volumes-operations-and-
             ``volume`` (``preallocate`` for raw)
 ``diff``    make qcow2 ``volume`` holding only what ``source_image`` has that differs from
             volume ``base`` (an incremental copy)
-``rebase``  fold the data of ``volume``'s current backing into it and point it at ``backing``
+``rebase``  fold the data of ``volume``'s backing (``old_backing``; without it, whatever its
+            header names) into it and point it at ``backing``
 ``resize``  grow ``volume`` to ``size``
 ``delete``  remove the files ``volumes``
 

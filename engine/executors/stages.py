@@ -8,7 +8,10 @@ drop leftovers: done), a temporary file of an earlier attempt (remove it, start 
 nothing. A temporary file of a *later* attempt (a higher epoch: the host that took the stage
 over while this one was paused) is never touched. ``rebase`` and ``resize`` work in place: a
 safe rebase rewrites only clusters whose content stays the same through the chain, and growing
-to a size the volume already has is a no-op, so both can simply run again.
+to a size the volume already has is a no-op, so both can simply run again. A rebase run again
+reads the old chain through the ``old_backing`` its stage names, not through the volume's
+header: qemu-img rewrites the header before it writes the tables of what it copied
+(docs/adr/0007-a-rebase-names-the-backing-it-folds.md).
 
 Fencing (docs/adr/0005): right before anything other hosts read is written (a publish, an
 in-place rewrite, a delete), ``confirm`` re-reads the claim from the log and checks this host's
@@ -138,7 +141,7 @@ def local_inputs(stage: Stage) -> list[str]:
     elif do == "diff":
         refs = [stage.get("base")]
     elif do == "rebase":
-        refs = [stage.get("volume"), stage.get("backing")]
+        refs = [stage.get("volume"), stage.get("backing"), stage.get("old_backing")]
     elif do == "resize":
         refs = [stage.get("volume")]
     return [r for r in refs if r is not None]
@@ -286,9 +289,17 @@ def diff(run: StageRun) -> None:
 
 
 def rebase(run: StageRun) -> None:
-    """Point ``volume`` at ``backing`` (None: no backing, its data folded in), in place."""
+    """Point ``volume`` at ``backing`` (None: no backing, its data folded in), in place.
+
+    The data folded in is read through ``old_backing`` (the backing the volume had when the
+    stage was planned), not through whatever the header names now: a qemu-img killed after it
+    wrote the new header but before the tables of what it copied leaves the volume pointing at
+    ``backing`` without that data, and a run that believed the header would find nothing left
+    to do. A stage planned without ``old_backing`` (an older Strata) still reads the header.
+    """
     volume = _local(run, _field(run.stage, "volume"))
     backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
+    old = _local(run, run.stage["old_backing"]) if run.stage.get("old_backing") else None
     if volume.fmt != "qcow2":
         if backing is not None:
             raise InvalidParameter(f"{volume.ref} is raw and cannot have a backing", name="stage")
@@ -303,6 +314,10 @@ def rebase(run: StageRun) -> None:
             backing_fmt=None if backing is None else backing.fmt,
             fmt="qcow2",
             safe=True,
+            old_backing=None
+            if old is None
+            else run.storage.relative_backing(volume.path, old.path),
+            old_backing_fmt=None if old is None else old.fmt,
             progress=progress,
             cancel=run.cancel,
         )

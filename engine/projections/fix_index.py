@@ -20,7 +20,7 @@ from engine.projections.status import wants_optimizing
 
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
 BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
-_VOLUME_KEYS = ("volume", "backing", "base", "drop_volume")
+_VOLUME_KEYS = ("volume", "backing", "old_backing", "base", "drop_volume")
 
 
 class Merge(NamedTuple):
@@ -213,7 +213,8 @@ class VolumeIndex:
         what both drop, so an executor can recompute them on the chains at completion.
         """
         stages: list[dict[str, Any]] = [
-            {"do": "rebase", "volume": child, "backing": merge.parent} for child in merge.children
+            {"do": "rebase", "volume": child, "backing": merge.parent, "old_backing": merge.volume}
+            for child in merge.children
         ]
         changes = merge_chain_changes(merge.users, merge.volume)
         stages[-1]["set_chain"] = changes.pop(carrier.id)

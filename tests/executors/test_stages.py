@@ -230,6 +230,50 @@ def test_a_copy_whose_source_file_was_deleted_fails_with_a_readable_error(repo: 
     assert repo.executor().run_once() == 0  # a failed stage waits for a mend, it is not retried
 
 
+@pytest.mark.parametrize("onto", ["grandparent", "nothing"])
+def test_a_merge_rebase_run_again_after_qemu_img_was_killed_past_the_new_header_keeps_the_data(
+    repo: Repo, tmp_path: Path, onto: str
+) -> None:
+    """qemu-img rebase writes the new header before the tables of the clusters it copied; a
+    host killed (with its qemu-img) between the two leaves the child pointing at its new
+    backing without the merged volume's data, which a run that trusted the header would never
+    copy again. That state is the unsafe rebase below: same header, same visible content."""
+    base, merged, top = (new_volume("qcow2") for _ in range(3))
+    qemu.create(repo.path(base), "qcow2", 4 * MiB)
+    qemu.write_pattern(repo.path(base), "qcow2", 0, MiB, 0xA1)
+    qemu.create(repo.path(merged), "qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(merged), "qcow2", MiB, MiB, 0xB2)
+    qemu.create(repo.path(top), "qcow2", None, backing=merged, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(top), "qcow2", 2 * MiB, MiB, 0xC3)
+    chain = [base, merged, top]
+    if onto == "nothing":  # the crash sweep's merge: the merged volume is the chain's base
+        qemu.rebase(repo.path(merged), None, fmt="qcow2")
+        base, chain = None, [merged, top]  # type: ignore[assignment]
+    before = str(tmp_path / "before.raw")
+    qemu.convert(repo.path(top), before, src_fmt="qcow2", dst_fmt="raw")
+    new_chain = [ref for ref in chain if ref != merged]
+    carrier = repo.request(
+        {
+            "do": "rebase",
+            "volume": top,
+            "backing": base,
+            "old_backing": merged,
+            "set_chain": new_chain,
+            "drop_volume": merged,
+        },
+        chain=chain,
+        purpose=ops.MERGE,
+    )
+    qemu.rebase(repo.path(top), base, backing_fmt=base and "qcow2", fmt="qcow2", safe=False)
+    assert not qemu.compare(repo.path(top), before, a_fmt="qcow2", b_fmt="raw")
+
+    assert repo.executor().run_once() == 1
+
+    assert repo.service.get(carrier).chain == new_chain
+    assert qemu.info(repo.path(top), fmt="qcow2").get("backing-filename") == base
+    assert qemu.compare(repo.path(top), before, a_fmt="qcow2", b_fmt="raw")
+
+
 def test_a_merge_rebases_the_children_of_a_volume_and_drops_it_from_every_chain_at_once(
     repo: Repo, tmp_path: Path
 ) -> None:

@@ -148,8 +148,8 @@ def test_a_removed_snapshot_s_volume_is_merged_into_every_chain_through_it(repo:
     plan = data(merge)
     assert plan["target"] == str(carrier)
     stages = plan["op"]["stages"]
-    assert [(s["do"], s["volume"], s["backing"]) for s in stages] == [
-        ("rebase", v, None) for v in sorted([disk_top, clone_top])
+    assert [(s["do"], s["volume"], s["backing"], s["old_backing"]) for s in stages] == [
+        ("rebase", v, None, base) for v in sorted([disk_top, clone_top])
     ]
     assert stages[-1]["drop_volume"] == base
     assert stages[-1]["set_chain"] == [repo.get(carrier).chain[-1]]
