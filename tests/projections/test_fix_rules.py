@@ -16,6 +16,7 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import InvalidParameter, StaleFix
 from engine.formats.driver import VolumeFile
+from engine.projections.fix_data import _op_id as op_id
 from engine.projections.fixes import apply_fix, decode_fix, find_fixes, find_problems
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
@@ -164,6 +165,24 @@ def test_a_removed_snapshot_s_volume_is_merged_into_every_chain_through_it(repo:
     [clean] = find_fixes(view, made(view))
     assert (clean.type, clean.image_ids) == (ops.CLEAN, (str(snap),))
     assert data(clean)["op"]["stages"] == [{"do": "delete", "volumes": [base]}]
+
+
+def test_a_merge_checked_by_a_strata_that_did_not_name_the_old_backing_still_starts(
+    repo: Repo,
+) -> None:
+    disk, _, clone = merge_story(repo)
+    view = repo.view()
+    [merge] = find_fixes(view, made(view))
+    older = data(merge)
+    for stage in older["op"]["stages"]:
+        del stage["old_backing"]
+    older["op"]["op_id"] = op_id(ops.MERGE, older["target"], older["salt"], older["op"]["stages"])
+    encoded = base64.b64encode(msgpack.packb(older, use_bin_type=True)).decode("ascii")
+
+    assert apply(repo, dataclasses.replace(merge, data=encoded)) is True
+
+    carrier = min([disk, clone], key=str)
+    assert repo.get(carrier).operations[-1].stages == older["op"]["stages"]
 
 
 def test_one_merge_at_a_time_on_chains_that_share_volumes(repo: Repo) -> None:
