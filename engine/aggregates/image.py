@@ -431,6 +431,16 @@ class Image(Aggregate["Image.Event"], StableTopic):
             )
         )
 
+    @property
+    def id_text(self) -> str:
+        """``str(self.id)``, made once: a UUID's string costs a microsecond, and statuses and
+        fixes of a large repository ask for every image's many times. Cached under a private
+        name: not part of the folded state (engine/projections/image_state.py skips those)."""
+        text: str | None = self.__dict__.get("_id_text")
+        if text is None:
+            text = self._id_text = str(self.id)
+        return text
+
     _appliers: ClassVar[Appliers[Image]] = Appliers("Image")
 
     def apply(self, event: Image.Event) -> None:

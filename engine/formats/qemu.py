@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
-from engine.errors import InvalidParameter, VolumeFileNotFound
+from engine.errors import (
+    InvalidParameter,
+    QemuCancelled,
+    QemuError,
+    QemuTimeout,
+    VolumeFileNotFound,
+)
 from engine.formats.direct_io import accepts_direct_io
 from engine.formats.qemu_process import Progress, execute, failure
 
@@ -25,6 +31,9 @@ IMAGE_FORMATS = ("raw", "qcow2")
 PREALLOCATION = {"raw": ("off", "falloc", "full"), "qcow2": ("off", "metadata", "falloc", "full")}
 DEFAULT_TIMEOUT = 120.0  # for commands that touch metadata only; data copies default to none
 
+# qemu-img's words when the kernel refuses an O_DIRECT write (EINVAL: a misaligned or
+# unsupported direct write) after the open accepted O_DIRECT.
+_DIRECT_WRITE_REFUSED = re.compile(r"Invalid argument")
 _NOT_SUPPORTED = 63  # qemu-img check: "This image format does not support checks"
 
 
@@ -186,10 +195,22 @@ class QemuImg:
         if options:
             args += ["-o", ",".join(options)]
         src = _existing(src)
-        if direct and accepts_direct_io(dst, create=not existing_target):
-            args += ["-t", "none", *(["-W"] if dst_fmt == "raw" else [])]
-        args += [src, dst]
-        self._run(_with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel)
+        run: dict[str, Any] = {"timeout": timeout, "progress": progress, "cancel": cancel}
+        if not (direct and accepts_direct_io(dst, create=not existing_target)):
+            self._run(_with_progress([*args, src, dst], progress), **run)
+            return
+        direct_args = [*args, "-t", "none", *(["-W"] if dst_fmt == "raw" else []), src, dst]
+        try:
+            self._run(_with_progress(direct_args, progress), **run)
+        except (QemuCancelled, QemuTimeout):
+            raise
+        except QemuError as e:
+            # Some filesystems (FUSE ones, some network ones) accept O_DIRECT at open() and
+            # then fail the writes with EINVAL: the probe cannot see that. The copy is whole
+            # work (qemu-img writes all of dst again), so it is redone through the page cache.
+            if not _DIRECT_WRITE_REFUSED.search(str(e.fields.get("stderr", ""))):
+                raise
+            self._run(_with_progress([*args, src, dst], progress), **run)
 
     def rebase(
         self,

@@ -69,11 +69,11 @@ def make_fix(
     release: str | None = None,
 ) -> Fix:
     salt = len(target.operations)
-    target_id = str(target.id)
+    target_id = target.id_text
     op = None
     if stages is not None:
         op = ops.plan(_op_id(kind, target_id, salt, stages), kind, *stages)
-    touched_ids = [str(i.id) for i in touched]  # a UUID's string costs a microsecond: once
+    touched_ids = [i.id_text for i in touched]
     data = {
         "v": DATA_VERSION,
         "type": kind,
@@ -138,7 +138,7 @@ def decode_fix(view: RepositoryView, fix: Fix) -> FixPlan:
     stages = data["op"]["stages"]
     index = VolumeIndex(view.images())
     if plan.type == ops.OPTIMIZE:
-        if not can_optimize(image, ()) or stages[0].get("source_image") != str(image.id):
+        if not can_optimize(image, ()) or stages[0].get("source_image") != image.id_text:
             raise StaleFix(f"virtual disk {image.id} is busy, in use or optimized already")
     elif plan.type == ops.MERGE:
         why = index.stale_merge(image, stages)

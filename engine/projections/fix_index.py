@@ -9,7 +9,7 @@ when it is a ``clean`` or a ``merge`` (the executors' rule): the rest of it neve
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from engine.aggregates import operations as ops
@@ -81,11 +81,13 @@ def merge_chain_changes(images: Iterable[Image], volume: str) -> dict[uuid.UUID,
     What a merge's last stage should record when it completes, computed on the images as they
     are then (a snapshot taken meanwhile has added a top that a chain computed earlier lacks).
     """
-    return {
-        i.id: [ref for ref in i.chain if ref != volume]
-        for i in images
-        if not i.removed and volume in i.chain
-    }
+    return {i.id: chain for i, chain in _chains_without(images, volume)}
+
+
+def _chains_without(images: Iterable[Image], volume: str) -> Iterator[tuple[Image, list[str]]]:
+    for i in images:
+        if not i.removed and volume in i.chain:
+            yield i, [ref for ref in i.chain if ref != volume]
 
 
 class VolumeIndex:
@@ -216,9 +218,9 @@ class VolumeIndex:
             {"do": "rebase", "volume": child, "backing": merge.parent, "old_backing": merge.volume}
             for child in merge.children
         ]
-        changes = merge_chain_changes(merge.users, merge.volume)
-        stages[-1]["set_chain"] = changes.pop(carrier.id)
-        stages[-1]["chain_changes"] = {str(k): v for k, v in changes.items()}
+        changes = {i.id_text: chain for i, chain in _chains_without(merge.users, merge.volume)}
+        stages[-1]["set_chain"] = changes.pop(carrier.id_text)
+        stages[-1]["chain_changes"] = changes
         stages[-1]["drop_volume"] = merge.volume
         return stages
 

@@ -115,7 +115,7 @@ def _optimizations(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
             flat = ops.volume_ref(digest("volume", image.id, len(image.operations)), "raw")
             stage = {
                 "do": "copy",
-                "source_image": str(image.id),
+                "source_image": image.id_text,
                 "volume": flat,
                 "preallocate": True,
                 "set_chain": [flat],
@@ -144,7 +144,7 @@ def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
             carrier,
             [*merge.users, *merge.owners],
             f"merge volume {merge.volume} of removed image(s) "
-            f"{', '.join(str(o.id) for o in merge.owners) or '(none)'} into "
+            f"{', '.join(o.id_text for o in merge.owners) or '(none)'} into "
             f"{len(merge.children)} child volume(s), shortening {len(merge.users)} chain(s)",
             stages=index.merge_stages(merge, carrier),
         )

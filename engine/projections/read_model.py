@@ -48,7 +48,7 @@ class Stored:
 
 def image_row(image: Image, worker: str | None, status: ImageStatus) -> dict[str, Any]:
     return {
-        "id": str(image.id),
+        "id": image.id_text,
         "kind": image.kind,
         "size": image.size,
         "status": status.status,

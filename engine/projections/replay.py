@@ -45,7 +45,7 @@ from engine.projections.replay_events import (
     to_event,
     without_superseded_progress,
 )
-from engine.projections.status import image_status
+from engine.projections.status import status_fields
 from engine.projections.view import RepositoryView
 from engine.types import Fix
 
@@ -160,16 +160,18 @@ class Replay:
 
 
 def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
-    status = image_status(image, view)
+    image_id, status, host_id, stage, percent, last_error = status_fields(
+        image, view, removed="removed"
+    )
     return {
-        "image_id": status.image_id,
+        "image_id": image_id,
         "kind": image.kind,
         "size": image.size,
-        "status": "removed" if image.removed else status.status,
-        "stage": status.stage,
-        "percent_complete": status.percent_complete,
-        "host_id": status.host_id,
-        "last_error": status.last_error,
+        "status": status,
+        "stage": stage,
+        "percent_complete": percent,
+        "host_id": host_id,
+        "last_error": last_error,
         "removed": image.removed,
         "created": image.created_on.isoformat(),
         "modified": image.modified_on.isoformat(),
@@ -208,38 +210,54 @@ def replay(
     batch: list[Record] = []
     start = 0  # where the transaction being read begins in the batch
     last: Record | None = None  # the last record of the last transaction taken
-    records = log.records()
+    chunks = log.batches()
 
     def fold() -> None:
         _note_hosts_and_claims(result, batch)
         _fold(view, mapper, log_dir, batch, skip_superseded)
 
+    def past(record: Record) -> bool:
+        return (stop_seq is not None and record.seq > stop_seq) or (
+            stop_ns is not None and record.time_ns > stop_ns
+        )
+
     try:
         with long_lived():
-            for record in records:
-                batch.append(record)
-                if not record.txn_last:
+            for chunk in chunks:
+                # A chunk ends with a whole transaction. Taken whole when nothing in it needs a
+                # look of its own (a point inside it, or a watched image): most of a replay.
+                if on_watched is None and not past(chunk[-1]):
+                    batch += chunk
+                    last = chunk[-1]
+                    if len(batch) >= BATCH:
+                        fold()
+                        batch = []
+                    start = len(batch)
                     continue
-                if (stop_seq is not None and record.seq > stop_seq) or (
-                    stop_ns is not None and record.time_ns > stop_ns
-                ):
-                    del batch[start:]
-                    result.ended = False
+                for record in chunk:
+                    batch.append(record)
+                    if not record.txn_last:
+                        continue
+                    if past(record):
+                        del batch[start:]
+                        result.ended = False
+                        break
+                    last = record
+                    if on_watched is not None and any(
+                        r.originator_key == watched for r in batch[start:]
+                    ):
+                        fold()
+                        on_watched(batch[start:], view)
+                        batch = []
+                    elif len(batch) >= BATCH:
+                        fold()
+                        batch = []
+                    start = len(batch)
+                if not result.ended:
                     break
-                last = record
-                if on_watched is not None and any(
-                    r.originator_key == watched for r in batch[start:]
-                ):
-                    fold()
-                    on_watched(batch[start:], view)
-                    batch = []
-                elif len(batch) >= BATCH:
-                    fold()
-                    batch = []
-                start = len(batch)
             fold()
     finally:
-        records.close()
+        chunks.close()
     result.time_ns = None if last is None else last.time_ns
     result.log_began_ns = min(
         [log.headers[1].created_ns, *(h.first_time_ns for h in result.hosts.values())]

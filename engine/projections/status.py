@@ -37,14 +37,23 @@ def image_status(image: Image, view: RepositoryView, lost: Collection[str] = ())
     requested it when none did yet: seed 000's "the last host to try and optimize or fix the
     image", which a host that merely set user data or prepared it is not.
     """
+    return ImageStatus(*status_fields(image, view, lost))
+
+
+def status_fields(
+    image: Image, view: RepositoryView, lost: Collection[str] = (), *, removed: str | None = None
+) -> tuple[str, str, str | None, str, int, str | None]:
+    """:class:`ImageStatus`'s fields in order, for callers that copy them elsewhere (a
+    summary of every image of a large repository: no frozen dataclass built per image).
+    ``removed``: the status to give a removed image instead of working one out."""
     current = image.current_operation()
-    return ImageStatus(
-        image_id=str(image.id),
-        status=_status(image, current, view, lost),
-        host_id=view.worker(image.id) or image.created_by,
-        stage=_stage(image, current),
-        percent_complete=_percent(image, current),
-        last_error=image.last_error,
+    return (
+        image.id_text,
+        removed if removed is not None and image.removed else _status(image, current, view, lost),
+        view.worker(image.id) or image.created_by,
+        _stage(image, current),
+        _percent(image, current),
+        image.last_error,
     )
 
 

@@ -181,6 +181,48 @@ def test_a_direct_convert_goes_through_the_page_cache_where_the_filesystem_refus
     assert qemu.compare(src, dst, a_fmt="qcow2", b_fmt="qcow2")
 
 
+def failing_direct_writes(directory: Path, message: str) -> QemuImg:
+    """qemu-img on a filesystem that accepts O_DIRECT at open() and then fails the writes (some
+    FUSE filesystems): with ``-t none`` it leaves a partial target and fails with ``message``."""
+    script = directory / "qemu-img-failing-direct-writes"
+    real = shutil.which("qemu-img")
+    script.write_text(
+        "#!/bin/sh\n"
+        'for arg; do if [ "$arg" = none ]; then\n'
+        '  for last; do :; done; printf garbage > "$last"\n'
+        f'  echo "qemu-img: error while writing at byte 0: {message}" >&2; exit 1\n'
+        "fi; done\n"
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    return QemuImg(qemu_img=str(script))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_direct_convert_whose_writes_the_filesystem_refuses_is_redone_through_the_cache(
+    tmp_path: Path, fmt: str
+) -> None:
+    src = image(tmp_path, "src.qcow2")
+    qemu.write_pattern(src, "qcow2", 0, MiB, 0x5C)
+    dst = str(tmp_path / f"dst.{fmt}")
+
+    failing_direct_writes(tmp_path, "Invalid argument").convert(
+        src, dst, src_fmt="qcow2", dst_fmt=fmt, direct=True
+    )
+
+    assert qemu.compare(src, dst, a_fmt="qcow2", b_fmt=fmt)
+
+
+def test_a_direct_convert_that_fails_for_another_reason_reports_it(tmp_path: Path) -> None:
+    src = image(tmp_path, "src.qcow2")
+    dst = str(tmp_path / "dst.raw")
+
+    with pytest.raises(QemuError, match="No space left on device"):
+        failing_direct_writes(tmp_path, "No space left on device").convert(
+            src, dst, src_fmt="qcow2", dst_fmt="raw", direct=True
+        )
+
+
 def test_o_direct_is_asked_of_the_kernel_on_the_file_itself(tmp_path: Path) -> None:
     target = tmp_path / "target"
 
