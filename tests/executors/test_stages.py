@@ -140,16 +140,23 @@ def test_an_incremental_copy_reads_as_its_source_and_holds_only_the_changed_clus
     assert data_bytes(repo2.path(diff)) == 2 * CLUSTER
 
 
+def three_volume_chain(repo: Repo) -> tuple[str, str, str]:
+    """qcow2 volumes base <- middle <- top, each with a MiB of its own data at its own offset."""
+    chain = (new_volume("qcow2"), new_volume("qcow2"), new_volume("qcow2"))
+    backing = None
+    for i, volume in enumerate(chain):
+        size = 4 * MiB if backing is None else None
+        fmt = None if backing is None else "qcow2"
+        qemu.create(repo.path(volume), "qcow2", size, backing=backing, backing_fmt=fmt)
+        qemu.write_pattern(repo.path(volume), "qcow2", i * MiB, MiB, (0xA1, 0xB2, 0xC3)[i])
+        backing = volume
+    return chain
+
+
 def test_a_rebase_keeps_the_content_whether_it_drops_a_middle_volume_or_flattens(
     repo: Repo, tmp_path: Path
 ) -> None:
-    base, middle, top = new_volume("qcow2"), new_volume("qcow2"), new_volume("qcow2")
-    qemu.create(repo.path(base), "qcow2", 4 * MiB)
-    qemu.write_pattern(repo.path(base), "qcow2", 0, MiB, 0xA1)
-    qemu.create(repo.path(middle), "qcow2", None, backing=base, backing_fmt="qcow2")
-    qemu.write_pattern(repo.path(middle), "qcow2", MiB, MiB, 0xB2)
-    qemu.create(repo.path(top), "qcow2", None, backing=middle, backing_fmt="qcow2")
-    qemu.write_pattern(repo.path(top), "qcow2", 2 * MiB, MiB, 0xC3)
+    base, middle, top = three_volume_chain(repo)
     before = str(tmp_path / "before.raw")
     qemu.convert(repo.path(top), before, src_fmt="qcow2", dst_fmt="raw")
     disk = repo.request(
@@ -238,13 +245,7 @@ def test_a_merge_rebase_run_again_after_qemu_img_was_killed_past_the_new_header_
     host killed (with its qemu-img) between the two leaves the child pointing at its new
     backing without the merged volume's data, which a run that trusted the header would never
     copy again. That state is the unsafe rebase below: same header, same visible content."""
-    base, merged, top = (new_volume("qcow2") for _ in range(3))
-    qemu.create(repo.path(base), "qcow2", 4 * MiB)
-    qemu.write_pattern(repo.path(base), "qcow2", 0, MiB, 0xA1)
-    qemu.create(repo.path(merged), "qcow2", None, backing=base, backing_fmt="qcow2")
-    qemu.write_pattern(repo.path(merged), "qcow2", MiB, MiB, 0xB2)
-    qemu.create(repo.path(top), "qcow2", None, backing=merged, backing_fmt="qcow2")
-    qemu.write_pattern(repo.path(top), "qcow2", 2 * MiB, MiB, 0xC3)
+    base, merged, top = three_volume_chain(repo)
     chain = [base, merged, top]
     if onto == "nothing":  # the crash sweep's merge: the merged volume is the chain's base
         qemu.rebase(repo.path(merged), None, fmt="qcow2")
