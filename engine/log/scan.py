@@ -204,7 +204,7 @@ def _what_broke(buf: bytes, pos: int, expected_seq: int) -> str:
         return f"record checksums match but the record does not decode ({e})"
     if record.seq != expected_seq:
         return f"sequence {record.seq} where {expected_seq} was expected"
-    if not isinstance(record.originator_key, str) and len(record.originator_key) != 16:
+    if type(record.originator_key) is bytes and len(record.originator_key) != 16:
         return "record's aggregate id is neither a string nor a UUID"
     return (
         f"hash chain broken at sequence {record.seq}: the record before it was changed after "
