@@ -21,7 +21,8 @@ qemu-tools:
 $(BIN)/python:
 	python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# setup.py builds engine/log/_fastscan.c in place: a change to either rebuilds it.
+$(STAMP): pyproject.toml setup.py engine/log/_fastscan.c | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

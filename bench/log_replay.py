@@ -2,7 +2,8 @@
 
     python bench/log_replay.py [--dir DIR] [--events N] [--page P] [--repeat R]
 
-Prints ``name: value`` lines:
+Prints ``name: value`` lines (``scanner``: ``compiled`` when engine/log/_fastscan is built,
+else ``python``; see docs/adr/0007-compiled-fast-path-for-the-log-scanner.md):
 
 * ``replay_events_per_second``: one cold pass over the log with ``engine.log.reader``, the
   read-only reader of auditors and projection rebuilds: every segment read, every frame checked
@@ -45,6 +46,7 @@ from log_append import NOTE, Sample, filesystem_of
 from engine.aggregates.topics import register_topics
 from engine.log import NewEvent, OperationLog
 from engine.log.reader import ReadOnlyLog
+from engine.log.scan import SCANNER
 from engine.persistence import default_transcoder
 
 BATCH = 10_000
@@ -153,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"work_dir: {work}")
         print(f"filesystem: {filesystem_of(os.path.realpath(work))}")
+        print(f"scanner: {SCANNER}")
         events = make_events(args.events)
         log_dir, db_path = os.path.join(work, "log"), os.path.join(work, "sqlite.db")
         t0 = time.perf_counter()

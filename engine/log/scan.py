@@ -17,7 +17,7 @@ import enum
 import gc
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -34,8 +34,19 @@ from engine.log.framing import (
     new_hasher as new_frame_hasher,
 )
 
+compiled_scan_frames: Callable[..., tuple[int, int, int, bytes, int, int, int, bytes]] | None
+try:
+    from engine.log._fastscan import scan_frames as compiled_scan_frames
+except ImportError:  # built without a C compiler (setup.py): the Python loop reads every frame
+    compiled_scan_frames = None
+
 SECTOR = 512
 _LENGTH = struct.Struct(">I")
+
+# Which scanner reads the frames of the common shape: "compiled" (engine/log/_fastscan.c) or
+# "python". Tests set ``scan_frames`` to None to read every frame with the Python loop.
+scan_frames = compiled_scan_frames
+SCANNER = "python" if compiled_scan_frames is None else "compiled"
 
 
 class Tail(enum.Enum):
@@ -112,7 +123,17 @@ def _scan(buf: bytes, base: int, segment: int, next_seq: int, last_hash: bytes) 
     unpack_length = _LENGTH.unpack_from
     unpackb, new = msgpack.unpackb, tuple.__new__
     new_hasher = new_frame_hasher  # hashing is nearly half of replay's time
+    fast = scan_frames
     while pos < size:
+        if fast is not None:
+            # The frames of the common shape, read in C exactly as below at half the cost
+            # (ADR 0007). It stops before any frame it is not sure of, which this loop reads.
+            pos, last, chain_seq, chain_hash, committed, end, good_seq, good_hash = fast(
+                buf, pos, base, Record, records, offsets, last, chain_seq, chain_hash,
+                committed, end, good_seq, good_hash,
+            )  # fmt: skip
+            if pos == size:
+                continue  # all of it read: the loop ends, as when it runs out below
         if size - pos < FRAME_HEADER_SIZE:
             break
         (length,) = unpack_length(buf, pos)
@@ -204,7 +225,7 @@ def _what_broke(buf: bytes, pos: int, expected_seq: int) -> str:
         return f"record checksums match but the record does not decode ({e})"
     if record.seq != expected_seq:
         return f"sequence {record.seq} where {expected_seq} was expected"
-    if not isinstance(record.originator_key, str) and len(record.originator_key) != 16:
+    if type(record.originator_key) is bytes and len(record.originator_key) != 16:
         return "record's aggregate id is neither a string nor a UUID"
     return (
         f"hash chain broken at sequence {record.seq}: the record before it was changed after "

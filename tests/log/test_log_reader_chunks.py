@@ -198,3 +198,14 @@ def _frame_ends(body: bytes) -> Iterator[int]:
     while pos < len(body):
         pos += FRAME_HEADER_SIZE + int.from_bytes(body[pos : pos + 4], "big")
         yield pos
+
+
+def test_a_broken_chain_is_reported_whatever_the_aggregate_id_is() -> None:
+    # An id the writer never makes, which readers still take (a msgpack nil).
+    record = Record(1, digest(b"not the chain"), "host", 0, True, None, 1, "t", b"")
+    buf = frame(encode_payload(record))
+
+    with pytest.raises(LogCorrupted, match="hash chain broken") as raised:
+        scan(buf, 100, 1, 1, ZERO_HASH)
+
+    assert raised.value.fields["offset"] == 100
