@@ -1,7 +1,7 @@
 """Builds the optional C fast path of the log scanner; pyproject.toml holds the metadata.
 
 ``optional=True``: where no C compiler is at hand the install still succeeds and the engine
-reads logs with the pure-Python scanner (docs/adr/0007-compiled-fast-path-for-the-log-scanner.md).
+reads logs with the pure-Python scanner (docs/adr/0008-compiled-fast-path-for-the-log-scanner.md).
 """
 
 from setuptools import Extension, setup

@@ -3,7 +3,7 @@
     python bench/log_replay.py [--dir DIR] [--events N] [--page P] [--repeat R]
 
 Prints ``name: value`` lines (``scanner``: ``compiled`` when engine/log/_fastscan is built,
-else ``python``; see docs/adr/0007-compiled-fast-path-for-the-log-scanner.md):
+else ``python``; see docs/adr/0008-compiled-fast-path-for-the-log-scanner.md):
 
 * ``replay_events_per_second``: one cold pass over the log with ``engine.log.reader``, the
   read-only reader of auditors and projection rebuilds: every segment read, every frame checked

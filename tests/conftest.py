@@ -13,7 +13,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("compiled", "python"),
         default=None,
         help="read logs with this scanner (default: the compiled one when it is built); "
-        "`--scanner=python` runs the suite on the pure-Python reference (ADR 0007)",
+        "`--scanner=python` runs the suite on the pure-Python reference (ADR 0008)",
     )
 
 

@@ -1,6 +1,6 @@
 /* The log scanner's fast path: the frames of the one common shape, read in C.
  *
- * See docs/adr/0007-compiled-fast-path-for-the-log-scanner.md. engine/log/scan.py is the
+ * See docs/adr/0008-compiled-fast-path-for-the-log-scanner.md. engine/log/scan.py is the
  * reference: its loop calls scan_frames() first, which reads as many frames as it is sure
  * about, exactly as the Python loop would read them, and stops *before* the first frame it is
  * not sure about. The Python loop then reads that frame as it always has (every edge case,

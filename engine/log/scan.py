@@ -127,7 +127,7 @@ def _scan(buf: bytes, base: int, segment: int, next_seq: int, last_hash: bytes) 
     while pos < size:
         if fast is not None:
             # The frames of the common shape, read in C exactly as below at half the cost
-            # (ADR 0007). It stops before any frame it is not sure of, which this loop reads.
+            # (ADR 0008). It stops before any frame it is not sure of, which this loop reads.
             pos, last, chain_seq, chain_hash, committed, end, good_seq, good_hash = fast(
                 buf, pos, base, Record, records, offsets, last, chain_seq, chain_hash,
                 committed, end, good_seq, good_hash,

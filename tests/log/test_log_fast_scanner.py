@@ -1,7 +1,7 @@
 """The compiled scanner reads exactly what the Python scanner reads, only faster.
 
 ``engine/log/_fastscan.c`` reads the frames of the one common shape and leaves every other
-frame to the Python loop of ``engine/log/scan.py``, the reference (ADR 0007). These tests build
+frame to the Python loop of ``engine/log/scan.py``, the reference (ADR 0008). These tests build
 logs byte by byte, with every msgpack encoding a field can have, shapes the Python loop accepts
 that the C code leaves to it, and shapes that are damage; then tear or flip them anywhere, and
 check that both scanners give the same records (of the same types), offsets, tail and pending
