@@ -21,8 +21,8 @@ qemu-tools:
 $(BIN)/python:
 	python3 -m venv $(VENV)
 
-# setup.py builds engine/log/_fastscan.c in place: a change to either rebuilds it.
-$(STAMP): pyproject.toml setup.py engine/log/_fastscan.c | $(BIN)/python
+# setup.py builds the C fast paths in place: a change to any of them rebuilds them.
+$(STAMP): pyproject.toml setup.py engine/log/_fastscan.c engine/persistence/_fasthook.c | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -1,9 +1,17 @@
-"""Builds the optional C fast path of the log scanner; pyproject.toml holds the metadata.
+"""Builds the optional C fast paths (log scanner, transcoder hook); pyproject.toml holds the
+metadata.
 
 ``optional=True``: where no C compiler is at hand the install still succeeds and the engine
-reads logs with the pure-Python scanner (docs/adr/0008-compiled-fast-path-for-the-log-scanner.md).
+reads logs with the pure-Python scanner and decodes with the Python hook
+(docs/adr/0008-compiled-fast-path-for-the-log-scanner.md).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("engine.log._fastscan", ["engine/log/_fastscan.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("engine.log._fastscan", ["engine/log/_fastscan.c"], optional=True),
+        # The transcoder's msgpack object hook (engine/persistence/transcoder.py).
+        Extension("engine.persistence._fasthook", ["engine/persistence/_fasthook.c"], optional=True),
+    ]
+)
