@@ -164,17 +164,18 @@ class VolumeIndex:
 
     # --- merge ----------------------------------------------------------------------------
 
-    def mergeable(self) -> list[Merge]:
-        # Only a removed image's top can be merged (merge_of): asking about those alone skips
-        # most volumes of a large repository.
+    def merge_candidates(self) -> list[tuple[int, str, str]]:
+        """(depth, volume, family) of each volume that may be merged (see :meth:`merge_of`):
+        a removed image's top that live chains go through; the family and depth are those
+        its :class:`Merge` would have."""
+        # Only a removed image's top can be merged: asking about those alone skips most
+        # volumes of a large repository.
         found = []
-        candidates = self.removed_tops - self.tops
-        for ref in self.live_users:
-            if ref not in candidates:
-                continue
-            merge = self.merge_of(ref)
-            if merge is not None:
-                found.append(merge)
+        for ref in self.removed_tops - self.tops:
+            users = self.live_users.get(ref)
+            if users:
+                first = users[0].chain
+                found.append((first.index(ref), ref, first[0]))
         return found
 
     def merge_of(self, ref: str) -> Merge | None:

@@ -22,7 +22,7 @@ What a fix's data holds and how a fix is started: engine/projections/fix_data.py
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,7 +66,6 @@ def find_problems(
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
     corrupt; they count as lost."""
-    index = VolumeIndex(view.images())
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     for f in files:
@@ -74,6 +73,52 @@ def find_problems(
         on_disk.setdefault(ref, []).append(f)
         if not f.is_temporary:
             published.add(ref)
+    return _problems(view, on_disk, published, damaged)
+
+
+def find_fixes(
+    view: RepositoryView, files: Iterable[VolumeFile], *, damaged: Collection[str] = ()
+) -> list[Fix]:
+    return find_problems(view, files, damaged=damaged).fixes
+
+
+def find_fixes_for_volumes(view: RepositoryView, refs: Iterable[str]) -> list[Fix]:
+    """:func:`find_fixes` with a published file for each volume of ``refs`` and nothing else,
+    sizes unknown (0): a replay's files, which only the log tells. No file object is made for
+    a volume that no clean frees (nearly all of them, in a large repository)."""
+    on_disk = _Published(dict.fromkeys(refs))
+    return _problems(view, on_disk, on_disk, ()).fixes
+
+
+class _Published(Mapping[str, list[VolumeFile]]):
+    """Published volume files named by their volumes, made when asked for."""
+
+    def __init__(self, refs: dict[str, None]) -> None:
+        self._refs = refs
+
+    def __getitem__(self, ref: str) -> list[VolumeFile]:
+        if ref not in self._refs:
+            raise KeyError(ref)
+        volume_id, fmt = ops.split_ref(ref)
+        return [VolumeFile(volume_id, fmt, f"volumes/{ref}", 0, 0, False)]
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
+def _problems(
+    view: RepositoryView,
+    on_disk: Mapping[str, list[VolumeFile]],
+    published: Collection[str],
+    damaged: Collection[str],
+) -> Problems:
+    index = VolumeIndex(view.images())
     lost = frozenset(
         ref
         for ref in index.live_users
@@ -83,12 +128,6 @@ def find_problems(
     fixes += _cleans(index, on_disk)
     fixes.sort(key=lambda f: (_ORDER[f.type], f.image_ids, f.data))
     return Problems(lost, fixes)
-
-
-def find_fixes(
-    view: RepositoryView, files: Iterable[VolumeFile], *, damaged: Collection[str] = ()
-) -> list[Fix]:
-    return find_problems(view, files, damaged=damaged).fixes
 
 
 def _releases(index: VolumeIndex) -> Iterable[Fix]:
@@ -133,9 +172,11 @@ def _optimizations(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
 
 def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
     busy = set(index.merging_families)
-    candidates = sorted(index.mergeable(), key=lambda m: (m.depth, m.volume))
-    for merge in candidates:
-        if merge.family in busy or index.merge_blocker(merge, lost) is not None:
+    for _, ref, family in sorted(index.merge_candidates()):
+        if family in busy:
+            continue  # decided before the merge is worked out: half of a large check's
+        merge = index.merge_of(ref)
+        if merge is None or index.merge_blocker(merge, lost) is not None:
             continue
         busy.add(merge.family)  # one merge per family of chains at a time
         carrier = merge.users[0]
@@ -150,7 +191,7 @@ def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
         )
 
 
-def _cleans(index: VolumeIndex, on_disk: dict[str, list[VolumeFile]]) -> list[Fix]:
+def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list[Fix]:
     by_carrier: dict[uuid.UUID | None, list[str]] = {}
     for ref in sorted(on_disk):
         if index.is_needed(ref):
@@ -178,6 +219,7 @@ __all__ = [
     "apply_fix",
     "decode_fix",
     "find_fixes",
+    "find_fixes_for_volumes",
     "find_problems",
     "merge_chain_changes",
     "release_type",

@@ -7,9 +7,9 @@ statuses and fixes are those of the engine's own code. Only whole transactions a
 point inside a transaction stops before it. Reading stops at the point, so damage after it is
 not seen (``strata-log verify`` reads everything).
 
-A check compares the log with the files. Here there are no files, so :func:`log_volume_files`
-stands in for them: every volume a completed stage made or a chain holds, less those a
-completed stage deleted. What only the files can tell (leftovers of crashed stages, missing or
+A check compares the log with the files. Here there are no files, so :func:`log_volumes` stands
+in for them: every volume a completed stage made or a chain holds, less those a completed stage
+deleted. What only the files can tell (leftovers of crashed stages, missing or
 damaged volumes, byte counts) is not in fixes offered here.
 """
 
@@ -37,7 +37,7 @@ from engine.formats.driver import VolumeFile
 from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
 from engine.log.scan import gc_paused
-from engine.projections.fixes import find_fixes
+from engine.projections.fixes import find_fixes_for_volumes
 from engine.projections.image_state import by_id
 from engine.projections.replay_events import (
     locate,
@@ -140,7 +140,7 @@ class Replay:
     def fixes(self) -> list[Fix]:
         """What a check would have offered then, from the log alone (see the module's doc)."""
         with long_lived():
-            return find_fixes(self.view, log_volume_files(self.view))
+            return find_fixes_for_volumes(self.view, log_volumes(self.view))
 
     def claims(self) -> list[Claim]:
         """Stages claimed and neither completed, failed nor stopped at the point, by host."""
@@ -330,8 +330,17 @@ def _fold(
 
 
 def log_volume_files(view: RepositoryView) -> list[VolumeFile]:
-    """The volume files the log says exist: what completed stages made and chains hold, less
-    what stages still to run will make and what completed stages deleted. No sizes."""
+    """The volume files the log says exist, by :func:`log_volumes`. No sizes."""
+    files = []
+    for ref in log_volumes(view):
+        volume_id, fmt = ops.split_ref(ref)
+        files.append(VolumeFile(volume_id, fmt, f"volumes/{ref}", 0, 0, False))
+    return files
+
+
+def log_volumes(view: RepositoryView) -> list[str]:
+    """The volumes the log says have a file: what completed stages made and chains hold, less
+    what stages still to run will make and what completed stages deleted; sorted."""
     made: set[str] = set()
     pending: set[str] = set()
     deleted: set[str] = set()
@@ -345,8 +354,4 @@ def log_volume_files(view: RepositoryView) -> list[VolumeFile]:
                     (made if done else pending).add(volume)
                 if done and stage.get("do") == "delete":
                     deleted.update(stage.get("volumes") or ())
-    files = []
-    for ref in sorted(made - pending - deleted):
-        volume_id, fmt = ops.split_ref(ref)
-        files.append(VolumeFile(volume_id, fmt, f"volumes/{ref}", 0, 0, False))
-    return files
+    return sorted(made - pending - deleted)
