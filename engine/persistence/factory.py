@@ -13,7 +13,8 @@ An ``Application`` whose environment has ``PERSISTENCE_MODULE=engine.persistence
 ======================  ===================================================================
 
 Event state is encoded with :class:`MsgpackTranscoder` unless ``TRANSCODER_TOPIC`` names
-another. Snapshots and process applications are refused (:class:`NotSupported`): a snapshot
+another, and events are mapped by :class:`LogMapper` unless ``MAPPER_TOPIC`` names another
+mapper. Snapshots and process applications are refused (:class:`NotSupported`): a snapshot
 store and tracking written atomically with events have no home in the shared log yet.
 """
 
@@ -36,6 +37,7 @@ from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter, NotSupported
 from engine.log import OperationLog
 from engine.persistence.event_store import LogEventStore
+from engine.persistence.mapper import LogMapper
 from engine.persistence.recorders import (
     LogAggregateRecorder,
     LogApplicationRecorder,
@@ -84,6 +86,14 @@ class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
         if self.env.get(self.TRANSCODER_TOPIC):
             return super().transcoder()
         return default_transcoder()
+
+    def mapper(
+        self, transcoder: Transcoder | None = None, mapper_class: type[Mapper[Any]] | None = None
+    ) -> Mapper[Any]:
+        # MAPPER_TOPIC, when set, still names the class, as it does for the library's factories.
+        if mapper_class is None and not self.env.get(self.MAPPER_TOPIC):
+            mapper_class = LogMapper
+        return super().mapper(transcoder, mapper_class)
 
     def event_store(
         self, mapper: Mapper[Any] | None = None, recorder: AggregateRecorder | None = None

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from engine.log import group_commit
 from engine.log.group_commit import GroupCommit, Request
 
 
@@ -177,3 +178,30 @@ def test_an_interrupted_gathering_leader_commits_what_it_gathered_then_raises():
     assert log.batches == [["other"], ["main"]]
     time.sleep(0.1)  # until the other thread no longer counts as a caller to wait for
     assert group.submit("later") == [3]
+
+
+def test_the_caller_that_completes_a_group_commits_it_at_once_and_the_leader_returns_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(group_commit, "_CALLER_WINDOW", 60.0)  # however slow the machine
+    log = FakeLog()
+    committers: list[str] = []
+
+    def commit(batch: list[Request[str]]) -> None:
+        committers.append(threading.current_thread().name)
+        log.commit(batch)
+
+    group = GroupCommit(commit, delay=5.0)
+    assert group.submit("warm") == [1]  # the main thread is a recent caller: leaders wait for it
+    started = time.monotonic()
+    results: dict[str, list[int]] = {}
+    leader = threading.Thread(target=lambda: results.update(leader=group.submit("leader")))
+    leader.start()
+    while group._gatherer is None:
+        time.sleep(0.001)
+    results["completer"] = group.submit("completer")
+    leader.join(timeout=30)
+    assert time.monotonic() - started < 2.5, "the group waited out the commit delay"
+    assert log.batches[-1] == ["leader", "completer"]
+    assert committers[-1] == threading.current_thread().name
+    assert results == {"leader": [2], "completer": [3]}
