@@ -525,18 +525,45 @@ as_hash(PyObject *obj, uint8_t out[HASH_SIZE])
 
 PyDoc_STRVAR(scan_frames_doc,
 "scan_frames(buf, pos, base, record_type, records, offsets, last, chain_seq, chain_hash,\n"
-"            committed, end, good_seq, good_hash)\n"
+"            committed, end, good_seq, good_hash, digests=None, /)\n"
 "--\n\n"
 "Read the frames of the common shape from ``pos`` on, as engine.log.scan._scan's loop does,\n"
 "appending to ``records`` and ``offsets``; stop before the first frame not of that shape.\n"
+"``digests``: hash_frames(buf)[0], whose hashes are used instead of hashing the frames again.\n"
 "Returns the loop's state after them: (pos, last, chain_seq, chain_hash, committed, end,\n"
 "good_seq, good_hash).");
+
+/* hash_frames() hands back, for each whole frame of a buffer from its start, the frame's
+ * offset (a native Py_ssize_t) and its BLAKE2b-256: DIGEST_ENTRY bytes per frame. */
+#define DIGEST_ENTRY ((Py_ssize_t)sizeof(Py_ssize_t) + HASH_SIZE)
+
+/* The precomputed hash of the frame at ``pos`` when it is the ``index``-th entry of
+ * ``digests``, else NULL (the caller hashes the frame itself). */
+static const uint8_t *
+digest_at(PyObject *digests, Py_ssize_t index, Py_ssize_t pos)
+{
+    if (digests == NULL || index >= PyBytes_GET_SIZE(digests) / DIGEST_ENTRY) {
+        return NULL;
+    }
+    const uint8_t *entry = (const uint8_t *)PyBytes_AS_STRING(digests) + index * DIGEST_ENTRY;
+    Py_ssize_t offset;
+    memcpy(&offset, entry, sizeof offset);
+    return offset == pos ? entry + sizeof offset : NULL;
+}
 
 static PyObject *
 scan_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 13) {
-        PyErr_Format(PyExc_TypeError, "scan_frames() takes 13 arguments (%zd given)", nargs);
+    if (nargs != 13 && nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "scan_frames() takes 13 or 14 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    /* hash_frames(buf)[0], or None: the hash of each frame is looked up instead of computed
+     * (the caller vouches that the digests are this very buffer's). */
+    PyObject *digests = nargs == 14 && args[13] != Py_None ? args[13] : NULL;
+    if (digests != NULL && !PyBytes_Check(digests)) {
+        PyErr_SetString(PyExc_TypeError, "digests must be bytes or None");
         return NULL;
     }
     PyObject *buf_obj = args[0];
@@ -617,7 +644,15 @@ scan_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         chain_seq += 1;
-        blake2b_256(buf + pos, FRAME_HEADER_SIZE + (size_t)length, chain_hash);
+        /* The frames read so far in this scan are the records listed: the digest of this one,
+         * if computed ahead, is entry number len(records) - 1 (its offset is checked). */
+        const uint8_t *ahead = digest_at(digests, PyList_GET_SIZE(records) - 1, pos);
+        if (ahead != NULL) {
+            memcpy(chain_hash, ahead, HASH_SIZE);
+        }
+        else {
+            blake2b_256(buf + pos, FRAME_HEADER_SIZE + (size_t)length, chain_hash);
+        }
         last = pos;
         pos += FRAME_HEADER_SIZE + (Py_ssize_t)length;
         if (f.txn_last) {
@@ -649,6 +684,56 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(hash_frames_doc,
+"hash_frames(buf)\n"
+"--\n\n"
+"The BLAKE2b-256 of every whole frame of ``buf`` (bytes) from its start, computed with the\n"
+"GIL released; it stops at the first frame whose length does not fit the buffer or the limit.\n"
+"Returns (digests, end): digests holds each frame's offset and hash, for scan_frames();\n"
+"end is the offset just past the last frame hashed.");
+
+static PyObject *
+hash_frames(PyObject *module, PyObject *buf_obj)
+{
+    if (!PyBytes_Check(buf_obj)) {
+        PyErr_SetString(PyExc_TypeError, "buf must be bytes");
+        return NULL;
+    }
+    const uint8_t *buf = (const uint8_t *)PyBytes_AS_STRING(buf_obj);
+    Py_ssize_t size = PyBytes_GET_SIZE(buf_obj);
+    /* Only the headers, to size the result, which must be allocated holding the GIL. */
+    Py_ssize_t count = 0, pos = 0;
+    while (size - pos >= FRAME_HEADER_SIZE) {
+        uint32_t length = be32(buf + pos);
+        if (length > MAX_PAYLOAD || (Py_ssize_t)length > size - pos - FRAME_HEADER_SIZE) {
+            break;
+        }
+        count += 1;
+        pos += FRAME_HEADER_SIZE + (Py_ssize_t)length;
+    }
+    Py_ssize_t end = pos;
+    PyObject *digests = PyBytes_FromStringAndSize(NULL, count * DIGEST_ENTRY);
+    if (digests == NULL) {
+        return NULL;
+    }
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(digests);
+    /* Without the GIL: a bytes object never changes, and our reference keeps it (and the new,
+     * not yet shared, digests) alive until the GIL is ours again. */
+    Py_INCREF(buf_obj);
+    Py_BEGIN_ALLOW_THREADS
+    pos = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t frame = FRAME_HEADER_SIZE + (size_t)be32(buf + pos);
+        memcpy(out, &pos, sizeof pos);
+        blake2b_256(buf + pos, frame, out + sizeof pos);
+        out += DIGEST_ENTRY;
+        pos += (Py_ssize_t)frame;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(buf_obj);
+    return Py_BuildValue("(Nn)", digests, end);
+}
+
 PyDoc_STRVAR(blake2b_256_doc,
 "blake2b_256(data)\n"
 "--\n\n"
@@ -669,6 +754,7 @@ py_blake2b_256(PyObject *module, PyObject *data)
 
 static PyMethodDef fastscan_methods[] = {
     {"scan_frames", (PyCFunction)(void (*)(void))scan_frames, METH_FASTCALL, scan_frames_doc},
+    {"hash_frames", hash_frames, METH_O, hash_frames_doc},
     {"blake2b_256", py_blake2b_256, METH_O, blake2b_256_doc},
     {NULL, NULL, 0, NULL},
 };
