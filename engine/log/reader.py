@@ -54,10 +54,15 @@ class TailState:
 class ReadOnlyLog:
     """A log directory, read and checked segment by segment, never written."""
 
-    def __init__(self, directory: str, *, chunk: int = CHUNK, read_ahead: bool = True) -> None:
+    def __init__(
+        self, directory: str, *, chunk: int = CHUNK, read_ahead: bool | None = None
+    ) -> None:
         self.directory = directory
         self.chunk = chunk
-        # A segment of more than one chunk is read and hashed ahead by a thread (_ReadAhead).
+        # A segment of more than one chunk is read and hashed ahead by a thread (_ReadAhead);
+        # by default only where a second core can run it: on one core it only adds switches.
+        if read_ahead is None:
+            read_ahead = _usable_cores() > 1
         self.read_ahead = read_ahead and compiled_read_frames is not None
         self.numbers = segments.list_segments(directory)
         if not self.numbers:
@@ -312,6 +317,12 @@ class _ReadAhead:
         while not self._ended:  # each item taken makes room for the next, up to the last
             self._ended = self._ready.get() is None
         self._thread.join()
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):  # what taskset or a container's cpuset allows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _scan_until_damage(

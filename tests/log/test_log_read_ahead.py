@@ -143,8 +143,13 @@ def test_a_segment_of_several_chunks_is_read_ahead_and_a_single_chunk_is_not(
 ) -> None:
     directory, records = big_log(tmp_path)
 
-    with_threads = [bool(read_ahead_threads()) for _ in ReadOnlyLog(directory).records()]
-    in_chunks = [bool(read_ahead_threads()) for _ in ReadOnlyLog(directory, chunk=4096).records()]
+    with_threads = [
+        bool(read_ahead_threads()) for _ in ReadOnlyLog(directory, read_ahead=True).records()
+    ]
+    in_chunks = [
+        bool(read_ahead_threads())
+        for _ in ReadOnlyLog(directory, chunk=4096, read_ahead=True).records()
+    ]
 
     assert len(with_threads) == len(records) and not any(with_threads)
     assert len(in_chunks) == len(records) and any(in_chunks)
@@ -159,7 +164,7 @@ def test_a_reader_closed_early_leaves_no_thread_and_no_open_file(
 ) -> None:
     directory, _ = big_log(tmp_path)
     threads, fds = threading.active_count(), open_fds()
-    log = ReadOnlyLog(directory, chunk=4096)
+    log = ReadOnlyLog(directory, chunk=4096, read_ahead=True)
     reader = log.records() if how == "records" else log.batches()
 
     for taken, _ in enumerate(reader):
