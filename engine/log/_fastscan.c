@@ -27,8 +27,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define FRAME_HEADER_SIZE 12
 #define MAX_PAYLOAD (16u * 1024u * 1024u) /* engine.log.framing.MAX_PAYLOAD */
@@ -525,18 +528,45 @@ as_hash(PyObject *obj, uint8_t out[HASH_SIZE])
 
 PyDoc_STRVAR(scan_frames_doc,
 "scan_frames(buf, pos, base, record_type, records, offsets, last, chain_seq, chain_hash,\n"
-"            committed, end, good_seq, good_hash)\n"
+"            committed, end, good_seq, good_hash, digests=None, /)\n"
 "--\n\n"
 "Read the frames of the common shape from ``pos`` on, as engine.log.scan._scan's loop does,\n"
 "appending to ``records`` and ``offsets``; stop before the first frame not of that shape.\n"
+"``digests``: hash_frames(buf)[0], whose hashes are used instead of hashing the frames again.\n"
 "Returns the loop's state after them: (pos, last, chain_seq, chain_hash, committed, end,\n"
 "good_seq, good_hash).");
+
+/* hash_frames() hands back, for each whole frame of a buffer from its start, the frame's
+ * offset (a native Py_ssize_t) and its BLAKE2b-256: DIGEST_ENTRY bytes per frame. */
+#define DIGEST_ENTRY ((Py_ssize_t)sizeof(Py_ssize_t) + HASH_SIZE)
+
+/* The precomputed hash of the frame at ``pos`` when it is the ``index``-th entry of
+ * ``digests``, else NULL (the caller hashes the frame itself). */
+static const uint8_t *
+digest_at(PyObject *digests, Py_ssize_t index, Py_ssize_t pos)
+{
+    if (digests == NULL || index >= PyBytes_GET_SIZE(digests) / DIGEST_ENTRY) {
+        return NULL;
+    }
+    const uint8_t *entry = (const uint8_t *)PyBytes_AS_STRING(digests) + index * DIGEST_ENTRY;
+    Py_ssize_t offset;
+    memcpy(&offset, entry, sizeof offset);
+    return offset == pos ? entry + sizeof offset : NULL;
+}
 
 static PyObject *
 scan_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 13) {
-        PyErr_Format(PyExc_TypeError, "scan_frames() takes 13 arguments (%zd given)", nargs);
+    if (nargs != 13 && nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "scan_frames() takes 13 or 14 arguments (%zd given)",
+                     nargs);
+        return NULL;
+    }
+    /* hash_frames(buf)[0], or None: the hash of each frame is looked up instead of computed
+     * (the caller vouches that the digests are this very buffer's). */
+    PyObject *digests = nargs == 14 && args[13] != Py_None ? args[13] : NULL;
+    if (digests != NULL && !PyBytes_Check(digests)) {
+        PyErr_SetString(PyExc_TypeError, "digests must be bytes or None");
         return NULL;
     }
     PyObject *buf_obj = args[0];
@@ -617,7 +647,15 @@ scan_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         chain_seq += 1;
-        blake2b_256(buf + pos, FRAME_HEADER_SIZE + (size_t)length, chain_hash);
+        /* The frames read so far in this scan are the records listed: the digest of this one,
+         * if computed ahead, is entry number len(records) - 1 (its offset is checked). */
+        const uint8_t *ahead = digest_at(digests, PyList_GET_SIZE(records) - 1, pos);
+        if (ahead != NULL) {
+            memcpy(chain_hash, ahead, HASH_SIZE);
+        }
+        else {
+            blake2b_256(buf + pos, FRAME_HEADER_SIZE + (size_t)length, chain_hash);
+        }
         last = pos;
         pos += FRAME_HEADER_SIZE + (Py_ssize_t)length;
         if (f.txn_last) {
@@ -649,6 +687,190 @@ done:
     return result;
 }
 
+/* How many frames of ``buf`` have lengths that fit it and the limit; ``end`` just past them. */
+static Py_ssize_t
+count_frames(const uint8_t *buf, Py_ssize_t size, Py_ssize_t *end)
+{
+    Py_ssize_t count = 0, pos = 0;
+    while (size - pos >= FRAME_HEADER_SIZE) {
+        uint32_t length = be32(buf + pos);
+        if (length > MAX_PAYLOAD || (Py_ssize_t)length > size - pos - FRAME_HEADER_SIZE) {
+            break;
+        }
+        count += 1;
+        pos += FRAME_HEADER_SIZE + (Py_ssize_t)length;
+    }
+    *end = pos;
+    return count;
+}
+
+/* The offset and hash of each of the ``count`` first frames of ``buf`` (count_frames()), into
+ * ``out``: DIGEST_ENTRY bytes each. Needs no GIL. */
+static void
+hash_counted(const uint8_t *buf, Py_ssize_t count, uint8_t *out)
+{
+    Py_ssize_t pos = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t frame = FRAME_HEADER_SIZE + (size_t)be32(buf + pos);
+        memcpy(out, &pos, sizeof pos);
+        blake2b_256(buf + pos, frame, out + sizeof pos);
+        out += DIGEST_ENTRY;
+        pos += (Py_ssize_t)frame;
+    }
+}
+
+PyDoc_STRVAR(hash_frames_doc,
+"hash_frames(buf)\n"
+"--\n\n"
+"The BLAKE2b-256 of every whole frame of ``buf`` (bytes) from its start, computed with the\n"
+"GIL released; it stops at the first frame whose length does not fit the buffer or the limit.\n"
+"Returns (digests, end): digests holds each frame's offset and hash, for scan_frames();\n"
+"end is the offset just past the last frame hashed.");
+
+static PyObject *
+hash_frames(PyObject *module, PyObject *buf_obj)
+{
+    if (!PyBytes_Check(buf_obj)) {
+        PyErr_SetString(PyExc_TypeError, "buf must be bytes");
+        return NULL;
+    }
+    const uint8_t *buf = (const uint8_t *)PyBytes_AS_STRING(buf_obj);
+    Py_ssize_t end;
+    /* Only the headers, to size the result, which must be allocated holding the GIL. */
+    Py_ssize_t count = count_frames(buf, PyBytes_GET_SIZE(buf_obj), &end);
+    PyObject *digests = PyBytes_FromStringAndSize(NULL, count * DIGEST_ENTRY);
+    if (digests == NULL) {
+        return NULL;
+    }
+    /* Without the GIL: a bytes object never changes, and our reference keeps it (and the new,
+     * not yet shared, digests) alive until the GIL is ours again. */
+    Py_INCREF(buf_obj);
+    Py_BEGIN_ALLOW_THREADS
+    hash_counted(buf, count, (uint8_t *)PyBytes_AS_STRING(digests));
+    Py_END_ALLOW_THREADS
+    Py_DECREF(buf_obj);
+    return Py_BuildValue("(Nn)", digests, end);
+}
+
+#define MAX_CHUNKS 64
+
+typedef struct {
+    long long pos;
+    Py_ssize_t asked, got, end, frames;
+    PyObject *buf;    /* allocated holding the GIL, filled without it, nobody else's yet */
+    uint8_t *digests; /* malloc'ed: allocated without the GIL */
+} Chunk;
+
+PyDoc_STRVAR(read_frames_doc,
+"read_frames(fd, pos, size, chunk, count)\n"
+"--\n\n"
+"Read up to ``count`` chunks of a segment file and hash their frames, all with the GIL released\n"
+"(a thread reading ahead then needs the GIL once per call, not twice per chunk). The first\n"
+"chunk is the min(chunk, size - pos) bytes at ``pos``; each next one starts where the whole\n"
+"frames of the one before end. It stops after a chunk read short, one without a whole frame,\n"
+"or at ``size``. Returns a list of (pos, asked, buf, digests, end), digests and end as\n"
+"hash_frames(buf) gives them; raises OSError only when the first read fails.");
+
+static PyObject *
+read_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "read_frames() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    long long pos = fd == -1 && PyErr_Occurred() ? -1 : PyLong_AsLongLong(args[1]);
+    long long size = pos == -1 && PyErr_Occurred() ? -1 : PyLong_AsLongLong(args[2]);
+    Py_ssize_t chunk = size == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[3]);
+    Py_ssize_t count = chunk == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[4]);
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fd < 0 || fd > INT_MAX || pos < 0 || chunk < 1 || count < 1 || count > MAX_CHUNKS) {
+        PyErr_SetString(PyExc_ValueError, "read_frames: bad fd, pos, chunk or count");
+        return NULL;
+    }
+    Chunk chunks[MAX_CHUNKS];
+    memset(chunks, 0, sizeof chunks);
+    /* Each chunk starts at or after ``pos``: none needs more than the first one's bytes. */
+    Py_ssize_t most = size - pos < chunk ? (Py_ssize_t)(size - pos) : chunk;
+    if (most <= 0) {
+        return PyList_New(0);
+    }
+    PyObject *result = NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        chunks[k].buf = PyBytes_FromStringAndSize(NULL, most);
+        if (chunks[k].buf == NULL) {
+            goto done;
+        }
+    }
+    Py_ssize_t read = 0;
+    int error = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t k = 0; k < count && pos < size; k++) {
+        Chunk *c = &chunks[k];
+        uint8_t *buf = (uint8_t *)PyBytes_AS_STRING(c->buf);
+        c->pos = pos;
+        c->asked = size - pos < chunk ? (Py_ssize_t)(size - pos) : chunk;
+        while (c->got < c->asked) {
+            ssize_t n = pread((int)fd, buf + c->got, (size_t)(c->asked - c->got), (off_t)(pos + c->got));
+            if (n < 0 && errno == EINTR) {
+                continue;
+            }
+            if (n <= 0) {
+                error = n < 0 ? errno : 0;
+                break;
+            }
+            c->got += n;
+        }
+        if (error) {
+            break;
+        }
+        c->frames = count_frames(buf, c->got, &c->end);
+        c->digests = malloc(c->frames > 0 ? (size_t)(c->frames * DIGEST_ENTRY) : 1);
+        if (c->digests == NULL) {
+            error = ENOMEM;
+            break;
+        }
+        hash_counted(buf, c->frames, c->digests);
+        read = k + 1;
+        if (c->got < c->asked || c->end == 0) {
+            break;
+        }
+        pos += c->end;
+    }
+    Py_END_ALLOW_THREADS
+    if (read == 0 && error) {
+        errno = error;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = PyList_New(read);
+    for (Py_ssize_t k = 0; result != NULL && k < read; k++) {
+        Chunk *c = &chunks[k];
+        PyObject *digests = PyBytes_FromStringAndSize((const char *)c->digests,
+                                                      c->frames * DIGEST_ENTRY);
+        if (digests == NULL || (c->got < most && _PyBytes_Resize(&c->buf, c->got) < 0)) {
+            Py_XDECREF(digests);
+            Py_CLEAR(result);
+            break;
+        }
+        PyObject *item = Py_BuildValue("(LnNNn)", c->pos, c->asked, c->buf, digests, c->end);
+        c->buf = NULL; /* stolen by the tuple, or released when building it failed */
+        if (item == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, k, item);
+    }
+done:
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Py_XDECREF(chunks[k].buf);
+        free(chunks[k].digests);
+    }
+    return result;
+}
+
 PyDoc_STRVAR(blake2b_256_doc,
 "blake2b_256(data)\n"
 "--\n\n"
@@ -669,6 +891,8 @@ py_blake2b_256(PyObject *module, PyObject *data)
 
 static PyMethodDef fastscan_methods[] = {
     {"scan_frames", (PyCFunction)(void (*)(void))scan_frames, METH_FASTCALL, scan_frames_doc},
+    {"hash_frames", hash_frames, METH_O, hash_frames_doc},
+    {"read_frames", (PyCFunction)(void (*)(void))read_frames, METH_FASTCALL, read_frames_doc},
     {"blake2b_256", py_blake2b_256, METH_O, blake2b_256_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -14,6 +14,8 @@ import contextlib
 import gc
 import hashlib
 import struct
+import threading
+import time
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 from engine.errors import LogCorrupted
 from engine.log import scan as scan_module
 from engine.log.framing import ZERO_HASH, Record, digest, encode_payload, frame
-from engine.log.scan import SECTOR, scan
+from engine.log.scan import SECTOR, hash_frames, scan
 
 compiled = scan_module.compiled_scan_frames
 needs_compiled = pytest.mark.skipif(compiled is None, reason="engine/log/_fastscan is not built")
@@ -36,8 +38,9 @@ SOURCE = Path(scan_module.__file__).with_name("_fastscan.c")
 
 @contextlib.contextmanager
 def scanner(name: str) -> Iterator[None]:
+    """Scan with "python", "compiled", or "hashed ahead" (compiled, the frames hashed first)."""
     saved = scan_module.scan_frames
-    scan_module.scan_frames = compiled if name == "compiled" else None
+    scan_module.scan_frames = None if name == "python" else compiled
     try:
         yield
     finally:
@@ -48,7 +51,8 @@ def outcome(buf: bytes, base: int, next_seq: int, last_hash: bytes, name: str) -
     """Everything a caller can see of a scan, types of the values included."""
     with scanner(name):
         try:
-            result = scan(buf, base, 7, next_seq, last_hash)
+            hashes = hash_frames(buf) if name == "hashed ahead" else None
+            result = scan(buf, base, 7, next_seq, last_hash, hashes)
         except LogCorrupted as e:
             return ("damage", str(e), e.fields)
         except Exception as e:  # not damage reported as such: a bug, but the same in both
@@ -218,8 +222,10 @@ def a_log(draw: st.DrawFn) -> tuple[bytes, int, bytes]:
 
 def same_either_way(buf: bytes, base: int, next_seq: int, last_hash: bytes) -> None:
     fast = outcome(buf, base, next_seq, last_hash, "compiled")
+    ahead = outcome(buf, base, next_seq, last_hash, "hashed ahead")
     pure = outcome(buf, base, next_seq, last_hash, "python")
     assert fast == pure
+    assert ahead == pure
 
 
 def sound_log(count: int, *, first: int = 1, prev: bytes = ZERO_HASH) -> bytes:
@@ -339,6 +345,81 @@ def test_the_compiled_blake2b_is_hashlibs(data: bytes) -> None:
     from engine.log._fastscan import blake2b_256
 
     assert blake2b_256(data) == hashlib.blake2b(data, digest_size=32).digest()
+
+
+def frames_of(buf: bytes) -> Iterator[tuple[int, bytes]]:
+    """Each whole frame's offset and bytes, as far as the frames' lengths fit ``buf``."""
+    pos = 0
+    while len(buf) - pos >= 12:
+        stop = pos + 12 + int.from_bytes(buf[pos : pos + 4], "big")
+        if stop > len(buf) or stop - pos - 12 > 16 * 2**20:
+            return
+        yield pos, buf[pos:stop]
+        pos = stop
+
+
+@needs_compiled
+@settings(max_examples=200, deadline=None)
+@given(a_log(), st.data())
+def test_hashing_ahead_gives_each_whole_frames_blake2b(
+    log: tuple[bytes, int, bytes], data: st.DataObject
+) -> None:
+    buf = bytearray(log[0][: data.draw(st.integers(0, len(log[0])), label="cut")])
+    if buf and data.draw(st.booleans(), label="flip"):
+        buf[data.draw(st.integers(0, len(buf) - 1), label="offset")] ^= 0xFF
+
+    hashes = hash_frames(bytes(buf))
+
+    assert hashes is not None
+    frames = list(frames_of(bytes(buf)))
+    entry = struct.Struct("n32s")
+    assert list(entry.iter_unpack(hashes.digests)) == [
+        (pos, hashlib.blake2b(framed, digest_size=32).digest()) for pos, framed in frames
+    ]
+    assert hashes.end == (frames[-1][0] + len(frames[-1][1]) if frames else 0)
+
+
+@needs_compiled
+def test_hashes_of_another_buffer_are_not_used() -> None:
+    buf = sound_log(50)
+    other = hash_frames(sound_log(50, prev=digest(b"elsewhere")))
+
+    assert scan(buf, 0, 1, 1, ZERO_HASH, other) == scan(buf, 0, 1, 1, ZERO_HASH)
+
+
+@needs_compiled
+def test_hashing_ahead_lets_other_threads_run() -> None:
+    buf = sound_log(2000) * 150  # some 40 MB: tens of milliseconds of hashing
+    started = time.perf_counter()
+    hash_frames(buf)
+    alone = time.perf_counter() - started
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (hash_frames(buf), done.set()))
+    longest, last = 0.0, time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    worker.join()
+    # Holding the GIL, the hashing would stop this loop for all of its time.
+    assert longest < alone / 2
+
+
+@needs_compiled
+def test_scanning_hashed_ahead_again_and_again_keeps_no_memory() -> None:
+    buf = sound_log(3000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            scan(buf, 0, 1, 1, ZERO_HASH, hash_frames(buf))
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20):
+            scan(buf, 0, 1, 1, ZERO_HASH, hash_frames(buf))
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 10_000
 
 
 def test_the_compiled_scanner_is_in_use_wherever_its_source_is() -> None:

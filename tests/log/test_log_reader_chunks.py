@@ -75,12 +75,12 @@ class Outcome:
     damage: tuple[int, int] | None
 
 
-def read(segments: list[bytes], chunk: int, start: int = 1) -> Outcome:
+def read(segments: list[bytes], chunk: int, start: int = 1, *, read_ahead: bool = True) -> Outcome:
     with tempfile.TemporaryDirectory() as directory:
         for number, data in enumerate(segments, 1):
             with open(os.path.join(directory, f"segment-{number:010d}.log"), "wb") as f:
                 f.write(data)
-        log = ReadOnlyLog(directory, chunk=chunk)
+        log = ReadOnlyLog(directory, chunk=chunk, read_ahead=read_ahead)
         batches: list[list[Record]] = []
         damage = None
         try:
