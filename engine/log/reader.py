@@ -10,32 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from engine.errors import LogCorrupted, NotAStrataLog
 from engine.log import framing, segments, store
+from engine.log import read_ahead as read_ahead_module
 from engine.log.framing import Record, SegmentHeader
+from engine.log.read_ahead import ReadAhead, usable_cores
 from engine.log.scan import FrameHashes, ScanResult, Tail, scan
-
-_Read = tuple[int, int, bytes, bytes, int]  # engine/log/_fastscan.c read_frames()
-
-compiled_read_frames: Callable[[int, int, int, int, int], list[_Read]] | None
-try:
-    from engine.log._fastscan import read_frames as compiled_read_frames
-except ImportError:  # built without a C compiler: no reading ahead (ReadOnlyLog.read_ahead)
-    compiled_read_frames = None
 
 # Segments are read in chunks so that memory stays bounded however large a segment grows. A
 # chunk's records are all alive at once: 1 MiB of them (some 3,500) stays closer to the CPU's
 # caches than 4 MiB did: replay was 5-8% faster (bench/log_replay.py).
 CHUNK = 2**20
-
-# Chunks a segment's read-ahead thread reads and hashes at a time; it holds at most three such
-# groups: the consumer's, one ready, one being read.
-READ_AHEAD = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +47,11 @@ class ReadOnlyLog:
     ) -> None:
         self.directory = directory
         self.chunk = chunk
-        # A segment of more than one chunk is read and hashed ahead by a thread (_ReadAhead);
+        # A segment of more than one chunk is read and hashed ahead by a thread (ReadAhead);
         # by default only where a second core can run it: on one core it only adds switches.
         if read_ahead is None:
-            read_ahead = _usable_cores() > 1
-        self.read_ahead = read_ahead and compiled_read_frames is not None
+            read_ahead = usable_cores() > 1
+        self.read_ahead = read_ahead and read_ahead_module.compiled_read_frames is not None
         self.numbers = segments.list_segments(directory)
         if not self.numbers:
             raise NotAStrataLog("no segment files", path=directory)
@@ -142,7 +130,7 @@ class ReadOnlyLog:
         final: bool,
     ) -> Generator[list[Record], None, tuple[int, bytes]]:
         size = os.fstat(fd).st_size
-        ahead = _ReadAhead(fd, pos, size, self.chunk) if self._ahead(pos, size) else None
+        ahead = ReadAhead(fd, pos, size, self.chunk) if self._ahead(pos, size) else None
         try:
             return (
                 yield from self._chunks(
@@ -164,7 +152,7 @@ class ReadOnlyLog:
         size: int,
         seq: int,
         last_hash: bytes,
-        ahead: _ReadAhead | None,
+        ahead: ReadAhead | None,
         *,
         start: int,
         final: bool,
@@ -253,76 +241,6 @@ def _read_from(path: str, pos: int) -> bytes:
         return os.pread(fd, max(os.fstat(fd).st_size - pos, 0), pos)
     finally:
         os.close(fd)
-
-
-class _ReadAhead:
-    """A thread that reads a segment's next chunks and hashes their frames, ahead of the scan.
-
-    Hashing is half of a scan's time and needs no GIL (engine/log/_fastscan.c), so on a machine
-    with a second core it runs while the consumer builds records and folds them. The thread
-    guesses that each chunk starts where the frames of the one before it end, which holds for
-    every chunk of a sound segment; the consumer takes a chunk only if it is the one it was
-    about to read itself, and otherwise closes the read-ahead and reads on alone. Nothing the
-    thread meets is reported from it: a failed read ends the read-ahead, and the consumer's own
-    read of that chunk meets the error where it always did.
-
-    The thread takes the GIL once per READ_AHEAD chunks: a thread waiting for it while the
-    consumer computes gets it only after the switch interval (5 ms), about a chunk's scan.
-    """
-
-    def __init__(self, fd: int, pos: int, size: int, chunk: int) -> None:
-        # Lists of chunks: (pos, bytes asked, the bytes read and hashed); None: no more.
-        self._ready: queue.Queue[list[tuple[int, int, FrameHashes]] | None] = queue.Queue(1)
-        self._group: list[tuple[int, int, FrameHashes]] = []
-        self._stop = threading.Event()
-        self._ended = False  # the thread's last item (None) was taken
-        self._thread = threading.Thread(
-            target=self._run, args=(fd, pos, size, chunk), name="strata-log-read-ahead", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, fd: int, pos: int, size: int, chunk: int) -> None:
-        assert compiled_read_frames is not None  # ReadOnlyLog reads ahead only with it
-        try:
-            while pos < size and not self._stop.is_set():
-                read = compiled_read_frames(fd, pos, size, chunk, READ_AHEAD)
-                group = [(at, asked, FrameHashes(buf, d, end)) for at, asked, buf, d, end in read]
-                self._ready.put(group)
-                at, asked, last = group[-1]
-                if len(last.buf) < asked or last.end == 0 or at + last.end >= size:
-                    break  # the end of the file, or a chunk the consumer will read again larger
-                pos = at + last.end
-        except OSError:
-            pass  # the consumer reads this chunk itself and meets the error there
-        finally:
-            self._ready.put(None)
-
-    def take(self, pos: int, asked: int) -> FrameHashes | None:
-        """The chunk of ``asked`` bytes at ``pos``, read and hashed; None if it was not read."""
-        if not self._group:
-            if self._ended:
-                return None
-            group = self._ready.get()
-            if group is None:
-                self._ended = True
-                return None
-            self._group = group[::-1]
-        at, size, hashes = self._group.pop()
-        return hashes if (at, size) == (pos, asked) else None
-
-    def close(self) -> None:
-        """Stop the thread and wait for it: it finishes at most the chunks it is reading."""
-        self._stop.set()
-        self._group = []
-        while not self._ended:  # each item taken makes room for the next, up to the last
-            self._ended = self._ready.get() is None
-        self._thread.join()
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # what taskset or a container's cpuset allows
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _scan_until_damage(

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import LogCorrupted
-from engine.log import reader
+from engine.log import read_ahead
 from engine.log import scan as scan_module
 from engine.log.framing import Record
 from engine.log.reader import ReadOnlyLog
@@ -184,7 +184,7 @@ def test_a_read_that_fails_ahead_fails_after_the_same_records(
 ) -> None:
     directory, _ = big_log(tmp_path)
     bad = 4096 * failing_at  # a bad disk block from here on, say
-    real_pread, real_read_frames = os.pread, reader.compiled_read_frames
+    real_pread, real_read_frames = os.pread, read_ahead.compiled_read_frames
     assert real_read_frames is not None
 
     def pread(fd: int, size: int, offset: int) -> bytes:
@@ -198,7 +198,7 @@ def test_a_read_that_fails_ahead_fails_after_the_same_records(
         return [read for read in real_read_frames(fd, pos, size, chunk, count) if read[0] <= bad]
 
     monkeypatch.setattr(os, "pread", pread)
-    monkeypatch.setattr(reader, "compiled_read_frames", read_frames)
+    monkeypatch.setattr(read_ahead, "compiled_read_frames", read_frames)
     _, tail, raised = same_with_and_without(directory, 4096)
 
     assert raised == ("os", errno.EIO) and tail is None
@@ -215,7 +215,7 @@ def test_reading_ahead_reads_and_hashes_chunks_as_the_consumer_would(
     try:
         size = os.fstat(fd).st_size
         pos = records_start(Path(path).read_bytes())
-        read_frames, hash_frames = reader.compiled_read_frames, scan_module.compiled_hash_frames
+        read_frames, hash_frames = read_ahead.compiled_read_frames, scan_module.compiled_hash_frames
         assert read_frames is not None and hash_frames is not None
         got = read_frames(fd, pos, size, chunk, 8)
         expected = []
