@@ -15,19 +15,18 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Protocol
 
 from engine.errors import (
-    ConcurrencyConflict,
     InvalidParameter,
     LogClosed,
     LogCorrupted,
     NotAStrataLog,
 )
 from engine.log import framing, segments
+from engine.log.batch import AggregateEntry, EventToAppend, check_event, frame_batch
 from engine.log.framing import Record, SegmentHeader
 from engine.log.group_commit import GroupCommit, Request
 from engine.log.locking import RangeLock
@@ -38,40 +37,6 @@ DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
 TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as events
 _MAX_HOST_ID = 255
-
-
-class NewEvent(NamedTuple):
-    """An event to append; the log adds sequence, chain hash, host and time.
-
-    A NamedTuple, as :class:`Record` is: built once per event saved, and a frozen dataclass
-    pays a ``setattr`` per field.
-    """
-
-    originator_id: uuid.UUID | str
-    originator_version: int
-    topic: str
-    state: bytes
-
-
-class EventToAppend(Protocol):
-    """What :meth:`OperationLog.append` reads of an event: a :class:`NewEvent`, or anything with
-    the same four attributes (eventsourcing's ``StoredEvent``, appended as it comes)."""
-
-    @property
-    def originator_id(self) -> uuid.UUID | str: ...
-    @property
-    def originator_version(self) -> int: ...
-    @property
-    def topic(self) -> str: ...
-    @property
-    def state(self) -> bytes: ...
-
-
-# [last version, sequence numbers] of one aggregate; a list, to update in place cheaply.
-_Aggregate = list[Any]
-# An event's aggregate key and version, and the version an earlier request of its batch had
-# claimed for that aggregate (None if none had): enough to index it, or to undo its claim.
-_Claim = tuple[bytes | str, int, int | None]
 
 
 class Wakeable(Protocol):
@@ -121,7 +86,7 @@ class OperationLog:
         self._offsets = array("Q")  # frame offset of sequence n at index n - 1
         # Per aggregate: its sequence numbers, and its version last (one dict lookup per record
         # on replay, where a UUID key costs a Python-level __hash__).
-        self._aggregates: dict[bytes | str, _Aggregate] = {}
+        self._aggregates: dict[bytes | str, AggregateEntry] = {}
         self._listeners: set[Wakeable] = set()
         self._group: GroupCommit[Sequence[EventToAppend]] = GroupCommit(self._commit, commit_delay)
         self._packer = framing.new_packer()  # used by the committing thread, under _mutex
@@ -203,7 +168,7 @@ class OperationLog:
         if not events:
             return []
         for event in events:
-            _check_event(event)
+            check_event(event)
         return self._group.submit(events)
 
     def _commit(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
@@ -229,76 +194,19 @@ class OperationLog:
             self._notify()
 
     def _write_batch(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
-        """Frame every acceptable request of ``batch``, then write and sync them all at once.
-
-        Each event must carry the next version of its aggregate, counting the versions that
-        earlier requests of the batch claimed (none of them is on disk yet); a request that
-        fails this gets a :class:`ConcurrencyConflict` and appends nothing.
-
-        The leader runs this for the whole group while the others wait, so the per-event work
-        is written out inline: the bytes are exactly ``framing.frame(framing.encode_payload(r))``
-        and the chain hash is ``framing.digest`` of them (tests/log/test_log_model recomputes
-        both), without the calls, the :class:`Record` and the BLAKE2b set-up of each event.
-        """
-        out = bytearray()
-        seq, prev = self._next_seq, self._last_hash
-        # (request, its first sequence number, its (key, version, earlier claim) per event)
-        accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[_Claim]]] = []
-        offsets: list[int] = []
-        claimed: dict[bytes | str, int] = {}  # versions taken by earlier requests of the batch
-        aggregates = self._aggregates
-        now, host_id, base = self._clock(), self.host_id, self._end
-        pack, new_hasher = self._packer.pack, framing.new_hasher
-        pack_head, pack_head_crc = framing.LENGTH_AND_CRC.pack, framing.HEADER_CRC.pack
-        crc32 = zlib.crc32
-        for request in batch:
-            events = request.payload
-            first, mark, mark_prev, offsets_mark = seq, len(out), prev, len(offsets)
-            claims: list[_Claim] = []
-            last = len(events) - 1
-            for i, event in enumerate(events):
-                oid = event.originator_id
-                key = oid.bytes if isinstance(oid, uuid.UUID) else oid  # framing.key_of
-                version = event.originator_version
-                earlier = current = claimed.get(key)
-                if current is None:
-                    entry = aggregates.get(key)
-                    current = None if entry is None else entry[0]
-                if current is not None and version != current + 1:
-                    request.error = ConcurrencyConflict(
-                        originator_id=oid, current=current, attempted=version
-                    )
-                    break
-                claimed[key] = version
-                claims.append((key, version, earlier))
-                payload = pack(
-                    [seq, prev, host_id, now, i == last, key, version, event.topic, event.state]
-                )
-                if len(payload) > framing.MAX_PAYLOAD:
-                    # Refused alone, like a conflict: the rest of the group is not at fault.
-                    request.error = InvalidParameter(
-                        f"a record of at most {framing.MAX_PAYLOAD} bytes, not {len(payload)}",
-                        name="state",
-                    )
-                    break
-                head = pack_head(len(payload), crc32(payload))
-                framed = b"".join((head, pack_head_crc(crc32(head)), payload))
-                offsets.append(base + len(out))
-                out += framed
-                hasher = new_hasher()
-                hasher.update(framed)
-                seq, prev = seq + 1, hasher.digest()
-            if request.error is not None:  # refused: drop its records and its claims
-                del out[mark:]
-                del offsets[offsets_mark:]
-                for key, _, earlier in reversed(claims):
-                    if earlier is None:
-                        del claimed[key]
-                    else:
-                        claimed[key] = earlier
-                seq, prev = first, mark_prev
-            else:
-                accepted.append((request, first, claims))
+        """Frame every acceptable request of ``batch`` (engine/log/batch.py), then write and
+        sync them all at once; a refused request gets its ``error`` and appends nothing."""
+        framed = frame_batch(
+            batch,
+            seq=self._next_seq,
+            prev=self._last_hash,
+            base=self._end,
+            host_id=self.host_id,
+            now=self._clock(),
+            versions=self._aggregates,
+            pack=self._packer.pack,
+        )
+        out, aggregates = framed.out, self._aggregates
         if not out:
             return
         try:
@@ -314,8 +222,8 @@ class OperationLog:
             if isinstance(e, OSError):
                 raise LogClosed(path=self.directory) from e
             raise
-        self._offsets.extend(offsets)
-        for request, first, claims in accepted:  # self._index, from the claims
+        self._offsets.extend(framed.offsets)
+        for request, first, claims in framed.accepted:  # self._index, from the claims
             seqs = list(range(first, first + len(claims)))
             for n, (key, version, _) in zip(seqs, claims, strict=True):
                 entry = aggregates.get(key)
@@ -326,7 +234,7 @@ class OperationLog:
                     entry[1].append(n)
             request.seqs = seqs
         self._end += len(out)
-        self._next_seq, self._last_hash = seq, prev
+        self._next_seq, self._last_hash = framed.next_seq, framed.last_hash
 
     def _roll_over(self) -> None:
         number = self._segments[-1].number + 1
@@ -607,17 +515,3 @@ class OperationLog:
 
 def segments_lock(directory: str) -> RangeLock:
     return RangeLock(os.path.join(directory, segments.LOCK_NAME))
-
-
-def _check_event(event: EventToAppend) -> None:
-    if not isinstance(event.originator_id, uuid.UUID | str):
-        raise InvalidParameter("a UUID or a string", name="originator_id")
-    version = event.originator_version
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise InvalidParameter(
-            f"a non-negative integer, not {version!r}", name="originator_version"
-        )
-    if not isinstance(event.topic, str) or not event.topic:
-        raise InvalidParameter("a non-empty string", name="topic")
-    if not isinstance(event.state, bytes | bytearray | memoryview):
-        raise InvalidParameter("bytes", name="state")
