@@ -50,11 +50,9 @@ from engine.errors import (
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.progress import Claim, Lease
+from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, StageRun
 from engine.executors.stages import (
-    DEFAULT_LOCK_WAIT,
     HANDLERS,
-    FindImage,
-    StageRun,
     chain_changes,
     inputs_ready,
     run_stage,

@@ -34,14 +34,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from engine.aggregates.image import Image
 from engine.aggregates.operations import Stage, split_ref
 from engine.errors import (
-    ImageNotFound,
-    ImageNotReady,
     InvalidParameter,
     QemuCancelled,
     QemuError,
@@ -53,76 +49,25 @@ from engine.errors import (
 from engine.executors.crashpoints import (
     AFTER_PUBLISH,
     BEFORE_PUBLISH,
-    DISARMED,
     MID_COPY,
     MID_DELETE,
     MID_REBASE,
-    CrashPoints,
+)
+from engine.executors.stage_run import (
+    FindImage,
+    StageRun,
+    Volume,
+    expect_backing,
+    field,
+    local,
+    source_id,
+    source_top,
 )
 from engine.formats.driver import RepositoryStorage, VolumeFile
-from engine.formats.qemu import QemuImg
 from engine.formats.qemu_process import Progress
 
-# Where an image lives, among the repositories connected on this host; None if in none of them.
-FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
-
-_ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 # How QEMU says that another process holds an image's lock ("write", "consistent read"...).
 _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
-DEFAULT_LOCK_WAIT = 600.0
-
-
-def _no_check() -> None:
-    return None
-
-
-def _not_superseded() -> bool:
-    return False
-
-
-@dataclass(frozen=True)
-class StageRun:
-    """One attempt at one stage, under the claim ``epoch``."""
-
-    image_id: uuid.UUID
-    op_id: str
-    index: int
-    epoch: int
-    stage: Stage
-    storage: RepositoryStorage
-    qemu: QemuImg
-    find_image: FindImage
-    progress: Progress | None = None
-    crashpoints: CrashPoints = DISARMED
-    cancel: threading.Event | None = None  # set: stop now (qemu-img is killed)
-    confirm: Callable[[], None] = _no_check  # raises StageCancelled if the claim moved on
-    superseded: Callable[[], bool] = _not_superseded  # another attempt replaced this one
-    lock_wait: float = DEFAULT_LOCK_WAIT  # how long in-place work waits for a locked volume
-
-    @property
-    def tag(self) -> str:
-        return f"{self.op_id}-{self.index}-e{self.epoch}"
-
-    def is_later_attempt(self, tag: str | None) -> bool:
-        """Whether a temporary file's tag is a later attempt at this same stage."""
-        match = _ATTEMPT_TAG.fullmatch(tag or "")
-        return (
-            match is not None
-            and match["op"] == self.op_id
-            and int(match["stage"]) == self.index
-            and int(match["epoch"]) > self.epoch
-        )
-
-    def cancelled(self, why: str) -> StageCancelled:
-        return StageCancelled(why, image_id=self.image_id, op_id=self.op_id, stage=self.index)
-
-
-@dataclass(frozen=True)
-class _Volume:
-    ref: str
-    volume_id: str
-    fmt: str
-    path: str
 
 
 def run_stage(run: StageRun) -> None:
@@ -149,7 +94,7 @@ def local_inputs(stage: Stage) -> list[str]:
 
 def source_image(stage: Stage) -> uuid.UUID | None:
     """The image whose whole chain the stage reads (it may live in another repository)."""
-    return _source_id(stage) if stage["do"] in ("copy", "diff") else None
+    return source_id(stage) if stage["do"] in ("copy", "diff") else None
 
 
 def inputs_ready(
@@ -198,10 +143,10 @@ def chain_changes(stage: Stage) -> dict[uuid.UUID, list[str]]:
 
 
 def create(run: StageRun) -> None:
-    volume = _local(run, _field(run.stage, "volume"))
+    volume = local(run, field(run.stage, "volume"))
     fmt = volume.fmt
     size: int | None = run.stage.get("size")
-    backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
+    backing = local(run, run.stage["backing"]) if run.stage.get("backing") else None
     preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
 
     def make(temp: str) -> None:
@@ -219,15 +164,15 @@ def create(run: StageRun) -> None:
             expected = run.qemu.info(backing.path, fmt=backing.fmt)["virtual-size"]
         if info["virtual-size"] != expected:
             raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {expected}", path=final)
-        _expect_backing(run, final, info, backing)
+        expect_backing(run, final, info, backing)
 
     _produce(run, volume, make, verify)
 
 
 def copy(run: StageRun) -> None:
-    volume = _local(run, _field(run.stage, "volume"))
+    volume = local(run, field(run.stage, "volume"))
     fmt = volume.fmt
-    source = _source_top(run)
+    source = source_top(run)
     preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
     reported = False
 
@@ -252,7 +197,7 @@ def copy(run: StageRun) -> None:
         )
 
     def verify(final: str, info: dict[str, Any]) -> None:
-        _expect_backing(run, final, info, None)
+        expect_backing(run, final, info, None)
 
     _produce(run, volume, make, verify)
 
@@ -260,11 +205,11 @@ def copy(run: StageRun) -> None:
 def diff(run: StageRun) -> None:
     """An overlay on the source, safe-rebased onto ``base``: qemu-img compares both backings
     and writes only the clusters where they differ (ADR 0004, incremental copies)."""
-    volume = _local(run, _field(run.stage, "volume"))
+    volume = local(run, field(run.stage, "volume"))
     if volume.fmt != "qcow2":
         raise InvalidParameter(f"a diff volume is qcow2, not {volume.fmt}", name="stage")
-    source = _source_top(run)
-    base = _local(run, _field(run.stage, "base"))
+    source = source_top(run)
+    base = local(run, field(run.stage, "base"))
 
     def make(temp: str) -> None:
         on_source = run.storage.relative_backing(temp, source.path)
@@ -283,7 +228,7 @@ def diff(run: StageRun) -> None:
         )
 
     def verify(final: str, info: dict[str, Any]) -> None:
-        _expect_backing(run, final, info, base)
+        expect_backing(run, final, info, base)
 
     _produce(run, volume, make, verify)
 
@@ -297,9 +242,9 @@ def rebase(run: StageRun) -> None:
     ``backing`` without that data, and a run that believed the header would find nothing left
     to do. A stage planned without ``old_backing`` (an older Strata) still reads the header.
     """
-    volume = _local(run, _field(run.stage, "volume"))
-    backing = _local(run, run.stage["backing"]) if run.stage.get("backing") else None
-    old = _local(run, run.stage["old_backing"]) if run.stage.get("old_backing") else None
+    volume = local(run, field(run.stage, "volume"))
+    backing = local(run, run.stage["backing"]) if run.stage.get("backing") else None
+    old = local(run, run.stage["old_backing"]) if run.stage.get("old_backing") else None
     if volume.fmt != "qcow2":
         if backing is not None:
             raise InvalidParameter(f"{volume.ref} is raw and cannot have a backing", name="stage")
@@ -326,8 +271,8 @@ def rebase(run: StageRun) -> None:
 
 
 def resize(run: StageRun) -> None:
-    volume = _local(run, _field(run.stage, "volume"))
-    size = _field(run.stage, "size")
+    volume = local(run, field(run.stage, "volume"))
+    size = field(run.stage, "size")
     _in_place(
         run, volume, lambda: run.qemu.resize(volume.path, size, fmt=volume.fmt, cancel=run.cancel)
     )
@@ -335,7 +280,7 @@ def resize(run: StageRun) -> None:
 
 def delete(run: StageRun) -> None:
     """Remove the volumes, and any temporary file that was becoming one of them."""
-    volumes = [_local(run, ref) for ref in _field(run.stage, "volumes")]
+    volumes = [local(run, ref) for ref in field(run.stage, "volumes")]
     run.confirm()
     for n, volume in enumerate(volumes):
         for leftover in _temporaries(run.storage, volume.volume_id):
@@ -360,7 +305,7 @@ HANDLERS: dict[str, Callable[[StageRun], None]] = {
 
 def _produce(
     run: StageRun,
-    volume: _Volume,
+    volume: Volume,
     make: Callable[[str], None],
     verify: Callable[[str, dict[str, Any]], None],
 ) -> None:
@@ -404,7 +349,7 @@ def _produce(
     run.crashpoints(AFTER_PUBLISH)
 
 
-def _in_place(run: StageRun, volume: _Volume, work: Callable[[], None]) -> None:
+def _in_place(run: StageRun, volume: Volume, work: Callable[[], None]) -> None:
     """Run in-place ``work`` on ``volume`` once the claim is confirmed; while QEMU says another
     process holds the volume's lock (a fenced host's qemu-img, still running), wait and try
     again rather than fail: that process either finishes the same idempotent work or dies."""
@@ -454,52 +399,3 @@ def _rebase_progress(run: StageRun) -> Progress:
 
 def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[VolumeFile]:
     return storage.temporaries_of(volume_id)
-
-
-def _local(run: StageRun, ref: object) -> _Volume:
-    if not isinstance(ref, str):
-        raise InvalidParameter(f"not a volume reference: {ref!r}", name="stage")
-    try:
-        volume_id, fmt = split_ref(ref)
-    except ValueError as e:
-        raise InvalidParameter(str(e), name="stage") from None
-    return _Volume(ref, volume_id, fmt, run.storage.volume_path(volume_id, fmt))
-
-
-def _source_top(run: StageRun) -> _Volume:
-    """The top volume of the source image's current chain: reading it reads the whole chain."""
-    image_id = _source_id(run.stage)
-    found = run.find_image(image_id)
-    if found is None:
-        raise ImageNotFound("in any repository connected on this host", image_id=image_id)
-    image, storage = found
-    if not image.chain:
-        raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
-    volume_id, fmt = split_ref(image.chain[-1])
-    return _Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
-
-
-def _expect_backing(
-    run: StageRun, final: str, info: dict[str, Any], backing: _Volume | None
-) -> None:
-    found = info.get("backing-filename")
-    wanted = None if backing is None else run.storage.relative_backing(final, backing.path)
-    if found != wanted:
-        raise VolumeMismatch(f"backing file {found!r}, not {wanted!r}", path=final)
-
-
-def _source_id(stage: Stage) -> uuid.UUID:
-    value = _field(stage, "source_image")
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
-
-
-def _field(stage: Stage, name: str) -> Any:
-    try:
-        return stage[name]
-    except KeyError:
-        raise InvalidParameter(
-            f"a {stage.get('do')!r} stage needs {name!r}: {stage!r}", name="stage"
-        ) from None

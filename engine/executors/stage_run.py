@@ -1,0 +1,136 @@
+"""One attempt at one stage (:class:`StageRun`), and the volumes it names.
+
+What an executor hands a stage kind of engine/executors/stages.py: the stage as planned, the
+repository and qemu-img to work with, the claim's epoch, and the callbacks that tie it to the log
+(progress, fencing checks, cancellation). The functions below turn a stage's references into
+the files they name, with the typed errors a stage planned wrongly gets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.aggregates.image import Image
+from engine.aggregates.operations import Stage, split_ref
+from engine.errors import (
+    ImageNotFound,
+    ImageNotReady,
+    InvalidParameter,
+    StageCancelled,
+    VolumeMismatch,
+)
+from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.formats.driver import RepositoryStorage
+from engine.formats.qemu import QemuImg
+from engine.formats.qemu_process import Progress
+
+# Where an image lives, among the repositories connected on this host; None if in none of them.
+FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
+
+_ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
+DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
+
+
+def _no_check() -> None:
+    return None
+
+
+def _not_superseded() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One attempt at one stage, under the claim ``epoch``."""
+
+    image_id: uuid.UUID
+    op_id: str
+    index: int
+    epoch: int
+    stage: Stage
+    storage: RepositoryStorage
+    qemu: QemuImg
+    find_image: FindImage
+    progress: Progress | None = None
+    crashpoints: CrashPoints = DISARMED
+    cancel: threading.Event | None = None  # set: stop now (qemu-img is killed)
+    confirm: Callable[[], None] = _no_check  # raises StageCancelled if the claim moved on
+    superseded: Callable[[], bool] = _not_superseded  # another attempt replaced this one
+    lock_wait: float = DEFAULT_LOCK_WAIT  # how long in-place work waits for a locked volume
+
+    @property
+    def tag(self) -> str:
+        return f"{self.op_id}-{self.index}-e{self.epoch}"
+
+    def is_later_attempt(self, tag: str | None) -> bool:
+        """Whether a temporary file's tag is a later attempt at this same stage."""
+        match = _ATTEMPT_TAG.fullmatch(tag or "")
+        return (
+            match is not None
+            and match["op"] == self.op_id
+            and int(match["stage"]) == self.index
+            and int(match["epoch"]) > self.epoch
+        )
+
+    def cancelled(self, why: str) -> StageCancelled:
+        return StageCancelled(why, image_id=self.image_id, op_id=self.op_id, stage=self.index)
+
+
+@dataclass(frozen=True)
+class Volume:
+    ref: str
+    volume_id: str
+    fmt: str
+    path: str
+
+
+def local(run: StageRun, ref: object) -> Volume:
+    if not isinstance(ref, str):
+        raise InvalidParameter(f"not a volume reference: {ref!r}", name="stage")
+    try:
+        volume_id, fmt = split_ref(ref)
+    except ValueError as e:
+        raise InvalidParameter(str(e), name="stage") from None
+    return Volume(ref, volume_id, fmt, run.storage.volume_path(volume_id, fmt))
+
+
+def source_top(run: StageRun) -> Volume:
+    """The top volume of the source image's current chain: reading it reads the whole chain."""
+    image_id = source_id(run.stage)
+    found = run.find_image(image_id)
+    if found is None:
+        raise ImageNotFound("in any repository connected on this host", image_id=image_id)
+    image, storage = found
+    if not image.chain:
+        raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
+    volume_id, fmt = split_ref(image.chain[-1])
+    return Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
+
+
+def expect_backing(run: StageRun, final: str, info: dict[str, Any], backing: Volume | None) -> None:
+    found = info.get("backing-filename")
+    wanted = None if backing is None else run.storage.relative_backing(final, backing.path)
+    if found != wanted:
+        raise VolumeMismatch(f"backing file {found!r}, not {wanted!r}", path=final)
+
+
+def source_id(stage: Stage) -> uuid.UUID:
+    value = field(stage, "source_image")
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
+
+
+def field(stage: Stage, name: str) -> Any:
+    try:
+        return stage[name]
+    except KeyError:
+        raise InvalidParameter(
+            f"a {stage.get('do')!r} stage needs {name!r}: {stage!r}", name="stage"
+        ) from None
