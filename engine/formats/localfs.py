@@ -35,7 +35,8 @@ from engine.formats.driver import (
     check_tag,
     check_volume_id,
 )
-from engine.formats.qemu import IMAGE_FORMATS, allocated_bytes, check_image_format
+from engine.formats.qemu import allocated_bytes
+from engine.formats.qemu_args import IMAGE_FORMATS, check_image_format
 from engine.log import OperationLog
 
 MARKER = "STRATA-REPOSITORY"
