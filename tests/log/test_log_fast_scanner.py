@@ -390,19 +390,27 @@ def test_hashes_of_another_buffer_are_not_used() -> None:
 @needs_compiled
 def test_hashing_ahead_lets_other_threads_run() -> None:
     buf = sound_log(2000) * 150  # some 40 MB: tens of milliseconds of hashing
-    started = time.perf_counter()
-    hash_frames(buf)
-    alone = time.perf_counter() - started
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (hash_frames(buf), done.set()))
-    longest, last = 0.0, time.perf_counter()
-    worker.start()
-    while not done.is_set():
-        now = time.perf_counter()
-        longest, last = max(longest, now - last), now
-    worker.join()
-    # Holding the GIL, the hashing would stop this loop for all of its time.
-    assert longest < alone / 2
+
+    def longest_pause() -> tuple[float, float]:
+        """How long hashing takes alone, and the longest this thread stalled while another
+        thread hashed."""
+        started = time.perf_counter()
+        hash_frames(buf)
+        alone = time.perf_counter() - started
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (hash_frames(buf), done.set()))
+        longest, last = 0.0, time.perf_counter()
+        worker.start()
+        while not done.is_set():
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        worker.join()
+        return alone, longest
+
+    # Holding the GIL, the hashing would stop this loop for all of its time, every time; a
+    # busy machine may stall it once for other reasons, so one clean try of three is enough.
+    tries = [longest_pause() for _ in range(3)]
+    assert any(longest < alone / 2 for alone, longest in tries), tries
 
 
 @needs_compiled
