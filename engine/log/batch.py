@@ -18,6 +18,16 @@ from engine.errors import ConcurrencyConflict, InvalidParameter
 from engine.log import framing
 from engine.log.group_commit import Request
 
+compiled_frame_batch: Callable[..., tuple[bytearray, list[int], list[Any], int, bytes]] | None
+try:  # the same loop in C (engine/log/_fastscan.c), built by setup.py where it can be
+    from engine.log._fastscan import frame_batch as compiled_frame_batch
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    compiled_frame_batch = None
+
+# Which loop frames a group: the C one (by default, when built) or this module's Python one,
+# the reference it follows byte for byte. Tests set this to None to frame with Python alone.
+fast_frame_batch = compiled_frame_batch
+
 
 class NewEvent(NamedTuple):
     """An event to append; the log adds sequence, chain hash, host and time.
@@ -83,7 +93,58 @@ def frame_batch(
     with a record over the size limit. The leader runs this for the whole group while the
     others wait, so the per-event work is written out inline, without a :class:`Record` or a
     BLAKE2b set-up per event.
+
+    The compiled loop (:data:`fast_frame_batch`) does the same, about 3 us an event less of
+    the Python that the whole group waits for; it packs any field of an uncommon type by
+    calling ``pack``, so the bytes are the Packer's in every case.
     """
+    fast = fast_frame_batch
+    if fast is not None and type(versions) is dict and type(batch) is list:
+        out, offsets, accepted, seq, prev = fast(
+            batch, seq, prev, base, host_id, now, versions, pack, uuid.UUID, _conflict, _too_big
+        )
+        return FramedBatch(out, offsets, accepted, seq, prev)
+    return _frame_batch(
+        batch,
+        seq=seq,
+        prev=prev,
+        base=base,
+        host_id=host_id,
+        now=now,
+        versions=versions,
+        pack=pack,
+    )
+
+
+def _conflict(
+    request: Request[Sequence[EventToAppend]],
+    originator_id: uuid.UUID | str,
+    current: int,
+    attempted: int,
+) -> None:
+    request.error = ConcurrencyConflict(
+        originator_id=originator_id, current=current, attempted=attempted
+    )
+
+
+def _too_big(request: Request[Sequence[EventToAppend]], length: int) -> None:
+    request.error = InvalidParameter(
+        f"a record of at most {framing.MAX_PAYLOAD} bytes, not {length}", name="state"
+    )
+
+
+def _frame_batch(
+    batch: Sequence[Request[Sequence[EventToAppend]]],
+    *,
+    seq: int,
+    prev: bytes,
+    base: int,
+    host_id: str,
+    now: int,
+    versions: Mapping[bytes | str, AggregateEntry],
+    pack: Callable[[Any], bytes],
+) -> FramedBatch:
+    """:func:`frame_batch` in Python: the reference of the compiled loop, and its fallback."""
     out = bytearray()
     # (request, its first sequence number, its (key, version, earlier claim) per event)
     accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[Claim]]] = []
