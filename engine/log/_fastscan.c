@@ -1436,6 +1436,96 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(index_batch_doc,
+"index_batch(accepted, aggregates, /)\n"
+"--\n\n"
+"engine.log.store.OperationLog._write_batch's index update in C: for each (request, first,\n"
+"claims) of ``accepted``, give each claim the next sequence number from ``first``, record it\n"
+"in ``aggregates`` (key -> [last version, seqs]) and set the request's ``seqs``.");
+
+static PyObject *str_seqs;
+
+static PyObject *
+index_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "index_batch(accepted: list, aggregates: dict)");
+        return NULL;
+    }
+    if (!intern_names() ||
+        (str_seqs == NULL && (str_seqs = PyUnicode_InternFromString("seqs")) == NULL)) {
+        return NULL;
+    }
+    PyObject *accepted = args[0], *aggregates = args[1];
+    for (Py_ssize_t a = 0; a < PyList_GET_SIZE(accepted); a++) {
+        PyObject *item = PyList_GET_ITEM(accepted, a);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 ||
+            !PyList_Check(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError, "accepted: (request, first, claims) tuples");
+            return NULL;
+        }
+        PyObject *request = PyTuple_GET_ITEM(item, 0), *claims = PyTuple_GET_ITEM(item, 2);
+        PyObject *first = PyTuple_GET_ITEM(item, 1);
+        Py_ssize_t count = PyList_GET_SIZE(claims);
+        PyObject *seqs = PyList_New(count);
+        if (seqs == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < count; j++) {
+            PyObject *claim = PyList_GET_ITEM(claims, j);
+            /* first + j, with Python's ints (no bound on a sequence number here) */
+            PyObject *n = j == 0 ? Py_NewRef(first)
+                                 : PyNumber_Add(PyList_GET_ITEM(seqs, j - 1), one);
+            if (n == NULL) {
+                Py_DECREF(seqs);
+                return NULL;
+            }
+            PyList_SET_ITEM(seqs, j, n);
+            if (!PyTuple_Check(claim) || PyTuple_GET_SIZE(claim) != 3) {
+                PyErr_SetString(PyExc_TypeError, "claims: (key, version, earlier) tuples");
+                Py_DECREF(seqs);
+                return NULL;
+            }
+            PyObject *key = PyTuple_GET_ITEM(claim, 0), *version = PyTuple_GET_ITEM(claim, 1);
+            PyObject *entry = PyDict_GetItemWithError(aggregates, key); /* borrowed */
+            int failed;
+            if (entry == NULL) {
+                PyObject *list = PyErr_Occurred() ? NULL : PyList_New(1);
+                PyObject *new_entry = list == NULL ? NULL : PyList_New(2);
+                if (new_entry != NULL) {
+                    PyList_SET_ITEM(list, 0, Py_NewRef(n));
+                    PyList_SET_ITEM(new_entry, 0, Py_NewRef(version));
+                    PyList_SET_ITEM(new_entry, 1, list);
+                    list = NULL;
+                }
+                Py_XDECREF(list);
+                failed = new_entry == NULL || PyDict_SetItem(aggregates, key, new_entry) < 0;
+                Py_XDECREF(new_entry);
+            }
+            else if (PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2 &&
+                     PyList_CheckExact(PyList_GET_ITEM(entry, 1))) {
+                Py_INCREF(version);
+                failed = PyList_SetItem(entry, 0, version) < 0 ||
+                         PyList_Append(PyList_GET_ITEM(entry, 1), n) < 0;
+            }
+            else {
+                PyErr_SetString(PyExc_TypeError, "aggregates: key -> [version, seqs] lists");
+                failed = 1;
+            }
+            if (failed) {
+                Py_DECREF(seqs);
+                return NULL;
+            }
+        }
+        int set = PyObject_SetAttr(request, str_seqs, seqs);
+        Py_DECREF(seqs);
+        if (set < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(crc32_doc,
 "crc32(data)\n"
 "--\n\n"
@@ -1480,6 +1570,7 @@ static PyMethodDef fastscan_methods[] = {
     {"read_frames", (PyCFunction)(void (*)(void))read_frames, METH_FASTCALL, read_frames_doc},
     {"blake2b_256", py_blake2b_256, METH_O, blake2b_256_doc},
     {"frame_batch", (PyCFunction)(void (*)(void))frame_batch_c, METH_FASTCALL, frame_batch_doc},
+    {"index_batch", (PyCFunction)(void (*)(void))index_batch, METH_FASTCALL, index_batch_doc},
     {"crc32", py_crc32, METH_O, crc32_doc},
     {NULL, NULL, 0, NULL},
 };

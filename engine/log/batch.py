@@ -18,16 +18,6 @@ from engine.errors import ConcurrencyConflict, InvalidParameter
 from engine.log import framing
 from engine.log.group_commit import Request
 
-compiled_frame_batch: Callable[..., tuple[bytearray, list[int], list[Any], int, bytes]] | None
-try:  # the same loop in C (engine/log/_fastscan.c), built by setup.py where it can be
-    from engine.log._fastscan import frame_batch as compiled_frame_batch
-except ImportError:  # pragma: no cover - a machine without a C compiler
-    compiled_frame_batch = None
-
-# Which loop frames a group: the C one (by default, when built) or this module's Python one,
-# the reference it follows byte for byte. Tests set this to None to frame with Python alone.
-fast_frame_batch = compiled_frame_batch
-
 
 class NewEvent(NamedTuple):
     """An event to append; the log adds sequence, chain hash, host and time.
@@ -61,6 +51,19 @@ AggregateEntry = list[Any]
 # An event's aggregate key and version, and the version an earlier request of its batch had
 # claimed for that aggregate (None if none had): enough to index it, or to undo its claim.
 Claim = tuple[bytes | str, int, int | None]
+
+compiled_frame_batch: Callable[..., tuple[bytearray, list[int], list[Any], int, bytes]] | None
+compiled_index_batch: Callable[[list[Any], dict[bytes | str, AggregateEntry]], None] | None
+try:  # the same loops in C (engine/log/_fastscan.c), built by setup.py where it can be
+    from engine.log._fastscan import frame_batch as compiled_frame_batch
+    from engine.log._fastscan import index_batch as compiled_index_batch
+except ImportError:  # pragma: no cover - a machine without a C compiler
+    compiled_frame_batch = compiled_index_batch = None
+
+# Which loops frame and index a group: the C ones (by default, when built) or this module's
+# Python ones, the reference they follow. Tests set these to None to use Python alone.
+fast_frame_batch = compiled_frame_batch
+fast_index_batch = compiled_index_batch
 
 
 @dataclass(slots=True)
@@ -202,6 +205,29 @@ def _frame_batch(
         else:
             accepted.append((request, first, claims))
     return FramedBatch(out, offsets, accepted, seq, prev)
+
+
+def index_batch(
+    accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[Claim]]],
+    aggregates: dict[bytes | str, AggregateEntry],
+) -> None:
+    """Once a group is durable: each accepted event's sequence number goes into ``aggregates``
+    (key -> [last version, seqs]) and each request gets its ``seqs``. In C when built (a
+    Python loop of about 1.5 us an event, run while the group waits)."""
+    fast = fast_index_batch
+    if fast is not None and type(accepted) is list and type(aggregates) is dict:
+        fast(accepted, aggregates)
+        return
+    for request, first, claims in accepted:
+        seqs = list(range(first, first + len(claims)))
+        for n, (key, version, _) in zip(seqs, claims, strict=True):
+            entry = aggregates.get(key)
+            if entry is None:
+                aggregates[key] = [version, [n]]
+            else:
+                entry[0] = version
+                entry[1].append(n)
+        request.seqs = seqs
 
 
 def check_event(event: EventToAppend) -> None:

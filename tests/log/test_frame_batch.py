@@ -1,4 +1,5 @@
-"""The compiled group framing writes exactly the bytes the Python loop writes.
+"""The compiled group framing writes exactly the bytes the Python loop writes, and the compiled
+index update records what the Python one records.
 
 ``engine/log/batch.py``'s ``_frame_batch`` is the reference; ``engine/log/_fastscan.c``'s
 ``frame_batch`` frames the same requests in C and packs a record with a field of an uncommon
@@ -10,6 +11,7 @@ accepted requests, claims, chain, request errors, and raise the same errors.
 
 from __future__ import annotations
 
+import copy
 import uuid
 import zlib
 from collections.abc import Callable
@@ -105,8 +107,9 @@ def run(
     seq: int,
     now: int,
 ) -> object:
-    saved = batch_module.fast_frame_batch
+    saved = batch_module.fast_frame_batch, batch_module.fast_index_batch
     batch_module.fast_frame_batch = frame
+    batch_module.fast_index_batch = None if frame is None else batch_module.compiled_index_batch
     batch = [Request(list(events)) for events in requests]
     before = repr(versions)
     try:
@@ -128,11 +131,16 @@ def run(
             framed.next_seq,
             framed.last_hash,
         )
+        assert repr(versions) == before  # framing only reads the versions on disk
+        # Then, once durable, the index: the versions and sequence numbers it records.
+        indexed = copy.deepcopy(versions)
+        batch_module.index_batch(framed.accepted, indexed)
+        result = (result, indexed, [r.seqs for r in batch])
     except Exception as e:
         result = ("raised", type(e), str(e))
     finally:
-        batch_module.fast_frame_batch = saved
-    assert repr(versions) == before  # framing only reads the versions on disk
+        batch_module.fast_frame_batch, batch_module.fast_index_batch = saved
+    assert repr(versions) == before
     errors = [
         None if r.error is None else (type(r.error), str(r.error), getattr(r.error, "fields", None))
         for r in batch
@@ -182,7 +190,7 @@ def test_a_record_over_the_limit_is_refused_alone() -> None:
             [NewEvent("c", 1, "t", b"")],
         ]
         result, errors = run(frame, requests, {}, 1, 1)
-        assert isinstance(result, tuple) and [i for i, _, _ in result[3]] == [0, 2]
+        assert isinstance(result, tuple) and [i for i, _, _ in result[0][3]] == [0, 2]
         assert errors[0] is None and errors[2] is None
         assert errors[1] is not None and issubclass(errors[1][0], StrataError)
 
