@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eventsourcing.application import Application
@@ -190,3 +191,58 @@ def test_a_class_that_does_not_state_its_own_topic_is_refused_when_defined() -> 
         @dataclass(frozen=True, kw_only=True)
         class Renamed(Repository.Created):  # inherits Created's topic: would be stored as Created
             pass
+
+
+def test_a_plain_save_returns_and_records_what_the_library_steps_do(tmp_path: Path) -> None:
+    """StrataLogApplication.save skips the steps that do nothing (no snapshots, no-op hooks):
+    the same recordings, records and errors as save_collected, which runs them all."""
+    from engine.application import save_collected
+
+    def saved(directory: str, save: str) -> tuple[object, object, object]:
+        config = LogConfig(log_dir=str(tmp_path / directory), host_id="host-a", create=True)
+        with StrataLogApplication(config) as app:
+            save_with = app.save if save == "plain" else lambda *o: save_collected(app, *o)
+            repository = Repository.create(
+                format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
+            )
+            recordings = save_with(repository, None)
+            empty = save_with()
+            stale = Repository.create(
+                format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
+            )
+            with pytest.raises(IntegrityError) as refused:
+                save_with(stale)
+            records = [
+                (r.seq, r.originator_key, r.originator_version, r.topic, r.state)
+                for r in app.operation_log.read(1, None, 10)
+            ]
+        return recordings, empty, (records, str(refused.value))
+
+    assert saved("a", "plain") == saved("b", "library")
+
+
+def test_an_application_that_overrides_a_hook_still_gets_it_called(config: LogConfig) -> None:
+    notified: list[object] = []
+
+    class Notifying(StrataLogApplication):
+        def _notify(self, recordings: list[Any]) -> None:
+            notified.extend(recordings)
+
+    with Notifying(config) as app:
+        recordings = app.save(
+            Repository.create(
+                format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
+            )
+        )
+    assert notified == recordings and len(recordings) == 1
+
+
+def test_a_plain_save_puts_the_aggregate_in_the_repository_cache(
+    config: LogConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGGREGATE_CACHE_MAXSIZE", "10")
+    monkeypatch.setenv("AGGREGATE_CACHE_FASTFORWARD", "n")  # else the library puts nothing
+    with StrataLogApplication(config) as app:
+        repository = _format(app)
+        assert app.repository.cache is not None
+        assert app.repository.cache.get(REPOSITORY_ID) is repository

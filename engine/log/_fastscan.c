@@ -871,6 +871,681 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Writing: one group commit's frames (engine/log/batch.py's frame_batch is the reference).  */
+
+/* zlib's CRC-32 (reflected, polynomial 0xEDB88320), sliced by 8; the table is built at the
+ * first call. Written out here rather than linked from libz so that setup.py stays one line
+ * per extension; tests compare it with zlib.crc32. */
+static uint32_t crc_table[8][256];
+static int crc_ready = 0;
+
+static void
+crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) {
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        }
+        crc_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++) {
+        for (int t = 1; t < 8; t++) {
+            crc_table[t][n] = (crc_table[t - 1][n] >> 8) ^ crc_table[0][crc_table[t - 1][n] & 0xff];
+        }
+    }
+    crc_ready = 1;
+}
+
+static uint32_t
+crc32_of(const uint8_t *p, size_t len)
+{
+    uint32_t c = 0xFFFFFFFFu;
+    while (len >= 8) {
+        c ^= (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+        c = crc_table[7][c & 0xff] ^ crc_table[6][(c >> 8) & 0xff] ^
+            crc_table[5][(c >> 16) & 0xff] ^ crc_table[4][c >> 24] ^ crc_table[3][p[4]] ^
+            crc_table[2][p[5]] ^ crc_table[1][p[6]] ^ crc_table[0][p[7]];
+        p += 8;
+        len -= 8;
+    }
+    while (len--) {
+        c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    }
+    return c ^ 0xFFFFFFFFu;
+}
+
+typedef struct {
+    uint8_t *data;
+    size_t len, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, size_t more)
+{
+    if (b->len + more <= b->cap) {
+        return 1;
+    }
+    size_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) {
+        cap *= 2;
+    }
+    uint8_t *data = realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 1;
+}
+
+static inline void
+put_be16(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void
+put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline void
+put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+/* An int as msgpack-python's Packer writes it: a positive one as the smallest unsigned form,
+ * zero or a negative one as the smallest signed one. 0 (nothing written) when it does not fit
+ * 64 bits: the caller lets the Packer raise its own error. */
+static int
+pack_int(Buf *b, PyObject *o)
+{
+    uint8_t *p;
+    if (!buf_reserve(b, 9)) {
+        return -1;
+    }
+    p = b->data + b->len;
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow < 0) {
+        return 0;
+    }
+    if (overflow > 0) {
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        p[0] = 0xcf;
+        put_be64(p + 1, u);
+        b->len += 9;
+        return 1;
+    }
+    if (v >= 0) {
+        if (v < 128) {
+            p[0] = (uint8_t)v;
+            b->len += 1;
+        }
+        else if (v < 256) {
+            p[0] = 0xcc;
+            p[1] = (uint8_t)v;
+            b->len += 2;
+        }
+        else if (v < 65536) {
+            p[0] = 0xcd;
+            put_be16(p + 1, (uint32_t)v);
+            b->len += 3;
+        }
+        else if (v < 4294967296LL) {
+            p[0] = 0xce;
+            put_be32(p + 1, (uint32_t)v);
+            b->len += 5;
+        }
+        else {
+            p[0] = 0xcf;
+            put_be64(p + 1, (uint64_t)v);
+            b->len += 9;
+        }
+    }
+    else if (v >= -32) {
+        p[0] = (uint8_t)(int8_t)v;
+        b->len += 1;
+    }
+    else if (v >= -128) {
+        p[0] = 0xd0;
+        p[1] = (uint8_t)(int8_t)v;
+        b->len += 2;
+    }
+    else if (v >= -32768) {
+        p[0] = 0xd1;
+        put_be16(p + 1, (uint32_t)(uint16_t)(int16_t)v);
+        b->len += 3;
+    }
+    else if (v >= -2147483648LL) {
+        p[0] = 0xd2;
+        put_be32(p + 1, (uint32_t)(int32_t)v);
+        b->len += 5;
+    }
+    else {
+        p[0] = 0xd3;
+        put_be64(p + 1, (uint64_t)v);
+        b->len += 9;
+    }
+    return 1;
+}
+
+/* str (is_str) or bin of ``len`` bytes, with msgpack's smallest header (use_bin_type=True). */
+static int
+pack_raw(Buf *b, const char *data, Py_ssize_t len, int is_str)
+{
+    if ((uint64_t)len > 0xFFFFFFFFu) {
+        return 0;
+    }
+    if (!buf_reserve(b, 5 + (size_t)len)) {
+        return -1;
+    }
+    uint8_t *p = b->data + b->len;
+    size_t head;
+    if (is_str && len < 32) {
+        p[0] = (uint8_t)(0xa0 | len);
+        head = 1;
+    }
+    else if (len < 256) {
+        p[0] = is_str ? 0xd9 : 0xc4;
+        p[1] = (uint8_t)len;
+        head = 2;
+    }
+    else if (len < 65536) {
+        p[0] = is_str ? 0xda : 0xc5;
+        put_be16(p + 1, (uint32_t)len);
+        head = 3;
+    }
+    else {
+        p[0] = is_str ? 0xdb : 0xc6;
+        put_be32(p + 1, (uint32_t)len);
+        head = 5;
+    }
+    memcpy(p + head, data, (size_t)len);
+    b->len += head + (size_t)len;
+    return 1;
+}
+
+static int
+pack_str(Buf *b, PyObject *o)
+{
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(o, &len);
+    if (data == NULL) { /* e.g. a lone surrogate: the Packer raises its own error */
+        PyErr_Clear();
+        return 0;
+    }
+    return pack_raw(b, data, len, 1);
+}
+
+/* The payload of one record, appended to ``b``: 1 when written here, 0 when a field is not of
+ * the common types (exact int, str, bytes) and the Packer must write it, -1 on an error. */
+static int
+pack_record(Buf *b, PyObject *const *fields)
+{
+    if (!buf_reserve(b, 1)) {
+        return -1;
+    }
+    b->data[b->len++] = 0x99; /* fixarray of 9 */
+    for (int k = 0; k < RECORD_FIELDS; k++) {
+        PyObject *o = fields[k];
+        int r;
+        if (o == Py_True || o == Py_False) {
+            if (!buf_reserve(b, 1)) {
+                return -1;
+            }
+            b->data[b->len++] = o == Py_True ? 0xc3 : 0xc2;
+            continue;
+        }
+        if (PyLong_CheckExact(o)) {
+            r = pack_int(b, o);
+        }
+        else if (PyUnicode_CheckExact(o)) {
+            r = pack_str(b, o);
+        }
+        else if (PyBytes_CheckExact(o)) {
+            r = pack_raw(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), 0);
+        }
+        else {
+            r = 0;
+        }
+        if (r != 1) {
+            return r;
+        }
+    }
+    return 1;
+}
+
+/* uuid.UUID(...).bytes, for an exact UUID without running its property: int.to_bytes(16). */
+static PyObject *
+uuid_bytes(PyObject *oid, PyObject *uuid_type)
+{
+    if (Py_TYPE(oid) == (PyTypeObject *)uuid_type) {
+        PyObject *value = PyObject_GetAttrString(oid, "int");
+        if (value == NULL) {
+            return NULL;
+        }
+        uint8_t out[16];
+        int r = PyLong_Check(value) ? _PyLong_AsByteArray((PyLongObject *)value, out, 16, 0, 0)
+                                    : -1;
+        Py_DECREF(value);
+        if (r == 0) {
+            return PyBytes_FromStringAndSize((const char *)out, 16);
+        }
+        PyErr_Clear(); /* let the property say what is wrong */
+    }
+    return PyObject_GetAttrString(oid, "bytes");
+}
+
+static PyObject *one, *str_payload, *str_error, *str_originator_id, *str_originator_version,
+    *str_topic, *str_state;
+
+static int
+intern_names(void)
+{
+    if (str_state != NULL) {
+        return 1;
+    }
+    one = PyLong_FromLong(1);
+    str_payload = PyUnicode_InternFromString("payload");
+    str_error = PyUnicode_InternFromString("error");
+    str_originator_id = PyUnicode_InternFromString("originator_id");
+    str_originator_version = PyUnicode_InternFromString("originator_version");
+    str_topic = PyUnicode_InternFromString("topic");
+    str_state = PyUnicode_InternFromString("state");
+    return one && str_payload && str_error && str_originator_id && str_originator_version && str_topic &&
+           str_state;
+}
+
+PyDoc_STRVAR(frame_batch_doc,
+"frame_batch(batch, seq, prev, base, host_id, now, versions, pack, uuid_type, conflict,\n"
+"            too_big, /)\n"
+"--\n\n"
+"engine.log.batch.frame_batch's loop in C: returns (out, offsets, accepted, next_seq,\n"
+"last_hash). ``versions`` must be a dict; a refused request is handed to\n"
+"``conflict(request, originator_id, current, attempted)`` or ``too_big(request, length)``,\n"
+"which set its error. A record with a field of another type than the common ones is packed\n"
+"by calling ``pack``, so the bytes are always the Packer's.");
+
+static PyObject *
+frame_batch_c(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "frame_batch() takes 11 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *batch = args[0], *prev = args[2], *host_id = args[4], *now = args[5];
+    PyObject *versions = args[6], *pack = args[7], *uuid_type = args[8];
+    PyObject *conflict = args[9], *too_big = args[10];
+    if (!PyList_Check(batch) || !PyDict_Check(versions) || !PyType_Check(uuid_type)) {
+        PyErr_SetString(PyExc_TypeError, "batch must be a list, versions a dict");
+        return NULL;
+    }
+    Py_ssize_t base = PyLong_AsSsize_t(args[3]);
+    if (base == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!intern_names()) {
+        return NULL;
+    }
+    if (!crc_ready) {
+        crc_init();
+    }
+    Buf out = {0}, payload = {0};
+    PyObject *offsets = PyList_New(0), *accepted = PyList_New(0), *claimed = PyDict_New();
+    PyObject *seq = Py_NewRef(args[1]);
+    Py_INCREF(prev);
+    PyObject *result = NULL;
+    if (offsets == NULL || accepted == NULL || claimed == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t r = 0; r < PyList_GET_SIZE(batch); r++) {
+        PyObject *request = PyList_GET_ITEM(batch, r);
+        PyObject *events_obj = PyObject_GetAttr(request, str_payload);
+        if (events_obj == NULL) {
+            goto done;
+        }
+        PyObject *events = PySequence_Fast(events_obj, "a request's payload must be a sequence");
+        Py_DECREF(events_obj);
+        if (events == NULL) {
+            goto done;
+        }
+        PyObject *first = Py_NewRef(seq), *mark_prev = Py_NewRef(prev);
+        size_t mark = out.len;
+        Py_ssize_t offsets_mark = PyList_GET_SIZE(offsets);
+        PyObject *claims = PyList_New(0);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(events);
+        int failed = claims == NULL, refused = 0;
+        for (Py_ssize_t i = 0; i < n && !failed && !refused; i++) {
+            PyObject *event = PySequence_Fast_GET_ITEM(events, i);
+            PyObject *oid = NULL, *key = NULL, *version = NULL, *topic = NULL, *state = NULL;
+            PyObject *current = NULL, *packed = NULL;
+            failed = 1;
+            oid = PyObject_GetAttr(event, str_originator_id);
+            if (oid == NULL) {
+                goto event_done;
+            }
+            int is_uuid = PyObject_IsInstance(oid, uuid_type);
+            if (is_uuid < 0) {
+                goto event_done;
+            }
+            key = is_uuid ? uuid_bytes(oid, uuid_type) : Py_NewRef(oid);
+            if (key == NULL || (version = PyObject_GetAttr(event, str_originator_version)) == NULL) {
+                goto event_done;
+            }
+            PyObject *earlier = PyDict_GetItemWithError(claimed, key); /* borrowed */
+            if (earlier == NULL && PyErr_Occurred()) {
+                goto event_done;
+            }
+            if (earlier != NULL) {
+                current = Py_NewRef(earlier);
+            }
+            else {
+                PyObject *entry = PyDict_GetItemWithError(versions, key);
+                if (entry == NULL && PyErr_Occurred()) {
+                    goto event_done;
+                }
+                current = entry == NULL ? Py_NewRef(Py_None) : PySequence_GetItem(entry, 0);
+                if (current == NULL) {
+                    goto event_done;
+                }
+            }
+            if (current != Py_None) {
+                PyObject *next = PyNumber_Add(current, one);
+                int differs = next == NULL ? -1 : PyObject_RichCompareBool(version, next, Py_NE);
+                Py_XDECREF(next);
+                if (differs < 0) {
+                    goto event_done;
+                }
+                if (differs) {
+                    PyObject *done_ = PyObject_CallFunctionObjArgs(conflict, request, oid,
+                                                                   current, version, NULL);
+                    if (done_ == NULL) {
+                        goto event_done;
+                    }
+                    Py_DECREF(done_);
+                    refused = 1;
+                    failed = 0;
+                    goto event_done;
+                }
+            }
+            {
+                PyObject *claim = PyTuple_Pack(3, key, version, earlier ? earlier : Py_None);
+                if (claim == NULL) {
+                    goto event_done;
+                }
+                int ok = PyDict_SetItem(claimed, key, version) == 0 &&
+                         PyList_Append(claims, claim) == 0;
+                Py_DECREF(claim);
+                if (!ok) {
+                    goto event_done;
+                }
+            }
+            if ((topic = PyObject_GetAttr(event, str_topic)) == NULL ||
+                (state = PyObject_GetAttr(event, str_state)) == NULL) {
+                goto event_done;
+            }
+            PyObject *fields[RECORD_FIELDS] = {
+                seq, prev, host_id, now, i == n - 1 ? Py_True : Py_False, key, version, topic,
+                state,
+            };
+            payload.len = 0;
+            int written = pack_record(&payload, fields);
+            if (written < 0) {
+                goto event_done;
+            }
+            const uint8_t *data = payload.data;
+            size_t length = payload.len;
+            if (written == 0) { /* the Packer's own bytes, or its own error */
+                PyObject *list = PyList_New(RECORD_FIELDS);
+                if (list == NULL) {
+                    goto event_done;
+                }
+                for (int k = 0; k < RECORD_FIELDS; k++) {
+                    PyList_SET_ITEM(list, k, Py_NewRef(fields[k]));
+                }
+                packed = PyObject_CallOneArg(pack, list);
+                Py_DECREF(list);
+                if (packed == NULL) {
+                    goto event_done;
+                }
+                if (!PyBytes_Check(packed)) {
+                    PyErr_SetString(PyExc_TypeError, "pack must return bytes");
+                    goto event_done;
+                }
+                data = (const uint8_t *)PyBytes_AS_STRING(packed);
+                length = (size_t)PyBytes_GET_SIZE(packed);
+            }
+            if (length > MAX_PAYLOAD) { /* refused alone, like a conflict */
+                PyObject *done_ = PyObject_CallFunction(too_big, "On", request, (Py_ssize_t)length);
+                if (done_ == NULL) {
+                    goto event_done;
+                }
+                Py_DECREF(done_);
+                refused = 1;
+                failed = 0;
+                goto event_done;
+            }
+            if (!buf_reserve(&out, FRAME_HEADER_SIZE + length)) {
+                goto event_done;
+            }
+            {
+                uint8_t *frame = out.data + out.len;
+                put_be32(frame, (uint32_t)length);
+                put_be32(frame + 4, crc32_of(data, length));
+                put_be32(frame + 8, crc32_of(frame, 8));
+                memcpy(frame + FRAME_HEADER_SIZE, data, length);
+                PyObject *offset = PyLong_FromSsize_t(base + (Py_ssize_t)out.len);
+                if (offset == NULL) {
+                    goto event_done;
+                }
+                int appended = PyList_Append(offsets, offset);
+                Py_DECREF(offset);
+                if (appended < 0) {
+                    goto event_done;
+                }
+                uint8_t digest[HASH_SIZE];
+                blake2b_256(frame, FRAME_HEADER_SIZE + length, digest);
+                out.len += FRAME_HEADER_SIZE + length;
+                PyObject *next_seq = PyNumber_Add(seq, one);
+                PyObject *next_prev = PyBytes_FromStringAndSize((const char *)digest, HASH_SIZE);
+                if (next_seq == NULL || next_prev == NULL) {
+                    Py_XDECREF(next_seq);
+                    Py_XDECREF(next_prev);
+                    goto event_done;
+                }
+                Py_SETREF(seq, next_seq);
+                Py_SETREF(prev, next_prev);
+            }
+            failed = 0;
+        event_done:
+            Py_XDECREF(oid);
+            Py_XDECREF(key);
+            Py_XDECREF(version);
+            Py_XDECREF(topic);
+            Py_XDECREF(state);
+            Py_XDECREF(current);
+            Py_XDECREF(packed);
+        }
+        Py_DECREF(events);
+        if (!failed) {
+            PyObject *error = PyObject_GetAttr(request, str_error);
+            if (error == NULL) {
+                failed = 1;
+            }
+            else {
+                refused = error != Py_None;
+                Py_DECREF(error);
+            }
+        }
+        if (!failed && refused) { /* drop its records and its claims */
+            out.len = mark;
+            failed = PyList_SetSlice(offsets, offsets_mark, PyList_GET_SIZE(offsets), NULL) < 0;
+            for (Py_ssize_t c = PyList_GET_SIZE(claims) - 1; c >= 0 && !failed; c--) {
+                PyObject *claim = PyList_GET_ITEM(claims, c);
+                PyObject *key = PyTuple_GET_ITEM(claim, 0), *earlier = PyTuple_GET_ITEM(claim, 2);
+                failed = (earlier == Py_None ? PyDict_DelItem(claimed, key)
+                                             : PyDict_SetItem(claimed, key, earlier)) < 0;
+            }
+            Py_SETREF(seq, Py_NewRef(first));
+            Py_SETREF(prev, Py_NewRef(mark_prev));
+        }
+        else if (!failed) {
+            PyObject *item = PyTuple_Pack(3, request, first, claims);
+            failed = item == NULL || PyList_Append(accepted, item) < 0;
+            Py_XDECREF(item);
+        }
+        Py_DECREF(first);
+        Py_DECREF(mark_prev);
+        Py_XDECREF(claims);
+        if (failed) {
+            goto done;
+        }
+    }
+    {
+        PyObject *framed = PyByteArray_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.len);
+        if (framed != NULL) {
+            result = Py_BuildValue("NOOOO", framed, offsets, accepted, seq, prev);
+        }
+    }
+done:
+    free(out.data);
+    free(payload.data);
+    Py_XDECREF(offsets);
+    Py_XDECREF(accepted);
+    Py_XDECREF(claimed);
+    Py_DECREF(seq);
+    Py_DECREF(prev);
+    return result;
+}
+
+PyDoc_STRVAR(index_batch_doc,
+"index_batch(accepted, aggregates, /)\n"
+"--\n\n"
+"engine.log.store.OperationLog._write_batch's index update in C: for each (request, first,\n"
+"claims) of ``accepted``, give each claim the next sequence number from ``first``, record it\n"
+"in ``aggregates`` (key -> [last version, seqs]) and set the request's ``seqs``.");
+
+static PyObject *str_seqs;
+
+static PyObject *
+index_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "index_batch(accepted: list, aggregates: dict)");
+        return NULL;
+    }
+    if (!intern_names() ||
+        (str_seqs == NULL && (str_seqs = PyUnicode_InternFromString("seqs")) == NULL)) {
+        return NULL;
+    }
+    PyObject *accepted = args[0], *aggregates = args[1];
+    for (Py_ssize_t a = 0; a < PyList_GET_SIZE(accepted); a++) {
+        PyObject *item = PyList_GET_ITEM(accepted, a);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 ||
+            !PyList_Check(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError, "accepted: (request, first, claims) tuples");
+            return NULL;
+        }
+        PyObject *request = PyTuple_GET_ITEM(item, 0), *claims = PyTuple_GET_ITEM(item, 2);
+        PyObject *first = PyTuple_GET_ITEM(item, 1);
+        Py_ssize_t count = PyList_GET_SIZE(claims);
+        PyObject *seqs = PyList_New(count);
+        if (seqs == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < count; j++) {
+            PyObject *claim = PyList_GET_ITEM(claims, j);
+            /* first + j, with Python's ints (no bound on a sequence number here) */
+            PyObject *n = j == 0 ? Py_NewRef(first)
+                                 : PyNumber_Add(PyList_GET_ITEM(seqs, j - 1), one);
+            if (n == NULL) {
+                Py_DECREF(seqs);
+                return NULL;
+            }
+            PyList_SET_ITEM(seqs, j, n);
+            if (!PyTuple_Check(claim) || PyTuple_GET_SIZE(claim) != 3) {
+                PyErr_SetString(PyExc_TypeError, "claims: (key, version, earlier) tuples");
+                Py_DECREF(seqs);
+                return NULL;
+            }
+            PyObject *key = PyTuple_GET_ITEM(claim, 0), *version = PyTuple_GET_ITEM(claim, 1);
+            PyObject *entry = PyDict_GetItemWithError(aggregates, key); /* borrowed */
+            int failed;
+            if (entry == NULL) {
+                PyObject *list = PyErr_Occurred() ? NULL : PyList_New(1);
+                PyObject *new_entry = list == NULL ? NULL : PyList_New(2);
+                if (new_entry != NULL) {
+                    PyList_SET_ITEM(list, 0, Py_NewRef(n));
+                    PyList_SET_ITEM(new_entry, 0, Py_NewRef(version));
+                    PyList_SET_ITEM(new_entry, 1, list);
+                    list = NULL;
+                }
+                Py_XDECREF(list);
+                failed = new_entry == NULL || PyDict_SetItem(aggregates, key, new_entry) < 0;
+                Py_XDECREF(new_entry);
+            }
+            else if (PyList_CheckExact(entry) && PyList_GET_SIZE(entry) == 2 &&
+                     PyList_CheckExact(PyList_GET_ITEM(entry, 1))) {
+                Py_INCREF(version);
+                failed = PyList_SetItem(entry, 0, version) < 0 ||
+                         PyList_Append(PyList_GET_ITEM(entry, 1), n) < 0;
+            }
+            else {
+                PyErr_SetString(PyExc_TypeError, "aggregates: key -> [version, seqs] lists");
+                failed = 1;
+            }
+            if (failed) {
+                Py_DECREF(seqs);
+                return NULL;
+            }
+        }
+        int set = PyObject_SetAttr(request, str_seqs, seqs);
+        Py_DECREF(seqs);
+        if (set < 0) {
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(crc32_doc,
+"crc32(data)\n"
+"--\n\n"
+"CRC-32 of ``data`` as zlib.crc32(data); for tests.");
+
+static PyObject *
+py_crc32(PyObject *module, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    if (!crc_ready) {
+        crc_init();
+    }
+    uint32_t c = crc32_of(view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(c);
+}
+
 PyDoc_STRVAR(blake2b_256_doc,
 "blake2b_256(data)\n"
 "--\n\n"
@@ -894,6 +1569,9 @@ static PyMethodDef fastscan_methods[] = {
     {"hash_frames", hash_frames, METH_O, hash_frames_doc},
     {"read_frames", (PyCFunction)(void (*)(void))read_frames, METH_FASTCALL, read_frames_doc},
     {"blake2b_256", py_blake2b_256, METH_O, blake2b_256_doc},
+    {"frame_batch", (PyCFunction)(void (*)(void))frame_batch_c, METH_FASTCALL, frame_batch_doc},
+    {"index_batch", (PyCFunction)(void (*)(void))index_batch, METH_FASTCALL, index_batch_doc},
+    {"crc32", py_crc32, METH_O, crc32_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -26,7 +26,13 @@ from engine.errors import (
     NotAStrataLog,
 )
 from engine.log import framing, segments
-from engine.log.batch import AggregateEntry, EventToAppend, check_event, frame_batch
+from engine.log.batch import (
+    AggregateEntry,
+    EventToAppend,
+    check_event,
+    frame_batch,
+    index_batch,
+)
 from engine.log.framing import Record, SegmentHeader
 from engine.log.group_commit import GroupCommit, Request
 from engine.log.locking import RangeLock
@@ -206,7 +212,7 @@ class OperationLog:
             versions=self._aggregates,
             pack=self._packer.pack,
         )
-        out, aggregates = framed.out, self._aggregates
+        out = framed.out
         if not out:
             return
         try:
@@ -223,16 +229,7 @@ class OperationLog:
                 raise LogClosed(path=self.directory) from e
             raise
         self._offsets.extend(framed.offsets)
-        for request, first, claims in framed.accepted:  # self._index, from the claims
-            seqs = list(range(first, first + len(claims)))
-            for n, (key, version, _) in zip(seqs, claims, strict=True):
-                entry = aggregates.get(key)
-                if entry is None:
-                    aggregates[key] = [version, [n]]
-                else:
-                    entry[0] = version
-                    entry[1].append(n)
-            request.seqs = seqs
+        index_batch(framed.accepted, self._aggregates)  # self._index, from the claims
         self._end += len(out)
         self._next_seq, self._last_hash = framed.next_seq, framed.last_hash
 

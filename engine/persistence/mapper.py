@@ -20,14 +20,21 @@ _set_attr = object.__setattr__
 
 
 class LogMapper(Mapper[Any]):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._class_versions: dict[type, int] = {}  # each event class's class_version
+
     def to_stored_event(self, domain_event: DomainEventProtocol[Any]) -> StoredEvent:
         if self.compressor or self.cipher:
             return super().to_stored_event(domain_event)
         cls = domain_event.__class__
-        event_state = dict(vars(domain_event))
+        event_state = vars(domain_event).copy()
         originator_id = event_state.pop("originator_id")
         originator_version = event_state.pop("originator_version")
-        class_version = getattr(cls, "class_version", 1)
+        # A class without class_version (most) makes getattr search its whole MRO: 0.17 us.
+        class_version = self._class_versions.get(cls)
+        if class_version is None:
+            class_version = self._class_versions[cls] = getattr(cls, "class_version", 1)
         if class_version > 1:
             event_state["class_version"] = class_version
         stored: StoredEvent = _new(StoredEvent)
