@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.log import scan
+from engine.log import batch, scan
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -12,8 +12,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--scanner",
         choices=("compiled", "python"),
         default=None,
-        help="read logs with this scanner (default: the compiled one when it is built); "
-        "`--scanner=python` runs the suite on the pure-Python reference (ADR 0008)",
+        help="read and frame logs with this code (default: the compiled one when it is built); "
+        "`--scanner=python` runs the suite on the pure-Python reference (ADRs 0008, 0011)",
     )
 
 
@@ -21,5 +21,6 @@ def pytest_configure(config: pytest.Config) -> None:
     chosen = config.getoption("--scanner")
     if chosen == "python":
         scan.scan_frames = None
+        batch.fast_frame_batch = batch.fast_index_batch = None
     elif chosen == "compiled" and scan.compiled_scan_frames is None:
         raise pytest.UsageError("--scanner=compiled: engine/log/_fastscan is not built")
