@@ -101,22 +101,12 @@ def frame_batch(
     the Python that the whole group waits for; it packs any field of an uncommon type by
     calling ``pack``, so the bytes are the Packer's in every case.
     """
+    args = (batch, seq, prev, base, host_id, now, versions, pack)
     fast = fast_frame_batch
     if fast is not None and type(versions) is dict and type(batch) is list:
-        out, offsets, accepted, seq, prev = fast(
-            batch, seq, prev, base, host_id, now, versions, pack, uuid.UUID, _conflict, _too_big
-        )
+        out, offsets, accepted, seq, prev = fast(*args, uuid.UUID, _conflict, _too_big)
         return FramedBatch(out, offsets, accepted, seq, prev)
-    return _frame_batch(
-        batch,
-        seq=seq,
-        prev=prev,
-        base=base,
-        host_id=host_id,
-        now=now,
-        versions=versions,
-        pack=pack,
-    )
+    return _frame_batch(*args)
 
 
 def _conflict(
@@ -138,7 +128,6 @@ def _too_big(request: Request[Sequence[EventToAppend]], length: int) -> None:
 
 def _frame_batch(
     batch: Sequence[Request[Sequence[EventToAppend]]],
-    *,
     seq: int,
     prev: bytes,
     base: int,
@@ -147,7 +136,8 @@ def _frame_batch(
     versions: Mapping[bytes | str, AggregateEntry],
     pack: Callable[[Any], bytes],
 ) -> FramedBatch:
-    """:func:`frame_batch` in Python: the reference of the compiled loop, and its fallback."""
+    """:func:`frame_batch` in Python: the reference of the compiled loop (same arguments, in
+    the same order), and its fallback."""
     out = bytearray()
     # (request, its first sequence number, its (key, version, earlier claim) per event)
     accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[Claim]]] = []
