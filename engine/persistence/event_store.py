@@ -15,13 +15,11 @@ from typing import Any
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import (
     EventStore,
-    IntegrityError,
     Notification,
     Recording,
     StoredEvent,
 )
 
-from engine.errors import ConcurrencyConflict
 from engine.persistence.recorders import LogApplicationRecorder
 
 _new = object.__new__
@@ -35,15 +33,10 @@ class LogEventStore(EventStore[Any]):
         to_stored_event = self.mapper.to_stored_event
         stored_events = [to_stored_event(event) for event in domain_events]
         recorder = self.recorder
-        if type(recorder) is LogApplicationRecorder and kwargs.get("tracking") is None:
-            # Its insert_events, inlined (two calls fewer per save): the log's sequence
-            # numbers, an IntegrityError for a conflict.
-            if not stored_events:
-                return []
-            try:
-                notification_ids: Sequence[int] | None = recorder.log.append(stored_events)
-            except ConcurrencyConflict as e:
-                raise IntegrityError(e.message) from e
+        notification_ids: Sequence[int] | None
+        if type(recorder) is LogApplicationRecorder:
+            # Its insert_events without the hop (a save's Python is what a group commit waits for).
+            notification_ids = recorder.append(stored_events, **kwargs)
         else:
             notification_ids = recorder.insert_events(stored_events, **kwargs)
         recordings: list[Recording[Any]] = []

@@ -53,10 +53,12 @@ class LogAggregateRecorder(AggregateRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        self._append(stored_events, **kwargs)
+        self.append(stored_events, **kwargs)
         return None
 
-    def _append(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> list[int]:
+    def append(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> list[int]:
+        """Append the events as one transaction; their sequence numbers, once durable. Raises
+        the library's ``IntegrityError`` when an aggregate's version moved."""
         if kwargs.get("tracking") is not None:
             raise NotSupported(
                 "the log records events only; a process application's tracking would need to "
@@ -96,7 +98,7 @@ class LogApplicationRecorder(LogAggregateRecorder, ApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        return self._append(stored_events, **kwargs)
+        return self.append(stored_events, **kwargs)
 
     def select_notifications(
         self,
