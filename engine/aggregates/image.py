@@ -509,7 +509,10 @@ class Image(Aggregate["Image.Event"], StableTopic):
         elif "set_chain" in stage:
             self.chain = list(stage["set_chain"])
         op.done = event.stage + 1
-        op.claim_host = None
+        # The epoch the stage completed under is its claim's (complete() checks it): set
+        # again here so that a replay may leave out the claim, whose every effect this
+        # event then overwrites (engine/projections/replay_events.py).
+        op.claim_host, op.claim_epoch = None, event.epoch
         if op.done >= len(op.stages):
             op.state, op.percent = ops.DONE, 100
         else:

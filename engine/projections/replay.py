@@ -192,9 +192,10 @@ def replay(
 ) -> Replay:
     """Fold the log up to ``until`` (the whole log without one).
 
-    ``skip_superseded``: progress records whose every effect a later record of the same
-    image overwrites are not decoded (throttled progress is most of a busy log); the state is
-    the same either way (tests/replay checks it).
+    ``skip_superseded``: progress and claim records whose every effect a later record of the
+    same image overwrites are not decoded (throttled progress is most of a busy log, and
+    nearly every claim is followed by its completion); the state is the same either way
+    (tests/replay checks it).
 
     With ``watch``, every transaction that holds an event of that aggregate is folded at once
     and ``on_watched(its records, the view)`` called: the state right after it (history).

@@ -29,11 +29,21 @@ from engine.log.framing import Record, id_of
 from engine.log.scan import scan
 from engine.persistence.transcoder import default_transcoder
 
-_PROGRESSED = Image.StageProgressed.TOPIC
-# What a StageProgressed sets (the operation's percent, the image's version, time, last host
-# and the view's worker), the next of these events of the same image sets again: the aggregate
-# lets only the current operation's next stage be claimed, progressed or completed.
-_OVERWRITE_PROGRESS = frozenset((Image.StageClaimed.TOPIC, _PROGRESSED, Image.StageCompleted.TOPIC))
+_CLAIMED, _PROGRESSED, _COMPLETED = (
+    Image.StageClaimed.TOPIC,
+    Image.StageProgressed.TOPIC,
+    Image.StageCompleted.TOPIC,
+)
+# Records whose every effect the next kept record of the same image, if of one of these
+# topics, sets again. The aggregate lets only the current operation's next stage be claimed,
+# progressed or completed, and only under the latest claim. A StageProgressed sets the
+# operation's percent, the image's version, time and last host, and the view's worker; a
+# StageClaimed sets these and the operation's claim host and epoch, which a later claim sets
+# again, and so does the completion (Image applies its epoch, the claim's).
+_SUPERSEDED_BY = {
+    _PROGRESSED: frozenset((_CLAIMED, _PROGRESSED, _COMPLETED)),
+    _CLAIMED: frozenset((_CLAIMED, _COMPLETED)),
+}
 
 
 _Known = tuple[type, Callable[[Any], Any], int]  # an event class, its id convertor, its version
@@ -136,17 +146,21 @@ def record_decoder(mapper: Mapper[Any]) -> Callable[[Record], Any]:
 
 
 def without_superseded_progress(batch: Sequence[Record]) -> list[Record]:
-    """``batch`` less each StageProgressed whose image's next record in it overwrites it."""
-    overwritten: set[bytes | str] = set()  # images whose next record (so far) overwrites
+    """``batch`` less each StageProgressed or StageClaimed whose every effect the image's
+    next kept record in it sets again (most of a busy log: progress is throttled, not rare).
+
+    Leaving a record out is transitive: a progress record followed by a claim that the
+    completion overwrites is overwritten by the completion too, whose effects hold the claim's.
+    """
+    later: dict[bytes | str, str] = {}  # each image's next kept record's topic, so far
+    superseded_by = _SUPERSEDED_BY
     kept = []
     for record in reversed(batch):
         key, topic = record.originator_key, record.topic
-        if topic == _PROGRESSED and key in overwritten:
+        by = superseded_by.get(topic)
+        if by is not None and later.get(key) in by:
             continue
-        if topic in _OVERWRITE_PROGRESS:
-            overwritten.add(key)
-        else:
-            overwritten.discard(key)
+        later[key] = topic
         kept.append(record)
     kept.reverse()
     return kept

@@ -28,8 +28,9 @@ def folded(state: Replay) -> dict[str, object]:
 
 
 def progress_heavy_log(log_dir: Path) -> None:
-    """Two disks whose stages report progress, interleaved: one completes, one fails after
-    progress, and a stage is taken over by another host after progress (a new claim)."""
+    """Three disks whose stages report progress, interleaved: one completes, one fails after
+    progress, a stage is taken over by another host after progress (a new claim), and a
+    stage taken over before any progress completes under the new claim."""
     mapper = new_mapper()
     clock = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -39,7 +40,7 @@ def progress_heavy_log(log_dir: Path) -> None:
         return clock
 
     disks = []
-    for n in range(2):
+    for n in range(3):
         top = ops.volume_ref(uuid.uuid4().hex, "qcow2")
         stage = {"do": "create", "volume": top, "size": 1}
         disks.append(
@@ -50,8 +51,12 @@ def progress_heavy_log(log_dir: Path) -> None:
                 host_id="host-a", now=now(),
             )
         )  # fmt: skip
-    a, b = disks
-    op_a, op_b = a.operations[0].op_id, b.operations[0].op_id
+    a, b, c = disks
+    op_a, op_b, op_c = (d.operations[0].op_id for d in disks)
+    c.claim(op_id=op_c, stage=0, host_id="host-a", now=now())
+    ec = c.claim(op_id=op_c, stage=0, host_id="host-b", now=now(), take_over="host-a")
+    c.progress(op_id=op_c, stage=0, epoch=ec, percent=50, host_id="host-b", now=now())
+    c.complete(op_id=op_c, stage=0, epoch=ec, host_id="host-b", now=now())
     ea = a.claim(op_id=op_a, stage=0, host_id="host-a", now=now())
     eb = b.claim(op_id=op_b, stage=0, host_id="host-b", now=now())
     for percent in (10, 40, 70):
@@ -64,7 +69,7 @@ def progress_heavy_log(log_dir: Path) -> None:
     eb = b.claim(op_id=op_b, stage=0, host_id="host-c", now=now())  # took over from host-b
     b.progress(op_id=op_b, stage=0, epoch=eb, percent=20, host_id="host-c", now=now())
     with OperationLog.create(str(log_dir), "host-a") as log:
-        for image in (a, b):
+        for image in (a, b, c):
             for event in image.collect_events():
                 stored = mapper.to_stored_event(event)
                 log.append(
@@ -87,9 +92,15 @@ def test_skipping_overwritten_progress_keeps_what_no_later_record_overwrites(
         replay(str(tmp_path / "log"), None, skip_superseded=False),
     )
     assert folded(skipped) == folded(everything)
-    assert skipped.view.records_read < everything.view.records_read
+    # Left out: a's 3 progress records and first claim; b's 3 progress records and first
+    # claim; c's progress and both claims.
+    assert everything.view.records_read - skipped.view.records_read == 4 + 4 + 3
     percents = sorted(op.percent for i in skipped.view.images() for op in i.operations)
-    assert percents == [20, 55]  # the failed stage keeps its last progress, as does the running one
+    # The failed stage keeps its last progress, as does the running one; c's next stage has
+    # none yet.
+    assert percents == [-1, 20, 55]
+    (c,) = [i for i in skipped.view.images() if i.user_data == {"n": 2}]
+    assert [(op.claim_epoch, op.claim_host, op.percent) for op in c.operations] == [(2, None, -1)]
     for position in range(1, everything.position + 1):
         assert folded(replay(str(tmp_path / "log"), Until(seq=position))) == folded(
             replay(str(tmp_path / "log"), Until(seq=position), skip_superseded=False)
