@@ -108,9 +108,11 @@ class VolumeIndex:
                 users.setdefault(ref, []).append(image)
             if image.chain:
                 (self.removed_tops if image.removed else self.tops).add(image.chain[-1])
+        done = ops.DONE
         for image in self.images:
             for op in image.operations:
-                if will_run(image, op, self.live_users):
+                # Finished work, nearly all of it, passed over before calling will_run.
+                if op.state != done and will_run(image, op, self.live_users):
                     self._note(op)
                     if op.purpose == ops.MERGE:
                         merges.append((image, op))
