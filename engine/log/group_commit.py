@@ -158,10 +158,11 @@ class GroupCommit(Generic[P]):
         committed 15% of the groups short and synced again for the stragglers (15,000 events/s
         against 17,000 with 16 threads). Waking the leader every 0.5 ms to see whether callers
         still come cost as much again: each wake-up takes the GIL from the chain. So the
-        leader waits one and a half times the usual gathering time (a moving average of the
-        groups its callers completed), at least ``delay``; then, as long as callers still
-        arrive, ``delay`` at a time, and never more than ``_MAX_GAPS`` delays in all. A caller
-        that stopped appending costs that first wait, until it is ``_CALLER_WINDOW`` old.
+        leader waits three times the usual gathering time (a moving average of the groups its
+        callers completed; the tail is long), at least ``delay``; then, as long as callers
+        still arrive, ``delay`` at a time, and never more than ``_MAX_GAPS`` delays in all. A
+        caller that stopped appending costs that first wait, until it is ``_CALLER_WINDOW``
+        old (docs/adr/0013-group-commit-gathers-for-a-learnt-time.md).
 
         Returns what to do next: ``_COMMIT`` the batch ourselves, or, when the arrival that
         completed the group took it over, ``_SLEEP`` on as one of its callers (our turn still
