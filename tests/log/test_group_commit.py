@@ -207,38 +207,46 @@ def test_the_caller_that_completes_a_group_commits_it_at_once_and_the_leader_ret
     assert results == {"leader": [2], "completer": [3]}
 
 
+DELAY = 0.05
+
+
+@pytest.fixture
+def patient_group(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeLog, GroupCommit[str]]:
+    """A group commit with a delay of DELAY whose leaders count every thread that appended in
+    the last minute as a caller to wait for, however slow the machine."""
+    monkeypatch.setattr(group_commit, "_CALLER_WINDOW", 60.0)
+    log = FakeLog()
+    return log, GroupCommit(log.commit, delay=DELAY)
+
+
 def test_callers_coming_back_one_by_one_slower_than_the_delay_still_share_one_commit(
-    monkeypatch: pytest.MonkeyPatch,
+    patient_group: tuple[FakeLog, GroupCommit[str]],
 ) -> None:
     # Like the callers of a big batch woken one after the other on a busy machine: together
     # they take twice the delay to arrive, each gap well under it.
-    monkeypatch.setattr(group_commit, "_CALLER_WINDOW", 60.0)
-    log = FakeLog()
-    group = GroupCommit(log.commit, delay=0.05)
+    log, group = patient_group
     callers = 6
     warm = threading.Barrier(callers)
 
     def come_back(n: int) -> None:
         group.submit(f"warm {n}")  # each thread a recent caller
         warm.wait()
-        time.sleep(0.02 * n)
+        time.sleep(DELAY * 0.4 * n)
         group.submit(f"back {n}")
 
     started = time.monotonic()
     run_threads(come_back, callers)
     assert sorted(log.batches[-1]) == [f"back {n}" for n in range(callers)]
-    assert time.monotonic() - started < 0.05 * group_commit._MAX_GAPS + 1.0
+    assert time.monotonic() - started < DELAY * group_commit._MAX_GAPS + 1.0
 
 
 def test_a_caller_that_stopped_appending_delays_a_group_by_a_bounded_wait(
-    monkeypatch: pytest.MonkeyPatch,
+    patient_group: tuple[FakeLog, GroupCommit[str]],
 ) -> None:
-    monkeypatch.setattr(group_commit, "_CALLER_WINDOW", 60.0)
-    log = FakeLog()
-    group = GroupCommit(log.commit, delay=0.05)
+    log, group = patient_group
     run_threads(lambda n: group.submit("gone"), 1)  # a recent caller that never comes back
     started = time.monotonic()
     assert group.submit("main") == [2]
     waited = time.monotonic() - started
-    assert 0.05 <= waited < 0.05 * group_commit._MAX_GAPS + 1.0
+    assert DELAY <= waited < DELAY * group_commit._MAX_GAPS + 1.0
     assert log.batches == [["gone"], ["main"]]
