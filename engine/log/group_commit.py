@@ -70,7 +70,7 @@ class GroupCommit(Generic[P]):
         self._gatherer: Request[P] | None = None  # the gathering leader's request
         self._want = 0  # callers the gathering leader waits for
         self._gather_started = 0.0  # when the gathering leader began to wait
-        self._gather_time = delay  # how long a group takes to gather (moving average)
+        self._gather_time = 0.0  # how long a group takes to gather (moving average; none yet)
         self._callers: dict[int, float] = {}  # thread -> when it last submitted
 
     def submit(self, payload: P) -> list[int]:
