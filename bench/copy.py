@@ -26,6 +26,8 @@ import statistics
 import tempfile
 import time
 
+from _about import interpreter
+
 from engine import StorageEngine
 from engine.formats.qemu import QemuImg, allocated_bytes
 
@@ -117,6 +119,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="strata-bench-copy-", dir=args.dir)
     qemu = QemuImg()
     print(f"work_dir: {work}")
+    print(f"interpreter: {interpreter()}")
     try:
         repos = [os.path.join(work, n) for n in ("repo1", "repo2")]
         with StorageEngine(

@@ -41,6 +41,7 @@ from functools import singledispatchmethod
 from pathlib import Path
 from typing import Any
 
+from _about import interpreter
 from eventsourcing.application import Application
 from eventsourcing.persistence import Transcoder
 from eventsourcing.sqlite import SQLiteFactory
@@ -249,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="strata-bench-append-", dir=args.dir)
     try:
         print(f"work_dir: {work}")
+        print(f"interpreter: {interpreter()}")
         print(f"filesystem: {filesystem_of(os.path.realpath(work))}")
         ours_us, fsync_us, record_size = commit_latency(work, args.saves)
         print(f"record_bytes: {record_size}")

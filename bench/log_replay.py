@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from _about import interpreter
 from eventsourcing.persistence import Mapper, StoredEvent
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteDatastore
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="strata-bench-replay-", dir=args.dir)
     try:
         print(f"work_dir: {work}")
+        print(f"interpreter: {interpreter()}")
         print(f"filesystem: {filesystem_of(os.path.realpath(work))}")
         print(f"scanner: {SCANNER}")
         events = make_events(args.events)

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from _about import interpreter
+
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.log import NewEvent, OperationLog
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = os.path.join(work, "log")
     try:
         print(f"work_dir: {work}")
+        print(f"interpreter: {interpreter()}")
         if not os.path.isdir(log_dir):
             os.makedirs(work, exist_ok=True)
             t0 = time.perf_counter()

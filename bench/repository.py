@@ -25,6 +25,8 @@ import statistics
 import tempfile
 import time
 
+from _about import interpreter
+
 from engine import StorageEngine
 
 MiB = 2**20
@@ -37,6 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="strata-bench-repo-", dir=args.dir)
     print(f"work_dir: {work}")
+    print(f"interpreter: {interpreter()}")
     try:
         path = os.path.join(work, "repo1")
         os.mkdir(path)

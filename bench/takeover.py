@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from _about import interpreter
+
 from engine import StorageEngine
 from engine.formats.qemu import QemuImg
 from engine.log import OperationLog
@@ -139,6 +141,7 @@ def main() -> int:
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="strata-bench-takeover-", dir=args.dir)
     print(f"work_dir: {work}")
+    print(f"interpreter: {interpreter()}")
     try:
         takeovers = []
         for n in range(args.rounds):
