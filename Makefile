@@ -44,7 +44,8 @@ $(MADE_BY):
 	touch $@
 
 # setup.py builds the C fast paths in place: a change to any of them rebuilds them.
-$(STAMP): pyproject.toml setup.py engine/log/_fastscan.c engine/persistence/_fasthook.c $(MADE_BY)
+$(STAMP): pyproject.toml setup.py engine/log/_fastscan.c engine/persistence/_fasthook.c \
+		engine/projections/_fastevents.c $(MADE_BY)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -20,6 +20,13 @@ setup(
             optional=True,
             extra_compile_args=OPTIMIZE,
         ),
+        # Log records made into domain events (engine/projections/replay_events.py).
+        Extension(
+            "engine.projections._fastevents",
+            ["engine/projections/_fastevents.c"],
+            optional=True,
+            extra_compile_args=OPTIMIZE,
+        ),
         # The transcoder's msgpack object hook (engine/persistence/transcoder.py).
         Extension(
             "engine.persistence._fasthook",

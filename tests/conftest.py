@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.log import batch, scan
+from engine.projections import replay_events
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -13,7 +14,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("compiled", "python"),
         default=None,
         help="read and frame logs with this code (default: the compiled one when it is built); "
-        "`--scanner=python` runs the suite on the pure-Python reference (ADRs 0008, 0011)",
+        "`--scanner=python` runs the suite on the pure-Python reference (ADRs 0008, 0011), "
+        "and replay makes events without the C loop (ADR 0014)",
     )
 
 
@@ -22,5 +24,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if chosen == "python":
         scan.scan_frames = None
         batch.fast_frame_batch = batch.fast_index_batch = None
+        replay_events.build_events = None
     elif chosen == "compiled" and scan.compiled_scan_frames is None:
         raise pytest.UsageError("--scanner=compiled: engine/log/_fastscan is not built")

@@ -29,7 +29,7 @@ from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.image_state import clone, image_key
 from engine.projections.read_model import Checkpoint, ReadModel, image_row
-from engine.projections.replay_events import record_decoder
+from engine.projections.replay_events import record_decoder, records_decoder
 from engine.projections.status import image_status
 
 DEFAULT_BATCH = 500
@@ -77,6 +77,7 @@ class RepositoryView:
         else:
             raise InvalidParameter("a detached view needs a mapper and has no db_path", name="app")
         self._to_event = record_decoder(self._mapper)
+        self._to_events = records_decoder(self._mapper)
         self._batch_size = batch_size
         self._lock = threading.RLock()
         self._store = None if db_path is None else ReadModel(db_path)
@@ -168,7 +169,9 @@ class RepositoryView:
 
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
-        to_event = self._to_event
+        # Every record decoded first, the common ones in one C loop (a decoding error leaves
+        # the view untouched, as any error does).
+        events = self._to_events(records if isinstance(records, list) else list(records))
         # Keyed by the record's originator key (bytes hash in C, a UUID in Python) until the end.
         ids: dict[bytes | str, uuid.UUID] = {}
         before: dict[bytes | str, Image | None] = {}  # copy-on-write: as the batch found them
@@ -176,8 +179,7 @@ class RepositoryView:
         workers: dict[bytes | str, str] = {}
         repository = self._repository
         image_event, images, is_work = Image.Event, self._images, _is_work
-        for record in records:
-            event = to_event(record)
+        for record, event in zip(records, events, strict=True):
             if isinstance(event, image_event):
                 key = record.originator_key
                 image = staged.get(key)
