@@ -171,24 +171,35 @@ def _optimizations(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
 
 
 def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
-    busy = set(index.merging_families)
-    for _, ref, family in sorted(index.merge_candidates()):
-        if family in busy:
-            continue  # decided before the merge is worked out: half of a large check's
-        merge = index.merge_of(ref)
-        if merge is None or index.merge_blocker(merge, lost) is not None:
-            continue
-        busy.add(merge.family)  # one merge per family of chains at a time
-        carrier = merge.users[0]
-        yield make_fix(
-            ops.MERGE,
-            carrier,
-            [*merge.users, *merge.owners],
-            f"merge volume {merge.volume} of removed image(s) "
-            f"{', '.join(o.id_text for o in merge.owners) or '(none)'} into "
-            f"{len(merge.children)} child volume(s), shortening {len(merge.users)} chain(s)",
-            stages=index.merge_stages(merge, carrier),
-        )
+    """One merge per family of chains at a time, none in a family a merge already works on:
+    in each family, the first candidate by (depth, volume) that may be merged now.
+
+    Family by family, in the order the candidates come (the images' order in memory): the
+    families are independent, and the fixes are sorted at the end anyway. A candidate's family
+    is its merge's (both are its first live user's base), so a busy one is passed over before
+    the merge is worked out: half of a large check's candidates.
+    """
+    busy = index.merging_families
+    families: dict[str, list[tuple[int, str]]] = {}
+    for depth, ref, family in index.merge_candidates():
+        if family not in busy:
+            families.setdefault(family, []).append((depth, ref))
+    for candidates in families.values():
+        for _, ref in sorted(candidates):
+            merge = index.merge_of(ref)
+            if merge is None or index.merge_blocker(merge, lost) is not None:
+                continue
+            carrier = merge.users[0]
+            yield make_fix(
+                ops.MERGE,
+                carrier,
+                [*merge.users, *merge.owners],
+                f"merge volume {merge.volume} of removed image(s) "
+                f"{', '.join(o.id_text for o in merge.owners) or '(none)'} into "
+                f"{len(merge.children)} child volume(s), shortening {len(merge.users)} chain(s)",
+                stages=index.merge_stages(merge, carrier),
+            )
+            break
 
 
 def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list[Fix]:
