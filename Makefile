@@ -57,7 +57,7 @@ test: setup
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy engine log_tools
 	$(BIN)/pytest -q
-	# The log's tests again on the pure-Python scanner, the reference the compiled one follows.
+	# The log's and replay's tests again on the pure-Python code the compiled one follows.
 	$(BIN)/pytest -q --scanner=python tests/log tests/replay tests/log_tools
 
 lint: setup
