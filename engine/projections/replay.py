@@ -43,7 +43,7 @@ from engine.projections.replay_events import (
     locate,
     new_mapper,
     to_event,
-    without_superseded_progress,
+    without_superseded,
 )
 from engine.projections.status import status_fields
 from engine.projections.view import RepositoryView
@@ -313,7 +313,7 @@ def _fold(
     view: RepositoryView, mapper: Mapper[Any], log_dir: str, batch: list[Record], skip: bool
 ) -> None:
     try:
-        view.fold(without_superseded_progress(batch) if skip else batch)
+        view.fold(without_superseded(batch) if skip else batch)
     except (TopicError, ValueError) as e:
         # Which record? Decode them again one by one; a record that decodes is not the cause.
         for record in batch:

@@ -1,9 +1,10 @@
 """Records of a read-only log as domain events, for replay and audits.
 
 :class:`ReplayMapper` decodes as eventsourcing's mapper does, upcasting included, with the
-per-class lookups done once; :func:`without_superseded_progress` leaves out progress records
-whose every effect a later record overwrites (most of a busy log); :func:`locate` says where
-a record lies on disk, for reporting an event that does not decode.
+per-class lookups done once and the common records of a batch made into events in C;
+:func:`without_superseded` leaves out progress and claim records whose every effect a later
+record overwrites (most of a busy log); :func:`locate` says where a record lies on disk, for
+reporting an event that does not decode.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def record_decoder(mapper: Mapper[Any]) -> Callable[[Record], Any]:
     return decode
 
 
-def without_superseded_progress(batch: Sequence[Record]) -> list[Record]:
+def without_superseded(batch: Sequence[Record]) -> list[Record]:
     """``batch`` less each StageProgressed or StageClaimed whose every effect the image's
     next kept record in it sets again (most of a busy log: progress is throttled, not rare).
 

@@ -1,4 +1,4 @@
-"""engine.projections.replay: skipping overwritten progress changes nothing, and the points."""
+"""engine.projections.replay: leaving out overwritten records changes nothing; the points."""
 
 from __future__ import annotations
 
