@@ -13,14 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import (
-    EventStore,
-    Notification,
-    Recording,
-    StoredEvent,
-)
-
-from engine.persistence.recorders import LogApplicationRecorder
+from eventsourcing.persistence import EventStore, Notification, Recording, StoredEvent
 
 _new = object.__new__
 
@@ -32,13 +25,7 @@ class LogEventStore(EventStore[Any]):
         """Stores domain events in aggregate sequence (as the library's ``put`` does)."""
         to_stored_event = self.mapper.to_stored_event
         stored_events = [to_stored_event(event) for event in domain_events]
-        recorder = self.recorder
-        notification_ids: Sequence[int] | None
-        if type(recorder) is LogApplicationRecorder:
-            # Its insert_events without the hop (a save's Python is what a group commit waits for).
-            notification_ids = recorder.append(stored_events, **kwargs)
-        else:
-            notification_ids = recorder.insert_events(stored_events, **kwargs)
+        notification_ids = self.recorder.insert_events(stored_events, **kwargs)
         recordings: list[Recording[Any]] = []
         if not notification_ids:
             return recordings

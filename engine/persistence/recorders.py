@@ -53,10 +53,10 @@ class LogAggregateRecorder(AggregateRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        self.append(stored_events, **kwargs)
+        self._append(stored_events, **kwargs)
         return None
 
-    def append(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> list[int]:
+    def _append(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> list[int]:
         """Append the events as one transaction; their sequence numbers, once durable. Raises
         the library's ``IntegrityError`` when an aggregate's version moved."""
         if kwargs.get("tracking") is not None:
@@ -98,7 +98,7 @@ class LogApplicationRecorder(LogAggregateRecorder, ApplicationRecorder):
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
-        return self.append(stored_events, **kwargs)
+        return self._append(stored_events, **kwargs)
 
     def select_notifications(
         self,
