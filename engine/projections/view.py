@@ -221,8 +221,9 @@ class RepositoryView:
         C loop, engine/projections/_fastevents.c): events still in the CPU's cache when they
         are applied. Decoding a whole batch of 20,000 first made the fold slower, not faster."""
         to_events = self._to_events
-        for start in range(0, len(records), _DECODE_CHUNK):
-            chunk = list(records[start : start + _DECODE_CHUNK])
+        listed = records if isinstance(records, list) else list(records)
+        for start in range(0, len(listed), _DECODE_CHUNK):
+            chunk = listed[start : start + _DECODE_CHUNK]
             yield from zip(chunk, to_events(chunk), strict=True)
 
     def _reindex(self, key: uuid.UUID, old: Image | None, image: Image) -> set[uuid.UUID]:
