@@ -8,6 +8,7 @@ boundary with ``raise ... from e``.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -95,6 +96,82 @@ class ConcurrencyConflict(LogError):
 class LogClosed(LogError):
     code = "log_closed"
     template = "The log at {path} is closed"
+
+
+class CommitUnknown(LogError):
+    """A write of the log failed in a way that leaves unknown whether it reached the disk."""
+
+    code = "commit_unknown"
+    template = (
+        "Whether the append to the log at {path} was committed is unknown ({detail}); the "
+        "next append or a reconnect reads the log and settles it. Retrying the same call with "
+        "the same arguments is safe"
+    )
+
+
+class LogMissing(LogError):
+    """The log directory (or its last segment) was removed or replaced under a running host."""
+
+    code = "log_missing"
+    template = (
+        "The log at {path} was removed or replaced while this host had it open ({detail}); "
+        "nothing was appended. Restore the repository's log, then disconnect and connect the "
+        "repository again"
+    )
+
+
+# --- the storage under the engine -----------------------------------------------------------
+
+
+class StorageError(StrataError):
+    """The operating system refused a file operation in a repository or the state directory.
+
+    ``errno`` is the operating system's error number, ``path`` the file concerned.
+    """
+
+    code = "storage_error"
+    template = "{doing} {path} failed: {detail}; check the storage and retry"
+
+
+class StorageFull(StorageError):
+    code = "storage_full"
+    template = (
+        "{doing} {path} failed: the filesystem is full ({detail}); nothing was changed. Free "
+        "space there: the engine resumes by itself"
+    )
+
+
+class StorageReadOnly(StorageError):
+    code = "storage_read_only"
+    template = (
+        "{doing} {path} failed: the filesystem is read-only ({detail}); nothing was changed. "
+        "Make it writable again: the engine resumes by itself"
+    )
+
+
+class PermissionDenied(StorageError):
+    code = "permission_denied"
+    template = (
+        "{doing} {path} failed: permission denied ({detail}); give this host's user access to "
+        "the repository (or the state directory) and retry"
+    )
+
+
+_BY_ERRNO: dict[int, type[StorageError]] = {
+    errno.ENOSPC: StorageFull,
+    errno.EDQUOT: StorageFull,
+    errno.EROFS: StorageReadOnly,
+    errno.EACCES: PermissionDenied,
+    errno.EPERM: PermissionDenied,
+}
+
+
+def storage_error(e: OSError, doing: str, path: str | None = None) -> StorageError:
+    """The typed error for an operating system error ``e`` met while ``doing`` ``path``
+    (raise it ``from e``)."""
+    cls = _BY_ERRNO.get(e.errno or 0, StorageError)
+    where = path if path is not None else (e.filename if e.filename is not None else "")
+    return cls(e.strerror or str(e), doing=doing, path=where, errno=e.errno or 0)
 
 
 # --- the eventsourcing boundary -------------------------------------------------------------
@@ -264,6 +341,11 @@ class ExecutorFailed(StrataError):
         "The executor of host {host_id} stopped on an unexpected error: {detail}; stages it "
         "had claimed stay claimed until it restarts"
     )
+
+
+class EngineClosed(StrataError):
+    code = "engine_closed"
+    template = "This StorageEngine was closed; make a new one to go on"
 
 
 # --- hosts and fencing ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from engine.log import NewEvent, OperationLog, Record, framing, segments
 from engine.log.reader import CHUNK, ReadOnlyLog
 from engine.log.scan import SECTOR
 from engine.log.store import TORN_DIR
+from tests.log import witnesses
 
 SEGMENT_SIZE = 4096
 TOPIC = "engine.aggregates.image.Image.Requested"
@@ -130,7 +131,8 @@ def append_then_keep(log_dir: Path, events: list[NewEvent], keep: Callable[[byte
     path = segment_files(log_dir)[-1]
     end = path.stat().st_size
     with OperationLog.open(str(log_dir), "host-c") as log:  # default size: no roll-over
-        log.append(events)
+        [first, *_] = log.append(events)
+    witnesses.forget_from(log_dir, first)  # a crash: the append was never acknowledged
     written = path.read_bytes()[end:]
     torn = keep(written)
     with open(path, "r+b") as f:

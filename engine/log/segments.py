@@ -8,8 +8,10 @@ at most a ``.segment-*.tmp`` file that the next appender removes.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import msgpack
@@ -55,6 +57,22 @@ def list_segments(directory: str) -> list[int]:
                 offset=0,
             )
     return numbers
+
+
+def open_segment(path: str, number: int) -> int:
+    """Open a segment for reading: a regular file, never through a symbolic link (SPEC §11)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise LogCorrupted(
+            "the segment is a symbolic link, which Strata never follows", segment=number, offset=0
+        ) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogCorrupted("the segment is not a regular file", segment=number, offset=0)
+    return fd
 
 
 def read_header(fd: int, path: str, number: int) -> tuple[SegmentHeader, int]:

@@ -11,6 +11,8 @@ memory and is caught up by reading only the bytes appended since the last look.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import os
 import threading
 import time
@@ -23,9 +25,11 @@ from engine.errors import (
     InvalidParameter,
     LogClosed,
     LogCorrupted,
+    LogMissing,
     NotAStrataLog,
+    storage_error,
 )
-from engine.log import framing, segments
+from engine.log import framing, segments, space
 from engine.log.batch import (
     AggregateEntry,
     EventToAppend,
@@ -38,6 +42,7 @@ from engine.log.group_commit import GroupCommit, Request
 from engine.log.locking import RangeLock
 from engine.log.scan import ScanResult, Tail, gc_paused, scan
 from engine.log.segments import SegmentInfo
+from engine.log.witness import WitnessWriter, read_witnesses
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
@@ -80,11 +85,15 @@ class OperationLog:
         self._clock = clock
         self._mutex = threading.RLock()  # guards the index and the tail position
         self._closed = False
-        self._failed: BaseException | None = None
+        # Set when a failed write could not be undone: the write handle is opened anew and
+        # whatever the failed write left past ``_end`` is read again, under the lock, before
+        # the next append (engine/log/space.py says why such a write can still be committed).
+        self._suspect = False
         self._segments: list[SegmentInfo] = []
         self._first_seqs: list[int] = []
         self._read_fds: dict[int, int] = {}
-        self._write_fd = -1
+        self._write_fd = -1  # opened at the first append: a reader may have read-only storage
+        self._reserved_end = 0  # space is allocated for the last segment up to here
         self._end = 0  # offset just past the last whole transaction in the last segment
         self._next_segment_path = ""  # the one whose appearance ends the last segment
         self._next_seq = 1
@@ -97,15 +106,29 @@ class OperationLog:
         self._group: GroupCommit[Sequence[EventToAppend]] = GroupCommit(self._commit, commit_delay)
         self._packer = framing.new_packer()  # used by the committing thread, under _mutex
         self._swept = False
+        self._witness = WitnessWriter(self.directory, self.host_id)
+        try:
+            identity = os.stat(self.directory)
+        except FileNotFoundError as e:
+            raise NotAStrataLog("no such directory", path=self.directory) from e
+        except OSError as e:
+            raise storage_error(e, "Opening the log", self.directory) from e
         if not os.path.isdir(self.directory):
-            raise NotAStrataLog("no such directory", path=self.directory)
+            raise NotAStrataLog("not a directory", path=self.directory)
+        # What a later append checks to notice that log/ was removed or replaced meanwhile.
+        self._identity = (identity.st_dev, identity.st_ino)
         if not segments.list_segments(self.directory):
             raise NotAStrataLog("no segment files", path=self.directory)
         # Created at the first append, so that opening a directory that turns out not to be a
         # sound log leaves it exactly as it was.
         self._lock: RangeLock | None = None
+        self._shared_lock: RangeLock | None = None  # readers' look past the committed end
         try:
             self._catch_up(locked=False)
+            self._check_witnesses()
+        except OSError as e:
+            self.close()
+            raise storage_error(e, "Reading the log", self.directory) from e
         except BaseException:
             self.close()
             raise
@@ -150,11 +173,11 @@ class OperationLog:
             for fd in self._read_fds.values():
                 os.close(fd)
             self._read_fds.clear()
-            if self._write_fd >= 0:
-                os.close(self._write_fd)
-                self._write_fd = -1
-            if self._lock is not None:
-                self._lock.close()
+            self._close_write_fd()
+            for lock in (self._lock, self._shared_lock):
+                if lock is not None:
+                    lock.close()
+            self._witness.close()
         self._notify()
 
     def __enter__(self) -> OperationLog:
@@ -182,22 +205,48 @@ class OperationLog:
         try:
             with self._mutex:
                 self._check_open()
-                if self._lock is None:
-                    self._lock = segments_lock(self.directory)
-                self._lock.acquire()
                 try:
-                    self._catch_up(locked=True)
-                    if not self._swept:
-                        # Once per appender: a crash mid roll-over leaves a temporary segment.
-                        segments.remove_stale_temporaries(self.directory)
-                        self._swept = True
-                    if self._end >= self._segment_size:
-                        self._roll_over()
-                    self._write_batch(batch)
-                finally:
-                    self._lock.release()
+                    self._check_still_there()
+                    if self._lock is None:
+                        self._lock = segments_lock(self.directory)
+                    self._lock.acquire()
+                    try:
+                        self._append_locked(batch)
+                    finally:
+                        self._lock.release()
+                except OSError as e:
+                    raise storage_error(e, "Appending to the log in", self.directory) from e
         finally:
             self._notify()
+
+    def _append_locked(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
+        if self._suspect:
+            self._close_write_fd()  # a handle whose write failed is not trusted again
+            self._suspect = False
+        self._catch_up(locked=True)
+        if not self._swept:
+            # Once per appender: a crash mid roll-over leaves a temporary segment.
+            segments.remove_stale_temporaries(self.directory)
+            self._swept = True
+        if self._end >= self._segment_size:
+            self._roll_over()
+        self._write_batch(batch)
+
+    def _check_still_there(self) -> None:
+        """Refuse to append into a log directory that was removed or replaced since it was
+        opened (its records would go to files nobody reads), or whose last segment was."""
+        try:
+            st = os.stat(self.directory)
+        except FileNotFoundError as e:
+            raise LogMissing("the directory is gone", path=self.directory) from e
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise LogMissing("another directory is there now", path=self.directory)
+        if self._segments:
+            fd = self._read_fds[self._segments[-1].number]
+            if os.fstat(fd).st_nlink == 0:
+                raise LogMissing(
+                    f"segment {self._segments[-1].number} was removed", path=self.directory
+                )
 
     def _write_batch(self, batch: list[Request[Sequence[EventToAppend]]]) -> None:
         """Frame every acceptable request of ``batch`` (engine/log/batch.py), then write and
@@ -215,23 +264,51 @@ class OperationLog:
         out = framed.out
         if not out:
             return
+        fd = self._writable()
+        where = self._last_segment_path()
+        if self._end + len(out) > self._reserved_end:
+            # Allocated before a byte is written, so that a full filesystem fails the append
+            # here, cleanly, rather than with a write that stops halfway.
+            self._reserved_end = space.reserve(fd, self._end, len(out), where)
         try:
-            written = os.pwrite(self._write_fd, out, self._end)
+            written = os.pwrite(fd, out, self._end)
+        except OSError as e:  # pwrite fails only when it wrote nothing
+            raise storage_error(e, "Appending to", where) from e
+        try:
             if written != len(out):
-                raise OSError(f"short write to the log: {written} of {len(out)} bytes")
-            os.fdatasync(self._write_fd)
-        except BaseException as e:
-            # After a failed (or interrupted) write or fsync nobody knows what reached the disk:
-            # stop using this handle rather than guess, or write over records a reader may
-            # already have seen (the records, if whole, will be read back as committed).
-            self._failed = e
-            if isinstance(e, OSError):
-                raise LogClosed(path=self.directory) from e
+                raise OSError(errno.ENOSPC, f"short write: {written} of {len(out)} bytes")
+            os.fdatasync(fd)
+        except OSError as e:
+            space.undo_write(fd, self._end, e, where, self._suspected)
+            raise AssertionError("undo_write raises") from e  # pragma: no cover
+        except BaseException:
+            self._suspected()  # interrupted between the write and its sync: read it again
             raise
         self._offsets.extend(framed.offsets)
         index_batch(framed.accepted, self._aggregates)  # self._index, from the claims
         self._end += len(out)
         self._next_seq, self._last_hash = framed.next_seq, framed.last_hash
+        self._witness.write(self._next_seq - 1, self._last_hash)
+
+    def _suspected(self) -> None:
+        self._suspect = True
+
+    def _writable(self) -> int:
+        if self._write_fd < 0:
+            path = self._last_segment_path()
+            self._write_fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._reserved_end = 0
+        return self._write_fd
+
+    def _close_write_fd(self) -> None:
+        if self._write_fd >= 0:
+            fd, self._write_fd = self._write_fd, -1
+            # A failed close of a handle we no longer trust changes nothing.
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _last_segment_path(self) -> str:
+        return segments.segment_path(self.directory, self._segments[-1].number)
 
     def _roll_over(self) -> None:
         number = self._segments[-1].number + 1
@@ -272,6 +349,15 @@ class OperationLog:
             # lock no one can roll over between this look and the cut.
             final = os.access(self._next_segment_path, os.F_OK)  # no exception to build
             size = os.fstat(fd).st_size
+            if size < self._end:
+                # This host read (or wrote) records up to _end: they were committed. Bytes
+                # gone from under them are damage, never a torn tail to cut.
+                raise LogCorrupted(
+                    f"the segment is {size} bytes long but held committed records up to byte "
+                    f"{self._end} (sequence {self._next_seq - 1}): it was cut or replaced",
+                    segment=info.number,
+                    offset=size,
+                )
             if size > self._end:
                 self._scan_tail(info, fd, size, locked=locked, may_cut=not final)
             if not final:
@@ -291,28 +377,33 @@ class OperationLog:
     def _scan_tail(
         self, info: SegmentInfo, fd: int, size: int, *, locked: bool, may_cut: bool
     ) -> None:
+        if not locked:
+            size = self._committed_size(fd, size)
+            if size <= self._end:
+                return
         buf = os.pread(fd, size - self._end, self._end)
-        try:
-            result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
-        except LogCorrupted:
-            if locked:
-                raise
-            # Without the lock we may be looking at an append in progress (on NFS a reader can
-            # see a write's bytes out of order): look again once no appender is writing.
-            lock_path = os.path.join(self.directory, segments.LOCK_NAME)
-            if not os.path.exists(lock_path):
-                raise  # no appender has ever run here: nothing can be in progress
-            shared = RangeLock(lock_path, readonly=True)
-            try:
-                shared.acquire(shared=True)
-                buf = os.pread(fd, os.fstat(fd).st_size - self._end, self._end)
-                result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
-            finally:
-                shared.close()
+        result = scan(buf, self._end, info.number, self._next_seq, self._last_hash)
         with gc_paused():  # indexing a long log allocates much and frees nothing
             self._accept(result)
         if result.tail is Tail.TORN and locked and may_cut:
             self._cut_torn_tail(info, fd, result.end)
+
+    def _committed_size(self, fd: int, size: int) -> int:
+        """How far the segment holds only finished appends: its size while no appender
+        holds the lock. An append in progress may still fail and be undone, so a reader must
+        not take its records as committed (and on NFS taking the lock also makes the client
+        read the bytes afresh). Bytes before that size never change afterwards."""
+        if self._shared_lock is None:
+            lock_path = os.path.join(self.directory, segments.LOCK_NAME)
+            try:
+                self._shared_lock = RangeLock(lock_path, readonly=True)
+            except FileNotFoundError:
+                return size  # no appender has ever run here: nothing can be in progress
+        self._shared_lock.acquire(shared=True)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            self._shared_lock.release()
 
     def _accept(self, result: ScanResult) -> None:
         self._index(result.records, result.offsets)
@@ -320,6 +411,10 @@ class OperationLog:
         self._next_seq, self._last_hash = result.next_seq, result.last_hash
 
     def _cut_torn_tail(self, info: SegmentInfo, fd: int, end: int) -> None:
+        # A torn tail is what a crash mid-append leaves, and that append was never
+        # acknowledged. If a witness says records past ``end`` were committed, the bytes
+        # were lost after the fact: damage, and nothing is cut.
+        self._check_witnesses(torn_at=end)
         torn = os.pread(fd, os.fstat(fd).st_size - end, end)
         keep = os.path.join(self.directory, TORN_DIR)
         os.makedirs(keep, exist_ok=True)
@@ -329,12 +424,13 @@ class OperationLog:
             f.flush()
             os.fsync(f.fileno())
         segments.fsync_directory(keep)
-        os.ftruncate(self._write_fd, end)
-        os.fsync(self._write_fd)
+        write_fd = self._writable()
+        os.ftruncate(write_fd, end)
+        os.fsync(write_fd)
 
     def _open_segment(self, number: int) -> None:
         path = segments.segment_path(self.directory, number)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = segments.open_segment(path, number)
         try:
             header, data_start = segments.read_header(fd, path, number)
         except NotAStrataLog as e:
@@ -361,9 +457,7 @@ class OperationLog:
         self._next_segment_path = segments.segment_path(self.directory, number + 1)
         self._first_seqs.append(header.first_seq)
         self._end = data_start
-        if self._write_fd >= 0:
-            os.close(self._write_fd)
-        self._write_fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._close_write_fd()  # the next append opens the new last segment
 
     def _index(self, records: Sequence[Record], offsets: Sequence[int]) -> None:
         self._offsets.extend(offsets)
@@ -506,8 +600,40 @@ class OperationLog:
     def _check_open(self) -> None:
         if self._closed:
             raise LogClosed(path=self.directory)
-        if self._failed is not None:
-            raise LogClosed(path=self.directory) from self._failed
+
+    def _check_witnesses(self, torn_at: int | None = None) -> None:
+        """Raise :class:`LogCorrupted` if a host witnessed a committed record that the log
+        no longer holds as it was (engine/log/witness.py)."""
+        witnesses = read_witnesses(self.directory)
+        if torn_at is None and any(w.seq >= self._next_seq for w in witnesses):
+            # Not under the lock: the witness may name an append that finished after we last
+            # looked at the log's end. Look again; a record committed is there now.
+            self._catch_up(locked=False)
+        last = self._next_seq - 1
+        for witness in witnesses:
+            if witness.seq > last:
+                tear = "" if torn_at is None else ", then a torn record"
+                raise LogCorrupted(
+                    f"host {witness.host_id!r} committed records up to sequence {witness.seq}, "
+                    f"but the log holds only {last}{tear}: the log was cut; nothing was cut "
+                    "or appended",
+                    segment=self._segments[-1].number,
+                    offset=self._end,
+                )
+            if witness.seq >= 1 and self._hash_of(witness.seq) != witness.hash:
+                seg = bisect.bisect_right(self._first_seqs, witness.seq) - 1
+                raise LogCorrupted(
+                    f"host {witness.host_id!r} committed record {witness.seq} with another "
+                    "chain hash: the log was replaced or rewritten",
+                    segment=self._segments[seg].number,
+                    offset=self._offsets[witness.seq - 1],
+                )
+
+    def _hash_of(self, seq: int) -> bytes:
+        """The chain hash of record ``seq`` (1 <= seq <= last): the next one's prev_hash."""
+        if seq == self._next_seq - 1:
+            return self._last_hash
+        return self.read(seq + 1, seq + 1)[0].prev_hash
 
 
 def segments_lock(directory: str) -> RangeLock:

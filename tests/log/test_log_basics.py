@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed
+from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed, StorageError
 from engine.log import NewEvent, OperationLog, framing
 from engine.log.group_commit import Request
 from engine.log.segments import read_header
@@ -293,28 +293,44 @@ def test_a_limit_of_zero_returns_no_records_from_events_of_as_it_does_from_read(
         assert log.events_of("a", limit=0) == []
 
 
-@pytest.mark.parametrize(
-    "failure", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["EIO", "interrupt"]
-)
-def test_a_failed_or_interrupted_sync_closes_the_log_rather_than_write_over_its_records(
-    log_dir, monkeypatch, failure
-):
+def test_a_failed_sync_is_undone_and_the_log_goes_on(log_dir, monkeypatch):
+    """A sync that fails leaves the records' fate unknown: they are cut off again under the
+    lock, so that nobody reads them as committed, the caller gets a typed error, and the next
+    append works once the storage does."""
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("first", 1)])
 
         def fail(fd: int) -> None:
-            raise failure
+            raise OSError(5, "Input/output error")
 
         monkeypatch.setattr("engine.log.store.os.fdatasync", fail)
-        with pytest.raises((LogClosed, KeyboardInterrupt)):
+        with pytest.raises(StorageError) as raised:
+            log.append([event("unsure", 1)])
+        assert raised.value.errno == 5
+        monkeypatch.undo()
+        assert log.append([event("after", 1)]) == [2]
+    with OperationLog.open(log_dir, "host-b") as log:
+        assert [r.originator_id for r in log.read()] == ["first", "after"]
+
+
+def test_an_interrupted_sync_leaves_the_append_to_be_read_again(log_dir, monkeypatch):
+    """Interrupted between write and sync, the append may or may not be on the disk: the
+    next append reads the tail again rather than write over records a reader may have seen."""
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([event("first", 1)])
+
+        def interrupt(fd: int) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr("engine.log.store.os.fdatasync", interrupt)
+        with pytest.raises(KeyboardInterrupt):
             log.append([event("unsure", 1)])
         monkeypatch.undo()
-        with pytest.raises(LogClosed):
-            log.append([event("after", 1)])
+        log.append([event("after", 1)])
     with OperationLog.open(log_dir, "host-b") as log:
         # The unsure record reached the page cache whole, so it reads back as committed; what
         # matters is that nothing was written over it.
-        assert [r.originator_id for r in log.read()] == ["first", "unsure"]
+        assert [r.originator_id for r in log.read()] == ["first", "unsure", "after"]
 
 
 def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir):

@@ -20,6 +20,7 @@ import pytest
 from engine.errors import LogCorrupted, NotAStrataLog, StrataError, UnsupportedLogVersion
 from engine.log import NewEvent, OperationLog, Record
 from engine.log.framing import FRAME_HEADER_SIZE, SEGMENT_PREAMBLE, frame
+from tests.log import witnesses
 
 SEGMENT_SIZE = 4096
 
@@ -117,6 +118,7 @@ def test_a_last_transaction_cut_at_any_byte_is_a_torn_tail_that_the_next_append_
         copy = tmp_path / f"cut-at-{cut}"
         shutil.copytree(original, copy)
         os.truncate(segment(copy, txn.segment), cut)
+        witnesses.forget_from(copy, len(before) + 1)
 
         with OperationLog.open(str(copy), "survivor", segment_size=SEGMENT_SIZE) as log:
             assert summary(log.read()) == before, f"cut at {cut}"
@@ -161,6 +163,7 @@ def test_a_last_record_whose_later_sectors_never_reached_the_disk_is_torn(log_di
     path = segment(log_dir, 1)
     data = path.read_bytes()
     path.write_bytes(data[:boundary] + bytes(len(data) - boundary))
+    witnesses.forget_from(log_dir, len(before) + 1)
 
     with OperationLog.open(log_dir, "survivor") as log:
         assert summary(log.read()) == before

@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 from engine.errors import ConcurrencyConflict
 from engine.log import NewEvent, OperationLog, Record
 from engine.log.framing import ZERO_HASH, digest, encode_payload, frame
+from tests.log import witnesses
 
 SEGMENT_SIZE = 4096
 AGGREGATES: list[uuid.UUID | str] = [uuid.UUID(int=n) for n in (1, 2, 3)] + ["vm-a", "vm-b"]
@@ -170,6 +171,7 @@ class LogAgainstModel(RuleBasedStateMachine):
         with open(path, "rb") as f:
             torn_bytes = f.read()[end - length : cut]
         os.truncate(path, cut)
+        witnesses.forget_from(self.directory, first)
         del self.model[first - 1 :]
         self.newest = None
         self.reopen_as_a_new_process()
