@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.application import StrataLogApplication
+from engine.errors import StrataError, storage_error
 from engine.formats.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
@@ -32,7 +33,10 @@ class ViewFollower:
         self._poll_interval = poll_interval
         self._stop = threading.Event()
         self.changed = threading.Condition()
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # a bug that stopped the thread
+        # The last storage fault that kept the view from catching up (None once it did):
+        # reads go on answering from the view meanwhile, and the thread keeps trying.
+        self.fault: StrataError | None = None
         self._thread = threading.Thread(target=self._run, name="strata-view", daemon=True)
 
     def start(self) -> ViewFollower:
@@ -47,14 +51,28 @@ class ViewFollower:
                 if self._stop.is_set():
                     return
                 self.caught_up()
-        except BaseException as e:  # surfaced by check() on the caller's next request
+                if self.fault is not None:
+                    self._stop.wait(self._poll_interval)  # the storage is failing: not a spin
+        except Exception as e:  # a bug: surfaced by check() on the caller's next request
             self.error = e
             with self.changed:
                 self.changed.notify_all()
-            raise
 
     def caught_up(self) -> int:
-        position = self._view.catch_up()
+        """Fold what the log holds now; return the view's position. A fault of the storage
+        (a log that cannot be read now, a read model that cannot be written) leaves the view
+        where it was, answering reads, and is kept in :attr:`fault` until a catch-up works:
+        a call whose events are committed must not fail because the view lags behind."""
+        try:
+            position = self._view.catch_up()
+        except StrataError as e:
+            self.fault = e
+            position = self._view.position
+        except OSError as e:
+            self.fault = storage_error(e, "Reading the log")
+            position = self._view.position
+        else:
+            self.fault = None
         with self.changed:
             self.changed.notify_all()
         return position
@@ -73,6 +91,8 @@ class ViewFollower:
         self._follower.stop()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        with self.changed:  # waiters look again, and find the repository gone
+            self.changed.notify_all()
 
 
 @dataclass

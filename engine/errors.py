@@ -174,6 +174,29 @@ def storage_error(e: OSError, doing: str, path: str | None = None) -> StorageErr
     return cls(e.strerror or str(e), doing=doing, path=where, errno=e.errno or 0)
 
 
+def sqlite_error(e: Exception, doing: str, path: str) -> StorageError:
+    """The typed error for SQLite's error ``e`` on this host's local read model at ``path``."""
+    text = str(e)
+    lowered = text.lower()
+    if "full" in lowered:
+        cls: type[StorageError] = StorageFull
+    elif "readonly" in lowered or "read-only" in lowered:
+        cls = StorageReadOnly
+    else:
+        cls = StorageError
+    return cls(text, doing=doing, path=path, errno=0)
+
+
+class InternalError(StrataError):
+    """Something the engine did not expect (a bug): the cause is chained to it."""
+
+    code = "internal_error"
+    template = (
+        "{doing} failed on an unexpected error, a bug in Strata: {detail}; the log holds "
+        "whatever was committed before it. Report it with this message"
+    )
+
+
 # --- the eventsourcing boundary -------------------------------------------------------------
 
 

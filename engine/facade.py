@@ -7,6 +7,7 @@ also the one place that wires the engine together (bootstrap): adapters, logs, v
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -19,8 +20,10 @@ from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.application import LogConfig, StrataLogApplication
+from engine.boundary import typed_errors
 from engine.connections import ConnectedRepository, ViewFollower
 from engine.errors import (
+    EngineClosed,
     ImageNotFound,
     ImageNotReady,
     InvalidParameter,
@@ -29,6 +32,7 @@ from engine.errors import (
     RepositoryNotConnected,
     StrataError,
     WaitTimeout,
+    storage_error,
 )
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.liveness import HostLease, HostMonitor
@@ -42,12 +46,16 @@ from engine.projections.view import RepositoryView
 from engine.service import ImageService
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
 
+# What an auditor's connection may meet on storage it only reads.
+_CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
 
 def default_state_dir(host_id: str) -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "strata", host_id)
 
 
+@typed_errors
 class StorageEngine(ImageCommands):
     """One host's view of the shared storage: connect repositories, manage images."""
 
@@ -111,6 +119,7 @@ class StorageEngine(ImageCommands):
         self, repo_format: str, connection_parameters: dict[str, Any]
     ) -> None:
         """Format an empty place as a repository (refuses a non-empty or formatted one)."""
+        self._check_open()
         driver = get_format(repo_format)
         params = validation.connection_parameters(connection_parameters)
         driver.create(params, self.host_id)
@@ -149,22 +158,35 @@ class StorageEngine(ImageCommands):
     ) -> ConnectedRepository:
         # First, so that a second live process with this host id is refused before it does
         # anything (HostIdInUse), and a restart after a crash takes the id over at once.
-        lease = HostLease(
-            storage.root, self.host_id, self.lease_timeout, runs_executors=self.run_executors
-        ).acquire()
+        lease: HostLease | None
+        try:
+            lease = HostLease(
+                storage.root, self.host_id, self.lease_timeout, runs_executors=self.run_executors
+            ).acquire()
+        except OSError as e:
+            if self.run_executors or e.errno not in _CANNOT_WRITE:
+                raise storage_error(e, "Publishing this host's heartbeat in", storage.root) from e
+            # An auditor on storage it may not write: it appends nothing and claims nothing,
+            # so there is nothing a lease would protect.
+            lease = None
         try:
             return self._wire_leased(repo_id, repo_format, storage, lease)
         except BaseException:
-            lease.release()
+            if lease is not None:
+                lease.release()
             raise
 
     def _wire_leased(
-        self, repo_id: str, repo_format: str, storage: RepositoryStorage, lease: HostLease
+        self,
+        repo_id: str,
+        repo_format: str,
+        storage: RepositoryStorage,
+        lease: HostLease | None,
     ) -> ConnectedRepository:
+        self._make_state_dir()
         app = StrataLogApplication(LogConfig(log_dir=storage.log_dir, host_id=self.host_id))
         try:
             service = ImageService(app, self.host_id)
-            os.makedirs(self.state_dir, exist_ok=True)
             key = hashlib.sha256(os.path.realpath(storage.root).encode()).hexdigest()[:16]
             view = RepositoryView(app, db_path=os.path.join(self.state_dir, f"view-{key}.sqlite"))
             view.catch_up()
@@ -198,6 +220,24 @@ class StorageEngine(ImageCommands):
         except BaseException:
             app.close()
             raise
+
+    def _make_state_dir(self) -> None:
+        if os.path.lexists(self.state_dir) and not os.path.isdir(self.state_dir):
+            raise InvalidParameter(
+                f"{self.state_dir} exists and is not a directory; give each host a directory "
+                "of its own for its local caches",
+                name="state_dir",
+            )
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, "Making this host's state directory", self.state_dir) from e
+        if not os.access(self.state_dir, os.W_OK | os.X_OK):
+            raise storage_error(
+                OSError(errno.EACCES, "not writable by this process"),
+                "Using this host's state directory",
+                self.state_dir,
+            )
 
     def disconnect_storage_repository(self, repo_id: str, force: bool = False) -> None:
         """Detach; refused while this host runs stages there, unless ``force``."""
@@ -278,6 +318,7 @@ class StorageEngine(ImageCommands):
         deadline = None if timeout is None else time.monotonic() + timeout
         repo, image = self._image_in(repo_id, image_id)
         while True:
+            self._still_connected(repo)
             repo.follower.check()
             image = self._live(repo, image.id)
             if self._settled(repo.view, image):
@@ -291,6 +332,14 @@ class StorageEngine(ImageCommands):
                     timeout=timeout,
                 )
             repo.follower.wait_for_change(min(self.poll_interval, remaining or self.poll_interval))
+
+    def _still_connected(self, repo: ConnectedRepository) -> None:
+        """Raise if the engine was closed or ``repo`` disconnected (by another thread) since
+        a waiter started: nothing would ever wake it otherwise."""
+        with self._lock:
+            self._check_open()
+            if self._repos.get(repo.repo_id) is not repo:
+                raise RepositoryNotConnected(repo_id=repo.repo_id)
 
     @staticmethod
     def _settled(view: RepositoryView, image: Image) -> bool:
@@ -333,6 +382,7 @@ class StorageEngine(ImageCommands):
 
     def lookup_image_by_path(self, path: str) -> ImageInfo:
         """The image whose top volume is ``path`` (what a virtual machine has open)."""
+        self._check_open()
         if not isinstance(path, str) or not path:
             raise InvalidParameter("a file path", name="path")
         wanted = os.path.realpath(path)
@@ -347,7 +397,7 @@ class StorageEngine(ImageCommands):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise InvalidParameter("the engine is closed", name="self")
+            raise EngineClosed()
 
     def _connected(self) -> list[ConnectedRepository]:
         with self._lock:

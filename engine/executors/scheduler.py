@@ -22,9 +22,13 @@ A stage runs in a worker thread, one per image at a time, ``workers`` at most, a
 ``StageCompleted`` or ``StageFailed`` (the error as a sentence) appended under its claim. A stage
 whose operation was stopped (``FixStopped``) is cancelled, qemu-img killed, and records nothing.
 
-An unexpected error (a bug, a log that cannot be written) is not a stage failure to shrug off:
-it stops the executor, stays in :attr:`Executor.errors`, and :meth:`Executor.stop` and
-:meth:`Executor.check` raise it as :class:`~engine.errors.ExecutorFailed`.
+A fault of the storage (a full or read-only filesystem, a log that cannot be appended to now)
+stops nothing: the pass or the stage it hit ends, :attr:`Executor.fault` says why, and the next
+pass tries again, so the executor resumes by itself once the fault is gone. A stage whose
+outcome could not be recorded keeps this host's claim and runs again, as after a crash.
+An unexpected error (a bug) is not to shrug off: it stops the executor, stays in
+:attr:`Executor.errors`, and :meth:`Executor.stop` and :meth:`Executor.check` raise it as
+:class:`~engine.errors.ExecutorFailed`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from engine.errors import (
     QemuCancelled,
     StageCancelled,
     StrataError,
+    storage_error,
 )
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
@@ -124,6 +129,7 @@ class Executor:
         self.hosts = hosts
         self.lock_wait = float(lock_wait)
         self.errors: list[BaseException] = []
+        self.fault: StrataError | None = None  # the last storage fault a pass or stage met
         self._follower = follower or LogFollower(
             service.app.operation_log, poll_interval=self.poll_interval
         )
@@ -203,7 +209,12 @@ class Executor:
             while not self._stopping.is_set() and not self.errors:
                 seen = log.last_seq
                 self._next_expiry = None
-                self._schedule()
+                try:
+                    self._schedule()
+                except (StrataError, OSError) as e:
+                    self._met(e)
+                    self._stopping.wait(self.poll_interval)  # not a spin while it lasts
+                    continue
                 # Wake when a silent host's claim can be taken over, not up to a poll later.
                 wait = self.poll_interval
                 if self._next_expiry is not None:
@@ -211,6 +222,9 @@ class Executor:
                 self._follower.wait(seen, wait)
         except BaseException as e:
             self._failed(e)
+
+    def _met(self, fault: StrataError | OSError) -> None:
+        self.fault = fault if isinstance(fault, StrataError) else storage_error(fault, "Working")
 
     def _schedule(self) -> None:
         self.view.catch_up()
@@ -231,6 +245,10 @@ class Executor:
     def _work(self, claim: Claim) -> None:
         try:
             self._run(claim)
+        except (StrataError, OSError) as e:
+            # Its outcome could not be recorded (the log is full or read-only): the claim
+            # stays this host's, and a later pass runs the stage again once the log works.
+            self._met(e)
         except BaseException as e:
             self._failed(e)
         finally:

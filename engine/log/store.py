@@ -481,6 +481,11 @@ class OperationLog:
         """The last sequence number this process has seen (call :meth:`refresh` to look again)."""
         return self._next_seq - 1
 
+    def end_position(self) -> tuple[int, int]:
+        """The segment number and byte offset just past the last record this process read."""
+        with self._mutex:
+            return self._segments[-1].number, self._end
+
     def version_of(self, originator_id: uuid.UUID | str) -> int | None:
         with self._mutex:
             return self._version_by_key(framing.key_of(originator_id))

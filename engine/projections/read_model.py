@@ -24,6 +24,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from engine.aggregates.image import Image
+from engine.errors import sqlite_error
 from engine.projections import image_state
 from engine.types import ImageStatus
 
@@ -44,6 +45,7 @@ class Stored:
     checkpoint: Checkpoint
     repository: dict[str, Any] | None
     images: list[tuple[Image, str | None]]  # each image and the last host that worked on it
+    origin_ns: int | None = None  # the time of the log's first record: which log this is
 
 
 def image_row(image: Image, worker: str | None, status: ImageStatus) -> dict[str, Any]:
@@ -71,14 +73,21 @@ class ReadModel:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._open()
-        except sqlite3.DatabaseError:
-            # Not a database any more (a torn copy, a disk error): it is only a cache.
-            self._conn.close()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path + suffix)
-            self._open()
+            try:
+                self._open()
+            except sqlite3.OperationalError:
+                raise  # cannot open or write here (permissions, a full disk): not damage
+            except sqlite3.DatabaseError:
+                # Not a database any more (a torn copy, a disk error): it is only a cache.
+                self._conn.close()
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + suffix)
+                self._open()
+        except sqlite3.Error as e:
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self._conn.close()
+            raise sqlite_error(e, "Opening this host's read model", path) from e
 
     def _open(self) -> None:
         # The view is used from several threads, one at a time under its lock.
@@ -121,6 +130,9 @@ class ReadModel:
                 pk="id",
                 if_not_exists=True,
             )
+            # The time of the log's first record: which log the model was made of, so that a
+            # log found shorter than the model is told apart as cut or as another one.
+            self.db.table("origin").create({"id": str, "time_ns": int}, pk="id", if_not_exists=True)
         self._upsert = (
             "INSERT OR REPLACE INTO images (id, kind, size, status, stage, percent_complete, "
             "host_id, last_error, removed, created, chain, user_data, version, state) VALUES "
@@ -143,17 +155,25 @@ class ReadModel:
             return None
         repository = json.loads(tracking["repository"]) if tracking["repository"] else None
         checkpoint = Checkpoint(tracking["position"], tracking["prev_hash"], tracking["time_ns"])
-        return Stored(checkpoint, repository, images)
+        origin = list(self.db.query("SELECT time_ns FROM origin WHERE id = ?", [_TRACKING_ID]))
+        return Stored(checkpoint, repository, images, origin[0]["time_ns"] if origin else None)
 
     def save(
         self,
         checkpoint: Checkpoint,
         repository: dict[str, Any] | None,
         rows: Iterable[dict[str, Any]],
+        origin_ns: int | None = None,
     ) -> None:
-        """Write image rows and the position they reflect, atomically."""
+        """Write image rows and the position they reflect, atomically (and the time of the
+        log's first record when it is given)."""
         with self.db.atomic():
             self.db.conn.executemany(self._upsert, rows)
+            if origin_ns is not None:
+                self.db.conn.execute(
+                    "INSERT OR REPLACE INTO origin (id, time_ns) VALUES (?, ?)",
+                    (_TRACKING_ID, origin_ns),
+                )
             self.db.conn.execute(
                 "INSERT OR REPLACE INTO tracking (id, schema, position, prev_hash, time_ns, "
                 "repository) VALUES (?, ?, ?, ?, ?, ?)",
@@ -172,6 +192,7 @@ class ReadModel:
         with self.db.atomic():
             self.db.execute("DELETE FROM images")
             self.db.execute("DELETE FROM tracking")
+            self.db.execute("DELETE FROM origin")
 
     def close(self) -> None:
         self.db.close()

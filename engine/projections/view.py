@@ -13,6 +13,7 @@ and starts from it: a restart reads only what was appended since.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from eventsourcing.persistence import Mapper
 from engine.aggregates.image import Image
 from engine.aggregates.repository import Repository
 from engine.application import StrataLogApplication
-from engine.errors import InvalidParameter
+from engine.errors import InvalidParameter, LogCorrupted
 from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.image_state import clone, image_key
@@ -85,6 +86,7 @@ class RepositoryView:
         self._store = None if db_path is None else ReadModel(db_path)
         self._clear()
         self.records_read = 0  # records folded since construction (restart cost, in tests)
+        self.persist_error: Exception | None = None  # why the read model lags, if it does
         if self._store is not None:
             self._load(self._store)
 
@@ -96,10 +98,11 @@ class RepositoryView:
         self._checkpoint = _START
         self._repository: RepositoryInfo | None = None
         self._unsaved: set[uuid.UUID] = set()  # rows the read model has not caught up with
+        self._origin_ns: int | None = None  # the first record's time, until the model has it
 
     def _load(self, store: ReadModel) -> None:
         stored = store.load()
-        if stored is None or not self._same_log(stored.checkpoint):
+        if stored is None or not self._same_log(stored.checkpoint, stored.origin_ns):
             store.reset()  # empty, for other code, or of another log: rebuilt by catch_up
             return
         for image, worker in stored.images:
@@ -111,15 +114,37 @@ class RepositoryView:
         if stored.repository is not None:
             self._repository = RepositoryInfo(**stored.repository)
 
-    def _same_log(self, checkpoint: Checkpoint) -> bool:
-        """Whether the record at the checkpoint is still the one the model folded."""
+    def _same_log(self, checkpoint: Checkpoint, origin_ns: int | None) -> bool:
+        """Whether the record at the checkpoint is still the one the model folded.
+
+        A log shorter than the model is another log (the repository was formatted anew) or
+        this one cut short. The model is a witness that its records were committed
+        (engine/log/witness.py): if the log still begins with the repository the model
+        folded (its first record is the one the model saw first), records were lost, and that
+        is :class:`LogCorrupted`, not a reason to forget.
+        """
         if checkpoint.position == 0:
             return True
         log = self._own_log()
-        if checkpoint.position > log.refresh():
-            return False  # the log is shorter than the model: it was replaced
+        last = log.refresh()
+        if checkpoint.position > last:
+            first = log.read(1, 1)
+            if origin_ns is not None and first and first[0].time_ns == origin_ns:
+                segment, offset = log.end_position()
+                raise LogCorrupted(
+                    f"this host's read model ({self._store_path()}) holds records up to "
+                    f"sequence {checkpoint.position} of this repository's log, which now ends "
+                    f"at {last}: the log was cut. If it was restored from a backup on purpose, "
+                    "remove the read model to accept the loss",
+                    segment=segment,
+                    offset=offset,
+                )
+            return False
         [record] = log.read(checkpoint.position, checkpoint.position, 1)
         return (record.prev_hash, record.time_ns) == (checkpoint.prev_hash, checkpoint.time_ns)
+
+    def _store_path(self) -> str:
+        return "" if self._store is None else self._store.path
 
     # --- keeping up -----------------------------------------------------------------------
 
@@ -133,7 +158,13 @@ class RepositoryView:
             log = self._own_log()
             last = log.refresh() if refresh else log.last_seq
             if last < self._checkpoint.position:
-                self._restart()  # the log shrank under us: it is another log now
+                segment, offset = log.end_position()
+                raise LogCorrupted(
+                    f"the log ends at sequence {last} but this view folded records up to "
+                    f"{self._checkpoint.position}: the log was cut or replaced",
+                    segment=segment,
+                    offset=offset,
+                )
             while self._checkpoint.position < last:
                 records = log.read(self._checkpoint.position + 1, last, self._batch_size)
                 self._persist(self._fold(records))
@@ -171,6 +202,8 @@ class RepositoryView:
 
     def _fold(self, records: Sequence[Record]) -> set[uuid.UUID]:
         """Apply records; return the images whose row changed. All or nothing on error."""
+        if records and records[0].seq == 1:
+            self._origin_ns = records[0].time_ns  # which log this is (see _same_log)
         # Keyed by the record's originator key (bytes hash in C, a UUID in Python) until the end.
         ids: dict[bytes | str, uuid.UUID] = {}
         before: dict[bytes | str, Image | None] = {}  # copy-on-write: as the batch found them
@@ -263,8 +296,16 @@ class RepositoryView:
             for key in self._unsaved
         ]
         repository = None if self._repository is None else self._repository.to_dict()
-        self._store.save(self._checkpoint, repository, rows)
+        try:
+            self._store.save(self._checkpoint, repository, rows, self._origin_ns)
+        except (sqlite3.Error, OSError) as e:
+            # The read model is a cache (a full or read-only state directory): the view in
+            # memory is whole, and the rows are written with a later batch once it works.
+            self.persist_error = e
+            return
+        self.persist_error = None
         self._unsaved.clear()
+        self._origin_ns = None
 
     def close(self) -> None:
         with self._lock:
