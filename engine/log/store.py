@@ -22,17 +22,20 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from engine.errors import (
+    CommitUnknown,
     InvalidParameter,
     LogClosed,
     LogCorrupted,
     LogMissing,
     NotAStrataLog,
+    StrataError,
     storage_error,
 )
 from engine.log import framing, segments, space
 from engine.log.batch import (
     AggregateEntry,
     EventToAppend,
+    FramedBatch,
     check_event,
     frame_batch,
     index_batch,
@@ -279,7 +282,11 @@ class OperationLog:
                 raise OSError(errno.ENOSPC, f"short write: {written} of {len(out)} bytes")
             os.fdatasync(fd)
         except OSError as e:
-            space.undo_write(fd, self._end, e, where, self._suspected)
+            try:
+                space.undo_write(fd, self._end, e, where, self._suspected)
+            except CommitUnknown as unknown:
+                self._settle(framed, e, unknown)
+                return
             raise AssertionError("undo_write raises") from e  # pragma: no cover
         except BaseException:
             self._suspected()  # interrupted between the write and its sync: read it again
@@ -289,6 +296,27 @@ class OperationLog:
         self._end += len(out)
         self._next_seq, self._last_hash = framed.next_seq, framed.last_hash
         self._witness.write(self._next_seq - 1, self._last_hash)
+
+    def _settle(self, framed: FramedBatch, error: OSError, unknown: CommitUnknown) -> None:
+        """A write failed and could not be cut off: read back, still under the lock, what it
+        left, and sync it. Whole transactions are committed then (any reader takes them so),
+        and their callers get their sequence numbers; the rest was cut off as a torn tail, and
+        their callers get the error. Raises ``unknown`` if the storage can do neither."""
+        self._close_write_fd()
+        try:
+            self._catch_up(locked=True)
+            os.fsync(self._writable())
+        except (OSError, StrataError):
+            raise unknown from error
+        self._suspect = False
+        committed = self._next_seq - 1
+        for request, first, claims in framed.accepted:
+            last = first + len(claims) - 1
+            if last <= committed:
+                request.seqs = list(range(first, last + 1))
+            else:
+                request.error = storage_error(error, "Appending to", self._last_segment_path())
+        self._witness.write(committed, self._last_hash)
 
     def _suspected(self) -> None:
         self._suspect = True

@@ -212,3 +212,44 @@ def test_a_segment_that_is_a_directory_or_a_link_is_damage(tmp_path: Path) -> No
     os.symlink(second + ".saved", second)
     with pytest.raises(LogCorrupted, match="symbolic link"):
         OperationLog.open(log_dir, "host-b")
+
+
+def test_a_failed_sync_that_cannot_be_undone_is_settled_by_reading_the_log_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync fails, and so does cutting the write off: the records stay. Read back and
+    synced under the lock, they are committed, and the callers are told so."""
+    log_dir = str(tmp_path / "log")
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([NewEvent("a", 1, "Happened", b"x")])
+
+        def eio(*args: object) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr("engine.log.store.os.fdatasync", eio)
+        monkeypatch.setattr("engine.log.space.os.ftruncate", eio)
+        assert log.append([NewEvent("a", 2, "Happened", b"y")]) == [2]
+        monkeypatch.undo()
+        assert log.append([NewEvent("a", 3, "Happened", b"z")]) == [3]
+    assert states(log_dir) == [("a", 1), ("a", 2), ("a", 3)]
+
+
+def test_a_commit_whose_outcome_cannot_be_known_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_dir = str(tmp_path / "log")
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([NewEvent("a", 1, "Happened", b"x")])
+
+        def eio(*args: object) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr("engine.log.store.os.fdatasync", eio)
+        monkeypatch.setattr("engine.log.store.os.fsync", eio)
+        monkeypatch.setattr("engine.log.space.os.ftruncate", eio)
+        with pytest.raises(CommitUnknown):
+            log.append([NewEvent("a", 2, "Happened", b"y")])
+        monkeypatch.undo()
+        # The storage works again: the next append reads the tail first and goes on after it.
+        assert log.append([NewEvent("b", 1, "Happened", b"z")]) == [3]
+    assert states(log_dir) == [("a", 1), ("a", 2), ("b", 1)]
