@@ -9,6 +9,7 @@ records into the view, and wakes whoever waits for an image (``wait_for_image``)
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -109,6 +110,9 @@ class ConnectedRepository:
     executor: Executor | None = None
     # Volumes the last check found missing or damaged: re-derivable from the files themselves.
     lost: set[str] = field(default_factory=set)
+    # Image ids that calls tried when their commit's outcome was unknown (CommitUnknown),
+    # by call and arguments: a retry of the same call uses the same id (engine/images.py).
+    unsettled: dict[tuple[object, ...], uuid.UUID] = field(default_factory=dict)
 
     def close(self) -> None:
         """Stop the executor first, then say this host left (its remaining claims can be

@@ -6,14 +6,15 @@ Each call validates everything first, then records its events in one log transac
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine import planning, validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.errors import ImageNotFound, InvalidParameter, WrongImageKind
+from engine.errors import CommitUnknown, ImageNotFound, InvalidParameter, WrongImageKind
 from engine.types import ImageInfo
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ class ImageCommands:
         size = validation.size(size)
         data = validation.user_data(user_data)
         opts = validation.options(options)
-        new_id = uuid.uuid4()
+        key = ("create_virtual_disk", size, repr(base_snapshot_id), repr(data), repr(opts))
+        new_id, committed = _retried_id(repo, key)
+        if committed:
+            return str(new_id)
         also: list[Image] = []
         if base_snapshot_id is None:
             chain, work = planning.blank_disk(size, opts.strategy)
@@ -85,7 +89,8 @@ class ImageCommands:
             chain, work = planning.disk_on_snapshot(size, base_chain, opts.strategy, new_id)
             origin = {"how": "snapshot", "of": str(snapshot.id)}
         image = self._request(new_id, ops.VIRTUAL_DISK, size, chain, data, opts, origin, work, repo)
-        repo.service.add(*also, image)
+        with _unsettled(repo, key, new_id):
+            repo.service.add(*also, image)
         repo.follower.caught_up()
         return str(new_id)
 
@@ -102,7 +107,10 @@ class ImageCommands:
         opts = validation.options(options)
         if disk.kind != ops.VIRTUAL_DISK:
             raise WrongImageKind(image_id=disk.id, kind=disk.kind, expected=ops.VIRTUAL_DISK)
-        new_id = uuid.uuid4()
+        key = ("create_snapshot", str(disk.id), repr(data), repr(opts))
+        new_id, committed = _retried_id(repo, key)
+        if committed:
+            return str(new_id)
         made: list[Image] = []
 
         def command(images: list[Image]) -> None:
@@ -124,7 +132,8 @@ class ImageCommands:
                 )
             ]  # fmt: skip
 
-        repo.service.update_many([disk.id], command, new=lambda: made)
+        with _unsettled(repo, key, new_id):
+            repo.service.update_many([disk.id], command, new=lambda: made)
         repo.follower.caught_up()
         return str(new_id)
 
@@ -148,8 +157,11 @@ class ImageCommands:
         if data is None:
             data = source.user_data
         origin: dict[str, Any] = {"how": "copy", "of": str(source.id)}
+        key = ("copy_image", str(source.id), str(base_id), repr(data), repr(opts))
+        new_id, committed = _retried_id(target, key)
+        if committed:
+            return str(new_id)
         if base_id is None:
-            new_id = uuid.uuid4()
             if source.kind == ops.SNAPSHOT and source_repo is not target:
                 existing = target.view.image(source.id)
                 if existing is not None and not existing.removed:
@@ -160,18 +172,19 @@ class ImageCommands:
             image = self._request(
                 new_id, source.kind, source.size, chain, data, opts, origin, work, target
             )
-            target.service.add(image)
+            with _unsettled(target, key, new_id):
+                target.service.add(image)
             target.follower.caught_up()
             return str(new_id)
         base = self._live(target, base_id)
-        new_id = uuid.uuid4()
         origin["base"] = str(base.id)
         if base.kind == ops.SNAPSHOT:
             chain, work = planning.incremental_copy(source.id, base.chain, opts.strategy, new_id)
             image = self._request(
                 new_id, source.kind, source.size, chain, data, opts, origin, work, target
             )
-            target.service.add(image)
+            with _unsettled(target, key, new_id):
+                target.service.add(image)
         else:
             # A disk can still be written: freeze its current top (as a snapshot would, but
             # without a visible snapshot) so the copy's base never changes under it.
@@ -191,7 +204,8 @@ class ImageCommands:
                     new_id, source.kind, source.size, chain, data, opts, origin, work, target
                 )]  # fmt: skip
 
-            target.service.update_many([base.id], command, new=lambda: made)
+            with _unsettled(target, key, new_id):
+                target.service.update_many([base.id], command, new=lambda: made)
         target.follower.caught_up()
         return str(new_id)
 
@@ -291,3 +305,26 @@ def _live_copy_of(repo: ConnectedRepository, image_id: uuid.UUID) -> Image | Non
         ):
             return image
     return None
+
+
+def _retried_id(repo: ConnectedRepository, key: tuple[object, ...]) -> tuple[uuid.UUID, bool]:
+    """The id for a new image made by the call ``key`` (its name and arguments), and whether
+    it exists already. A new one, unless the same call raised :class:`CommitUnknown` before:
+    then the id that call tried, so that the retry finds the image if that commit happened
+    after all, or makes it under the same id if not (SPEC §11: a retry is safe)."""
+    earlier = repo.unsettled.pop(key, None)
+    if earlier is None:
+        return uuid.uuid4(), False
+    repo.follower.caught_up()
+    return earlier, repo.view.image(earlier) is not None
+
+
+@contextlib.contextmanager
+def _unsettled(
+    repo: ConnectedRepository, key: tuple[object, ...], new_id: uuid.UUID
+) -> Iterator[None]:
+    try:
+        yield
+    except CommitUnknown:
+        repo.unsettled[key] = new_id
+        raise

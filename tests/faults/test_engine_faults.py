@@ -303,3 +303,29 @@ def test_a_state_dir_that_is_a_file_is_a_clear_error(
     se.create_storage_repository("localfs-1.0", {"path": str(tmp_path / "repo")})
     with pytest.raises(InvalidParameter, match="not a directory"):
         se.connect_storage_repository("r1", "localfs-1.0", {"path": str(tmp_path / "repo")})
+
+
+def test_a_create_whose_commit_is_unknown_is_safe_to_retry(
+    engines: Callable[..., StorageEngine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync fails and nothing can undo or confirm the write: the call says CommitUnknown.
+    Retried with the same arguments once the storage works, it gives the image the first
+    attempt made, and the repository holds it once."""
+    path = str(tmp_path / "repo")
+    se = engines(run_executors=False)
+    repo = repository(se, path)
+
+    def eio(*args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    for name in ("engine.log.store.os.fdatasync", "engine.log.store.os.fsync"):
+        monkeypatch.setattr(name, eio)
+    monkeypatch.setattr("engine.log.space.os.ftruncate", eio)
+    with pytest.raises(CommitUnknown) as raised:
+        se.create_virtual_disk(repo, MiB, user_data={"name": "web01"})
+    assert raised.value.code == "commit_unknown"
+    monkeypatch.undo()
+    disk = se.create_virtual_disk(repo, MiB, user_data={"name": "web01"})
+    assert log_ids(path) == [disk]
+    other = se.create_virtual_disk(repo, MiB, user_data={"name": "web01"})  # a new call
+    assert log_ids(path) == sorted([disk, other])
