@@ -3,7 +3,9 @@
 Every segment header, frame checksum, sequence number, hash-chain link and record payload is
 checked by the engine's own reader code (:mod:`engine.log.reader`), and every event is decoded
 by the application's mapper (upcasting included). A torn tail is sound: it is what a crash
-mid-append leaves, it was never committed, and the next appender cuts it. An event of a class
+mid-append leaves, it was never committed, and the next appender cuts it; unless a host's
+witness says it committed records the log no longer holds (engine/log/witness.py): then the
+log was cut, and that is damage. An event of a class
 this Strata does not know (a later version wrote it) is counted, not called damage.
 """
 
@@ -18,6 +20,7 @@ from eventsourcing.utils import TopicError
 from engine.errors import LogCorrupted
 from engine.log.framing import Record
 from engine.log.reader import ReadOnlyLog, TailState, leftovers
+from engine.log.witness import Witness, read_witnesses
 from engine.projections.replay_events import locate, new_mapper, to_event
 from log_tools.render import iso_time, printable
 
@@ -55,11 +58,23 @@ def verify(log_dir: str) -> Summary:
     """Read the whole log; damage is recorded in the summary, not raised."""
     summary = Summary(log_dir)
     log = None
+    # Read first: what a witness names was committed before the records are read.
+    witnesses = read_witnesses(log_dir)
+    next_of = {w.seq + 1: w for w in witnesses}
     try:
         log = ReadOnlyLog(log_dir)
         summary.segments = len(log.numbers)
         mapper = new_mapper()
         for record in log.records():
+            witness = next_of.get(record.seq)
+            if witness is not None and record.prev_hash != witness.hash:
+                segment, offset = locate(log_dir, witness.seq)
+                raise LogCorrupted(
+                    f"host {witness.host_id!r} committed record {witness.seq} with another "
+                    "chain hash: the log was replaced or rewritten",
+                    segment=segment,
+                    offset=offset,
+                )
             try:
                 to_event(mapper, record)
             except TopicError:
@@ -72,6 +87,7 @@ def verify(log_dir: str) -> Summary:
                     offset=offset,
                 ) from e
             summary.add(record)
+        _check_cut(witnesses, summary, log)
     except LogCorrupted as e:
         summary.damage = e
     if log is not None:
@@ -80,6 +96,20 @@ def verify(log_dir: str) -> Summary:
         summary.tail = log.tail
     summary.kept_torn_tails, summary.stale_temporaries = leftovers(log_dir)
     return summary
+
+
+def _check_cut(witnesses: list[Witness], summary: Summary, log: ReadOnlyLog) -> None:
+    """A torn tail is sound only if no host acknowledged what it held (ADR 0018)."""
+    last = summary.last_seq or 0
+    beyond = [w for w in witnesses if w.seq > last]
+    if beyond and log.tail is not None:
+        witness = max(beyond, key=lambda w: w.seq)
+        raise LogCorrupted(
+            f"host {witness.host_id!r} committed records up to sequence {witness.seq}, but the "
+            f"log holds only {last}: the log was cut",
+            segment=log.tail.segment,
+            offset=log.tail.end,
+        )
 
 
 def to_json(summary: Summary) -> dict[str, Any]:

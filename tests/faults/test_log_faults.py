@@ -7,8 +7,11 @@ cut; a log removed under a running host is noticed at its next append.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -253,3 +256,22 @@ def test_a_commit_whose_outcome_cannot_be_known_says_so(
         # The storage works again: the next append reads the tail first and goes on after it.
         assert log.append([NewEvent("b", 1, "Happened", b"z")]) == [3]
     assert states(log_dir) == [("a", 1), ("a", 2), ("b", 1)]
+
+
+@pytest.mark.parametrize("where", ["mid-record", "record boundary"])
+def test_verify_calls_a_log_cut_after_its_records_were_committed_damaged(
+    tmp_path: Path, where: str
+) -> None:
+    log_dir, _, last_start = cut_log(tmp_path)
+    os.truncate(segment_path(log_dir, 1), last_start + 7 if where == "mid-record" else last_start)
+    done = subprocess.run(
+        [sys.executable, "-m", "log_tools", "verify", log_dir, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "damaged"
+    assert "committed records up to sequence 20" in report["damage"]["detail"]
+    assert (report["damage"]["segment"], report["damage"]["offset"]) == (1, last_start)
