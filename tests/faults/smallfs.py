@@ -91,6 +91,11 @@ class SmallFs:
             os.unlink(self.image)
 
 
+def eio(*args: object) -> None:
+    """Stands in for a system call whose device failed (monkeypatched over ``os`` calls)."""
+    raise OSError(5, "Input/output error")
+
+
 def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:

@@ -30,7 +30,7 @@ from engine.errors import (
 from engine.log import OperationLog
 from engine.log.segments import segment_path
 from engine.log.witness import WITNESS_DIR
-from tests.faults.smallfs import SmallFs
+from tests.faults.smallfs import SmallFs, eio
 
 MiB = 2**20
 
@@ -78,15 +78,23 @@ def fill_the_log(se: StorageEngine, repo: str) -> tuple[list[str], StorageFull]:
     raise AssertionError("the filesystem never filled up")
 
 
-def test_a_full_filesystem_fails_writes_keeps_reads_and_heals_by_itself(
-    small_fs: Callable[..., SmallFs], engines: Callable[..., StorageEngine]
-) -> None:
+def disk_on_small_fs(
+    small_fs: Callable[..., SmallFs], engines: Callable[..., StorageEngine], **user_data: str
+) -> tuple[SmallFs, str, StorageEngine, str, str]:
+    """A repository on a small filesystem, an engine on it, and a disk made there."""
     fs = small_fs(32)
     path = os.path.join(fs.path, "repo")
     se = engines()
     repo = repository(se, path)
-    disk = se.create_virtual_disk(repo, MiB)
+    disk = se.create_virtual_disk(repo, MiB, user_data=user_data)
     assert se.wait_for_image(repo, disk, timeout=30).status == "optimized"
+    return fs, path, se, repo, disk
+
+
+def test_a_full_filesystem_fails_writes_keeps_reads_and_heals_by_itself(
+    small_fs: Callable[..., SmallFs], engines: Callable[..., StorageEngine]
+) -> None:
+    fs, path, se, repo, disk = disk_on_small_fs(small_fs, engines)
 
     fs.fill(leave=0)
     made, error = fill_the_log(se, repo)
@@ -158,13 +166,7 @@ def test_many_callers_on_a_full_filesystem_leave_no_ghost_image(
 def test_a_read_only_filesystem_fails_writes_keeps_reads_and_admits_an_auditor(
     small_fs: Callable[..., SmallFs], engines: Callable[..., StorageEngine]
 ) -> None:
-    fs = small_fs(32)
-    path = os.path.join(fs.path, "repo")
-    se = engines()
-    repo = repository(se, path)
-    disk = se.create_virtual_disk(repo, MiB, user_data={"name": "web01"})
-    se.wait_for_image(repo, disk, timeout=30)
-
+    fs, path, se, repo, disk = disk_on_small_fs(small_fs, engines, name="web01")
     fs.force_read_only()
     with pytest.raises(StorageReadOnly) as raised:
         se.create_virtual_disk(repo, MiB)
@@ -314,9 +316,6 @@ def test_a_create_whose_commit_is_unknown_is_safe_to_retry(
     path = str(tmp_path / "repo")
     se = engines(run_executors=False)
     repo = repository(se, path)
-
-    def eio(*args: object) -> None:
-        raise OSError(5, "Input/output error")
 
     for name in ("engine.log.store.os.fdatasync", "engine.log.store.os.fsync"):
         monkeypatch.setattr(name, eio)

@@ -29,7 +29,7 @@ from engine.errors import (
 from engine.log import NewEvent, OperationLog
 from engine.log import space as log_space
 from engine.log.segments import segment_path
-from tests.faults.smallfs import SmallFs
+from tests.faults.smallfs import SmallFs, eio
 
 KiB = 1024
 
@@ -226,9 +226,6 @@ def test_a_failed_sync_that_cannot_be_undone_is_settled_by_reading_the_log_back(
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([NewEvent("a", 1, "Happened", b"x")])
 
-        def eio(*args: object) -> None:
-            raise OSError(5, "Input/output error")
-
         monkeypatch.setattr("engine.log.store.os.fdatasync", eio)
         monkeypatch.setattr("engine.log.space.os.ftruncate", eio)
         assert log.append([NewEvent("a", 2, "Happened", b"y")]) == [2]
@@ -243,9 +240,6 @@ def test_a_commit_whose_outcome_cannot_be_known_says_so(
     log_dir = str(tmp_path / "log")
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([NewEvent("a", 1, "Happened", b"x")])
-
-        def eio(*args: object) -> None:
-            raise OSError(5, "Input/output error")
 
         monkeypatch.setattr("engine.log.store.os.fdatasync", eio)
         monkeypatch.setattr("engine.log.store.os.fsync", eio)
