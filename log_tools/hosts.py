@@ -60,7 +60,14 @@ def heartbeats(root: str | None) -> dict[str, Heartbeat | None]:
         names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
     except FileNotFoundError:
         return {}
-    return {name: read_heartbeat(os.path.join(directory, name)) for name in names}
+    return {name: _read(os.path.join(directory, name)) for name in names}
+
+
+def _read(path: str) -> Heartbeat | None:
+    try:
+        return read_heartbeat(path)
+    except OSError:  # not a file, or not this user's to read: the host's state is unknown
+        return None
 
 
 def judge(beat: Heartbeat | None, now: float) -> tuple[str, float | None]:
