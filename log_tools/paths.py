@@ -65,3 +65,13 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
+
+def seconds(text: str) -> float:
+    """An argparse type: a time limit in seconds, in (0, 86400]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400], not {value}")
+    return value
