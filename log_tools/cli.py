@@ -12,6 +12,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -45,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(error: StrataError) -> int:
-    sys.stdout.flush()  # what was read before the error comes first, as it happened
+    with contextlib.suppress(OSError):  # stdout may be what failed
+        sys.stdout.flush()  # what was read before the error comes first, as it happened
     print(f"{PROG}: error [{error.code}]: {error.message}", file=sys.stderr)
     return exit_status(error)
 

@@ -45,7 +45,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
 
 
 def run(args: argparse.Namespace) -> int:
-    target = output.writable_target(args.path, args.database, name="DB", replace=args.replace)
+    target = output.writable_target(
+        args.path, args.database, name="DB", replace=args.replace, devices=False
+    )
     counts = export(args.path, target, args.until)
     print(f"wrote {target}: " + ", ".join(f"{n} {table}" for table, n in counts.items()))
     return 0

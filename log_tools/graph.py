@@ -62,7 +62,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
 def run(args: argparse.Namespace) -> int:
     target = None
     if args.output is not None:
-        target = output.writable_target(args.path, args.output, name="--output", replace=True)
+        target = output.writable_target(
+            args.path, args.output, name="--output", replace=True, devices=True
+        )
     dot_program = None if args.format == "dot" else find_dot()
     _, state = replay_at(args.path, args.until)
     trees = chains.trees(state)
@@ -78,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
-        with output.replacing(target) as temporary, open(temporary, "wb") as f:
-            f.write(data)
+        try:
+            with output.replacing(target) as temporary, open(temporary, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a write names no file: say which
+            raise ToolFailed(f"writing {target} failed: {e.strerror or e}") from e
     return 0
 
 

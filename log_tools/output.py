@@ -4,7 +4,8 @@ The tools only read the repository (README, Tools): an export or a drawing that 
 it (the repository's directory, or the log directory when PATH is a bare log) is refused
 before anything is read. The file is written under a temporary name beside it and renamed
 into place, so a run that fails, however it fails, leaves neither half a file nor the
-temporary.
+temporary. A device or a pipe (``-o /dev/stdout``) is written in place where a command allows
+it: renaming onto it would put a file where the device was.
 """
 
 from __future__ import annotations
@@ -12,45 +13,68 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 
 from engine.errors import InvalidParameter
+from log_tools.failures import ToolFailed
 from log_tools.paths import repository_root
 
 
-def writable_target(path: str, target: str, *, name: str, replace: bool) -> str:
+def writable_target(path: str, target: str, *, name: str, replace: bool, devices: bool) -> str:
     """``target`` made absolute, once it names a file the tools may write for the log at
-    ``path``; ``name`` is the argument's, for the message."""
+    ``path`` (or a device or pipe, when ``devices``); ``name`` is the argument's, for the
+    message."""
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise InvalidParameter(f"{parent} is not a directory", name=name)
     if os.path.isdir(target):
         raise InvalidParameter(f"{target} is a directory; name a file to write", name=name)
+    if _special(target) and not devices:
+        raise InvalidParameter(f"{target} is not a regular file; name a file to write", name=name)
     if os.path.lexists(target) and not replace:
         raise InvalidParameter(f"{target} exists; pass --replace to overwrite it", name=name)
     # PATH itself when it is a log directory outside any repository (or holds a bare log/).
     protected = os.path.realpath(repository_root(path) or path)
-    real_parent = os.path.realpath(parent)
-    if os.path.commonpath([real_parent, protected]) == protected:
-        raise InvalidParameter(
-            f"{target} is inside {protected}, which the tools only read; write it elsewhere",
-            name=name,
-        )
+    for place in (os.path.realpath(parent), os.path.realpath(target)):
+        if os.path.commonpath([place, protected]) == protected:
+            raise InvalidParameter(
+                f"{target} is inside {protected}, which the tools only read; write it elsewhere",
+                name=name,
+            )
     return target
 
 
 @contextlib.contextmanager
 def replacing(target: str) -> Iterator[str]:
     """A new, empty temporary file beside ``target`` to write: renamed onto ``target`` when
-    the block ends without an error, removed in every other case."""
+    the block ends without an error, removed in every other case. A device or a pipe is
+    itself the file to write."""
+    if _special(target):
+        yield target
+        return
     directory, base = os.path.split(target)
     temporary = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never someone else's file; 0o666 less the umask, as the file itself would be.
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    try:
+        # O_EXCL: never someone else's file; 0o666 less the umask, as the file itself would be.
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except OSError as e:
+        raise ToolFailed(
+            f"cannot write {target}: {e.strerror} (it is written under a temporary name in "
+            f"{directory}, then renamed)"
+        ) from e
     try:
         yield temporary
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def _special(target: str) -> bool:
+    """Whether ``target`` exists (through a symbolic link too) and is not a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return False

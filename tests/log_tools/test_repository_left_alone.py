@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +99,20 @@ def test_export_that_fills_the_disk_midway_leaves_no_file_behind(
     assert "full" in line
     assert set(os.listdir(fs.path)) == before  # neither the database nor a temporary
     assert FILLER in before
+
+
+def test_graph_writes_into_a_pipe_in_place_and_export_refuses_one(
+    story: Story, tmp_path: Path
+) -> None:
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_bytes()))
+    reader.start()
+    done = strata_log("graph", story.repo, "-o", pipe)
+    reader.join(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert read[0].startswith(b"digraph strata {")
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)  # not replaced by a file
+    one_line_error(strata_log("export", story.repo, pipe, "--replace"), 2, "not a regular file")
+    assert os.listdir(tmp_path) == ["pipe"]

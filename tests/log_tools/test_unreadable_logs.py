@@ -145,3 +145,16 @@ def test_a_log_the_user_may_not_read_is_refused_in_one_line_not_called_damage(
     for path in (repo, repo / "log"):
         one_line_error(as_nobody(name, path, *rest), 3, "tool_failed", f"{path}: Permission denied")
     assert os.listdir(out) == []
+
+
+def test_an_output_the_user_may_not_write_is_refused_in_one_line(
+    story: Story, shared_dir: Path
+) -> None:
+    repo, _ = owned_by_nobody(story, shared_dir)
+    closed = shared_dir / "closed"
+    closed.mkdir(mode=0o755)  # root's: nobody may not create a file in it
+    for command in (["export", closed / "x.sqlite"], ["graph", "-o", closed / "g.dot"]):
+        name, *rest = command
+        done = as_nobody(name, repo, *rest)
+        one_line_error(done, 3, "tool_failed", f"cannot write {rest[-1]}", "Permission denied")
+    assert os.listdir(closed) == []
