@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from engine.errors import StrataError
@@ -29,6 +30,18 @@ PROG = "strata-log"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)  # called as a library from a thread: signals are not ours to take
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(stop, _stopped) for stop in stops]
+    try:
+        return _run(args)
+    finally:
+        for stop, handler in zip(stops, before, strict=True):
+            signal.signal(stop, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
@@ -43,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report(from_os_error(e, args.path))
     except KeyboardInterrupt:
         return 128 + signal.SIGINT  # what was written is cleaned up (finally); no traceback
+
+
+def _stopped(signum: int, frame: object) -> None:
+    # Unwound like Ctrl-C, so that what a command was writing is removed on the way out.
+    raise SystemExit(128 + signum)
 
 
 def _report(error: StrataError) -> int:

@@ -100,6 +100,10 @@ def export(path: str, target: str, until: str | None) -> dict[str, int]:
     log_dir, state = replay_at(path, until)
     with output.replacing(target) as temporary:
         db = Database(temporary)
+        # The file is new and thrown away on any failure: a journal and a sync per batch of
+        # rows would only slow it down (25 s for 60,000 events, most of it waiting on syncs).
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
         try:
             return _fill(db, path, log_dir, state)
         except sqlite3.Error as e:  # a full disk, most likely: SQLite says so in its words

@@ -66,6 +66,7 @@ def replacing(target: str) -> Iterator[str]:
         ) from e
     try:
         yield temporary
+        _sync(temporary)  # whole on the disk before its name says it is there
         os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -78,3 +79,11 @@ def _special(target: str) -> bool:
         return not stat.S_ISREG(os.stat(target).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

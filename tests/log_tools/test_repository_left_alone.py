@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -116,3 +120,25 @@ def test_graph_writes_into_a_pipe_in_place_and_export_refuses_one(
     assert stat.S_ISFIFO(pipe.lstat().st_mode)  # not replaced by a file
     one_line_error(strata_log("export", story.repo, pipe, "--replace"), 2, "not a regular file")
     assert os.listdir(tmp_path) == ["pipe"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_export_stopped_midway_leaves_no_file_behind(tmp_path: Path, stop: int) -> None:
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    write_disks(repo / "log", made=5000, broken=0)
+    out.mkdir()
+    export = subprocess.Popen(
+        [sys.executable, "-m", "log_tools", "export", str(repo), str(out / "strata.sqlite")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not os.listdir(out) and export.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert os.listdir(out), "the export never began its temporary file"
+    export.send_signal(stop)
+    _, stderr = export.communicate(timeout=60)
+    assert export.returncode == 128 + stop, stderr
+    assert "Traceback" not in stderr
+    assert os.listdir(out) == []
