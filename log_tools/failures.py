@@ -61,7 +61,7 @@ def from_os_error(error: OSError, path: str | None) -> StrataError:
         )
     reason = error.strerror or str(error)
     if error.filename is None:
-        return ToolFailed(reason)
+        return ToolFailed(f"the operating system refused a read or a write: {reason}")
     return ToolFailed(f"{error.filename}: {reason}")
 
 

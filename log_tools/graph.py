@@ -139,11 +139,12 @@ def summary_to_dot(state: Replay, summary: Summary) -> str:
         lines.extend(_tree(tree))
     for n, ((volumes, images, depth, statuses), trees) in enumerate(summary.shapes):
         each = ", ".join(f"{count} {status}" for status, count in statuses)
+        alike = "trees alike" if trees > 1 else "tree"
         label = (
-            f"{trees} trees alike\n{volumes} volumes, chains up to {depth} deep\n"
+            f"{trees} {alike}\n{volumes} volumes, chains up to {depth} deep\n"
             f"{images} images each: {each}"
         )
-        worst = max((s for s, _ in statuses), key=_SEVERITY.index)
+        worst = max((s for s, _ in statuses), key=lambda s: _SEVERITY.get(s, 0))
         colour = COLOURS.get(worst, "white")
         lines.append(
             f"  {quote(f'shape:{n}')} [shape=box3d, style=filled, fillcolor={colour}, "
@@ -156,7 +157,7 @@ def summary_to_dot(state: Replay, summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SEVERITY = ["optimized", "removed", "degraded", "broken"]
+_SEVERITY = {"removed": 1, "degraded": 2, "broken": 3}  # a group is coloured by its worst
 
 
 def summary_note(summary: Summary) -> str:

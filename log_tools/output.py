@@ -18,13 +18,14 @@ from collections.abc import Iterator
 
 from engine.errors import InvalidParameter
 from log_tools.failures import ToolFailed
-from log_tools.paths import repository_root
+from log_tools.paths import find_log_dir, repository_root
 
 
 def writable_target(path: str, target: str, *, name: str, replace: bool, devices: bool) -> str:
     """``target`` made absolute, once it names a file the tools may write for the log at
     ``path`` (or a device or pipe, when ``devices``); ``name`` is the argument's, for the
     message."""
+    find_log_dir(path)  # a PATH that is no log is told so first, not taken for one to guard
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
