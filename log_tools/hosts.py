@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict
@@ -64,9 +65,12 @@ def heartbeats(root: str | None) -> dict[str, Heartbeat | None]:
 
 
 def _read(path: str) -> Heartbeat | None:
+    """The record, or None when there is none to read: the host's state is then unknown."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # opening a FIFO would wait for a writer forever
         return read_heartbeat(path)
-    except OSError:  # not a file, or not this user's to read: the host's state is unknown
+    except OSError:  # gone meanwhile, or not this user's to read
         return None
 
 

@@ -57,21 +57,27 @@ def replacing(target: str) -> Iterator[str]:
         return
     directory, base = os.path.split(target)
     temporary = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    ours: str | None = temporary
+    # Made inside the try: a signal the moment after it is made still has it removed.
     try:
-        # O_EXCL: never someone else's file; 0o666 less the umask, as the file itself would be.
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
-    except OSError as e:
-        raise ToolFailed(
-            f"cannot write {target}: {e.strerror} (it is written under a temporary name in "
-            f"{directory}, then renamed)"
-        ) from e
-    try:
+        try:
+            # O_EXCL: never someone else's file; 0o666 less the umask, as the file would be.
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+        except FileExistsError:
+            ours = None  # another's file by the same random name: not ours to remove
+            raise
+        except OSError as e:
+            raise ToolFailed(
+                f"cannot write {target}: {e.strerror} (it is written under a temporary name in "
+                f"{directory}, then renamed)"
+            ) from e
         yield temporary
         _sync(temporary)  # whole on the disk before its name says it is there
         os.replace(temporary, target)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        if ours is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ours)
 
 
 def _special(target: str) -> bool:
