@@ -15,7 +15,7 @@ import threading
 
 from engine.log.follow import LogFollower
 from engine.log.store import OperationLog
-from log_tools.paths import find_log_dir, positive_int
+from log_tools.paths import find_log_dir, positive_int, seconds
 from log_tools.render import record_json, record_line
 
 READER_ID = "strata-log"  # the log wants a host id even from a reader; it never writes one
@@ -34,9 +34,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
         "--from", dest="from_seq", type=positive_int, metavar="SEQ", help="first record"
     )
     command.add_argument("--count", type=positive_int, metavar="N", help="stop after N records")
-    command.add_argument("--timeout", type=_seconds, metavar="S", help="stop after S seconds")
+    command.add_argument("--timeout", type=seconds, metavar="S", help="stop after S seconds")
     command.add_argument(
-        "--poll", type=_seconds, default=0.5, metavar="S", help="look at least every S seconds"
+        "--poll", type=seconds, default=0.5, metavar="S", help="look at least every S seconds"
     )
     command.set_defaults(command=run)
 
@@ -60,13 +60,3 @@ def run(args: argparse.Namespace) -> int:
                 if timer is not None:
                     timer.cancel()
     return 0
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be in (0, 86400], not {value}")
-    return value

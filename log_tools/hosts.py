@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict
@@ -60,7 +61,17 @@ def heartbeats(root: str | None) -> dict[str, Heartbeat | None]:
         names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
     except FileNotFoundError:
         return {}
-    return {name: read_heartbeat(os.path.join(directory, name)) for name in names}
+    return {name: _read(os.path.join(directory, name)) for name in names}
+
+
+def _read(path: str) -> Heartbeat | None:
+    """The record, or None when there is none to read: the host's state is then unknown."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None  # opening a FIFO would wait for a writer forever
+        return read_heartbeat(path)
+    except OSError:  # gone meanwhile, or not this user's to read
+        return None
 
 
 def judge(beat: Heartbeat | None, now: float) -> tuple[str, float | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 
 from engine.errors import LogCorrupted, NotAStrataLog
 from engine.formats.localfs import MARKER as REPOSITORY_MARKER
@@ -15,9 +16,15 @@ LOG_DIR_NAME = "log"
 def find_log_dir(path: str) -> str:
     """The absolute log directory that ``path`` names, looked up without writing anything."""
     path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise NotAStrataLog("no such file or directory", path=path)
-    if not os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise NotAStrataLog("no such file or directory", path=path) from None
+    except NotADirectoryError:  # a file on the way to it
+        raise NotAStrataLog("not a directory", path=path) from None
+    # Any other error (no permission to look) reaches the command line as it is: the path may
+    # well be a log, which this user may not read.
+    if not stat.S_ISDIR(mode):
         raise NotAStrataLog("not a directory", path=path)
     # Segments in the directory itself win: a log directory never holds a repository.
     if _has_segments(path):
@@ -56,4 +63,15 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a time limit in seconds, in (0, 86400]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400], not {value}")
     return value

@@ -37,7 +37,7 @@ def damaged_at(log: Path, segment: int, offset: int) -> None:
     where = f"segment {segment} at byte offset {offset}"
     one_line_error(strata_log("verify", log), 1, where)
     one_line_error(strata_log("replay", log), 1, where)
-    one_line_error(strata_log("export", log, log.parent / "x.sqlite"), 1, where)
+    one_line_error(strata_log("export", log, log.parent.parent / "x.sqlite"), 1, where)
 
 
 def test_a_flipped_byte_is_found_at_its_record(log_copy: Path) -> None:
