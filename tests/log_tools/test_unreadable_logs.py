@@ -103,17 +103,7 @@ def owned_by_nobody(story: Story, shared: Path) -> tuple[Path, Path]:
     return repo, out
 
 
-FOLLOW_OPENS_FOR_WRITING = pytest.mark.xfail(
-    reason="engine/log/store.py opens the last segment read-write when the log is opened, "
-    "which follow does (OperationLog.open); opening it at the first append fixes this",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=FOLLOW_OPENS_FOR_WRITING) if n == "follow" else n for n in COMMANDS],
-)
+@pytest.mark.parametrize("name", COMMANDS)
 def test_a_read_only_log_is_read_by_every_command(
     story: Story, shared_dir: Path, name: str
 ) -> None:
