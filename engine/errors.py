@@ -136,24 +136,24 @@ class StorageError(StrataError):
 class StorageFull(StorageError):
     code = "storage_full"
     template = (
-        "{doing} {path} failed: the filesystem is full ({detail}); nothing was changed. Free "
-        "space there: the engine resumes by itself"
+        "{doing} {path} failed: the filesystem is full; nothing was changed. Free space "
+        "there: the engine resumes by itself"
     )
 
 
 class StorageReadOnly(StorageError):
     code = "storage_read_only"
     template = (
-        "{doing} {path} failed: the filesystem is read-only ({detail}); nothing was changed. "
-        "Make it writable again: the engine resumes by itself"
+        "{doing} {path} failed: the filesystem is read-only; nothing was changed. Make it "
+        "writable again: the engine resumes by itself"
     )
 
 
 class PermissionDenied(StorageError):
     code = "permission_denied"
     template = (
-        "{doing} {path} failed: permission denied ({detail}); give this host's user access to "
-        "the repository (or the state directory) and retry"
+        "{doing} {path} failed: permission denied; give this host's user access to the "
+        "repository (or the state directory) and retry"
     )
 
 

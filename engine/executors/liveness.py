@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -334,12 +335,19 @@ class HostMonitor:
 
 
 def read_heartbeat(path: str) -> Heartbeat | None:
+    """The heartbeat in ``path``; None where there is none to read: no file, or something
+    that is not a regular file (a link, a directory, a FIFO that would block a reader forever)
+    or that this process may not read. Such a host counts as silent, never as alive."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return Heartbeat.decode(os.pread(fd, RECORD_SIZE, 0))
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
