@@ -20,12 +20,13 @@ from engine.errors import InvalidParameter
 SECTOR = 512
 MAX_IMAGE_SIZE = 2**46  # 64 TiB: beyond it a request is a mistake, not a disk
 MAX_USER_DATA = 64 * 1024
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# fullmatch, never match with "$": "$" also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _OPTION_KEYS = {"auto_fix", "strategy", "participating_repositories", "image_hints"}
 
 
 def host_id(value: object) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidParameter(
             "1-64 characters from letters, digits, '.', '_' and '-', starting with a letter "
             f"or digit, not {value!r}",
@@ -35,7 +36,7 @@ def host_id(value: object) -> str:
 
 
 def repo_id(value: object, name: str = "repo_id") -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidParameter(
             f"a name of 1-64 letters, digits, '.', '_' or '-' (no path separators), not {value!r}",
             name=name,
