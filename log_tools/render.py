@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 
 from engine.log.framing import Record
+from engine.opaque import Opaque, json_ready
 
 PREVIEW_CHARS = 72
 
@@ -77,6 +78,8 @@ def plain(value: Any) -> Any:
     """A value from the log as JSON can hold it: bytes as hex, anything else unknown as text."""
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, Opaque):  # user data: the caller's value, which JSON then shows
+        return json_ready(value.value)
     return str(value)
 
 
