@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from engine import StorageEngine
+from engine import StorageEngine, validation
 from engine.errors import InvalidParameter
 from engine.log.reader import ReadOnlyLog
+from engine.persistence.transcoder import default_transcoder
 from engine.validation import MAX_USER_DATA_DEPTH
+from log_tools.render import state_preview
 from tests.persistence.user_data_values import USER_DATA, exact
 
 MiB = 2**20
@@ -78,15 +80,16 @@ def user_data_seen(engine: StorageEngine, image_id: str, expected: Any) -> Any:
         time.sleep(0.05)
 
 
-def verify(repo_path: str) -> dict[str, Any]:
+def strata_log(*args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "log_tools", "verify", repo_path, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-m", "log_tools", *args], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    report: dict[str, Any] = json.loads(done.stdout)
+    return done.stdout
+
+
+def verify(repo_path: str) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(strata_log("verify", repo_path, "--json"))
     return report
 
 
@@ -109,6 +112,36 @@ def test_user_data_comes_back_exactly_here_on_another_host_and_the_log_is_sound(
     assert report["status"] == "sound"
     assert report["damage"] is None
     assert report["last_seq"] == last_seq(repo_path)
+
+
+def test_the_log_tools_show_user_data_as_given(
+    engines: tuple[StorageEngine, StorageEngine], repo_path: str
+) -> None:
+    a, _ = engines
+    for value in (WRAPPERS[0], ODD_VALUES[1]):
+        image_id = a.create_virtual_disk("r1", MiB, user_data=value)
+        entries = [
+            json.loads(line)
+            for line in strata_log("history", repo_path, image_id, "--json").splitlines()
+        ]
+        assert entries[0]["event"] == "ImageRequested"
+        assert entries[0]["changed"]["user_data"][1] == entries[0]["fields"]["user_data"]
+        assert "Opaque(" in strata_log("history", repo_path, image_id)
+    assert entries[0]["fields"]["user_data"] == {
+        "1": "int key",
+        "b'k'": "bytes key",
+        "null": "none key",
+        "2.5": "float key",
+        "false": "bool key",
+    }
+
+
+def test_a_dumped_records_preview_shows_user_data_as_given() -> None:
+    codec = default_transcoder()
+    state = codec.encode({"user_data": validation.user_data(WRAPPERS[0])})
+    assert state_preview(state).endswith(
+        "{'user_data': Opaque({'_type_': 'no_such', '_data_': 1})}"
+    )
 
 
 def test_a_fresh_host_reads_user_data_from_the_log_alone(tmp_path: Path, repo_path: str) -> None:
