@@ -29,7 +29,12 @@ class Opaque:
 
     @property
     def value(self) -> Any:
-        return msgpack.unpackb(self.packed, raw=False, strict_map_key=False, use_list=True)
+        try:
+            return msgpack.unpackb(self.packed, raw=False, strict_map_key=False, use_list=True)
+        except (ValueError, TypeError):  # TypeError: a map key Python cannot hash
+            # Not bytes validation packed: an ExtType that a version before ADR 0015 took as
+            # user data, which that version handed back as it is. So does this one.
+            return msgpack.ExtType(EXT_CODE, self.packed)
 
     def __eq__(self, other: object) -> bool:
         return type(other) is Opaque and other.packed == self.packed

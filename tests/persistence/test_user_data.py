@@ -132,3 +132,10 @@ def test_the_value_handed_back_is_a_fresh_copy() -> None:
     handed = value_of(opaque)
     handed["list"].append(3)  # a caller changing what it got changes nothing stored
     assert value_of(opaque) == {"list": [1, 2]}
+
+
+def test_an_ext_value_an_older_version_took_as_user_data_comes_back_as_it_was() -> None:
+    # Before user data was opaque, validation let msgpack's ExtType through, and the log kept it.
+    old = msgpack.ExtType(1, b"\xc1 not msgpack")
+    decoded = default_transcoder().decode(msgpack.packb({"user_data": old}))
+    assert value_of(decoded["user_data"]) == old
