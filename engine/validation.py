@@ -7,6 +7,7 @@ Every function returns the value in the form the engine uses, or raises
 from __future__ import annotations
 
 import re
+import reprlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def _plain(value: Any, depth: int) -> Any:
             if type(key) not in _SCALARS:
                 raise InvalidParameter(
                     f"dict keys that are None, bool, int, float, str or bytes, not "
-                    f"{type(key).__name__} {key!r}",
+                    f"{type(key).__name__} {reprlib.repr(key)}",
                     name="user_data",
                 )
             plain[_plain(key, depth + 1)] = _plain(item, depth + 1)
@@ -137,9 +138,10 @@ def _refusal(value: object) -> str:
     for base in (bool, int, float, str, bytes, list):
         if isinstance(value, base):
             # An IntEnum or a str subclass would come back as its plain base type.
+            name = base.__name__
             return (
-                f"plain {base.__name__} values, not {kind.__name__} {value!r} (it would come "
-                f"back as a plain {base.__name__}: convert it with {base.__name__}(...))"
+                f"plain {name} values, not {kind.__name__} {reprlib.repr(value)} (it would come "
+                f"back as a plain {name}: convert it with {name}(...))"
             )
     return (
         f"None, bool, int, float, str, bytes, lists and dicts, not {kind.__name__} "
