@@ -35,9 +35,9 @@ def state_preview(state: bytes) -> str:
     """The event's state decoded from msgpack and shortened, or just its size if it is opaque."""
     try:
         value = msgpack.unpackb(state, raw=False, strict_map_key=False, ext_hook=_ext)
-        text = repr(value)  # an Opaque's repr unpacks its bytes, which may not be msgpack
     except (ValueError, TypeError):  # not msgpack, or a map key Python cannot hash
         return f"<{len(state)} bytes>"
+    text = repr(value)  # user data as Opaque(value): an Opaque's repr shows what it holds
     if len(text) > PREVIEW_CHARS:
         text = text[: PREVIEW_CHARS - 1] + "…"
     return f"<{len(state)} bytes> {text}"
