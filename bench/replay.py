@@ -45,6 +45,7 @@ from typing import Any
 
 from _about import interpreter
 
+from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.log import NewEvent, OperationLog
@@ -94,7 +95,7 @@ def disk_life(n: int, now: Clock) -> Iterator[list[Image]]:
     top = volume()
     disk = Image.request(
         image_id=uuid.uuid4(), kind=ops.VIRTUAL_DISK, size=2**30, chain=[top],
-        user_data={"name": f"vm{n:06d}"}, strategy=ops.SPACE, auto_fix=True,
+        user_data=validation.user_data({"name": f"vm{n:06d}"}), strategy=ops.SPACE, auto_fix=True,
         origin={"how": "blank"}, operations=[ops.plan(uuid.uuid4().hex, "create",
         {"do": "create", "volume": top, "size": 2**30})], host_id=host, now=now(),
     )  # fmt: skip
@@ -119,7 +120,11 @@ def disk_life(n: int, now: Clock) -> Iterator[list[Image]]:
         yield [disk, snap]
         run_stage(disk, host, now)
         yield [disk]
-    disk.set_user_data(user_data={"name": f"vm{n:06d}", "backup": True}, host_id=host, now=now())
+    disk.set_user_data(
+        user_data=validation.user_data({"name": f"vm{n:06d}", "backup": True}),
+        host_id=host,
+        now=now(),
+    )
     disk.prepare(host_id=host, now=now())
     disk.tear_down(host_id=host, now=now())
     yield [disk]

@@ -41,6 +41,7 @@ from engine.formats import qemu as qemu_adapter
 from engine.formats.driver import RepositoryStorage, get_format
 from engine.images import ImageCommands
 from engine.log.follow import LogFollower
+from engine.opaque import value_of
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
@@ -478,7 +479,7 @@ class StorageEngine(ImageCommands):
             image_id=str(image.id),
             kind=image.kind,
             size=image.size,
-            user_data=image.user_data,
+            user_data=value_of(image.user_data),
             created=image.created_on.isoformat(),
             chain_depth=len(image.chain),
             repo_id=repo.repo_id,

@@ -7,6 +7,7 @@ Every function returns the value in the form the engine uses, or raises
 from __future__ import annotations
 
 import re
+import reprlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,16 +17,21 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.errors import InvalidParameter
+from engine.opaque import Opaque
 
 SECTOR = 512
 MAX_IMAGE_SIZE = 2**46  # 64 TiB: beyond it a request is a mistake, not a disk
 MAX_USER_DATA = 64 * 1024
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_USER_DATA_DEPTH = 32  # levels of lists and dicts: deeper is a mistake, or a cycle
+_SCALARS = frozenset((type(None), bool, int, float, str, bytes))
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # msgpack's ints
+# fullmatch, never match with "$": "$" also matches before a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _OPTION_KEYS = {"auto_fix", "strategy", "participating_repositories", "image_hints"}
 
 
 def host_id(value: object) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidParameter(
             "1-64 characters from letters, digits, '.', '_' and '-', starting with a letter "
             f"or digit, not {value!r}",
@@ -35,7 +41,7 @@ def host_id(value: object) -> str:
 
 
 def repo_id(value: object, name: str = "repo_id") -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidParameter(
             f"a name of 1-64 letters, digits, '.', '_' or '-' (no path separators), not {value!r}",
             name=name,
@@ -66,34 +72,81 @@ def size(value: object, name: str = "size") -> int:
     return value
 
 
-def user_data(value: object) -> Any:
-    """Anything msgpack encodes (dicts with string keys, lists, numbers, strings, bytes)."""
+def user_data(value: object) -> Opaque | None:
+    """The value packed, for the engine to carry and hand back unread (SPEC §11).
+
+    Only values that come back exactly as given are taken: None, bool, int (-2**63 to
+    2**64-1), float (NaN and infinities too), str, bytes, lists, and dicts keyed by any of
+    those scalars, nested at most :data:`MAX_USER_DATA_DEPTH` deep. A dict subclass
+    (``OrderedDict``) is taken as the dict it is; anything that would come back as another
+    type (a tuple as a list, an ``IntEnum`` as an int, a ``str`` subclass as a str) is refused.
+    """
+    if value is None:
+        return None
+    plain = _plain(value, 0)
     try:
-        packed = msgpack.packb(value, use_bin_type=True, strict_types=False)
-    except (TypeError, ValueError, OverflowError) as e:
+        packed = msgpack.packb(plain, use_bin_type=True, strict_types=True)
+    except (TypeError, ValueError, OverflowError) as e:  # _plain should have refused it
         raise InvalidParameter(f"data msgpack can encode ({e})", name="user_data") from e
     if len(packed) > MAX_USER_DATA:
         raise InvalidParameter(
-            f"at most {MAX_USER_DATA} bytes encoded, not {len(packed)}", name="user_data"
+            f"at most {MAX_USER_DATA} bytes encoded, not {len(packed)}: keep large data "
+            "elsewhere and put its name here",
+            name="user_data",
         )
-    _no_tuples(value)
-    return value
+    return Opaque(packed)
 
 
-def _no_tuples(value: object) -> None:
-    # A tuple would come back as a list after a replay: refuse it rather than change it.
-    if isinstance(value, tuple):
+def _plain(value: Any, depth: int) -> Any:
+    """``value`` with dict subclasses made dicts; raises for what would not round-trip."""
+    kind = type(value)
+    if kind in _SCALARS:
+        if kind is int and not _INT_MIN <= value <= _INT_MAX:
+            raise InvalidParameter(
+                f"integers from -2**63 to 2**64-1 (msgpack's), not {value}: store larger "
+                "numbers as strings",
+                name="user_data",
+            )
+        return value
+    if depth >= MAX_USER_DATA_DEPTH:
         raise InvalidParameter(
-            "lists, not tuples (they would come back as lists)", name="user_data"
+            f"lists and dicts nested at most {MAX_USER_DATA_DEPTH} deep (is the value recursive?)",
+            name="user_data",
         )
+    if kind is list:
+        return [_plain(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise InvalidParameter(f"string keys only, not {k!r}", name="user_data")
-            _no_tuples(v)
-    elif isinstance(value, list):
-        for v in value:
-            _no_tuples(v)
+        plain = {}
+        for key, item in value.items():
+            if type(key) not in _SCALARS:
+                raise InvalidParameter(
+                    f"dict keys that are None, bool, int, float, str or bytes, not "
+                    f"{type(key).__name__} {reprlib.repr(key)}",
+                    name="user_data",
+                )
+            plain[_plain(key, depth + 1)] = _plain(item, depth + 1)
+        return plain
+    raise InvalidParameter(_refusal(value), name="user_data")
+
+
+def _refusal(value: object) -> str:
+    kind = type(value)
+    if isinstance(value, tuple):
+        return "lists, not tuples (they would come back as lists)"
+    if isinstance(value, bytearray | memoryview):
+        return f"bytes, not {kind.__name__} (convert it with bytes(...))"
+    for base in (bool, int, float, str, bytes, list):
+        if isinstance(value, base):
+            # An IntEnum or a str subclass would come back as its plain base type.
+            name = base.__name__
+            return (
+                f"plain {name} values, not {kind.__name__} {reprlib.repr(value)} (it would come "
+                f"back as a plain {name}: convert it with {name}(...))"
+            )
+    return (
+        f"None, bool, int, float, str, bytes, lists and dicts, not {kind.__name__} "
+        "(msgpack cannot hold it as it is)"
+    )
 
 
 @dataclass(frozen=True)

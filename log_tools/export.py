@@ -21,6 +21,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from engine.log.reader import ReadOnlyLog
+from engine.opaque import json_ready
 from engine.projections.replay import Replay
 from engine.projections.replay_events import new_mapper, to_event
 from log_tools import hosts, output
@@ -173,7 +174,7 @@ def events(log_dir: str, until_seq: int) -> Iterator[dict[str, Any]]:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, default=plain)
+    return json.dumps(json_ready(value), default=plain)  # json_ready: bytes keys in user data
 
 
 def _flat(host: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 
 from engine.log.framing import Record
+from engine.opaque import EXT_CODE, Opaque, json_ready
 
 PREVIEW_CHARS = 72
 
@@ -33,13 +34,17 @@ def printable(text: str) -> str:
 def state_preview(state: bytes) -> str:
     """The event's state decoded from msgpack and shortened, or just its size if it is opaque."""
     try:
-        value = msgpack.unpackb(state, raw=False, strict_map_key=False)
+        value = msgpack.unpackb(state, raw=False, strict_map_key=False, ext_hook=_ext)
     except (ValueError, TypeError):  # not msgpack, or a map key Python cannot hash
         return f"<{len(state)} bytes>"
-    text = repr(value)
+    text = repr(value)  # user data as Opaque(value): an Opaque's repr shows what it holds
     if len(text) > PREVIEW_CHARS:
         text = text[: PREVIEW_CHARS - 1] + "…"
     return f"<{len(state)} bytes> {text}"
+
+
+def _ext(code: int, data: bytes) -> Any:
+    return Opaque(data) if code == EXT_CODE else msgpack.ExtType(code, data)
 
 
 def record_line(record: Record) -> str:
@@ -77,11 +82,13 @@ def plain(value: Any) -> Any:
     """A value from the log as JSON can hold it: bytes as hex, anything else unknown as text."""
     if isinstance(value, bytes):
         return value.hex()
+    if isinstance(value, Opaque):  # user data: the caller's value, which JSON then shows
+        return json_ready(value.value)
     return str(value)
 
 
 def to_json(value: Any, *, indent: int | None = 2) -> str:
-    return json.dumps(value, indent=indent, default=plain)
+    return json.dumps(json_ready(value), indent=indent, default=plain)  # bytes keys: user data
 
 
 def short(text: str, width: int) -> str:

@@ -47,7 +47,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         kind: str
         size: int
         chain: list[str]
-        user_data: Any
+        user_data: Any  # an engine.opaque.Opaque, None, or a plain value from an older log
         strategy: str
         auto_fix: bool
         origin: dict[str, Any]  # how it was made: blank, from a snapshot, a copy of...

@@ -43,7 +43,7 @@ DONE = "done"
 FAILED = "failed"  # a stage failed; a mend fix re-runs it
 STOPPED = "stopped"  # stop_fix; a mend fix resumes it
 
-_VOLUME = re.compile(r"^[0-9a-f]{32}\.(raw|qcow2)$")
+_VOLUME = re.compile(r"[0-9a-f]{32}\.(raw|qcow2)")
 
 Stage = dict[str, Any]
 
@@ -54,7 +54,7 @@ def volume_ref(volume_id: str, fmt: str) -> str:
 
 
 def split_ref(ref: str) -> tuple[str, str]:
-    if not _VOLUME.match(ref):
+    if not _VOLUME.fullmatch(ref):
         raise ValueError(f"not a volume reference: {ref!r}")
     volume_id, _, fmt = ref.partition(".")
     return volume_id, fmt

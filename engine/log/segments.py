@@ -28,7 +28,7 @@ from engine.log.framing import (
 )
 
 LOCK_NAME = "lock"
-_NAME = re.compile(r"^segment-(\d{10})\.log$")
+_NAME = re.compile(r"segment-(\d{10})\.log")
 _MAX_HEADER_BODY = 64 * 1024
 
 
@@ -48,7 +48,7 @@ def list_segments(directory: str) -> list[int]:
         raise NotAStrataLog("no such directory", path=directory) from e
     except NotADirectoryError as e:
         raise NotAStrataLog("not a directory", path=directory) from e
-    numbers = sorted(int(m.group(1)) for m in map(_NAME.match, names) if m)
+    numbers = sorted(int(m.group(1)) for m in map(_NAME.fullmatch, names) if m)
     for expected, number in enumerate(numbers, start=1):
         if number != expected:
             raise LogCorrupted(

@@ -60,9 +60,17 @@ class Wakeable(Protocol):
 
 
 def _check_host_id(host_id: object) -> str:
-    if not isinstance(host_id, str) or not host_id or len(host_id) > _MAX_HOST_ID:
+    # Printable: a newline would make "host-a\n" a second host beside "host-a", and forge a
+    # line in the tools' output.
+    if (
+        not isinstance(host_id, str)
+        or not host_id
+        or len(host_id) > _MAX_HOST_ID
+        or not host_id.isprintable()
+    ):
         raise InvalidParameter(
-            f"a non-empty string of at most {_MAX_HOST_ID} characters, not {host_id!r}",
+            f"a non-empty string of at most {_MAX_HOST_ID} printable characters (no newline), "
+            f"not {host_id!r}",
             name="host_id",
         )
     return host_id

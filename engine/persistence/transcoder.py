@@ -4,6 +4,10 @@ The document shape is the one eventsourcing's ``JSONTranscoder`` writes: an obje
 registered type becomes the map ``{"_type_": name, "_data_": encoded}``, decoded inner maps
 first. Only the bytes differ (msgpack, so ``bytes`` values stay bytes and maps keep int keys).
 
+An :class:`~engine.opaque.Opaque` (user data) is not a transcoding: its bytes, packed already,
+go in an ext type of their own and come back as an ``Opaque``, never decoded here, so nothing
+in them is taken for a wrapper (docs/adr/0015-user-data-is-opaque.md).
+
 Types are matched exactly (msgpack's ``strict_types``), so a ``tuple``, or a subclass of
 ``str``, ``int``, ``dict`` or ``list``, is never silently flattened into its base type: it needs
 a registered transcoding, as an unknown class does, and round-trips as itself.
@@ -27,6 +31,8 @@ from eventsourcing.persistence import (
     UUIDAsHex,
 )
 
+from engine.opaque import EXT_CODE, Opaque
+
 _MakeHook = Callable[[dict[str, Callable[[Any], Any]], Callable[[Any], Any]], Callable[[Any], Any]]
 compiled_object_hook: _MakeHook | None
 try:  # the C object hook (engine/persistence/_fasthook.c), built by setup.py where it can be
@@ -39,6 +45,12 @@ except ImportError:  # pragma: no cover - a machine without a C compiler
 # Tests set this to None to decode with the Python hook alone.
 make_object_hook = compiled_object_hook
 HOOK = "python" if compiled_object_hook is None else "compiled"
+
+
+def _decode_ext(code: int, data: bytes) -> Any:
+    if code == EXT_CODE:
+        return Opaque(data)
+    return msgpack.ExtType(code, data)  # what msgpack gives without a hook
 
 
 class TupleAsList(Transcoding):
@@ -95,20 +107,32 @@ class MsgpackTranscoder(Transcoder):
 
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(
-            data, object_hook=self._hook, raw=False, strict_map_key=False, use_list=True
+            data,
+            object_hook=self._hook,
+            ext_hook=_decode_ext,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
         )
 
     def decoder(self) -> Callable[[bytes], Any]:
         """:meth:`decode` as one callable with its arguments bound, which code in C calls
         without a Python frame (engine/projections/_fastevents.c)."""
         return functools.partial(
-            msgpack.unpackb, object_hook=self._hook, raw=False, strict_map_key=False, use_list=True
+            msgpack.unpackb,
+            object_hook=self._hook,
+            ext_hook=_decode_ext,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
         )
 
-    def _encode_obj(self, obj: Any) -> dict[str, Any]:
+    def _encode_obj(self, obj: Any) -> dict[str, Any] | msgpack.ExtType:
         try:
             transcoding = self.types[type(obj)]
         except KeyError:
+            if type(obj) is Opaque:  # rare enough (user data) to come after the transcodings
+                return msgpack.ExtType(EXT_CODE, obj.packed)
             # The same words as JSONTranscoder's, so callers see one message whichever is used.
             msg = (
                 f"Object of type {type(obj)} is not serializable. Please define and register "

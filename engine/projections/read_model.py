@@ -25,6 +25,7 @@ from sqlite_utils import Database
 
 from engine.aggregates.image import Image
 from engine.errors import sqlite_error
+from engine.opaque import json_ready, value_of
 from engine.projections import image_state
 from engine.types import ImageStatus
 
@@ -61,7 +62,7 @@ def image_row(image: Image, worker: str | None, status: ImageStatus) -> dict[str
         "removed": int(image.removed),
         "created": image.created_on.isoformat(),
         "chain": json.dumps(image.chain),
-        "user_data": json.dumps(image.user_data, default=str),
+        "user_data": json.dumps(json_ready(value_of(image.user_data)), default=str),
         "version": image.version,
         "state": image_state.encode(image, worker),
     }

@@ -37,6 +37,7 @@ from engine.formats.driver import VolumeFile
 from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
 from engine.log.scan import gc_paused
+from engine.opaque import value_of
 from engine.projections.fixes import find_fixes_for_volumes
 from engine.projections.image_state import by_id
 from engine.projections.replay_events import (
@@ -178,7 +179,7 @@ def image_summary(image: Image, view: RepositoryView) -> dict[str, Any]:
         "version": image.version,
         "chain_depth": len(image.chain),
         "chain": list(image.chain),
-        "user_data": image.user_data,
+        "user_data": value_of(image.user_data),
     }
 
 

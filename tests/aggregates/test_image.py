@@ -137,3 +137,8 @@ def test_replaying_the_recorded_events_gives_the_same_image() -> None:
     assert [(o.op_id, o.state) for o in replayed.operations] == [
         (o.op_id, o.state) for o in image.operations
     ]
+
+
+def test_a_volume_reference_with_a_trailing_newline_is_not_one() -> None:
+    with pytest.raises(ValueError, match="not a volume reference"):
+        ops.split_ref(vol(1) + "\n")

@@ -112,9 +112,17 @@ def test_a_non_positive_lease_timeout_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_host_id_that_is_not_a_name_is_refused(tmp_path: Path) -> None:
-    for bad in ("", "a/b", "..", "x" * 100, 7):
+    for bad in ("", "a/b", "..", "x" * 100, 7, "host-a\n", "host-a\r\n"):
         with pytest.raises(InvalidParameter):
             StorageEngine(bad, state_dir=str(tmp_path))  # type: ignore[arg-type]
+
+
+def test_a_repo_id_with_a_trailing_newline_is_refused(engine: StorageEngine) -> None:
+    # "$" in a pattern also matches before a final newline: "r1\n" would be a second name.
+    with pytest.raises(InvalidParameter, match="repo_id"):
+        engine.create_virtual_disk("r1\n", MiB)
+    with pytest.raises(InvalidParameter, match="repo_id"):
+        engine.connect_storage_repository("r3\n", "localfs-1.0", {"path": "/nonexistent"})
 
 
 def test_formatting_a_non_empty_directory_is_refused(tmp_path: Path, engine: StorageEngine) -> None:

@@ -42,6 +42,16 @@ def test_create_refuses_a_directory_that_already_holds_a_log(log_dir):
         assert [r.originator_id for r in log.read()] == ["a"]
 
 
+def test_a_host_id_with_a_newline_or_other_control_character_is_refused(log_dir):
+    with OperationLog.create(log_dir, "host-a") as log:
+        log.append([event("a", 1)])
+    before = file_digests(log_dir)
+    for bad in ("host-a\n", "host\ta", "host-a\x00"):
+        with pytest.raises(InvalidParameter, match="printable"):
+            OperationLog.open(log_dir, bad)
+    assert file_digests(log_dir) == before
+
+
 def test_create_accepts_an_existing_empty_directory(log_dir):
     os.mkdir(log_dir)
     with OperationLog.create(log_dir, "host-a") as log:
