@@ -299,3 +299,13 @@ class VolumeLocked(QemuError):
         "{waited} s: {stderr}; find the process using it (a virtual machine, or a host that "
         "was fenced), then mend the image"
     )
+
+
+# --- the storage ----------------------------------------------------------------------------
+
+
+class StorageFull(StrataError):
+    """The storage has no space left (ENOSPC)."""
+
+    code = "storage_full"
+    template = "The storage is full ({detail}); free some space, then retry or mend"

@@ -14,7 +14,7 @@ does not use. See docs/adr/0004-images-volumes-operations-and-stages.md.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from engine.aggregates import operations as ops
@@ -30,14 +30,27 @@ _BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)
 _HARMLESS = (ops.OPTIMIZE, ops.CLEAN)
 
 
-def image_status(image: Image, view: RepositoryView, lost: Collection[str] = ()) -> ImageStatus:
+def image_status(
+    image: Image,
+    view: RepositoryView,
+    lost: Collection[str] = (),
+    faults: Mapping[str, str] | None = None,
+) -> ImageStatus:
     """The status of a (live) image.
 
     ``host_id`` is the last host that claimed or ran a stage of the image, or the host that
     requested it when none did yet: seed 000's "the last host to try and optimize or fix the
     image", which a host that merely set user data or prepared it is not.
+
+    ``faults``: volumes of the image found missing or damaged, each with a sentence that says
+    so; the image is then broken, and ``last_error`` is that sentence (ADR 0017).
     """
-    return ImageStatus(*status_fields(image, view, lost))
+    fields = status_fields(image, view, lost)
+    if faults:
+        for ref in image.chain:
+            if ref in faults:
+                return ImageStatus(fields[0], BROKEN, *fields[2:5], faults[ref])
+    return ImageStatus(*fields)
 
 
 def status_fields(
