@@ -7,6 +7,7 @@ also the one place that wires the engine together (bootstrap): adapters, logs, v
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -37,7 +38,7 @@ from engine.formats import qemu as qemu_adapter
 from engine.formats.driver import RepositoryStorage, get_format
 from engine.images import ImageCommands
 from engine.log.follow import LogFollower
-from engine.projections.status import image_status
+from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
@@ -244,7 +245,12 @@ class StorageEngine(ImageCommands):
         says so (ADR 0017)."""
         lost = self._lost_files.get(repo.storage.root, {})
         faults = volume_faults(repo.storage, repo.view, image, lost)
-        return image_status(image, repo.view, (), faults)
+        status = image_status(image, repo.view, (), faults)
+        if status.status == BROKEN and status.last_error is None:
+            why = blocker(image, repo.view)
+            if why is not None:
+                return dataclasses.replace(status, last_error=why)
+        return status
 
     def check_storage_repository(
         self, repo_id: str, options: dict[str, Any] | None = None
@@ -315,7 +321,7 @@ class StorageEngine(ImageCommands):
     @staticmethod
     def _settled(view: RepositoryView, image: Image) -> bool:
         if not _blocked_or_done(image):
-            return False
+            return blocker(image, view) is not None  # waits on work that waits for a fix
         for volume in image.chain:
             producer = view.producer_of(volume)
             if producer is not None and not _blocked_or_done(producer):

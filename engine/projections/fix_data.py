@@ -141,7 +141,8 @@ def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) 
     if image is None:
         raise StaleFix(f"image {plan.target} is not in this repository")
     if data["release"] is not None:
-        return _check_release(view, image, plan)
+        needed = VolumeIndex(view.images(), elsewhere).needed if image.removed else ()
+        return _check_release(view, image, plan, needed)
     if plan.remove is not None:
         if image.removed:
             return _queued(plan)
@@ -229,13 +230,15 @@ def _moved(view: RepositoryView, plan: FixPlan) -> str:
     return "; ".join(moved) or "no image version moved"
 
 
-def _check_release(view: RepositoryView, image: Image, plan: FixPlan) -> FixPlan:
+def _check_release(
+    view: RepositoryView, image: Image, plan: FixPlan, needed: Collection[str]
+) -> FixPlan:
     op = image.operation(plan.op_id)
     if op is None:
         raise InvalidParameter(f"image {image.id} has no operation {plan.op_id}", name="fix")
     if op.state not in BLOCKED:
         return _queued(plan)  # released already, by this host or another
-    if release_type(image, op) != plan.type:
+    if release_type(image, op, needed) != plan.type:
         why = "it was removed" if image.removed else "its work changed"
         raise StaleFix(f"{plan.type} of image {image.id}: {why} ({_moved(view, plan)})")
     return plan

@@ -132,11 +132,14 @@ def needed_volumes(
     return needed
 
 
-def release_type(image: Image, op: Operation) -> str | None:
-    """The fix that releases a blocked operation, or None when nothing may release it."""
+def release_type(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> str | None:
+    """The fix that releases a blocked operation, or None when nothing may release it. A
+    removed image's work that makes a ``needed`` volume is mended like a live image's."""
     if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
         return op.purpose if not image.removed or op.purpose in RUN_ON_REMOVED else None
-    return None if image.removed else ops.MEND
+    if image.removed:
+        return ops.MEND if will_run(image, op, needed) else None
+    return ops.MEND
 
 
 def can_optimize(image: Image, lost: Collection[str]) -> bool:

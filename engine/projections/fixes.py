@@ -145,7 +145,7 @@ def _releases(index: VolumeIndex) -> Iterable[Fix]:
         op = image.current_operation()
         if op is None or op.state not in BLOCKED:
             continue
-        kind = release_type(image, op)
+        kind = release_type(image, op, index.needed)
         if kind is None:
             continue
         why = op.error or ("held for a fix (auto_fix=False)" if op.state == ops.HELD else "")

@@ -91,6 +91,35 @@ def _status(
     return OPTIMIZED
 
 
+def blocker(image: Image, view: RepositoryView) -> str | None:
+    """Why the image's work cannot go on until a fix runs elsewhere, or None: a volume it holds
+    or its next stage reads is to be made by another image's work, which waits for a fix."""
+    refs = [ref for ref in image.chain if not view.is_ready(ref)]
+    current = image.current_operation()
+    if current is not None and current.state == ops.PENDING and current.current_stage:
+        stage = current.current_stage
+        refs += [
+            stage[key]
+            for key in ("backing", "base", "old_backing")
+            if isinstance(stage.get(key), str) and not view.is_ready(stage[key])
+        ]
+        source = view.image(str(stage.get("source_image") or ""))
+        if source is not None:
+            refs += [ref for ref in source.chain if not view.is_ready(ref)]
+    for ref in refs:
+        producer = view.producer_of(ref)
+        if producer is None or producer.id == image.id:
+            continue
+        op = producer.current_operation()
+        if op is not None and op.state in _BLOCKED:
+            return (
+                f"waits for volume {ref}, which the {op.purpose} operation of image "
+                f"{producer.id} makes; that operation is {op.state}"
+                f"{': ' + op.error if op.error else ''}; check the repository for a fix"
+            )
+    return None
+
+
 def wants_optimizing(image: Image) -> bool:
     """A ``performance`` virtual disk whose data is not (yet) one standalone raw volume."""
     return (

@@ -57,3 +57,35 @@ def test_a_copy_that_fills_the_storage_fails_and_is_cleaned_and_mended(
         assert holds(se, qemu, "r1", copy, 0, 16 * MiB, 0x6B)
         assert temporaries(repo) == []
         assert se.check_storage_repository("r1") == []
+
+
+def test_a_clone_waiting_on_a_removed_disk_whose_work_failed_says_so_and_is_mended(
+    tmp_path: Path, small_fs: Callable[..., SmallFs]
+) -> None:
+    """The disk and its snapshot are removed before anything ran; the clone still needs the
+    disk's first volume, whose stage then runs out of space. The clone says what it waits for,
+    wait_for_image returns, and the check offers to mend the removed disk's work."""
+    fs = small_fs(64)
+    repo = os.path.join(fs.path, "repo")
+    os.mkdir(repo)
+    params = {"path": repo}
+    with StorageEngine("host-b", state_dir=str(tmp_path / "b"), run_executors=False) as se:
+        se.create_storage_repository("localfs-1.0", params)
+        se.connect_storage_repository("r1", "localfs-1.0", params)
+        disk = se.create_virtual_disk("r1", 32 * MiB, options={"strategy": "performance"})
+        snap = se.create_snapshot("r1", disk)
+        clone = se.create_virtual_disk("r1", 32 * MiB, base_snapshot_id=snap)
+        se.remove_image("r1", disk)
+        se.remove_image("r1", snap)
+    fs.fill(leave=4 * MiB)  # no room for the disk's 32 MiB preallocated volume
+    with StorageEngine("host-a", state_dir=str(tmp_path / "a"), poll_interval=0.1) as se:
+        se.connect_storage_repository("r1", "localfs-1.0", params)
+        status = se.wait_for_image("r1", clone, timeout=60)
+        assert status.status == "broken"
+        assert status.last_error is not None and "storage is full" in status.last_error
+        assert disk in status.last_error
+        mends = [f for f in se.check_storage_repository("r1") if f.type == "mend"]
+        assert [f.image_ids for f in mends] == [(disk,)]
+        fs.unfill()
+        se.fix_storage_repository("r1", mends[0])
+        assert se.wait_for_image("r1", clone, timeout=60).status == "optimized"
