@@ -305,7 +305,7 @@ class VolumeLocked(QemuError):
 
 
 class StorageFull(StrataError):
-    """The storage has no space left (ENOSPC)."""
+    """The storage has no space left (ENOSPC) while ``doing`` something to ``path``."""
 
     code = "storage_full"
-    template = "The storage is full ({detail}); free some space, then retry or mend"
+    template = "{doing} {path} failed: the filesystem is full ({detail}); free space there"

@@ -77,15 +77,19 @@ _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 def run_stage(run: StageRun) -> None:
     """Run the stage; a full storage is said so (StorageFull), whoever hit it: Python or
     QEMU's tool (which says only "No space left on device" on its standard error)."""
+    doing = f"stage {run.index + 1} ({run.stage['do']}) of operation {run.op_id}, in"
     try:
         HANDLERS[run.stage["do"]](run)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise StorageFull(f"{e.strerror}: {e.filename}") from e
+            path = e.filename or run.storage.root
+            raise StorageFull(e.strerror or str(e), doing=doing, path=path, errno=e.errno) from e
         raise
     except QemuError as e:
-        if _NO_SPACE in str(e.fields.get("stderr", "")):
-            raise StorageFull(f"{e.fields.get('command')}: {e.fields.get('stderr')}") from e
+        stderr = str(e.fields.get("stderr", ""))
+        if _NO_SPACE in stderr:
+            detail = f"{e.fields.get('command')}: {stderr}"
+            raise StorageFull(detail, doing=doing, path=run.storage.root, errno=errno.ENOSPC) from e
         raise
 
 

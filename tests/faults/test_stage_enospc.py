@@ -37,7 +37,7 @@ def test_a_copy_that_fills_the_storage_fails_and_is_cleaned_and_mended(
         copy = se.copy_image("r1", disk)
         status = se.wait_for_image("r1", copy, timeout=60)
         assert status.status == "broken"
-        assert status.last_error is not None and "storage is full" in status.last_error
+        assert status.last_error is not None and "filesystem is full" in status.last_error
         assert temporaries(repo), "the failed attempt's file is still there"
 
         fixes = se.check_storage_repository("r1")
@@ -82,7 +82,7 @@ def test_a_clone_waiting_on_a_removed_disk_whose_work_failed_says_so_and_is_mend
         se.connect_storage_repository("r1", "localfs-1.0", params)
         status = se.wait_for_image("r1", clone, timeout=60)
         assert status.status == "broken"
-        assert status.last_error is not None and "storage is full" in status.last_error
+        assert status.last_error is not None and "filesystem is full" in status.last_error
         assert disk in status.last_error
         mends = [f for f in se.check_storage_repository("r1") if f.type == "mend"]
         assert [f.image_ids for f in mends] == [(disk,)]
