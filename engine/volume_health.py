@@ -9,6 +9,7 @@ finds damaged counts as lost until the volume is made again (docs/adr/0017).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Collection, Iterable, Mapping
 
@@ -49,7 +50,7 @@ def volume_faults(
     for ref in image.chain:
         if not view.is_ready(ref):
             continue  # still to be made: not missing
-        path = storage.volume_path(*ops.split_ref(ref))
+        path = _path(storage, ref)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -62,6 +63,13 @@ def volume_faults(
             faults = {}
         faults[ref] = why
     return faults
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _path(storage: RepositoryStorage, ref: str) -> str:
+    """A volume's path, remembered: checking the reference and the id costs more than the
+    ``lstat`` a status query makes."""
+    return storage.volume_path(*ops.split_ref(ref))
 
 
 def find_damaged(view: RepositoryView, files: Iterable[VolumeFile]) -> dict[str, str]:
@@ -85,7 +93,10 @@ def find_damaged(view: RepositoryView, files: Iterable[VolumeFile]) -> dict[str,
         f = published.get(ref)
         if f is None or ref in busy or not view.is_ready(ref):
             continue
-        why = qcow2_damage(f.path) if f.fmt == "qcow2" else raw_damage(f.size, exact.get(ref), size)
+        if f.fmt == "qcow2":
+            why = qcow2_damage(f.path, f.size)
+        else:
+            why = raw_damage(f.size, exact.get(ref), size)
         if why is not None:
             damaged[ref] = f"volume {ref} {why}"
     return damaged

@@ -19,8 +19,9 @@ QCOW2_MAGIC = b"QFI\xfb"
 _HEADER = struct.Struct(">4sIQIIQIIQQI")
 
 
-def qcow2_damage(path: str) -> str | None:
-    """Why the file at ``path`` is not a sound qcow2 volume, or None. Never follows a link."""
+def qcow2_damage(path: str, length: int) -> str | None:
+    """Why the file at ``path``, ``length`` bytes long when listed, is not a sound qcow2
+    volume, or None. Never follows a link."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -28,7 +29,6 @@ def qcow2_damage(path: str) -> str | None:
     except OSError as e:
         return f"cannot be opened ({e.strerror})"
     try:
-        length = os.fstat(fd).st_size
         header = os.pread(fd, _HEADER.size, 0)
     except OSError as e:
         return f"cannot be read ({e.strerror})"
