@@ -439,21 +439,20 @@ class StorageEngine(ImageCommands):
         """Where executors read an image from. A snapshot's copy keeps its id (seed 000), so
         one id can live in two repositories: a copy whose own volumes are still to be made is
         read from only if no other is there, or its copy stage would wait for itself."""
-        unfinished = None
-        removed: list[tuple[Image, RepositoryStorage]] = []
+        # A source removed after the copy was asked for is still read, the last choice: its
+        # data is freed only once nothing depends on it (ADR 0017).
+        best: tuple[tuple[bool, bool], Image, RepositoryStorage] | None = None
         for repo in self._connected():
             image = repo.view.image(image_id)
             if image is None:
                 continue
-            if image.removed:
-                removed.append((image, repo.storage))
-                continue
-            if not set(image.chain) & image.pending_volumes():
+            unfinished = bool(set(image.chain) & image.pending_volumes())
+            rank = (unfinished, image.removed)
+            if rank == (False, False):
                 return image, repo.storage
-            unfinished = unfinished or (image, repo.storage)
-        # A source removed after the copy was asked for is still read: its data is freed only
-        # once nothing depends on it (ADR 0017).
-        return unfinished or (removed[0] if removed else None)
+            if best is None or rank < best[0]:
+                best = (rank, image, repo.storage)
+        return None if best is None else (best[1], best[2])
 
     def _needed_elsewhere(self, root: str) -> set[str]:
         """Volumes of the repository at ``root`` that unfinished work in the other connected

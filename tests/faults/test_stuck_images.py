@@ -106,6 +106,25 @@ def test_a_copy_of_an_image_removed_before_the_copy_ran_still_finishes(
         assert cleaned(se, "r1", paths[0], src_files)
 
 
+def test_a_copy_of_a_snapshot_keeps_its_id_and_still_finishes_once_the_source_is_removed(
+    tmp_path: Path, paths: tuple[str, str], qemu: QemuImg
+) -> None:
+    """The copy holds the snapshot's own id (seed 000): the removed source, whole, is read,
+    not the copy that is still to be made."""
+    with host(tmp_path, paths, "host-a") as se:
+        disk = se.create_virtual_disk("r1", 8 * MiB)
+        se.wait_for_image("r1", disk, timeout=30)
+        write(se, qemu, "r1", disk, 0, MiB, 0x3C)
+        snap = se.create_snapshot("r1", disk)
+        se.wait_for_image("r1", snap, timeout=30)
+    with host(tmp_path, paths, "host-b", executors=False) as se:
+        assert se.copy_image("r2", snap) == snap
+        se.remove_image("r1", snap)
+    with host(tmp_path, paths, "host-a") as se:
+        assert se.wait_for_image("r2", snap, timeout=30).status == "optimized"
+        assert holds(se, qemu, "r2", snap, 0, MiB, 0x3C)
+
+
 def test_a_snapshot_and_a_clone_of_removed_images_are_still_made(
     tmp_path: Path, paths: tuple[str, str], qemu: QemuImg
 ) -> None:
