@@ -136,16 +136,16 @@ class StorageError(StrataError):
 class StorageFull(StorageError):
     code = "storage_full"
     template = (
-        "{doing} {path} failed: the filesystem is full; nothing was changed. Free space "
-        "there: the engine resumes by itself"
+        "{doing} {path} failed: the filesystem is full. Free space there: calls and "
+        "executors resume by themselves, and the check offers fixes for work that failed"
     )
 
 
 class StorageReadOnly(StorageError):
     code = "storage_read_only"
     template = (
-        "{doing} {path} failed: the filesystem is read-only; nothing was changed. Make it "
-        "writable again: the engine resumes by itself"
+        "{doing} {path} failed: the filesystem is read-only. Make it writable again: calls "
+        "and executors resume by themselves, and the check offers fixes for work that failed"
     )
 
 

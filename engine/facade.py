@@ -7,6 +7,7 @@ also the one place that wires the engine together (bootstrap): adapters, logs, v
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -42,10 +43,11 @@ from engine.formats.driver import RepositoryStorage, get_format
 from engine.images import ImageCommands
 from engine.log.follow import LogFollower
 from engine.opaque import value_of
-from engine.projections.status import image_status
+from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
+from engine.volume_health import FileIdentity, find_damaged, identities, volume_faults
 
 # What an auditor's connection may meet on storage it only reads.
 _CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -89,6 +91,8 @@ class StorageEngine(ImageCommands):
             raise InvalidParameter("a CrashPoints", name="crashpoints")
         self.crashpoints = crashpoints
         self._repos: dict[str, ConnectedRepository] = {}
+        # By repository root: the volumes the last check found lost, as it found their files.
+        self._lost_files: dict[str, dict[str, FileIdentity]] = {}
         self._lock = threading.RLock()
         self._closed = False
 
@@ -215,6 +219,8 @@ class StorageEngine(ImageCommands):
                     crashpoints=self.crashpoints,
                     lease=lease,
                     hosts=hosts,
+                    needed_elsewhere=lambda: self._needed_elsewhere(storage.root),
+                    foreign_ready=self._foreign_ready,
                 )
                 repo.executor.start()
             return repo
@@ -255,7 +261,7 @@ class StorageEngine(ImageCommands):
         live = repo.view.live_images()
         by_status: dict[str, int] = {}
         for image in live:
-            status = image_status(image, repo.view, repo.lost).status
+            status = self._status(repo, image).status
             by_status[status] = by_status.get(status, 0) + 1
         return {
             **repo.storage.describe(),
@@ -272,7 +278,20 @@ class StorageEngine(ImageCommands):
 
     def get_image_status(self, repo_id: str, image_id: str | uuid.UUID) -> ImageStatus:
         repo, image = self._image_in(repo_id, image_id)
-        return image_status(image, repo.view, repo.lost)
+        return self._status(repo, image)
+
+    def _status(self, repo: ConnectedRepository, image: Image) -> ImageStatus:
+        """The image's status, its volumes looked at: a missing file (one ``lstat`` each)
+        or a volume the last check found damaged, not made again since, makes it broken, and
+        says so (ADR 0017)."""
+        lost = self._lost_files.get(repo.storage.root, {})
+        faults = volume_faults(repo.storage, repo.view, image, lost)
+        status = image_status(image, repo.view, (), faults)
+        if status.status == BROKEN and status.last_error is None:
+            why = blocker(image, repo.view)
+            if why is not None:
+                return dataclasses.replace(status, last_error=why)
+        return status
 
     def check_storage_repository(
         self, repo_id: str, options: dict[str, Any] | None = None
@@ -282,8 +301,15 @@ class StorageEngine(ImageCommands):
         if options not in (None, {}):
             raise InvalidParameter("check takes no options yet", name="options")
         repo.follower.caught_up()
-        problems = fix_rules.find_problems(repo.view, repo.storage.list_volume_files())
+        files = repo.storage.list_volume_files()
+        problems = fix_rules.find_problems(
+            repo.view,
+            files,
+            damaged=find_damaged(repo.view, files),
+            elsewhere=self._needed_elsewhere(repo.storage.root),
+        )
         repo.lost = set(problems.lost)
+        self._lost_files[repo.storage.root] = identities(repo.storage, problems.lost)
         return list(problems.fixes)
 
     def fix_storage_repository(
@@ -296,7 +322,7 @@ class StorageEngine(ImageCommands):
         if options not in (None, {}):
             raise InvalidParameter("fix takes no options yet", name="options")
         repo.follower.caught_up()
-        fix_rules.apply_fix(repo.view, repo.service, fix)
+        fix_rules.apply_fix(repo.view, repo.service, fix, self._needed_elsewhere(repo.storage.root))
         repo.follower.caught_up()
 
     def stop_fix(self, repo_id: str, image_id: str | uuid.UUID, reason: str = "") -> None:
@@ -323,10 +349,10 @@ class StorageEngine(ImageCommands):
             repo.follower.check()
             image = self._live(repo, image.id)
             if self._settled(repo.view, image):
-                return image_status(image, repo.view, repo.lost)
+                return self._status(repo, image)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                status = image_status(image, repo.view, repo.lost)
+                status = self._status(repo, image)
                 raise WaitTimeout(
                     f"stage {status.stage}, {status.percent_complete}%",
                     image_id=image.id,
@@ -345,7 +371,7 @@ class StorageEngine(ImageCommands):
     @staticmethod
     def _settled(view: RepositoryView, image: Image) -> bool:
         if not _blocked_or_done(image):
-            return False
+            return blocker(image, view) is not None  # waits on work that waits for a fix
         for volume in image.chain:
             producer = view.producer_of(volume)
             if producer is not None and not _blocked_or_done(producer):
@@ -357,7 +383,7 @@ class StorageEngine(ImageCommands):
     def prepare_image(self, repo_id: str, image_id: str | uuid.UUID) -> PreparedImage:
         """The local path and format a virtual machine opens (read-only for snapshots)."""
         repo, image = self._image_in(repo_id, image_id)
-        status = image_status(image, repo.view, repo.lost)
+        status = self._status(repo, image)
         if status.status == BROKEN:
             raise ImageNotReady(
                 status.last_error or f"its work is at stage {status.stage}",
@@ -464,15 +490,57 @@ class StorageEngine(ImageCommands):
         """Where executors read an image from. A snapshot's copy keeps its id (seed 000), so
         one id can live in two repositories: a copy whose own volumes are still to be made is
         read from only if no other is there, or its copy stage would wait for itself."""
-        unfinished = None
+        # A source removed after the copy was asked for is still read, the last choice: its
+        # data is freed only once nothing depends on it (ADR 0017).
+        best: tuple[tuple[bool, bool], Image, RepositoryStorage] | None = None
         for repo in self._connected():
             image = repo.view.image(image_id)
-            if image is None or image.removed:
+            if image is None:
                 continue
-            if not set(image.chain) & image.pending_volumes():
+            unfinished = bool(set(image.chain) & image.pending_volumes())
+            rank = (unfinished, image.removed)
+            if rank == (False, False):
                 return image, repo.storage
-            unfinished = unfinished or (image, repo.storage)
-        return unfinished
+            if best is None or rank < best[0]:
+                best = (rank, image, repo.storage)
+        return None if best is None else (best[1], best[2])
+
+    def _needed_elsewhere(self, root: str) -> set[str]:
+        """Volumes of the repository at ``root`` that unfinished work in the other connected
+        repositories reads (a copy of one of its images, removed or not). A host sees only
+        the repositories it connects (ADR 0017)."""
+        repos = self._connected()
+        here = next((r for r in repos if r.storage.root == root), None)
+        needed: set[str] = set()
+        if here is None:
+            return needed
+        for other in repos:
+            if other is here:
+                continue
+            for image in other.view.images():
+                if image.removed:
+                    continue
+                for op in image.operations:
+                    if op.finished:
+                        continue
+                    for stage in op.stages[op.done :]:
+                        source = stage.get("source_image")
+                        if source is None:
+                            continue
+                        found = here.view.image(str(source))
+                        if found is not None:
+                            needed.update(found.chain)
+        return needed
+
+    def _foreign_ready(self, storage: RepositoryStorage, ref: str) -> bool:
+        """Whether a volume of another connected repository is made: its file is there, or no
+        unfinished stage there will make it (then it is lost, and a stage reading it fails)."""
+        if os.path.exists(storage.volume_path(*ops.split_ref(ref))):
+            return True
+        for repo in self._connected():
+            if repo.storage.root == storage.root:
+                return repo.view.is_ready(ref)
+        return False
 
     def _info(self, repo: ConnectedRepository, image: Image) -> ImageInfo:
         return ImageInfo(

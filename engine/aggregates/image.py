@@ -253,8 +253,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         host_id: str,
         now: datetime,
     ) -> bool:
-        """Queue a new operation, or release/resume ``op_id``; False if already done so."""
-        self._require_live(allow_removed=fix_type in (ops.CLEAN, ops.MERGE))
+        """Queue a new operation, or release/resume ``op_id``; False if already done so.
+
+        A removed image takes clean and merge work, and the release of its own blocked work
+        (which the check offers only where that work makes what live work reads)."""
+        self._require_live(allow_removed=fix_type in (ops.CLEAN, ops.MERGE) or operation is None)
         existing = self.operation(op_id)
         if operation is not None:
             if existing is not None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from engine.aggregates import operations as ops
@@ -55,7 +55,7 @@ from engine.errors import (
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.progress import Claim, Lease
-from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, StageRun
+from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, ForeignReady, StageRun
 from engine.executors.stages import (
     HANDLERS,
     chain_changes,
@@ -65,7 +65,7 @@ from engine.executors.stages import (
 from engine.formats.driver import RepositoryStorage
 from engine.formats.qemu import QemuImg
 from engine.log.follow import LogFollower
-from engine.projections.fix_index import will_run
+from engine.projections.fix_index import needed_volumes, will_run
 from engine.service import ImageService
 
 
@@ -103,10 +103,16 @@ class Executor:
         lease: Lease | None = None,
         hosts: Hosts | None = None,
         lock_wait: float = DEFAULT_LOCK_WAIT,
+        needed_elsewhere: Callable[[], Collection[str]] | None = None,
+        foreign_ready: ForeignReady | None = None,
     ) -> None:
         """``follower`` (made here if None) belongs to the executor, which starts and stops it.
         ``lease`` is this host's liveness in the repository and ``hosts`` what it knows of the
-        others'; without them no claim of another host is ever taken over."""
+        others'; without them no claim of another host is ever taken over.
+        ``needed_elsewhere`` names the volumes here that work in other repositories reads (a
+        removed image's work that makes them still runs); ``foreign_ready`` says whether a
+        volume of another repository is made (see :func:`~engine.executors.stages.inputs_ready`).
+        """
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise InvalidParameter(f"a whole number of 1 or more, not {workers!r}", name="workers")
         for name, value in (
@@ -128,6 +134,8 @@ class Executor:
         self.lease = lease
         self.hosts = hosts
         self.lock_wait = float(lock_wait)
+        self.needed_elsewhere = needed_elsewhere
+        self.foreign_ready = foreign_ready
         self.errors: list[BaseException] = []
         self.fault: StrataError | None = None  # the last storage fault a pass or stage met
         self._follower = follower or LogFollower(
@@ -283,22 +291,34 @@ class Executor:
         with self._lock:
             running = set(self._running)
         found = []
+        needed: list[Collection[str]] = []  # worked out once a pass, if a removed image asks
         for image in self.view.images():
-            op = None if image.id in running else self._next(image)
+            op = None if image.id in running else self._next(image, needed)
             if op is not None and inputs_ready(
-                op.stages[op.done], self.view.is_ready, self.storage, self.find_image
+                op.stages[op.done],
+                self.view.is_ready,
+                self.storage,
+                self.find_image,
+                self.foreign_ready,
             ):
                 found.append((image, op))
         return found
 
-    def _next(self, image: Image) -> Operation | None:
-        """The operation whose next stage this host may claim, if any."""
+    def _next(self, image: Image, needed: list[Collection[str]] | None = None) -> Operation | None:
+        """The operation whose next stage this host may claim, if any. ``needed`` caches what
+        the volumes needed are, for a pass over every image."""
         op = image.current_operation()
         if op is None or op.state != ops.PENDING or op.done >= len(op.stages):
             return None
-        # Only a removed image needs the others' chains (what it still makes for them).
-        live = self._live_volumes() if image.removed else frozenset[str]()
-        if not will_run(image, op, live):
+        # Only a removed image needs to know what others need (what it still makes for them).
+        wanted: Collection[str] = frozenset()
+        if image.removed and op.purpose not in (ops.CLEAN, ops.MERGE):
+            if needed is None:
+                needed = []
+            if not needed:
+                needed.append(self._needed())
+            wanted = needed[0]
+        if not will_run(image, op, wanted):
             return None
         if op.stages[op.done].get("do") not in HANDLERS:
             return None
@@ -321,8 +341,9 @@ class Executor:
             and self.hosts.may_take_over(op.claim_host)
         )
 
-    def _live_volumes(self) -> set[str]:
-        return {ref for image in self.view.images() if not image.removed for ref in image.chain}
+    def _needed(self) -> set[str]:
+        elsewhere = () if self.needed_elsewhere is None else self.needed_elsewhere()
+        return needed_volumes(self.view.images(), elsewhere)
 
     def _claim(self, seen: Image, seen_op: Operation) -> Claim | None:
         image_id, op_id, index = seen.id, seen_op.op_id, seen_op.done

@@ -31,6 +31,8 @@ from engine.formats.qemu_process import Progress
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
 FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
+# Whether a volume of another repository is made: no unfinished stage there will produce it.
+ForeignReady = Callable[[RepositoryStorage, str], bool]
 
 _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds

@@ -28,6 +28,7 @@ on those filesystems.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -42,6 +43,7 @@ from engine.errors import (
     QemuCancelled,
     QemuError,
     StageCancelled,
+    StorageFull,
     VolumeAlreadyExists,
     VolumeLocked,
     VolumeMismatch,
@@ -55,6 +57,7 @@ from engine.executors.crashpoints import (
 )
 from engine.executors.stage_run import (
     FindImage,
+    ForeignReady,
     StageRun,
     Volume,
     expect_backing,
@@ -66,12 +69,28 @@ from engine.executors.stage_run import (
 from engine.formats.driver import RepositoryStorage, VolumeFile
 from engine.formats.qemu_process import Progress
 
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as QEMU's tools print it
 # How QEMU says that another process holds an image's lock ("write", "consistent read"...).
 _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
 def run_stage(run: StageRun) -> None:
-    HANDLERS[run.stage["do"]](run)
+    """Run the stage; a full storage is said so (StorageFull), whoever hit it: Python or
+    QEMU's tool (which says only "No space left on device" on its standard error)."""
+    doing = f"stage {run.index + 1} ({run.stage['do']}) of operation {run.op_id}, in"
+    try:
+        HANDLERS[run.stage["do"]](run)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            path = e.filename or run.storage.root
+            raise StorageFull(e.strerror or str(e), doing=doing, path=path, errno=e.errno) from e
+        raise
+    except QemuError as e:
+        stderr = str(e.fields.get("stderr", ""))
+        if _NO_SPACE in stderr:
+            detail = f"{e.fields.get('command')}: {stderr}"
+            raise StorageFull(detail, doing=doing, path=run.storage.root, errno=errno.ENOSPC) from e
+        raise
 
 
 # --- what a stage reads ---------------------------------------------------------------------
@@ -102,9 +121,14 @@ def inputs_ready(
     is_ready: Callable[[str], bool],
     storage: RepositoryStorage,
     find_image: FindImage,
+    foreign_ready: ForeignReady | None = None,
 ) -> bool:
     """Whether everything the stage reads is in place. ``is_ready`` answers for volumes of
-    ``storage``'s repository (no pending stage still produces them)."""
+    ``storage``'s repository (no pending stage still produces them), ``foreign_ready`` for
+    volumes of another (without it, a volume there is in place once its file exists).
+
+    A volume that nothing will produce is ready even if its file is missing: the stage then
+    runs and fails, saying which file it could not read, rather than wait for ever."""
     try:
         if not all(is_ready(ref) for ref in local_inputs(stage)):
             return False
@@ -122,6 +146,10 @@ def inputs_ready(
     # Another repository's pending work is not in our view. A volume there is in place once
     # it is published, which its producer does only when its data is complete.
     pending = source.pending_volumes()
+    if foreign_ready is not None:
+        return all(
+            ref not in pending and foreign_ready(source_storage, ref) for ref in source.chain
+        )
     return all(
         ref not in pending and os.path.exists(source_storage.volume_path(*split_ref(ref)))
         for ref in source.chain
@@ -279,9 +307,14 @@ def resize(run: StageRun) -> None:
 
 
 def delete(run: StageRun) -> None:
-    """Remove the volumes, and any temporary file that was becoming one of them."""
+    """Remove the volumes, and any temporary file that was becoming one of them; and the
+    ``temporaries`` named (``[volume, tag]``: what a failed or stopped attempt left, while its
+    volume is still to be made by a later one, whose files have other tags)."""
     volumes = [local(run, ref) for ref in field(run.stage, "volumes")]
+    temporaries = [_temporary(run, named) for named in run.stage.get("temporaries") or ()]
     run.confirm()
+    for path in temporaries:
+        run.storage.remove(path)
     for n, volume in enumerate(volumes):
         for leftover in _temporaries(run.storage, volume.volume_id):
             run.storage.remove(leftover.path)
@@ -395,6 +428,13 @@ def _rebase_progress(run: StageRun) -> Progress:
             run.progress(percent)
 
     return progress
+
+
+def _temporary(run: StageRun, named: object) -> str:
+    if not isinstance(named, list | tuple) or len(named) != 2:
+        raise InvalidParameter(f"a temporary is [volume, tag], not {named!r}", name="stage")
+    volume = local(run, named[0])
+    return run.storage.temp_path(volume.volume_id, volume.fmt, named[1])
 
 
 def _temporaries(storage: RepositoryStorage, volume_id: str) -> list[VolumeFile]:

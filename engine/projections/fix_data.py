@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ class FixPlan:
     new_carrier: bool  # the target is to be created (requested and removed) with the operation
     already_queued: bool  # nothing to do: this very work is queued, running or done
     images: dict[str, int]  # the versions the check saw
+    remove: str | None = None  # remove the image for this reason (its data is lost)
 
 
 # --- making ----------------------------------------------------------------------------------
@@ -67,7 +69,10 @@ def make_fix(
     *,
     stages: list[dict[str, Any]] | None = None,
     release: str | None = None,
+    remove: str | None = None,
 ) -> Fix:
+    """``remove``: instead of queuing work, remove the image, with that reason (a ``mend`` of
+    an image whose data is lost)."""
     salt = len(target.operations)
     target_id = target.id_text
     op = None
@@ -84,6 +89,8 @@ def make_fix(
         "op": op,
         "release": release,
     }
+    if remove is not None:
+        data["remove"] = remove
     ids = tuple(dict.fromkeys(touched_ids))
     return Fix(type=kind, image_ids=ids, description=description, data=_encode(data))
 
@@ -110,36 +117,48 @@ def _encode(data: dict[str, Any]) -> str:
 # --- starting --------------------------------------------------------------------------------
 
 
-def decode_fix(view: RepositoryView, fix: Fix) -> FixPlan:
+def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) -> FixPlan:
     """Check a fix against the current state. InvalidParameter for data that no check made,
-    StaleFix when it no longer applies; ``already_queued`` when its work is already queued."""
+    StaleFix when it no longer applies; ``already_queued`` when its work is already queued.
+    ``elsewhere``: volumes here that work in other repositories reads."""
     data = _decode(fix)
     plan = FixPlan(
         type=data["type"],
         target=uuid.UUID(data["target"]),
-        op_id=data["release"] or data["op"]["op_id"],
+        op_id=data["release"] or (data["op"] or {}).get("op_id") or "",
         operation=data["op"],
         new_carrier=data["new_carrier"],
         already_queued=False,
         images=data["images"],
+        remove=data.get("remove"),
     )
     image = view.image(plan.target)
     if plan.new_carrier:
         if image is not None:
             return _queued(plan)  # the carrier exists: this very fix was started
-        _check_clean(VolumeIndex(view.images()), None, data["op"]["stages"])
+        _check_clean(VolumeIndex(view.images(), elsewhere), None, data["op"]["stages"])
         return plan
     if image is None:
         raise StaleFix(f"image {plan.target} is not in this repository")
     if data["release"] is not None:
-        return _check_release(view, image, plan)
+        needed = VolumeIndex(view.images(), elsewhere).needed if image.removed else ()
+        return _check_release(view, image, plan, needed)
+    if plan.remove is not None:
+        if image.removed:
+            return _queued(plan)
+        if image.version != plan.images.get(image.id_text):
+            raise StaleFix(f"image {image.id} changed since the check ({_moved(view, plan)})")
+        return plan
     if image.operation(plan.op_id) is not None:
         return _queued(plan)
     stages = data["op"]["stages"]
-    index = VolumeIndex(view.images())
+    index = VolumeIndex(view.images(), elsewhere)
     if plan.type == ops.OPTIMIZE:
         if not can_optimize(image, ()) or stages[0].get("source_image") != image.id_text:
             raise StaleFix(f"virtual disk {image.id} is busy, in use or optimized already")
+    elif plan.type == ops.MEND:
+        if image.removed or image.current_operation() is not None:
+            raise StaleFix(f"image {image.id} was removed or has work queued since the check")
     elif plan.type == ops.MERGE:
         why = index.stale_merge(image, stages)
         if why is not None:
@@ -149,11 +168,20 @@ def decode_fix(view: RepositoryView, fix: Fix) -> FixPlan:
     return plan
 
 
-def apply_fix(view: RepositoryView, service: ImageService, fix: Fix) -> bool:
+def apply_fix(
+    view: RepositoryView, service: ImageService, fix: Fix, elsewhere: Collection[str] = ()
+) -> bool:
     """Start a fix: True if this call queued (or released) the work, False if it already was."""
-    plan = decode_fix(view, fix)
+    plan = decode_fix(view, fix, elsewhere)
     if plan.already_queued:
         return False
+    if plan.remove is not None:
+        reason = plan.remove
+        service.update(
+            plan.target,
+            lambda image: image.remove(host_id=service.host_id, now=service.now(), reason=reason),
+        )
+        return True
     if plan.new_carrier:
         now = service.now()
         carrier = Image.request(
@@ -202,13 +230,15 @@ def _moved(view: RepositoryView, plan: FixPlan) -> str:
     return "; ".join(moved) or "no image version moved"
 
 
-def _check_release(view: RepositoryView, image: Image, plan: FixPlan) -> FixPlan:
+def _check_release(
+    view: RepositoryView, image: Image, plan: FixPlan, needed: Collection[str]
+) -> FixPlan:
     op = image.operation(plan.op_id)
     if op is None:
         raise InvalidParameter(f"image {image.id} has no operation {plan.op_id}", name="fix")
     if op.state not in BLOCKED:
         return _queued(plan)  # released already, by this host or another
-    if release_type(image, op) != plan.type:
+    if release_type(image, op, needed) != plan.type:
         why = "it was removed" if image.removed else "its work changed"
         raise StaleFix(f"{plan.type} of image {image.id}: {why} ({_moved(view, plan)})")
     return plan
@@ -218,6 +248,9 @@ def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[dict[st
     needed = [ref for ref in stages[0]["volumes"] if index.is_needed(ref)]
     if needed:
         raise StaleFix(f"volume(s) {', '.join(needed)} are needed again or already queued")
+    for _, tag in stages[0].get("temporaries") or ():
+        if not index.is_leftover(tag):
+            raise StaleFix(f"the temporary file of attempt {tag} is in use again")
     if carrier is None:
         return
     op = carrier.current_operation()
@@ -244,7 +277,13 @@ def _check_shape(data: Any, fix: Fix) -> None:
     uuid.UUID(data["target"])
     if not isinstance(data["images"], dict) or not isinstance(data["salt"], int):
         raise ValueError("bad images or salt")
-    op, release = data["op"], data["release"]
+    op, release, remove = data["op"], data["release"], data.get("remove")
+    if remove is not None:
+        if fix.type != ops.MEND or op is not None or release is not None:
+            raise ValueError("a removal is a mend, with no operation and no release")
+        if not isinstance(remove, str) or data["new_carrier"]:
+            raise ValueError("bad removal")
+        return
     if (op is None) == (release is None):
         raise ValueError("neither or both of an operation and a release")
     if release is not None and not isinstance(release, str):
@@ -259,5 +298,11 @@ def _check_shape(data: Any, fix: Fix) -> None:
             raise ValueError("the operation does not match its id")
         if fix.type == ops.CLEAN and not all(isinstance(r, str) for r in stages[0]["volumes"]):
             raise ValueError("bad volumes")
+        temporaries = stages[0].get("temporaries") or []
+        if fix.type == ops.CLEAN and not all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+            for t in temporaries
+        ):
+            raise ValueError("bad temporaries")
     elif data["new_carrier"]:
         raise ValueError("a new carrier without an operation")

@@ -3,13 +3,16 @@
 Built in one pass over every image. A volume is *needed* while a live chain holds it, an
 unfinished stage that will still run mentions it (produces it, reads it, or reads the chain of an
 image it names), or a queued ``clean`` will delete it anyway. Work on a removed image runs only
-when it is a ``clean`` or a ``merge`` (the executors' rule): the rest of it never will.
+when it is a ``clean`` or a ``merge`` (the executors' rule), or when it makes a volume that work
+which will run reads (:func:`needed_volumes`): data is freed only once nothing depends on it
+(docs/adr/0017-nothing-stuck-without-a-reason.md).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from engine.aggregates import operations as ops
@@ -21,6 +24,7 @@ from engine.projections.status import wants_optimizing
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
 BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
 _VOLUME_KEYS = ("volume", "backing", "old_backing", "base", "drop_volume")
+_ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")  # stage_run's
 
 
 class Merge(NamedTuple):
@@ -43,25 +47,99 @@ class Merge(NamedTuple):
         return self.users[0].chain[0]
 
 
-def will_run(image: Image, op: Operation, live_volumes: Collection[str] = frozenset()) -> bool:
+def will_run(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> bool:
     """Whether an unfinished operation will still run.
 
-    A removed image's own work is void, except its clean and merge, and except a stage making
-    a volume that a live image's chain holds: a snapshot or clone taken before the removal
-    builds on it, and would wait for it for ever.
+    A removed image's own work is void, except its clean and merge, and except work making a
+    volume that is ``needed`` (:func:`needed_volumes`): a live chain holds it (a snapshot or
+    clone taken before the removal builds on it), or work that will run reads it (a copy of the
+    removed image). An operation runs too when a later one of its image does: a queue runs in
+    order.
     """
     if op.finished:
         return False
     if not image.removed or op.purpose in RUN_ON_REMOVED:
         return True
-    return any(ops.produced_by(stage) in live_volumes for stage in op.stages[op.done :])
+    if not needed:
+        return False
+    later = False
+    for each in image.operations:
+        later = later or each is op
+        if later and not each.finished and _makes_any(each, needed):
+            return True
+    return False
 
 
-def release_type(image: Image, op: Operation) -> str | None:
-    """The fix that releases a blocked operation, or None when nothing may release it."""
+def _makes_any(op: Operation, needed: Collection[str]) -> bool:
+    return any(ops.produced_by(stage) in needed for stage in op.stages[op.done :])
+
+
+def stage_reads(stage: ops.Stage, image_of: Callable[[Any], Image | None]) -> list[str]:
+    """The volumes of this repository a stage reads or makes: the ones its keys name, and the
+    whole chain of the image it copies from (``image_of`` finds it, removed or not)."""
+    refs = [stage[key] for key in _VOLUME_KEYS if isinstance(stage.get(key), str)]
+    source = image_of(stage.get("source_image"))
+    if source is not None:
+        refs += source.chain
+    return refs
+
+
+def needed_volumes(
+    images: Iterable[Image],
+    elsewhere: Collection[str] = (),
+    *,
+    by_id: dict[Any, Image] | None = None,
+) -> set[str]:
+    """Volumes that must stay, and be made if they are not yet: the chains of live images, what
+    their unfinished work reads (a copy reads its source's whole chain, removed or not), what
+    work elsewhere reads (``elsewhere``: other repositories' copies of images here), and, until
+    nothing changes, what the work of removed images that makes any of those reads."""
+    listed = images if isinstance(images, list) else list(images)
+    index = by_id if by_id is not None else {i.id: i for i in listed}
+
+    def image_of(image_id: Any) -> Image | None:
+        try:
+            return index.get(uuid.UUID(str(image_id))) if image_id else None
+        except ValueError:
+            return None
+
+    needed = set(elsewhere)
+    waiting: list[Image] = []
+    done = ops.DONE
+    for image in listed:
+        if image.removed:
+            if any(
+                op.state != done and op.purpose not in RUN_ON_REMOVED for op in image.operations
+            ):
+                waiting.append(image)
+            continue
+        needed.update(image.chain)
+        for op in image.operations:
+            if op.state != done:
+                for stage in op.stages[op.done :]:
+                    needed.update(stage_reads(stage, image_of))
+    grew = True
+    while grew and waiting:
+        grew = False
+        for image in list(waiting):
+            running = [op for op in image.operations if not op.finished]
+            if any(_makes_any(op, needed) for op in running):
+                waiting.remove(image)
+                for op in running:
+                    for stage in op.stages[op.done :]:
+                        needed.update(stage_reads(stage, image_of))
+                grew = True
+    return needed
+
+
+def release_type(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> str | None:
+    """The fix that releases a blocked operation, or None when nothing may release it. A
+    removed image's work that makes a ``needed`` volume is mended like a live image's."""
     if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
         return op.purpose if not image.removed or op.purpose in RUN_ON_REMOVED else None
-    return None if image.removed else ops.MEND
+    if image.removed:
+        return ops.MEND if will_run(image, op, needed) else None
+    return ops.MEND
 
 
 def can_optimize(image: Image, lost: Collection[str]) -> bool:
@@ -95,7 +173,8 @@ class VolumeIndex:
     memory. Going through a large repository's images in id order instead visits memory at
     random, twice as slow; the lists of users are sorted by id once built."""
 
-    def __init__(self, images: Iterable[Image]) -> None:
+    def __init__(self, images: Iterable[Image], elsewhere: Collection[str] = ()) -> None:
+        """``elsewhere``: volumes of this repository that work in other repositories reads."""
         self.images = list(images)
         self.by_id = {i.id: i for i in self.images}
         self.live_users: dict[str, list[Image]] = {}  # each list by id
@@ -106,6 +185,7 @@ class VolumeIndex:
         self.pending: set[str] = set()  # made by an unfinished stage that will run
         self.mentioned: set[str] = set()  # read or made by an unfinished stage that will run
         self.queued: set[str] = set()  # to be deleted by a queued clean
+        self._ops: dict[str, Operation] | None = None  # by id, made when first asked
         merges: list[tuple[Image, Operation]] = []
         for image in self.images:
             by_ref = self.removed_users if image.removed else self.live_users
@@ -120,10 +200,17 @@ class VolumeIndex:
             if len(users) > 1:
                 users.sort(key=by_id)
         done = ops.DONE
+        # Only removed images' work asks what is needed: most repositories have none unfinished.
+        self.needed: Collection[str] = self.live_users
+        if elsewhere or any(
+            i.removed and any(op.state != done for op in i.operations) for i in self.images
+        ):
+            self.needed = needed_volumes(self.images, elsewhere, by_id=self.by_id)
+        self.elsewhere = frozenset(elsewhere)
         for image in self.images:
             for op in image.operations:
                 # Finished work, nearly all of it, passed over before calling will_run.
-                if op.state != done and will_run(image, op, self.live_users):
+                if op.state != done and will_run(image, op, self.needed):
                     self._note(op)
                     if op.purpose == ops.MERGE:
                         merges.append((image, op))
@@ -164,7 +251,32 @@ class VolumeIndex:
     # --- clean ----------------------------------------------------------------------------
 
     def is_needed(self, ref: str) -> bool:
-        return ref in self.live_users or ref in self.mentioned or ref in self.queued
+        return (
+            ref in self.live_users
+            or ref in self.mentioned
+            or ref in self.queued
+            or ref in self.elsewhere
+        )
+
+    def is_leftover(self, tag: str) -> bool:
+        """Whether the temporary file of attempt ``tag`` (``<op>-<stage>-e<epoch>``) is one
+        that no attempt will use: its operation failed, was stopped or moved on, or another
+        attempt claimed the stage since. Only the attempt that holds the claim writes its file
+        (a re-run starts a new file under a new epoch, ADR 0003)."""
+        match = _ATTEMPT_TAG.fullmatch(tag)
+        if match is None:
+            return False  # not a stage's: not ours to judge
+        if self._ops is None:
+            self._ops = {op.op_id: op for i in self.images for op in i.operations}
+        op = self._ops.get(match["op"])
+        if op is None:
+            return False  # an operation this view does not know yet
+        return not (
+            op.state == ops.PENDING
+            and op.claim_host is not None
+            and op.done == int(match["stage"])
+            and op.claim_epoch == int(match["epoch"])
+        )
 
     def clean_owner(self, ref: str) -> Image | None:
         """The removed image to carry the clean of ``ref``: one whose chain holds it and whose

@@ -7,7 +7,9 @@ Pure rules over the view's images and the repository's files:
 ``optimize``  a ``performance`` virtual disk that is not one raw volume: copy it into one;
 ``merge``     a volume that live chains go through but that is no live image's own (the top of
               a removed snapshot): rebase each child onto its parent, then chains drop it;
-``clean``     files that no live chain, unfinished stage or queued operation needs.
+``clean``     files that no live chain, unfinished stage or queued operation needs;
+``mend``      (also) a live image whose volume is missing or damaged: made again where the data
+              can be had again, else removed, the fix saying the data is lost (ADR 0017).
 
 Every fix is an operation queued on a *carrier* image. ``optimize`` and ``mend`` run on their
 image. A ``merge`` runs on the first (by id) live image whose chain goes through the volume: it
@@ -24,9 +26,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
 from engine.formats.driver import VolumeFile
 from engine.projections.fix_data import (
     DATA_VERSION,
@@ -62,10 +65,15 @@ class Problems:
 
 
 def find_problems(
-    view: RepositoryView, files: Iterable[VolumeFile], *, damaged: Collection[str] = ()
+    view: RepositoryView,
+    files: Iterable[VolumeFile],
+    *,
+    damaged: Collection[str] = (),
+    elsewhere: Collection[str] = (),
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
-    corrupt; they count as lost."""
+    corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
+    reads (a copy of an image of this one): never offered to clean."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     for f in files:
@@ -73,7 +81,7 @@ def find_problems(
         on_disk.setdefault(ref, []).append(f)
         if not f.is_temporary:
             published.add(ref)
-    return _problems(view, on_disk, published, damaged)
+    return _problems(view, on_disk, published, damaged, elsewhere)
 
 
 def find_fixes(
@@ -117,14 +125,16 @@ def _problems(
     on_disk: Mapping[str, list[VolumeFile]],
     published: Collection[str],
     damaged: Collection[str],
+    elsewhere: Collection[str] = (),
 ) -> Problems:
-    index = VolumeIndex(view.images())
+    index = VolumeIndex(view.images(), elsewhere)
     lost = frozenset(
         ref
         for ref in index.live_users
         if ref not in index.pending and (ref not in published or ref in damaged)
     )
-    fixes = [*_releases(index), *_optimizations(index, lost), *_merges(index, lost)]
+    fixes = [*_releases(index), *_restorations(index, lost, damaged)]
+    fixes += [*_optimizations(index, lost), *_merges(index, lost)]
     fixes += _cleans(index, on_disk)
     fixes.sort(key=lambda f: (_ORDER[f.type], f.image_ids, f.data))
     return Problems(lost, fixes)
@@ -135,7 +145,7 @@ def _releases(index: VolumeIndex) -> Iterable[Fix]:
         op = image.current_operation()
         if op is None or op.state not in BLOCKED:
             continue
-        kind = release_type(image, op)
+        kind = release_type(image, op, index.needed)
         if kind is None:
             continue
         why = op.error or ("held for a fix (auto_fix=False)" if op.state == ops.HELD else "")
@@ -146,6 +156,98 @@ def _releases(index: VolumeIndex) -> Iterable[Fix]:
             f"{kind} {image.kind} {image.id}: resume its {op.purpose} operation ({why})",
             release=op.op_id,
         )
+
+
+def _restorations(
+    index: VolumeIndex, lost: Collection[str], damaged: Collection[str]
+) -> Iterable[Fix]:
+    """A ``mend`` for each idle live image whose chain holds a lost volume (missing, or
+    damaged): made again where the data can be had again, else one that says the data is lost
+    and removes the image (ADR 0017). An image whose work waits for a fix gets that fix
+    (:func:`_releases`) first; one with work pending gets nothing until the work is done."""
+    if not lost:
+        return
+    for image in index.images:
+        if image.removed or image.current_operation() is not None:
+            continue
+        ref = next((r for r in image.chain if r in lost), None)
+        if ref is None:
+            continue
+        state = "damaged" if ref in damaged else "missing"
+        what = f"volume {ref} of {image.kind} {image.id} is {state}"
+        if isinstance(damaged, Mapping) and ref in damaged:
+            what = f"{damaged[ref]} ({image.kind} {image.id})"
+        clear = [{"do": "delete", "volumes": [ref]}] if state == "damaged" else []
+        source = _copied_from(index, image, ref, lost)
+        if source is not None:
+            stage: dict[str, Any] = {"do": "copy", "source_image": source.id_text, "volume": ref}
+            if ref.endswith(".raw"):
+                stage["preallocate"] = True
+            yield make_fix(
+                ops.MEND,
+                image,
+                [image, source],
+                f"mend {image.kind} {image.id}: {what}; copy it again from snapshot "
+                f"{source.id} (no data is lost)",
+                stages=[*clear, stage],
+            )
+        elif (
+            image.kind == ops.VIRTUAL_DISK
+            and len(image.chain) > 1
+            and ref == image.chain[-1]
+            and ref.endswith(".qcow2")
+        ):
+            stage = {
+                "do": "create",
+                "volume": ref,
+                "size": image.size,
+                "backing": image.chain[-2],
+            }
+            yield make_fix(
+                ops.MEND,
+                image,
+                [image],
+                f"mend virtual disk {image.id}: {what}; recreate it empty over its base. Data "
+                "lost: every write since the disk's last snapshot",
+                stages=[*clear, stage],
+            )
+        else:
+            yield make_fix(
+                ops.MEND,
+                image,
+                [image],
+                f"mend {image.kind} {image.id}: {what}, and nothing here can restore it. Data "
+                "lost: this fix removes the image (restore it from a backup copy)",
+                remove=f"data lost: {what}",
+            )
+
+
+def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[str]) -> Image | None:
+    """The live snapshot of this repository that ``ref`` was copied from, whole: copying it
+    again gives the very same data (a snapshot never changes)."""
+    for op in image.operations:
+        for stage in op.stages[: op.done]:
+            if stage.get("do") != "copy" or stage.get("volume") != ref:
+                continue
+            source_id = _uuid(stage.get("source_image"))
+            source = None if source_id is None else index.by_id.get(source_id)
+            if (
+                source is not None
+                and not source.removed
+                and source.kind == ops.SNAPSHOT
+                and source.id != image.id
+                and source.chain
+                and not any(r in lost or r in index.pending for r in source.chain)
+            ):
+                return source
+    return None
+
+
+def _uuid(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def _optimizations(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
@@ -204,8 +306,14 @@ def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
 
 def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list[Fix]:
     by_carrier: dict[uuid.UUID | None, list[str]] = {}
+    leftovers: list[list[str]] = []  # [volume, tag] of files no attempt will use
     for ref in sorted(on_disk):
         if index.is_needed(ref):
+            leftovers += (
+                [ref, f.tag]
+                for f in on_disk[ref]
+                if f.is_temporary and f.tag and index.is_leftover(f.tag)
+            )
             continue
         owner = index.clean_owner(ref)
         by_carrier.setdefault(None if owner is None else owner.id, []).append(ref)
@@ -220,6 +328,14 @@ def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list
             owner = index.by_id[key]
             what = f"{len(refs)} volume(s) of removed image {key}, {size} bytes"
             fixes.append(make_fix(ops.CLEAN, owner, [owner], f"clean {what}", stages=stages))
+    if leftovers:
+        size = sum(f.allocated for ref, tag in leftovers for f in on_disk[ref] if f.tag == tag)
+        what = f"{len(leftovers)} temporary file(s) of failed or stopped stages, {size} bytes"
+        fixes.append(
+            new_carrier_fix(
+                f"clean {what}", [{"do": "delete", "volumes": [], "temporaries": leftovers}]
+            )
+        )
     return fixes
 
 

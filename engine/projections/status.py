@@ -14,7 +14,7 @@ does not use. See docs/adr/0004-images-volumes-operations-and-stages.md.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from engine.aggregates import operations as ops
@@ -30,14 +30,27 @@ _BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)
 _HARMLESS = (ops.OPTIMIZE, ops.CLEAN)
 
 
-def image_status(image: Image, view: RepositoryView, lost: Collection[str] = ()) -> ImageStatus:
+def image_status(
+    image: Image,
+    view: RepositoryView,
+    lost: Collection[str] = (),
+    faults: Mapping[str, str] | None = None,
+) -> ImageStatus:
     """The status of a (live) image.
 
     ``host_id`` is the last host that claimed or ran a stage of the image, or the host that
     requested it when none did yet: seed 000's "the last host to try and optimize or fix the
     image", which a host that merely set user data or prepared it is not.
+
+    ``faults``: volumes of the image found missing or damaged, each with a sentence that says
+    so; the image is then broken, and ``last_error`` is that sentence (ADR 0017).
     """
-    return ImageStatus(*status_fields(image, view, lost))
+    fields = status_fields(image, view, lost)
+    if faults:
+        for ref in image.chain:
+            if ref in faults:
+                return ImageStatus(fields[0], BROKEN, *fields[2:5], faults[ref])
+    return ImageStatus(*fields)
 
 
 def status_fields(
@@ -76,6 +89,35 @@ def _status(
     if wants_optimizing(image):
         return DEGRADED
     return OPTIMIZED
+
+
+def blocker(image: Image, view: RepositoryView) -> str | None:
+    """Why the image's work cannot go on until a fix runs elsewhere, or None: a volume it holds
+    or its next stage reads is to be made by another image's work, which waits for a fix."""
+    refs = [ref for ref in image.chain if not view.is_ready(ref)]
+    current = image.current_operation()
+    if current is not None and current.state == ops.PENDING and current.current_stage:
+        stage = current.current_stage
+        refs += [
+            stage[key]
+            for key in ("backing", "base", "old_backing")
+            if isinstance(stage.get(key), str) and not view.is_ready(stage[key])
+        ]
+        source = view.image(str(stage.get("source_image") or ""))
+        if source is not None:
+            refs += [ref for ref in source.chain if not view.is_ready(ref)]
+    for ref in refs:
+        producer = view.producer_of(ref)
+        if producer is None or producer.id == image.id:
+            continue
+        op = producer.current_operation()
+        if op is not None and op.state in _BLOCKED:
+            return (
+                f"waits for volume {ref}, which the {op.purpose} operation of image "
+                f"{producer.id} makes; that operation is {op.state}"
+                f"{': ' + op.error if op.error else ''}; check the repository for a fix"
+            )
+    return None
 
 
 def wants_optimizing(image: Image) -> bool:

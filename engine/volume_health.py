@@ -1,0 +1,102 @@
+"""Missing and damaged volumes: what an image's status and the check say about the files.
+
+Between the log (which says what each image's chain is) and the files (which may have gone or
+been damaged under it). A status query looks at its image's volumes with one ``lstat`` each: a
+missing file makes the image broken at once, with a ``last_error`` naming the file. A check looks
+deeper at every volume of an idle live chain (:mod:`engine.formats.volume_header`), and what it
+finds damaged counts as lost until the volume is made again (docs/adr/0017).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Collection, Iterable, Mapping
+
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.formats.driver import RepositoryStorage, VolumeFile
+from engine.formats.volume_header import qcow2_damage, raw_damage
+from engine.projections.view import RepositoryView
+
+# A file as the check saw it: (inode, modification time), or None if it was missing. A volume
+# made again since (a mend) is another file, and no longer counts as damaged.
+FileIdentity = tuple[int, int] | None
+
+
+def identities(storage: RepositoryStorage, refs: Collection[str]) -> dict[str, FileIdentity]:
+    """What the check found of each lost volume's file, for :func:`volume_faults` to compare."""
+    found: dict[str, FileIdentity] = {}
+    for ref in refs:
+        try:
+            st = os.lstat(storage.volume_path(*ops.split_ref(ref)))
+        except FileNotFoundError:
+            found[ref] = None
+        else:
+            found[ref] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+def volume_faults(
+    storage: RepositoryStorage,
+    view: RepositoryView,
+    image: Image,
+    damaged: Mapping[str, FileIdentity],
+) -> dict[str, str] | None:
+    """Each volume of the image's chain that is made but missing, or that the last check found
+    damaged (``damaged``: its file then) and is still that file, with a sentence that says so;
+    None when there is none."""
+    faults = None
+    for ref in image.chain:
+        if not view.is_ready(ref):
+            continue  # still to be made: not missing
+        path = _path(storage, ref)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            why = f"volume {ref} is missing ({path}); check the repository for a fix"
+        else:
+            if ref not in damaged or damaged[ref] != (st.st_ino, st.st_mtime_ns):
+                continue
+            why = f"volume {ref} is damaged ({path}); check the repository for a fix"
+        if faults is None:
+            faults = {}
+        faults[ref] = why
+    return faults
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _path(storage: RepositoryStorage, ref: str) -> str:
+    """A volume's path, remembered: checking the reference and the id costs more than the
+    ``lstat`` a status query makes."""
+    return storage.volume_path(*ops.split_ref(ref))
+
+
+def find_damaged(view: RepositoryView, files: Iterable[VolumeFile]) -> dict[str, str]:
+    """The published volumes of live chains that are not sound, each with why. Only volumes
+    that no unfinished work touches are looked at: work in progress may rightly leave a volume
+    shorter than its image for a while (a resize queued)."""
+    published = {ops.volume_ref(f.volume_id, f.fmt): f for f in files if not f.is_temporary}
+    exact: dict[str, int] = {}  # raw tops: the image's size
+    largest: dict[str, int] = {}
+    busy: set[str] = set()
+    for image in view.live_images():
+        idle = image.current_operation() is None
+        for ref in image.chain:
+            if not idle:
+                busy.add(ref)
+            largest[ref] = max(largest.get(ref, 0), image.size)
+        if idle and image.chain:
+            exact[image.chain[-1]] = image.size
+    damaged: dict[str, str] = {}
+    for ref, size in largest.items():
+        f = published.get(ref)
+        if f is None or ref in busy or not view.is_ready(ref):
+            continue
+        if f.fmt == "qcow2":
+            why = qcow2_damage(f.path, f.size)
+        else:
+            why = raw_damage(f.size, exact.get(ref), size)
+        if why is not None:
+            damaged[ref] = f"volume {ref} {why}"
+    return damaged
