@@ -19,6 +19,8 @@ import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
+from operator import attrgetter
 from typing import Any
 
 from engine.errors import (
@@ -56,6 +58,7 @@ _VOLUME_NAME = re.compile(rf"({VOLUME_ID.pattern})\.({_FORMATS})")
 _TEMP_NAME = re.compile(
     rf"{re.escape(TEMP_PREFIX)}({VOLUME_ID.pattern})\.({_FORMATS})\.({TAG.pattern})"
 )
+_by_path = attrgetter("path")
 
 
 class LocalFS(RepositoryFormat):
@@ -134,41 +137,49 @@ class LocalStorage(RepositoryStorage):
         return os.path.join(self.volumes_dir, TEMP_PREFIX + name)
 
     def list_volume_files(self) -> list[VolumeFile]:
+        files: list[VolumeFile] = []
+        shared: list[tuple[int, os.stat_result]] = []  # files of more than one name: rare
         with self._volumes() as directory:
-            found: list[tuple[str, tuple[str, str, str | None], os.stat_result]] = []
             with os.scandir(directory) as entries:
                 for entry in entries:
                     parsed = _parse(entry.name)
                     if parsed is None:
                         continue
                     try:
-                        found.append((entry.name, parsed, entry.stat(follow_symlinks=False)))
+                        st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # removed while we looked: it is not there any more
-            # A volume has two names between the two steps of a publish: count the names each
-            # file has here, so that only a name outside the repository makes it foreign.
-            names: dict[tuple[int, str], int] = {}
-            for _, (volume_id, _, _), st in found:
-                if st.st_nlink > 1:
-                    key = (st.st_ino, volume_id)
-                    names[key] = names.get(key, 0) + 1
-            files = []
-            for name, (volume_id, fmt, tag), st in sorted(found):
-                foreign = _foreign(directory, name, st, names.get((st.st_ino, volume_id), 1))
-                path = os.path.join(self.volumes_dir, name)
-                files.append(
-                    VolumeFile(
-                        volume_id,
-                        fmt,
-                        path,
-                        st.st_size,
-                        st.st_blocks * 512,
-                        tag is not None,
-                        tag,
-                        foreign,
+                    volume_id, fmt, tag = parsed
+                    foreign = None
+                    if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                        foreign = _foreign(directory, entry.name, st, st.st_nlink)
+                        if foreign is None:
+                            shared.append((len(files), st))
+                    path = os.path.join(self.volumes_dir, entry.name)
+                    files.append(
+                        VolumeFile(
+                            volume_id,
+                            fmt,
+                            path,
+                            st.st_size,
+                            st.st_blocks * 512,
+                            tag is not None,
+                            tag,
+                            foreign,
+                        )
                     )
-                )
-            return files
+            # A volume has two names between the two steps of a publish: count the names each
+            # such file has here, so that only a name elsewhere makes it foreign.
+            names: dict[tuple[int, str], int] = {}
+            for at, st in shared:
+                key = (st.st_ino, files[at].volume_id)
+                names[key] = names.get(key, 0) + 1
+            for at, st in shared:
+                name = os.path.basename(files[at].path)
+                here = names[(st.st_ino, files[at].volume_id)]
+                files[at] = replace(files[at], foreign=_foreign(directory, name, st, here))
+        files.sort(key=_by_path)
+        return files
 
     def temporaries_of(self, volume_id: str) -> list[VolumeFile]:
         check_volume_id(volume_id)
