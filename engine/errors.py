@@ -260,6 +260,18 @@ class VolumeFileNotFound(StrataError):
     template = "Volume file {path} does not exist"
 
 
+class ForeignFile(StrataError):
+    """Something inside a repository that is not the repository's own: a symbolic link, a file
+    that also has a name outside it (a hard link), or not a regular file or directory."""
+
+    code = "foreign_file"
+    template = (
+        "{path} is {what}: Strata never follows a link inside a repository and does not read, "
+        "write, clean or copy through it; put the repository's own file or directory back in "
+        "its place (or remove it by hand), then check the repository again"
+    )
+
+
 # --- QEMU's image tools ---------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from engine.boundary import typed_errors
 from engine.connections import ConnectedRepository, ViewFollower
 from engine.errors import (
     EngineClosed,
+    ForeignFile,
     ImageNotFound,
     ImageNotReady,
     InvalidParameter,
@@ -301,12 +302,18 @@ class StorageEngine(ImageCommands):
         if options not in (None, {}):
             raise InvalidParameter("check takes no options yet", name="options")
         repo.follower.caught_up()
-        files = repo.storage.list_volume_files()
+        unlisted: ForeignFile | None = None
+        try:
+            files = repo.storage.list_volume_files()
+        except ForeignFile as e:  # the volume directory: reported, never listed through
+            files, unlisted = [], e
         problems = fix_rules.find_problems(
             repo.view,
             files,
-            damaged=find_damaged(repo.view, files),
+            # Never a header read through a foreign file: it may be a file outside.
+            damaged=find_damaged(repo.view, [f for f in files if f.foreign is None]),
             elsewhere=self._needed_elsewhere(repo.storage.root),
+            unlisted=unlisted,
         )
         repo.lost = set(problems.lost)
         self._lost_files[repo.storage.root] = identities(repo.storage, problems.lost)
@@ -390,6 +397,14 @@ class StorageEngine(ImageCommands):
                 image_id=image.id,
                 status=status.status,
             )
+        for ref in image.chain:  # a virtual machine reads the whole chain, and follows links
+            try:
+                repo.storage.check_own_file(repo.storage.volume_path(*ops.split_ref(ref)))
+            except ForeignFile:
+                # Broken from now on, as the next check will say too.
+                lost = self._lost_files.setdefault(repo.storage.root, {})
+                lost.update(identities(repo.storage, [ref]))
+                raise
         service = repo.service
         service.update(image.id, lambda i: i.prepare(host_id=self.host_id, now=service.now()))
         repo.follower.caught_up()
@@ -414,9 +429,14 @@ class StorageEngine(ImageCommands):
             raise InvalidParameter("a file path", name="path")
         wanted = os.path.realpath(path)
         for repo in self._connected():
+            # The repository's own path to each volume: its root may be a link, but a link
+            # inside it leads to a file that is not the image's (docs/adr/0016).
+            root = repo.storage.root
+            real_root = os.path.realpath(root)
             for image in repo.view.live_images():
                 volume_id, fmt = ops.split_ref(image.chain[-1])
-                if os.path.realpath(repo.storage.volume_path(volume_id, fmt)) == wanted:
+                own = os.path.relpath(repo.storage.volume_path(volume_id, fmt), root)
+                if os.path.join(real_root, own) == wanted:
                     return self._info(repo, image)
         raise ImageNotFound(f"whose volume is {path}", image_id="(any)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 from collections.abc import Collection, Iterable, Mapping
 
 from engine.aggregates import operations as ops
@@ -58,7 +59,14 @@ def volume_faults(
         else:
             if ref not in damaged or damaged[ref] != (st.st_ino, st.st_mtime_ns):
                 continue
-            why = f"volume {ref} is damaged ({path}); check the repository for a fix"
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                why = (
+                    f"volume {ref} is a foreign file ({path}: a link, or a file with a name "
+                    "outside the repository, never read or written through); put it right by "
+                    "hand, then check the repository again"
+                )
+            else:
+                why = f"volume {ref} is damaged ({path}); check the repository for a fix"
         if faults is None:
             faults = {}
         faults[ref] = why

@@ -102,7 +102,8 @@ def local(run: StageRun, ref: object) -> Volume:
 
 
 def source_top(run: StageRun) -> Volume:
-    """The top volume of the source image's current chain: reading it reads the whole chain."""
+    """The top volume of the source image's current chain: reading it reads the whole chain,
+    so :class:`~engine.errors.ForeignFile` if any volume of the chain is foreign."""
     image_id = source_id(run.stage)
     found = run.find_image(image_id)
     if found is None:
@@ -110,8 +111,22 @@ def source_top(run: StageRun) -> Volume:
     image, storage = found
     if not image.chain:
         raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
+    for ref in image.chain:
+        storage.check_own_file(storage.volume_path(*split_ref(ref)))
     volume_id, fmt = split_ref(image.chain[-1])
     return Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
+
+
+def refuse_foreign(run: StageRun, *volumes: Volume) -> None:
+    """:class:`~engine.errors.ForeignFile` if one of ``volumes``, or of the chain of the
+    stage's image in this repository, is foreign. QEMU follows links and backing files, so
+    what it will open is checked right before it runs (docs/adr/0016)."""
+    for volume in volumes:
+        run.storage.check_own_file(volume.path)
+    found = run.find_image(run.image_id)
+    if found is not None and found[1].root == run.storage.root:
+        for ref in found[0].chain:
+            run.storage.check_own_file(run.storage.volume_path(*split_ref(ref)))
 
 
 def expect_backing(run: StageRun, final: str, info: dict[str, Any], backing: Volume | None) -> None:

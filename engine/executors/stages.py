@@ -63,6 +63,7 @@ from engine.executors.stage_run import (
     expect_backing,
     field,
     local,
+    refuse_foreign,
     source_id,
     source_top,
 )
@@ -194,7 +195,7 @@ def create(run: StageRun) -> None:
             raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {expected}", path=final)
         expect_backing(run, final, info, backing)
 
-    _produce(run, volume, make, verify)
+    _produce(run, volume, make, verify, reads=(backing,))
 
 
 def copy(run: StageRun) -> None:
@@ -258,7 +259,7 @@ def diff(run: StageRun) -> None:
     def verify(final: str, info: dict[str, Any]) -> None:
         expect_backing(run, final, info, base)
 
-    _produce(run, volume, make, verify)
+    _produce(run, volume, make, verify, reads=(base,))
 
 
 def rebase(run: StageRun) -> None:
@@ -295,7 +296,7 @@ def rebase(run: StageRun) -> None:
             cancel=run.cancel,
         )
 
-    _in_place(run, volume, work)
+    _in_place(run, volume, work, reads=(backing, old))
 
 
 def resize(run: StageRun) -> None:
@@ -341,8 +342,13 @@ def _produce(
     volume: Volume,
     make: Callable[[str], None],
     verify: Callable[[str, dict[str, Any]], None],
+    reads: tuple[Volume | None, ...] = (),
 ) -> None:
-    """Make ``volume`` through a temporary file, unless an earlier attempt published it."""
+    """Make ``volume`` through a temporary file, unless an earlier attempt published it.
+    ``reads``: the volumes of this repository that ``make`` reads."""
+    temp = run.storage.temp_path(volume.volume_id, volume.fmt, run.tag)
+    in_temp = Volume(volume.ref, volume.volume_id, volume.fmt, temp)
+    refuse_foreign(run, volume, in_temp, *(v for v in reads if v is not None))
     leftovers = [
         f.path
         for f in _temporaries(run.storage, volume.volume_id)
@@ -357,7 +363,6 @@ def _produce(
         return
     for leftover in leftovers:
         run.storage.remove(leftover)
-    temp = run.storage.temp_path(volume.volume_id, volume.fmt, run.tag)
     try:
         make(temp)
         run.crashpoints(BEFORE_PUBLISH)
@@ -382,7 +387,12 @@ def _produce(
     run.crashpoints(AFTER_PUBLISH)
 
 
-def _in_place(run: StageRun, volume: Volume, work: Callable[[], None]) -> None:
+def _in_place(
+    run: StageRun,
+    volume: Volume,
+    work: Callable[[], None],
+    reads: tuple[Volume | None, ...] = (),
+) -> None:
     """Run in-place ``work`` on ``volume`` once the claim is confirmed; while QEMU says another
     process holds the volume's lock (a fenced host's qemu-img, still running), wait and try
     again rather than fail: that process either finishes the same idempotent work or dies."""
@@ -390,6 +400,7 @@ def _in_place(run: StageRun, volume: Volume, work: Callable[[], None]) -> None:
     delay = 0.1
     while True:
         run.confirm()
+        refuse_foreign(run, volume, *(v for v in reads if v is not None))
         try:
             work()
             return

@@ -30,7 +30,8 @@ class VolumeFile:
 
     ``size`` is the file's length and ``allocated`` the bytes it occupies on storage; the
     image's virtual size is what ``QemuImg.info`` says. A temporary file has the ``tag`` of the
-    stage that writes it.
+    stage that writes it. ``size`` and ``allocated`` of a foreign file are those of the link or
+    name itself (never followed).
     """
 
     volume_id: str
@@ -40,6 +41,9 @@ class VolumeFile:
     allocated: int
     is_temporary: bool
     tag: str | None = None
+    # Why it is not the repository's own (a symbolic link, a hard link, not a regular file),
+    # or None: a foreign file is reported, never written, cleaned or copied through.
+    foreign: str | None = None
 
 
 def check_volume_id(volume_id: object) -> str:
@@ -62,7 +66,9 @@ class RepositoryStorage(ABC):
     """An open repository: its paths and its durable file operations.
 
     Paths are absolute strings. Every method that takes a path refuses one that is not a volume
-    or temporary file of this repository, so a bug elsewhere cannot unlink an arbitrary file.
+    or temporary file of this repository, so a bug elsewhere cannot unlink an arbitrary file,
+    and refuses a foreign file (:class:`~engine.errors.ForeignFile`), so that a link placed in a
+    repository cannot make Strata write, remove or read outside it.
     """
 
     root: str
@@ -78,7 +84,12 @@ class RepositoryStorage(ABC):
 
     @abstractmethod
     def list_volume_files(self) -> list[VolumeFile]:
-        """Every volume and temporary file, in name order; other files are not listed."""
+        """Every volume and temporary file, in name order; other files are not listed.
+
+        Nothing is followed: a volume's name that is a link, a file with names outside the
+        repository or not a regular file is listed with ``foreign`` saying so. Raises
+        :class:`~engine.errors.ForeignFile` if the place of the volumes is itself a link.
+        """
 
     @abstractmethod
     def temporaries_of(self, volume_id: str) -> list[VolumeFile]:
@@ -87,6 +98,13 @@ class RepositoryStorage(ABC):
         Cheap beside :meth:`list_volume_files`, which stats every file: stages call this once
         each, so in a repository of many volumes it must not cost a stat per volume.
         """
+
+    @abstractmethod
+    def check_own_file(self, path: str) -> None:
+        """Raise :class:`~engine.errors.ForeignFile` unless the volume or temporary file
+        ``path`` is missing or the repository's own: reached through no link, and with no
+        name outside the repository. Called right before qemu-img gets the path, since QEMU
+        follows links."""
 
     @abstractmethod
     def publish(self, temp_path: str, final_path: str) -> None:
@@ -98,7 +116,8 @@ class RepositoryStorage(ABC):
 
     @abstractmethod
     def remove(self, path: str) -> None:
-        """Durably remove a volume or temporary file; a missing file is already removed."""
+        """Durably remove a volume or temporary file; a missing file is already removed, and a
+        foreign one is refused, not unlinked."""
 
     @abstractmethod
     def relative_backing(self, from_volume_path: str, to_volume_path: str) -> str:

@@ -4,20 +4,27 @@ Layout (docs/adr/0003-repository-format-localfs.md)::
 
     <root>/STRATA-REPOSITORY                    {"format": "localfs", "version": "1.0"}
     <root>/log/                                 the operation log (engine.log)
+    <root>/hosts/<host_id>                      each host's heartbeat (engine.executors.liveness)
     <root>/volumes/<volume_id>.<fmt>            published volumes
     <root>/volumes/.tmp-<volume_id>.<fmt>.<tag> a stage's file in progress
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from operator import attrgetter
 from typing import Any
 
 from engine.errors import (
+    ForeignFile,
     InvalidParameter,
     NotARepository,
     RepositoryAlreadyFormatted,
@@ -35,13 +42,13 @@ from engine.formats.driver import (
     check_tag,
     check_volume_id,
 )
-from engine.formats.qemu import allocated_bytes
 from engine.formats.qemu_args import IMAGE_FORMATS, check_image_format
 from engine.log import OperationLog
 
 MARKER = "STRATA-REPOSITORY"
 LOG_DIR = "log"
 VOLUMES_DIR = "volumes"
+HOSTS_DIR = "hosts"  # the hosts' heartbeats (engine/executors/liveness.py)
 TEMP_PREFIX = ".tmp-"
 # Left by mkfs at the root of a filesystem: formatting a fresh mount point must work.
 _IGNORED_WHEN_EMPTY = frozenset({"lost+found"})
@@ -51,6 +58,7 @@ _VOLUME_NAME = re.compile(rf"({VOLUME_ID.pattern})\.({_FORMATS})")
 _TEMP_NAME = re.compile(
     rf"{re.escape(TEMP_PREFIX)}({VOLUME_ID.pattern})\.({_FORMATS})\.({TAG.pattern})"
 )
+_by_path = attrgetter("path")
 
 
 class LocalFS(RepositoryFormat):
@@ -86,11 +94,18 @@ class LocalFS(RepositoryFormat):
     @classmethod
     def open(cls, connection_parameters: Mapping[str, object]) -> LocalStorage:
         root = _root(connection_parameters)
+        # The root may be a link (a path such as /srv/repo1 often is); what is inside is not
+        # followed: the log would be appended to, and heartbeats written, wherever links led.
+        # The volume directory is checked at each use instead, so that a repository whose
+        # volume directory is a link still connects and its check can report it.
+        _check_not_linked(root, MARKER, directory=False)
         if not os.path.exists(os.path.join(root, MARKER)):
             raise NotARepository(f"no {MARKER} marker", path=root)
         found, expected = _read_marker(root), f"{cls.name}-{cls.version}"
         if found != expected:
             raise RepositoryFormatMismatch(path=root, found=found, expected=expected)
+        _check_not_linked(root, LOG_DIR, directory=True)
+        _check_not_linked(root, HOSTS_DIR, directory=True)
         for sub in (LOG_DIR, VOLUMES_DIR):
             if not os.path.isdir(os.path.join(root, sub)):
                 raise NotARepository(f"its marker is there but {sub}/ is missing", path=root)
@@ -98,7 +113,13 @@ class LocalFS(RepositoryFormat):
 
 
 class LocalStorage(RepositoryStorage):
-    """An open ``localfs`` repository rooted at an absolute, normalized ``root``."""
+    """An open ``localfs`` repository rooted at an absolute, normalized ``root``.
+
+    The root may be reached through a symbolic link; nothing inside it is: every volume file
+    is looked up relative to the volume directory opened with ``O_NOFOLLOW``, and a link, a
+    file with other names outside the repository (a hard link) or a name that is not a regular
+    file is foreign (docs/adr/0016-links-inside-a-repository.md).
+    """
 
     def __init__(self, root: str, name: str, version: str) -> None:
         self.root = root
@@ -116,34 +137,82 @@ class LocalStorage(RepositoryStorage):
         return os.path.join(self.volumes_dir, TEMP_PREFIX + name)
 
     def list_volume_files(self) -> list[VolumeFile]:
-        files = []
-        for name in sorted(os.listdir(self.volumes_dir)):
-            parsed = _parse(name)
-            path = os.path.join(self.volumes_dir, name)
-            if parsed is None or not os.path.isfile(path):
-                continue
-            volume_id, fmt, tag = parsed
-            try:
-                size, allocated = os.stat(path).st_size, allocated_bytes(path)
-            except (FileNotFoundError, VolumeFileNotFound):
-                continue  # removed while we looked: it is not there any more
-            files.append(VolumeFile(volume_id, fmt, path, size, allocated, tag is not None, tag))
+        files: list[VolumeFile] = []
+        shared: list[tuple[int, os.stat_result]] = []  # files of more than one name: rare
+        with self._volumes() as directory:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    parsed = _parse(entry.name)
+                    if parsed is None:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed while we looked: it is not there any more
+                    volume_id, fmt, tag = parsed
+                    foreign = None
+                    if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                        foreign = _foreign(directory, entry.name, st, st.st_nlink)
+                        if foreign is None:
+                            shared.append((len(files), st))
+                    path = os.path.join(self.volumes_dir, entry.name)
+                    files.append(
+                        VolumeFile(
+                            volume_id,
+                            fmt,
+                            path,
+                            st.st_size,
+                            st.st_blocks * 512,
+                            tag is not None,
+                            tag,
+                            foreign,
+                        )
+                    )
+            # A volume has two names between the two steps of a publish: count the names each
+            # such file has here, so that only a name elsewhere makes it foreign.
+            names: dict[tuple[int, str], int] = {}
+            for at, st in shared:
+                key = (st.st_ino, files[at].volume_id)
+                names[key] = names.get(key, 0) + 1
+            for at, st in shared:
+                name = os.path.basename(files[at].path)
+                here = names[(st.st_ino, files[at].volume_id)]
+                files[at] = replace(files[at], foreign=_foreign(directory, name, st, here))
+        files.sort(key=_by_path)
         return files
 
     def temporaries_of(self, volume_id: str) -> list[VolumeFile]:
         check_volume_id(volume_id)
         prefix = f"{TEMP_PREFIX}{volume_id}."
         found = []
-        for name in os.listdir(self.volumes_dir):  # names only: a stat for just the matches
-            if not name.startswith(prefix) or (parsed := _parse(name)) is None:
-                continue
-            path = os.path.join(self.volumes_dir, name)
-            try:
-                size, allocated = os.stat(path).st_size, allocated_bytes(path)
-            except (FileNotFoundError, VolumeFileNotFound):
-                continue
-            found.append(VolumeFile(parsed[0], parsed[1], path, size, allocated, True, parsed[2]))
+        with self._volumes() as directory:
+            for name in os.listdir(directory):  # names only: a stat for just the matches
+                if not name.startswith(prefix) or (parsed := _parse(name)) is None:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                foreign = _foreign(directory, name, st, _names(directory, st, volume_id))
+                path = os.path.join(self.volumes_dir, name)
+                found.append(
+                    VolumeFile(
+                        parsed[0],
+                        parsed[1],
+                        path,
+                        st.st_size,
+                        st.st_blocks * 512,
+                        True,
+                        parsed[2],
+                        foreign,
+                    )
+                )
         return sorted(found, key=lambda f: f.path)
+
+    def check_own_file(self, path: str) -> None:
+        self._own(path, "path")
+        with self._volumes() as directory:
+            _own_stat(directory, path)
 
     def publish(self, temp_path: str, final_path: str) -> None:
         temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
@@ -152,26 +221,39 @@ class LocalStorage(RepositoryStorage):
             raise InvalidParameter(
                 f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
             )
-        try:
-            _fsync_file(temp_path)  # the data is durable before the name says it is complete
-            # link() fails if the name exists, where rename() would silently replace a volume.
-            os.link(temp_path, final_path)
-        except FileNotFoundError:
-            raise VolumeFileNotFound(path=temp_path) from None
-        except FileExistsError:
-            if not os.path.samefile(temp_path, final_path):
-                raise VolumeAlreadyExists(path=final_path) from None
-        _fsync_directory(self.volumes_dir)
-        os.unlink(temp_path)
-        _fsync_directory(self.volumes_dir)
+        temp, final = os.path.basename(temp_path), os.path.basename(final_path)
+        with self._volumes() as directory:
+            temp_stat = _own_stat(directory, temp_path)
+            if temp_stat is None:
+                raise VolumeFileNotFound(path=temp_path)
+            _fsync_file(directory, temp)  # the data is durable before the name says it is complete
+            try:
+                # link() fails if the name exists, where rename() would silently replace a
+                # volume; it links the temporary name itself, never what a link names.
+                os.link(
+                    temp, final, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False
+                )
+            except FileNotFoundError:
+                raise VolumeFileNotFound(path=temp_path) from None
+            except FileExistsError:
+                final_stat = _own_stat(directory, final_path)
+                if final_stat is None or not os.path.samestat(temp_stat, final_stat):
+                    raise VolumeAlreadyExists(path=final_path) from None
+            os.fsync(directory)
+            os.unlink(temp, dir_fd=directory)
+            os.fsync(directory)
 
     def remove(self, path: str) -> None:
         self._own(path, "path")
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        _fsync_directory(self.volumes_dir)
+        with self._volumes() as directory:
+            # A link is foreign: left for a person to look at, not unlinked as if it were ours.
+            if _own_stat(directory, path) is None:
+                return
+            try:
+                os.unlink(os.path.basename(path), dir_fd=directory)
+            except FileNotFoundError:
+                return
+            os.fsync(directory)
 
     def relative_backing(self, from_volume_path: str, to_volume_path: str) -> str:
         self._own(from_volume_path, "from_volume_path")
@@ -208,6 +290,26 @@ class LocalStorage(RepositoryStorage):
             f"a volume or temporary file of the repository {self.root}, not {path!r}", name=name
         )
 
+    @contextmanager
+    def _volumes(self) -> Iterator[int]:
+        """The volume directory as a descriptor, opened without following a link there."""
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            directory = os.open(VOLUMES_DIR, flags, dir_fd=root)
+        except OSError as e:
+            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            st = os.stat(VOLUMES_DIR, dir_fd=root, follow_symlinks=False)
+            what = _link(root, VOLUMES_DIR) if stat.S_ISLNK(st.st_mode) else "not a directory"
+            raise ForeignFile(path=self.volumes_dir, what=what) from None
+        finally:
+            os.close(root)
+        try:
+            yield directory
+        finally:
+            os.close(directory)
+
 
 def _root(connection_parameters: Mapping[str, object]) -> str:
     if not isinstance(connection_parameters, Mapping):
@@ -239,6 +341,82 @@ def _parse(name: str) -> tuple[str, str, str | None] | None:
     return None
 
 
+def _own_stat(directory: int, path: str) -> os.stat_result | None:
+    """The file of ``path`` (a name in the volume directory ``directory``), or None if there is
+    none; :class:`ForeignFile` if it is not the repository's own."""
+    name = os.path.basename(path)
+    try:
+        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    parsed = _parse(name)
+    volume_id = parsed[0] if parsed is not None else ""
+    foreign = _foreign(directory, name, st, _names(directory, st, volume_id))
+    if foreign is not None:
+        raise ForeignFile(path=path, what=foreign)
+    return st
+
+
+def _names(directory: int, st: os.stat_result, volume_id: str) -> int:
+    """How many of the volume's names (published and temporary) in the directory are the file
+    ``st``: 1 without a stat for a file of one name, as nearly every file is."""
+    if st.st_nlink == 1:
+        return 1
+    count = 0
+    for name in os.listdir(directory):
+        parsed = _parse(name)
+        if parsed is None or parsed[0] != volume_id:
+            continue
+        try:
+            if os.path.samestat(st, os.stat(name, dir_fd=directory, follow_symlinks=False)):
+                count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def _foreign(directory: int, name: str, st: os.stat_result, names: int) -> str | None:
+    """Why the volume file ``name`` is not the repository's own, or None if it is. ``names``:
+    how many of its volume's names in the directory are this file."""
+    if stat.S_ISLNK(st.st_mode):
+        return _link(directory, name)
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_nlink != names:
+        return (
+            f"a hard link: the file has {st.st_nlink} names and {names} of them are this "
+            "volume's in the repository"
+        )
+    return None
+
+
+def _link(directory: int, name: str) -> str:
+    try:
+        return f"a symbolic link to {os.readlink(name, dir_fd=directory)!r}"
+    except OSError:
+        return "a symbolic link"
+
+
+def _check_not_linked(root: str, name: str, *, directory: bool) -> None:
+    """Refuse a link, or the wrong kind of file, where the repository keeps ``name``; a missing
+    one is for the caller to notice."""
+    path = os.path.join(root, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            what = f"a symbolic link to {os.readlink(path)!r}"
+        except OSError:
+            what = "a symbolic link"
+        raise ForeignFile(path=path, what=what)
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise ForeignFile(path=path, what="not a directory")
+    if not directory and not stat.S_ISREG(st.st_mode):
+        raise ForeignFile(path=path, what="not a regular file")
+
+
 def _read_marker(root: str) -> str:
     """The ``<format>-<version>`` a marker names, or a description of what is wrong with it."""
     try:
@@ -265,8 +443,8 @@ def _write_marker(root: str, content: dict[str, str]) -> None:
     _fsync_directory(root)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _fsync_file(directory: int, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
     try:
         os.fsync(fd)
     finally:

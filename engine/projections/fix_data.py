@@ -7,6 +7,9 @@ of its type, target, stages and ``salt`` (the target's operation count at check 
 same fix from two hosts or two calls queues one operation (the second finds it queued and does
 nothing), while a problem that comes back after its fix ran gets a new one. Data that no check
 made (the id does not match the operation) is refused as an invalid parameter.
+
+A foreign file's ``mend`` holds ``{"foreign": {"path", "what"}}`` and neither an operation nor a
+release: it reports, and starting it is refused with :class:`ForeignFile` (docs/adr/0016).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.errors import ConcurrencyConflict, InvalidParameter, StaleFix
+from engine.errors import ConcurrencyConflict, ForeignFile, InvalidParameter, StaleFix
 from engine.projections.fix_index import BLOCKED, VolumeIndex, can_optimize, release_type
 from engine.types import Fix
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 DATA_VERSION = 1
 _CARRIERS = uuid.UUID("5d1e8a0c-2f4b-4e58-9a55-0c1ea4c0ffee")  # namespace of new carriers' ids
+_FOREIGN = uuid.UUID("0f0e1a2b-6c3d-4e5f-8a9b-1c2d3e4f5a6b")  # namespace of foreign files' fixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,24 @@ def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
     return Fix(type=ops.CLEAN, image_ids=(), description=description, data=_encode(data))
 
 
+def foreign_file_fix(path: str, what: str, touched: list[Image], description: str) -> Fix:
+    """A ``mend`` that reports the foreign file ``path``; starting it is refused."""
+    touched_ids = [i.id_text for i in touched]
+    data = {
+        "v": DATA_VERSION,
+        "type": ops.MEND,
+        "target": str(uuid.uuid5(_FOREIGN, path)),
+        "new_carrier": False,
+        "images": {i: image.version for i, image in zip(touched_ids, touched, strict=True)},
+        "salt": 0,
+        "op": None,
+        "release": None,
+        "foreign": {"path": path, "what": what},
+    }
+    ids = tuple(dict.fromkeys(touched_ids))
+    return Fix(type=ops.MEND, image_ids=ids, description=description, data=_encode(data))
+
+
 def _encode(data: dict[str, Any]) -> str:
     return base64.b64encode(msgpack.packb(data, use_bin_type=True)).decode("ascii")
 
@@ -122,6 +144,9 @@ def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) 
     StaleFix when it no longer applies; ``already_queued`` when its work is already queued.
     ``elsewhere``: volumes here that work in other repositories reads."""
     data = _decode(fix)
+    if data.get("foreign") is not None:
+        # Only a person can put it right: whatever Strata did would go through the link.
+        raise ForeignFile(path=data["foreign"]["path"], what=data["foreign"]["what"])
     plan = FixPlan(
         type=data["type"],
         target=uuid.UUID(data["target"]),
@@ -278,6 +303,13 @@ def _check_shape(data: Any, fix: Fix) -> None:
     if not isinstance(data["images"], dict) or not isinstance(data["salt"], int):
         raise ValueError("bad images or salt")
     op, release, remove = data["op"], data["release"], data.get("remove")
+    foreign = data.get("foreign")
+    if foreign is not None:
+        if op is not None or release is not None or fix.type != ops.MEND:
+            raise ValueError("a foreign file's report with work to do")
+        if not isinstance(foreign.get("path"), str) or not isinstance(foreign.get("what"), str):
+            raise ValueError("bad foreign file")
+        return
     if remove is not None:
         if fix.type != ops.MEND or op is not None or release is not None:
             raise ValueError("a removal is a mend, with no operation and no release")

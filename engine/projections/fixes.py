@@ -11,6 +11,12 @@ Pure rules over the view's images and the repository's files:
 ``mend``      (also) a live image whose volume is missing or damaged: made again where the data
               can be had again, else removed, the fix saying the data is lost (ADR 0017).
 
+A foreign file (a link, or a file with a name outside the repository: engine/formats/driver.py)
+is never offered to clean, and a volume whose file is foreign counts as lost. Each one is
+reported as a ``mend`` whose description says what it is and that a person must put it right:
+starting it is refused with :class:`~engine.errors.ForeignFile`, since no work Strata could do
+would not write, delete or read through it (docs/adr/0016-links-inside-a-repository.md).
+
 Every fix is an operation queued on a *carrier* image. ``optimize`` and ``mend`` run on their
 image. A ``merge`` runs on the first (by id) live image whose chain goes through the volume: it
 rewrites that image's volumes, so it belongs in its queue, ordered with its other work, visible
@@ -26,10 +32,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.errors import ForeignFile
 from engine.formats.driver import VolumeFile
 from engine.projections.fix_data import (
     DATA_VERSION,
@@ -37,6 +44,7 @@ from engine.projections.fix_data import (
     apply_fix,
     decode_fix,
     digest,
+    foreign_file_fix,
     make_fix,
     new_carrier_fix,
 )
@@ -70,18 +78,26 @@ def find_problems(
     *,
     damaged: Collection[str] = (),
     elsewhere: Collection[str] = (),
+    unlisted: ForeignFile | None = None,
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
     corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
-    reads (a copy of an image of this one): never offered to clean."""
+    reads (a copy of an image of this one): never offered to clean. ``unlisted``: why the
+    files could not be listed at all (the volume directory is foreign), when they could not."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
+    foreign: list[_Foreign] = []
     for f in files:
         ref = ops.volume_ref(f.volume_id, f.fmt)
+        if f.foreign is not None:
+            foreign.append(_Foreign(f.path, f.foreign, ref))
+            continue
         on_disk.setdefault(ref, []).append(f)
         if not f.is_temporary:
             published.add(ref)
-    return _problems(view, on_disk, published, damaged, elsewhere)
+    if unlisted is not None:
+        foreign.append(_Foreign(str(unlisted.fields["path"]), str(unlisted.fields["what"]), None))
+    return _problems(view, on_disk, published, damaged, elsewhere, foreign, unlisted is None)
 
 
 def find_fixes(
@@ -120,12 +136,20 @@ class _Published(Mapping[str, list[VolumeFile]]):
         return len(self._refs)
 
 
+class _Foreign(NamedTuple):
+    path: str
+    what: str
+    ref: str | None  # the volume it has the name of; None for the volume directory
+
+
 def _problems(
     view: RepositoryView,
     on_disk: Mapping[str, list[VolumeFile]],
     published: Collection[str],
     damaged: Collection[str],
     elsewhere: Collection[str] = (),
+    foreign: Collection[_Foreign] = (),
+    listed: bool = True,
 ) -> Problems:
     index = VolumeIndex(view.images(), elsewhere)
     lost = frozenset(
@@ -133,9 +157,15 @@ def _problems(
         for ref in index.live_users
         if ref not in index.pending and (ref not in published or ref in damaged)
     )
-    fixes = [*_releases(index), *_restorations(index, lost, damaged)]
+    # A volume behind a foreign file, or in a volume directory that could not be listed, may
+    # well be whole where a person put it: making it again, or declaring it lost, is not ours
+    # to offer until the foreign file is put right.
+    behind_foreign = {f.ref for f in foreign if f.ref is not None}
+    restorable = frozenset(lost - behind_foreign) if listed else frozenset[str]()
+    fixes = [*_releases(index), *_restorations(index, restorable, damaged)]
     fixes += [*_optimizations(index, lost), *_merges(index, lost)]
     fixes += _cleans(index, on_disk)
+    fixes += _foreign_files(index, foreign)
     fixes.sort(key=lambda f: (_ORDER[f.type], f.image_ids, f.data))
     return Problems(lost, fixes)
 
@@ -337,6 +367,25 @@ def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list
             )
         )
     return fixes
+
+
+def _foreign_files(index: VolumeIndex, foreign: Iterable[_Foreign]) -> Iterable[Fix]:
+    for f in foreign:
+        if f.ref is None:
+            users: list[Image] = []
+            what = "the volume directory; every volume is out of reach until it is put right"
+        else:
+            users = [*index.live_users.get(f.ref, ()), *index.removed_users.get(f.ref, ())]
+            whose = ", ".join(i.id_text for i in users) or "no image"
+            what = f"the file of volume {f.ref} ({whose})"
+        yield foreign_file_fix(
+            f.path,
+            f.what,
+            users,
+            f"foreign file {f.path}, {what}: {f.what}. Strata never follows a link inside a "
+            "repository and does nothing to it: put the repository's own file in its place or "
+            "remove it by hand, then check again",
+        )
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import (
+    ForeignFile,
     InvalidParameter,
     NotARepository,
     RepositoryAlreadyFormatted,
@@ -331,3 +332,125 @@ def test_a_backing_reference_into_another_repository_survives_moving_both(
     chain = qemu.info(volume.path, chain=True, fmt="qcow2")
     assert len(chain) == 2
     assert qemu.read_pattern_matches(volume.path, "qcow2", 0, MiB, 0x5A)
+
+
+# --- links inside a repository (docs/adr/0016) ------------------------------------------------
+
+
+def outside_image(tmp_path: Path, pattern: int) -> tuple[Path, bytes]:
+    """An image outside the repository, and its bytes (which must never change)."""
+    path = tmp_path / "outside" / "image.qcow2"
+    path.parent.mkdir(exist_ok=True)
+    qemu.create(str(path), "qcow2", MiB)
+    qemu.write_pattern(str(path), "qcow2", 0, MiB, pattern)
+    return path, path.read_bytes()
+
+
+def test_links_in_the_volume_directory_are_listed_as_foreign_and_refused(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    outside, content = outside_image(tmp_path, 0x42)
+    own = new_volume(repo)
+    symlinked = repo.volume_path(uuid.uuid4().hex, "qcow2")
+    hard_linked = repo.volume_path(uuid.uuid4().hex, "qcow2")
+    os.symlink(outside, symlinked)
+    os.link(outside, hard_linked)
+
+    listed = {f.path: f.foreign for f in repo.list_volume_files()}
+
+    assert listed[own] is None
+    assert listed[symlinked] is not None and "symbolic link" in listed[symlinked]
+    assert listed[hard_linked] is not None and "hard link" in listed[hard_linked]
+    repo.check_own_file(own)
+    repo.check_own_file(repo.volume_path(uuid.uuid4().hex, "raw"))  # missing: not foreign
+    for path in (symlinked, hard_linked):
+        with pytest.raises(ForeignFile):
+            repo.check_own_file(path)
+        with pytest.raises(ForeignFile):
+            repo.remove(path)
+        assert os.path.lexists(path)
+    assert outside.read_bytes() == content
+
+
+def test_a_temporary_file_that_is_a_link_is_neither_published_nor_removed(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    outside, content = outside_image(tmp_path, 0x43)
+    volume_id = uuid.uuid4().hex
+    temp = repo.temp_path(volume_id, "qcow2", "copy-1-e1")
+    os.symlink(outside, temp)
+
+    [found] = repo.temporaries_of(volume_id)
+    assert found.foreign is not None and "symbolic link" in found.foreign
+    with pytest.raises(ForeignFile):
+        repo.publish(temp, repo.volume_path(volume_id, "qcow2"))
+    with pytest.raises(ForeignFile):
+        repo.remove(temp)
+    assert not os.path.lexists(repo.volume_path(volume_id, "qcow2"))
+    assert outside.read_bytes() == content
+
+
+def test_a_volume_with_its_temporary_name_too_is_not_a_hard_link_to_refuse(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp, final = repo.temp_path(volume_id, "raw", "copy"), repo.volume_path(volume_id, "raw")
+    qemu.create(temp, "raw", MiB)
+    os.link(temp, final)  # a publish killed between its two steps
+
+    assert [f.foreign for f in repo.list_volume_files()] == [None, None]
+    assert [f.foreign for f in repo.temporaries_of(volume_id)] == [None]
+    repo.check_own_file(final)
+    repo.remove(temp)
+    repo.check_own_file(final)
+
+
+def test_a_volume_directory_that_is_a_link_is_never_gone_through(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    other = new_repository(driver, tmp_path / "other")
+    theirs = new_volume(other, pattern=0x44)
+    repo = new_repository(driver, tmp_path / "repo")
+    shutil.rmtree(tmp_path / "repo" / "volumes")
+    os.symlink(tmp_path / "other" / "volumes", tmp_path / "repo" / "volumes")
+    mine = os.path.join(str(tmp_path / "repo" / "volumes"), os.path.basename(theirs))
+    before = sorted(os.listdir(tmp_path / "other" / "volumes"))
+
+    reopened = driver.open({"path": str(tmp_path / "repo")})  # connects: its check reports it
+    for call in (
+        lambda: reopened.list_volume_files(),
+        lambda: reopened.temporaries_of(os.path.basename(theirs).split(".")[0]),
+        lambda: reopened.check_own_file(mine),
+        lambda: reopened.remove(mine),
+    ):
+        with pytest.raises(ForeignFile):
+            call()
+    assert repo.root == reopened.root
+    assert sorted(os.listdir(tmp_path / "other" / "volumes")) == before
+    assert qemu.read_pattern_matches(theirs, "qcow2", 0, MiB, 0x44)
+
+
+@pytest.mark.parametrize("name", ["log", "STRATA-REPOSITORY"])
+def test_a_repository_whose_log_or_marker_is_a_link_is_not_opened(
+    driver: type[RepositoryFormat], tmp_path: Path, name: str
+) -> None:
+    new_repository(driver, tmp_path / "repo")
+    shutil.move(tmp_path / "repo" / name, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "repo" / name)
+
+    with pytest.raises(ForeignFile):
+        driver.open({"path": str(tmp_path / "repo")})
+
+
+def test_a_repository_reached_through_a_link_opens(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    new_repository(driver, tmp_path / "repo")
+    os.symlink(tmp_path / "repo", tmp_path / "link")
+    repo = driver.open({"path": str(tmp_path / "link")})
+    final = new_volume(repo)
+    assert [f.foreign for f in repo.list_volume_files()] == [None]
+    repo.check_own_file(final)

@@ -14,7 +14,7 @@ from projection_log import Repo, new_ref
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.errors import InvalidParameter, StaleFix
+from engine.errors import ForeignFile, InvalidParameter, StaleFix
 from engine.formats.driver import VolumeFile
 from engine.projections.fix_data import _op_id as op_id
 from engine.projections.fixes import apply_fix, decode_fix, find_fixes, find_problems
@@ -301,6 +301,45 @@ def test_a_volume_missing_from_the_storage_is_lost_unless_it_is_still_being_made
     damaged = find_problems(view, made(view), damaged=repo.get(ready).chain)
     assert damaged.lost == frozenset(repo.get(ready).chain)
     assert not set(repo.get(pending).chain) & problems.lost
+
+
+def test_a_foreign_file_is_lost_never_cleaned_and_its_report_does_nothing(repo: Repo) -> None:
+    live, removed = repo.disk(), repo.disk()
+    repo.run(live)
+    repo.run(removed)
+    repo.remove(removed)
+    linked = [
+        dataclasses.replace(f, foreign="a symbolic link to '/elsewhere'")
+        for f in published(*repo.get(live).chain, *repo.get(removed).chain)
+    ]
+    view = repo.view()
+
+    problems = find_problems(view, linked)
+
+    assert problems.lost == frozenset(repo.get(live).chain)
+    assert of_type(problems.fixes, ops.CLEAN) == []
+    assert sorted(f.image_ids for f in problems.fixes) == sorted([(str(live),), (str(removed),)])
+    work = sorted((str(i.id), i.version) for i in view.images())
+    for fix in problems.fixes:
+        assert fix.type == ops.MEND and "symbolic link" in fix.description
+        with pytest.raises(ForeignFile):
+            apply(repo, fix)
+    assert sorted((str(i.id), i.version) for i in repo.view().images()) == work  # nothing queued
+
+
+def test_a_volume_directory_that_cannot_be_listed_is_reported_once(repo: Repo) -> None:
+    disk = repo.disk()
+    repo.run(disk)
+    unlisted = ForeignFile(path="/r/volumes", what="a symbolic link to '/other/volumes'")
+
+    problems = find_problems(repo.view(), [], unlisted=unlisted)
+
+    assert problems.lost == frozenset(repo.get(disk).chain)
+    [report] = problems.fixes
+    assert (report.type, report.image_ids) == (ops.MEND, ())
+    assert "/r/volumes" in report.description
+    with pytest.raises(ForeignFile):
+        apply(repo, report)
 
 
 def test_fix_data_round_trips_and_data_no_check_made_is_refused(repo: Repo) -> None:
