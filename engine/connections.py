@@ -113,6 +113,8 @@ class ConnectedRepository:
     # Image ids that calls tried when their commit's outcome was unknown (CommitUnknown),
     # by call and arguments: a retry of the same call uses the same id (engine/images.py).
     unsettled: dict[tuple[object, ...], uuid.UUID] = field(default_factory=dict)
+    # qcow2 volumes the last checks found sound, by file identity: not read again unchanged.
+    sound_headers: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     def close(self) -> None:
         """Stop the executor first, then say this host left (its remaining claims can be

@@ -311,7 +311,9 @@ class StorageEngine(ImageCommands):
             repo.view,
             files,
             # Never a header read through a foreign file: it may be a file outside.
-            damaged=find_damaged(repo.view, [f for f in files if f.foreign is None]),
+            damaged=find_damaged(
+                repo.view, [f for f in files if f.foreign is None], repo.sound_headers
+            ),
             elsewhere=self._needed_elsewhere(repo.storage.root),
             unlisted=unlisted,
         )

@@ -44,6 +44,10 @@ class VolumeFile:
     # Why it is not the repository's own (a symbolic link, a hard link, not a regular file),
     # or None: a foreign file is reported, never written, cleaned or copied through.
     foreign: str | None = None
+    # (inode, mtime, ctime) as listed: the same for a file whose bytes nobody wrote since,
+    # so that a check need not read a header again that it found sound before. ctime cannot
+    # be set back by anyone, so no write goes unnoticed. None where the driver cannot tell.
+    identity: tuple[int, int, int] | None = None
 
 
 def check_volume_id(volume_id: object) -> str:

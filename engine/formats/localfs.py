@@ -166,6 +166,7 @@ class LocalStorage(RepositoryStorage):
                             tag is not None,
                             tag,
                             foreign,
+                            (st.st_ino, st.st_mtime_ns, st.st_ctime_ns),
                         )
                     )
             # A volume has two names between the two steps of a publish: count the names each
