@@ -49,6 +49,7 @@ from engine.log.witness import WitnessWriter, read_witnesses
 
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
+WITNESS_INTERVAL = 0.05  # seconds: the most often an appender rewrites its witness
 TORN_DIR = "torn"  # cut-off tails are kept here for auditors, never read as events
 _MAX_HOST_ID = 255
 
@@ -118,6 +119,8 @@ class OperationLog:
         self._packer = framing.new_packer()  # used by the committing thread, under _mutex
         self._swept = False
         self._witness = WitnessWriter(self.directory, self.host_id)
+        self._witness_pending = False  # committed records the witness does not name yet
+        self._witness_due = 0.0  # monotonic time from which appends write it again
         try:
             identity = os.stat(self.directory)
         except FileNotFoundError as e:
@@ -184,6 +187,8 @@ class OperationLog:
             for fd in self._read_fds.values():
                 os.close(fd)
             self._read_fds.clear()
+            if self._witness_pending:
+                self._write_witness()
             self._close_write_fd()
             for lock in (self._lock, self._shared_lock):
                 if lock is not None:
@@ -276,22 +281,21 @@ class OperationLog:
         if not out:
             return
         fd = self._writable()
-        where = self._last_segment_path()
         if self._end + len(out) > self._reserved_end:
             # Allocated before a byte is written, so that a full filesystem fails the append
             # here, cleanly, rather than with a write that stops halfway.
-            self._reserved_end = space.reserve(fd, self._end, len(out), where)
+            self._reserved_end = space.reserve(fd, self._end, len(out), self._last_segment_path())
         try:
             written = os.pwrite(fd, out, self._end)
         except OSError as e:  # pwrite fails only when it wrote nothing
-            raise storage_error(e, "Appending to", where) from e
+            raise storage_error(e, "Appending to", self._last_segment_path()) from e
         try:
             if written != len(out):
                 raise OSError(errno.ENOSPC, f"short write: {written} of {len(out)} bytes")
             os.fdatasync(fd)
         except OSError as e:
             try:
-                space.undo_write(fd, self._end, e, where, self._suspected)
+                space.undo_write(fd, self._end, e, self._last_segment_path(), self._suspected)
             except CommitUnknown as unknown:
                 self._settle(framed, e, unknown)
                 return
@@ -303,6 +307,19 @@ class OperationLog:
         index_batch(framed.accepted, self._aggregates)  # self._index, from the claims
         self._end += len(out)
         self._next_seq, self._last_hash = framed.next_seq, framed.last_hash
+        self._witness_pending = True
+        if time.monotonic() >= self._witness_due:
+            self._write_witness()
+
+    def _write_witness(self) -> None:
+        """Write this host's witness of what it committed (engine/log/witness.py), at most
+        every ``WITNESS_INTERVAL`` from appends: the write costs a busy appender about 9 us a
+        commit (the witness's inode joins the sync's journal commit on ext4). What an append
+        leaves unwitnessed is written by the next append after the interval, by the next
+        :meth:`refresh` after it (a connected engine's followers refresh every poll), or at
+        :meth:`close`."""
+        self._witness_pending = False
+        self._witness_due = time.monotonic() + WITNESS_INTERVAL
         self._witness.write(self._next_seq - 1, self._last_hash)
 
     def _settle(self, framed: FramedBatch, error: OSError, unknown: CommitUnknown) -> None:
@@ -324,7 +341,7 @@ class OperationLog:
                 request.seqs = list(range(first, last + 1))
             else:
                 request.error = storage_error(error, "Appending to", self._last_segment_path())
-        self._witness.write(committed, self._last_hash)
+        self._write_witness()
 
     def _suspected(self) -> None:
         self._suspect = True
@@ -370,6 +387,8 @@ class OperationLog:
             before = self._next_seq
             self._catch_up(locked=False)
             grew = self._next_seq != before
+            if self._witness_pending and time.monotonic() >= self._witness_due:
+                self._write_witness()
         if grew:
             self._notify()
         return self._next_seq - 1
