@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from engine.formats.qemu import QemuImg
 from engine.log import batch, scan
 from engine.projections import replay_events
+
+
+@pytest.fixture
+def qemu() -> QemuImg:
+    return QemuImg()
+
+
+@pytest.fixture
+def repo_paths(tmp_path: Path) -> tuple[str, str]:
+    """Two empty directories to format as repositories."""
+    paths = (str(tmp_path / "repo1"), str(tmp_path / "repo2"))
+    for p in paths:
+        os.mkdir(p)
+    return paths
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

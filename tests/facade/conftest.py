@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
@@ -11,22 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine import PreparedImage, StorageEngine
+from engine.errors import ImageNotFound
 from engine.formats.qemu import QemuImg
 
 MiB = 2**20
-
-
-@pytest.fixture
-def qemu() -> QemuImg:
-    return QemuImg()
-
-
-@pytest.fixture
-def repo_paths(tmp_path: Path) -> tuple[str, str]:
-    paths = (str(tmp_path / "repo1"), str(tmp_path / "repo2"))
-    for p in paths:
-        os.mkdir(p)
-    return paths
 
 
 @pytest.fixture
@@ -94,3 +83,15 @@ def tree_digest(*roots: str) -> str:
                 with open(path, "rb") as f:
                     h.update(f.read())
     return h.hexdigest()
+
+
+def run_fixes(engine: StorageEngine, repo: str, kind: str) -> int:
+    """Run every fix of one kind that a check offers, and wait for the images it touches."""
+    fixes = [f for f in engine.check_storage_repository(repo) if f.type == kind]
+    for fix in fixes:
+        engine.fix_storage_repository(repo, fix)
+        for image in fix.image_ids:
+            # A removed image carries clean and merge work, unseen by users.
+            with contextlib.suppress(ImageNotFound):
+                engine.wait_for_image(repo, image, timeout=30)
+    return len(fixes)

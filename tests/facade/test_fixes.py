@@ -3,7 +3,6 @@ broken images are mended, stale fixes are refused, and the engine replays from t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,20 +10,9 @@ from pathlib import Path
 import pytest
 
 from engine import StorageEngine
-from engine.errors import ImageNotFound, StaleFix
+from engine.errors import StaleFix
 from engine.formats.qemu import QemuImg
-from tests.facade.conftest import MiB, holds, write
-
-
-def run_fixes(engine: StorageEngine, repo: str, kind: str) -> int:
-    fixes = [f for f in engine.check_storage_repository(repo) if f.type == kind]
-    for fix in fixes:
-        engine.fix_storage_repository(repo, fix)
-        for image in fix.image_ids:
-            # A removed image carries clean and merge work, unseen by users.
-            with contextlib.suppress(ImageNotFound):
-                engine.wait_for_image(repo, image, timeout=30)
-    return len(fixes)
+from tests.facade.conftest import MiB, holds, run_fixes, write
 
 
 def volume_files(path: str) -> set[str]:

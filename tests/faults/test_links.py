@@ -22,11 +22,6 @@ MiB = 2**20
 
 
 @pytest.fixture
-def qemu() -> QemuImg:
-    return QemuImg()
-
-
-@pytest.fixture
 def engine(tmp_path: Path) -> Iterator[StorageEngine]:
     """Two connected repositories, r1 and r2, under tmp_path."""
     with StorageEngine("host-a", state_dir=str(tmp_path / "state"), poll_interval=0.1) as se:

@@ -14,22 +14,14 @@ import pytest
 from engine import StorageEngine
 from engine.errors import ImageNotFound
 from engine.formats.qemu import QemuImg
-from tests.facade.conftest import MiB, holds, prepared, write
+from tests.facade.conftest import MiB, holds, prepared, run_fixes, write
 
 REPOS = ("r1", "r2")
 
 
 @pytest.fixture
-def qemu() -> QemuImg:
-    return QemuImg()
-
-
-@pytest.fixture
-def paths(tmp_path: Path) -> tuple[str, str]:
-    made = (str(tmp_path / "repo1"), str(tmp_path / "repo2"))
-    for path in made:
-        os.mkdir(path)
-    return made
+def paths(repo_paths: tuple[str, str]) -> tuple[str, str]:
+    return repo_paths
 
 
 @contextlib.contextmanager
@@ -58,16 +50,6 @@ def export(engine: StorageEngine, qemu: QemuImg, repo: str, image: str, to: str)
 def matches(engine: StorageEngine, qemu: QemuImg, repo: str, image: str, raw: str) -> bool:
     with prepared(engine, repo, image) as p:
         return qemu.compare(p.path, raw, a_fmt=p.format, b_fmt="raw")
-
-
-def run_fixes(engine: StorageEngine, repo: str, kind: str) -> int:
-    fixes = [f for f in engine.check_storage_repository(repo) if f.type == kind]
-    for fix in fixes:
-        engine.fix_storage_repository(repo, fix)
-        for image in fix.image_ids:
-            with contextlib.suppress(ImageNotFound):
-                engine.wait_for_image(repo, image, timeout=30)
-    return len(fixes)
 
 
 def cleaned(engine: StorageEngine, repo: str, path: str, gone: set[str]) -> bool:
