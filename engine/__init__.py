@@ -1,7 +1,7 @@
 """Strata: an event-sourced storage engine for virtual-machine disk images.
 
-``from engine import StorageEngine`` is the facade (SPEC §5). Names are resolved on first use so
-that tools that only read a log (``strata-log``) do not import the whole engine.
+``from engine import StorageEngine`` is the facade (architecture §1). Names are resolved on
+first use so that tools that only read a log (``strata-log``) do not import the whole engine.
 """
 
 from __future__ import annotations

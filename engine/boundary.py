@@ -4,7 +4,7 @@ Errors that code deeper down raises on purpose are typed already. What is left i
 system's (a full, read-only or unreadable filesystem under the repository or the state
 directory), SQLite's (the host-local read model) and, if there is one, a bug: each is translated
 here, once, with the cause chained (``raise ... from e``), so that a caller keys on ``code``
-(SPEC §10) and an operator still sees the original traceback.
+(architecture §7) and an operator still sees the original traceback.
 """
 
 from __future__ import annotations

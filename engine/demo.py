@@ -1,7 +1,7 @@
 """``python -m engine.demo`` (``make demo``): a day in the life of two repositories.
 
 In a temporary directory: a virtual disk gets data, a snapshot, three clones (thin, fast and in
-the other repository), a full copy and an incremental copy to the second repository (seed 001's
+the other repository), a full copy and an incremental copy to the second repository (the
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
 Every call returns once its events are durable; the executors do the work. At the end: every
 image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
@@ -107,7 +107,7 @@ def main() -> int:
             for repo, image in (("r1", thin), ("r1", fast), ("r2", away)):
                 story.done(repo, image)
 
-            say("\n4. A backup to r2, then an incremental one (seed 001)")
+            say("\n4. A backup to r2, then an incremental one ")
             backup = story.name(se.copy_image("r2", disk), "backup-1")
             story.done("r2", backup)
             story.write("r1", disk, 100 * MiB, 4 * MiB, 0xA3)

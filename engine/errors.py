@@ -387,7 +387,7 @@ class EngineClosed(StrataError):
 
 
 class HostIdInUse(StrataError):
-    """Another live process holds this host id's lock on the repository (SPEC §7)."""
+    """Another live process holds this host id's lock on the repository (architecture §5)."""
 
     code = "host_id_in_use"
     template = (

@@ -1,4 +1,4 @@
-"""``StorageEngine``: seed 000's storage API on one host (SPEC §5).
+"""``StorageEngine``: the storage API on one host (architecture §1).
 
 Every call validates its arguments, lets the image aggregates decide, appends their events to the
 repository's log and returns once they are durable; the executors do the work. This module is
@@ -75,8 +75,8 @@ class StorageEngine(ImageCommands):
         qemu: qemu_adapter.QemuImg | None = None,
         crashpoints: CrashPoints = DISARMED,
     ) -> None:
-        """See SPEC §5. ``crashpoints`` is for crash tests only (engine/executors/crashpoints.py):
-        an armed point kills this process there."""
+        """See architecture §1. ``crashpoints`` is for crash tests only
+        (engine/executors/crashpoints.py): an armed point kills this process there."""
         self.host_id = validation.host_id(host_id)
         self.lease_timeout = validation.positive_seconds(lease_timeout, "lease_timeout")
         self.poll_interval = validation.positive_seconds(poll_interval, "poll_interval")
@@ -489,7 +489,7 @@ class StorageEngine(ImageCommands):
     def _find(
         self, image_id: uuid.UUID, opts: validation.Options
     ) -> tuple[ConnectedRepository, Image]:
-        """Look for a live image where the options allow (seed 000), else everywhere."""
+        """Look for a live image where the options allow (architecture §1), else everywhere."""
         hint = opts.image_hints.get(image_id)
         if hint is not None:
             repo = self._repo(hint)
@@ -509,7 +509,7 @@ class StorageEngine(ImageCommands):
         raise ImageNotFound(where, image_id=image_id)
 
     def _find_for_executor(self, image_id: uuid.UUID) -> tuple[Image, RepositoryStorage] | None:
-        """Where executors read an image from. A snapshot's copy keeps its id (seed 000), so
+        """Where executors read an image from. A snapshot's copy keeps its id (architecture §1), so
         one id can live in two repositories: a copy whose own volumes are still to be made is
         read from only if no other is there, or its copy stage would wait for itself."""
         # A source removed after the copy was asked for is still read, the last choice: its

@@ -1,4 +1,4 @@
-"""The image calls of seed 000 (create, snapshot, copy, remove) and the metadata calls.
+"""The image calls of the storage API (create, snapshot, copy, remove) and the metadata calls.
 
 Part of :class:`engine.facade.StorageEngine`, kept apart so each module reads in one sitting.
 Each call validates everything first, then records its events in one log transaction.
@@ -35,7 +35,7 @@ class ImageCommands:
         ) -> tuple[ConnectedRepository, Image]: ...
         def _info(self, repo: ConnectedRepository, image: Image) -> ImageInfo: ...
 
-    # --- seed 000's four operations -------------------------------------------------------
+    # --- the storage API's four operations -------------------------------------------------------
 
     def create_virtual_disk(
         self,
@@ -167,7 +167,7 @@ class ImageCommands:
                 if existing is not None and not existing.removed:
                     return str(source.id)  # the same immutable content is already there
                 if existing is None:
-                    new_id = source.id  # seed 000: a copy of a snapshot keeps its id
+                    new_id = source.id  # a copy of a snapshot keeps its id (architecture §1)
             chain, work = planning.full_copy(source.id, opts.strategy)
             image = self._request(
                 new_id, source.kind, source.size, chain, data, opts, origin, work, target
@@ -311,7 +311,7 @@ def _retried_id(repo: ConnectedRepository, key: tuple[object, ...]) -> tuple[uui
     """The id for a new image made by the call ``key`` (its name and arguments), and whether
     it exists already. A new one, unless the same call raised :class:`CommitUnknown` before:
     then the id that call tried, so that the retry finds the image if that commit happened
-    after all, or makes it under the same id if not (SPEC §11: a retry is safe)."""
+    after all, or makes it under the same id if not (architecture §6: a retry is safe)."""
     earlier = repo.unsettled.pop(key, None)
     if earlier is None:
         return uuid.uuid4(), False

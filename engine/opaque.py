@@ -1,4 +1,4 @@
-"""A caller's value that the engine carries but never looks into: user data (SPEC §11).
+"""A caller's value that the engine carries but never looks into: user data (architecture §6).
 
 An :class:`Opaque` holds the value already packed by msgpack. The transcoder stores those bytes
 as they are, in an ext type of their own, and reads them back as an ``Opaque`` without decoding

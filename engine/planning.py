@@ -116,7 +116,7 @@ def incremental_copy(
     image_id: uuid.UUID,
     new: NewVolume = fresh_volume,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Only what the source holds that differs from the base (seed 001's incremental backup).
+    """Only what the source holds that differs from the base (an incremental backup).
 
     The transfer is always the difference; with ``performance`` the copy is then flattened
     into its own raw volume, like any other disk of that strategy.

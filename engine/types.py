@@ -1,4 +1,4 @@
-"""The values the facade returns (SPEC §5): frozen, with ``to_dict()`` for JSON and logs."""
+"""The values the facade returns (architecture §1): frozen, with ``to_dict()`` for JSON and logs."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _plain(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ImageStatus(_AsDict):
-    """What seed 000's getImageStatus returns: status and the last persisted progress."""
+    """What get_image_status returns (architecture §1): the status and the last progress saved."""
 
     image_id: str
     status: str  # optimized | degraded | broken

@@ -1,4 +1,4 @@
-"""Checking what callers pass, before anything is appended or written (SPEC §10).
+"""Checking what callers pass, before anything is appended or written (architecture §7).
 
 Every function returns the value in the form the engine uses, or raises
 :class:`~engine.errors.InvalidParameter` naming the parameter and saying what is expected.
@@ -73,7 +73,7 @@ def size(value: object, name: str = "size") -> int:
 
 
 def user_data(value: object) -> Opaque | None:
-    """The value packed, for the engine to carry and hand back unread (SPEC §11).
+    """The value packed, for the engine to carry and hand back unread (architecture §6).
 
     Only values that come back exactly as given are taken: None, bool, int (-2**63 to
     2**64-1), float (NaN and infinities too), str, bytes, lists, and dicts keyed by any of

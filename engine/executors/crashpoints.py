@@ -1,6 +1,6 @@
 """Named places where a test can make this process die as a fenced host would: ``kill -9``.
 
-Recovery is only as good as the crash points it was tried at (SPEC §7). Executors call
+Recovery is only as good as the crash points it was tried at (architecture §5). Executors call
 ``crashpoints("stage.before-publish")`` at each durable step of a stage and around each append
 they make; that does nothing unless the wiring armed exactly that name, in which case the process
 sends itself SIGKILL there: no ``finally``, no flush, no atexit. ``name@N`` arms the N-th time

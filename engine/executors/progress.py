@@ -4,10 +4,10 @@ Every append names the claim (operation, stage, epoch). Once the claim has moved
 host took it, the operation was stopped or superseded) the image refuses the append with
 ``ClaimLost``, so a host never records progress or an outcome for work that is no longer its own.
 
-qemu-img reports every percent; the log should not hold a hundred events per copy (SPEC §6), so
-:class:`StageProgress` saves a report only when its whole percent moved and ``interval`` seconds
-passed since the last save. The first report is saved at once: it tells a user that the data
-work has started. 100 is never saved: ``StageCompleted`` says it.
+qemu-img reports every percent; the log should not hold a hundred events per copy
+(architecture §3), so :class:`StageProgress` saves a report only when its whole percent moved and
+``interval`` seconds passed since the last save. The first report is saved at once: it tells a
+user that the data work has started. 100 is never saved: ``StageCompleted`` says it.
 
 Saving progress is also how a stage learns that it must stop: when the save is refused, the
 callback raises :class:`~engine.errors.StageCancelled`, which makes the adapter kill qemu-img.

@@ -60,7 +60,8 @@ def list_segments(directory: str) -> list[int]:
 
 
 def open_segment(path: str, number: int) -> int:
-    """Open a segment for reading: a regular file, never through a symbolic link (SPEC §11)."""
+    """Open a segment for reading: a regular file, never through a symbolic link
+    (architecture §6)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:

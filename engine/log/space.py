@@ -1,6 +1,6 @@
 """Appending on storage that may fail: allocate before writing, undo a write that failed.
 
-An append must either commit or leave nothing that any reader takes as committed (SPEC §11,
+An append must either commit or leave nothing that any reader takes as committed (architecture §6,
 docs/adr/0019-a-failed-append-leaves-nothing.md). Three things make that so:
 
 - The space for the records is allocated (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, so the

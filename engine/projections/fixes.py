@@ -1,4 +1,4 @@
-"""What check_storage_repository offers and what fix_storage_repository starts (seed 000's fixes).
+"""What check_storage_repository offers and what fix_storage_repository starts (architecture §1).
 
 Pure rules over the view's images and the repository's files:
 

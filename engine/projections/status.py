@@ -1,4 +1,4 @@
-"""An image's status (seed 000's getImageStatus), derived from its state and the view's.
+"""An image's status (architecture §1), derived from its state and the view's.
 
 ``broken``: the image cannot be used now: a volume of its chain is not produced yet (by its own
 or another image's unfinished stage), is lost (``lost``: found missing or corrupt by a check), or
@@ -39,7 +39,7 @@ def image_status(
     """The status of a (live) image.
 
     ``host_id`` is the last host that claimed or ran a stage of the image, or the host that
-    requested it when none did yet: seed 000's "the last host to try and optimize or fix the
+    requested it when none did yet: the API's "the last host to try and optimize or fix the
     image", which a host that merely set user data or prepared it is not.
 
     ``faults``: volumes of the image found missing or damaged, each with a sentence that says

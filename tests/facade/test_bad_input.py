@@ -1,5 +1,5 @@
 """Every bad input gets a typed error with a stable code, and leaves the log and the storage
-byte-for-byte as they were (SPEC §10)."""
+byte-for-byte as they were (architecture §7)."""
 
 from __future__ import annotations
 

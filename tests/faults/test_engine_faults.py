@@ -1,6 +1,6 @@
 """The engine on real faulty storage: calls fail typed, reads go on, the engine heals by itself.
 
-SPEC §11: a full or read-only filesystem fails the calls that need to write with a typed
+architecture §6: a full or read-only filesystem fails the calls that need to write with a typed
 error; reads keep working from the projections; once space is freed, calls and executors resume
 without a reconnect; a call that raised did not happen (no ghost image that nobody has an id
 for); a log shorter than committed is damage, and nothing is cut.

@@ -1,7 +1,7 @@
-"""Nothing outside the repository is touched (SPEC §11): a symbolic link or a hard link inside a
-repository is reported by the check as a foreign file, and never written, cleaned, copied or read
-through. Every test puts real links in real repositories and asserts that the files they lead to
-keep their bytes and their existence."""
+"""Nothing outside the repository is touched (architecture §6): a symbolic link or a hard link
+inside a repository is reported by the check as a foreign file, and never written, cleaned,
+copied or read through. Every test puts real links in real repositories and asserts that the
+files they lead to keep their bytes and their existence."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The log on real faulty storage: a full filesystem, a read-only one, a cut or removed log.
 
-What must hold (SPEC §11): an append that raised left nothing any reader takes as committed; one
-that returned is kept; a log shorter than what was committed is damage, never a torn tail to
-cut; a log removed under a running host is noticed at its next append.
+What must hold (architecture §6): an append that raised left nothing any reader takes as
+committed; one that returned is kept; a log shorter than what was committed is damage, never a
+torn tail to cut; a log removed under a running host is noticed at its next append.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing is stuck without a reason (SPEC §11): work whose input was removed meanwhile still
+"""Nothing is stuck without a reason (architecture §6): work whose input was removed meanwhile still
 finishes, and an image whose volume went missing or was damaged says so and gets a fix."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_a_copy_of_an_image_removed_before_the_copy_ran_still_finishes(
 def test_a_copy_of_a_snapshot_keeps_its_id_and_still_finishes_once_the_source_is_removed(
     tmp_path: Path, paths: tuple[str, str], qemu: QemuImg
 ) -> None:
-    """The copy holds the snapshot's own id (seed 000): the removed source, whole, is read,
+    """The copy holds the snapshot's own id (architecture §1): the removed source, whole, is read,
     not the copy that is still to be made."""
     with host(tmp_path, paths, "host-a") as se:
         disk = se.create_virtual_disk("r1", 8 * MiB)

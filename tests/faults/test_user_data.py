@@ -1,6 +1,6 @@
-"""User data is data (SPEC §11), end to end: what a caller stores through the facade comes back
-exactly, on this host and on another one reading the log, and the log stays sound; what could
-not come back exactly is refused before anything is appended (SPEC §10)."""
+"""User data is data (architecture §6), end to end: what a caller stores through the facade comes
+back exactly, on this host and on another one reading the log, and the log stays sound; what could
+not come back exactly is refused before anything is appended (architecture §7)."""
 
 from __future__ import annotations
 

@@ -305,7 +305,7 @@ def kill_host_a(world: World, op: Operation, point: str, workdir: Path) -> dict[
 
 
 def recover_with_host_b(world: World, op: Operation, paths: dict[str, str], workdir: Path) -> None:
-    """Start host B where A died and check everything SPEC §7 promises after a ``kill -9``."""
+    """Start host B where A died and check all that architecture §5 promises after ``kill -9``."""
     at_kill = {repo: records(path) for repo, path in paths.items()}
     with StorageEngine(
         "host-b", state_dir=str(workdir / "state-b"), lease_timeout=1.0, poll_interval=0.1

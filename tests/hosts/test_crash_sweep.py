@@ -1,5 +1,5 @@
-"""SPEC §7's promise, tried point by point: a host killed with SIGKILL anywhere in any operation
-leaves nothing that another host cannot finish.
+"""The promise of architecture §5, tried point by point: a host killed with SIGKILL anywhere in
+any operation leaves nothing that another host cannot finish.
 
 For each (operation, crash point) pair, host A (a process of its own) runs the operation with
 that crash point armed and dies there; its whole process group is then killed too, as a fenced

@@ -1,4 +1,4 @@
-"""A host counted dead that comes back must not corrupt anything (SPEC §7): its appends are
+"""A host counted dead that comes back must not corrupt anything (architecture §5): its appends are
 refused, its copies land in files nobody publishes, and in-place work is serialized by QEMU's
 image locks, which the executors wait for instead of failing."""
 

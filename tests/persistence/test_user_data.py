@@ -1,4 +1,4 @@
-"""User data is data (SPEC §11): whatever a caller stores comes back exactly, through the
+"""User data is data (architecture §6): whatever a caller stores comes back exactly, through the
 transcoder, the log, another host's replay and the read model, and nothing in it is ever taken
 for the transcoder's ``{"_type_": ..., "_data_": ...}`` wrapper."""
 
