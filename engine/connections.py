@@ -8,6 +8,7 @@ records into the view, and wakes whoever waits for an image (``wait_for_image``)
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from engine.formats.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
+
+logger = logging.getLogger("engine")
 
 if TYPE_CHECKING:
     from engine.executors.liveness import HostLease, HostMonitor
@@ -66,13 +69,18 @@ class ViewFollower:
         a call whose events are committed must not fail because the view lags behind."""
         try:
             position = self._view.catch_up()
-        except StrataError as e:
-            self.fault = e
-            position = self._view.position
-        except OSError as e:
-            self.fault = storage_error(e, "Reading the log")
+        except (StrataError, OSError) as e:
+            typed = e if isinstance(e, StrataError) else storage_error(e, "Reading the log")
+            if self.fault is None or self.fault.code != typed.code:
+                logger.warning(
+                    "the view stays at position %d and answers from there: %s",
+                    self._view.position, typed, extra={"code": typed.code},
+                )  # fmt: skip
+            self.fault = typed
             position = self._view.position
         else:
+            if self.fault is not None:
+                logger.info("the view follows the log again, at position %d", position)
             self.fault = None
         with self.changed:
             self.changed.notify_all()

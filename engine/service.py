@@ -8,6 +8,7 @@ so every decision is taken on the state it is recorded against.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from engine.errors import ConcurrencyConflict, ImageNotFound
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 50
+logger = logging.getLogger("engine")
 
 
 def utc_now() -> datetime:
@@ -78,9 +80,19 @@ class ImageService:
             result = command(images)
             try:
                 self._save([*images, *new()])
-            except ConcurrencyConflict:
+            except ConcurrencyConflict as e:
                 if attempt == MAX_ATTEMPTS - 1:
+                    logger.warning(
+                        "gave up after %d attempts: images %s kept changing under the command",
+                        MAX_ATTEMPTS, [str(i) for i in image_ids],
+                        extra={"host": self.host_id, "images": [str(i) for i in image_ids]},
+                    )  # fmt: skip
                     raise
+                logger.debug(
+                    "images %s changed under the command (%s): running it again, attempt %d",
+                    [str(i) for i in image_ids], e, attempt + 2,
+                    extra={"host": self.host_id},
+                )  # fmt: skip
                 continue
             return result
         raise AssertionError("unreachable")  # pragma: no cover

@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import stat
@@ -47,6 +48,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from engine.errors import HostIdInUse, InvalidParameter
+
+logger = logging.getLogger("engine.executors")
 
 HOSTS_DIR = "hosts"
 RECORD_SIZE = 512  # one sector: written whole or, after a crash, not at all on most devices
@@ -195,8 +198,19 @@ class HostLease:
             try:
                 self._write(released=False)
             except OSError as e:
+                if self.last_error is None:
+                    logger.warning(
+                        "host %s cannot renew its heartbeat in %s: %s; retrying every %.1f s",
+                        self.host_id, self.path, e, self.lease_timeout / 4,
+                        extra={"host": self.host_id, "path": self.path},
+                    )  # fmt: skip
                 self.last_error = e
                 return
+            if self.last_error is not None:
+                logger.info(
+                    "host %s renews its heartbeat in %s again",
+                    self.host_id, self.path, extra={"host": self.host_id, "path": self.path},
+                )  # fmt: skip
             self.last_error = None
             self._renewed_at = started
             self._lapsed = False
@@ -247,6 +261,12 @@ class HostLease:
         if not self._lapsed and now - self._renewed_at >= self.lease_timeout:
             self._lapsed = True
             self._term += 1
+            logger.warning(
+                "host %s did not renew its heartbeat for %.1f s: other hosts may have taken its "
+                "stages over; it cancels what it runs and claims again once renewed (term %d)",
+                self.host_id, now - self._renewed_at, self._term,
+                extra={"host": self.host_id, "path": self.path},
+            )  # fmt: skip
 
     def _unlock_and_close(self) -> None:
         fd, self._fd = self._fd, -1

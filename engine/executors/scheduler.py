@@ -33,6 +33,7 @@ An unexpected error (a bug) is not to shrug off: it stops the executor, stays in
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -67,6 +68,8 @@ from engine.formats.qemu import QemuImg
 from engine.log.follow import LogFollower
 from engine.projections.fix_index import needed_volumes, will_run
 from engine.service import ImageService
+
+logger = logging.getLogger("engine.executors")
 
 
 class ImageSource(Protocol):
@@ -223,6 +226,12 @@ class Executor:
                     self._met(e)
                     self._stopping.wait(self.poll_interval)  # not a spin while it lasts
                     continue
+                if self.fault is not None:
+                    logger.info(
+                        "executor of host %s works again after: %s",
+                        self.host_id, self.fault, extra={"host": self.host_id},
+                    )  # fmt: skip
+                    self.fault = None
                 # Wake when a silent host's claim can be taken over, not up to a poll later.
                 wait = self.poll_interval
                 if self._next_expiry is not None:
@@ -232,7 +241,14 @@ class Executor:
             self._failed(e)
 
     def _met(self, fault: StrataError | OSError) -> None:
-        self.fault = fault if isinstance(fault, StrataError) else storage_error(fault, "Working")
+        typed = fault if isinstance(fault, StrataError) else storage_error(fault, "Working")
+        if self.fault is None or self.fault.code != typed.code:
+            logger.warning(
+                "executor of host %s waits out a fault of the storage, retrying every %.1f s: %s",
+                self.host_id, self.poll_interval, typed,
+                extra={"host": self.host_id, "code": typed.code},
+            )  # fmt: skip
+        self.fault = typed
 
     def _schedule(self) -> None:
         self.view.catch_up()
@@ -386,6 +402,13 @@ class Executor:
             return None  # another host was quicker
         if claim is not None:
             self.crashpoints(points.AFTER_CLAIM)
+            holder = seen_op.claim_host
+            if holder not in (None, self.host_id):
+                logger.info(
+                    "host %s takes over stage %d of operation %s on image %s from host %s",
+                    self.host_id, index + 1, op_id, image_id, holder,
+                    extra=_context(claim, self.host_id),
+                )  # fmt: skip
         return claim
 
     # --- running --------------------------------------------------------------------------
@@ -414,7 +437,13 @@ class Executor:
         except (StageCancelled, QemuCancelled):
             return  # stopped, or claimed elsewhere: there is no outcome of ours to record
         except (StrataError, OSError) as e:
-            claim.fail(e.message if isinstance(e, StrataError) else str(e))
+            why = e.message if isinstance(e, StrataError) else str(e)
+            logger.warning(
+                "stage %d of operation %s on image %s failed on host %s: %s",
+                claim.index + 1, claim.op_id, claim.image_id, self.host_id, why,
+                extra=_context(claim, self.host_id),
+            )  # fmt: skip
+            claim.fail(why)
             return
         except Exception as e:
             claim.fail(f"internal error: {type(e).__name__}: {e}")
@@ -451,3 +480,13 @@ class Executor:
     def _failed(self, error: BaseException) -> None:
         with self._lock:
             self.errors.append(error)
+
+
+def _context(claim: Claim, host_id: str) -> dict[str, object]:
+    """The structured fields of a log line about a stage (``extra=`` of logging)."""
+    return {
+        "host": host_id,
+        "image": str(claim.image_id),
+        "operation": claim.op_id,
+        "stage": claim.index + 1,
+    }

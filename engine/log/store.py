@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import logging
 import os
 import threading
 import time
@@ -47,6 +48,7 @@ from engine.log.scan import ScanResult, Tail, gc_paused, scan
 from engine.log.segments import SegmentInfo
 from engine.log.witness import WitnessWriter, read_witnesses
 
+logger = logging.getLogger("engine.log")
 DEFAULT_SEGMENT_SIZE = 64 * 2**20
 DEFAULT_COMMIT_DELAY = 0.0005  # seconds a group-commit leader may wait for concurrent callers
 WITNESS_INTERVAL = 0.05  # seconds: the most often an appender rewrites its witness
@@ -297,6 +299,10 @@ class OperationLog:
             try:
                 space.undo_write(fd, self._end, e, self._last_segment_path(), self._suspected)
             except CommitUnknown as unknown:
+                logger.warning(
+                    "a failed append to %s could not be cut off (%s): reading it back",
+                    self.directory, unknown.detail, extra={"path": self.directory},
+                )  # fmt: skip
                 self._settle(framed, e, unknown)
                 return
             raise AssertionError("undo_write raises") from e  # pragma: no cover
@@ -471,6 +477,11 @@ class OperationLog:
         # were lost after the fact: damage, and nothing is cut.
         self._check_witnesses(torn_at=end)
         torn = os.pread(fd, os.fstat(fd).st_size - end, end)
+        logger.warning(
+            "cutting a torn tail of %d bytes (a crash mid-append) from segment %d at byte %d; "
+            "a copy is kept in %s",
+            len(torn), info.number, end, TORN_DIR, extra={"path": self.directory},
+        )  # fmt: skip
         keep = os.path.join(self.directory, TORN_DIR)
         os.makedirs(keep, exist_ok=True)
         name = os.path.join(keep, f"{segments.segment_name(info.number)}.at-{end}.{time.time_ns()}")

@@ -8,6 +8,7 @@ for); a log shorter than committed is damage, and nothing is cut.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -92,8 +93,11 @@ def disk_on_small_fs(
 
 
 def test_a_full_filesystem_fails_writes_keeps_reads_and_heals_by_itself(
-    small_fs: Callable[..., SmallFs], engines: Callable[..., StorageEngine]
+    small_fs: Callable[..., SmallFs],
+    engines: Callable[..., StorageEngine],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="engine")
     fs, path, se, repo, disk = disk_on_small_fs(small_fs, engines)
 
     fs.fill(leave=0)
@@ -122,6 +126,10 @@ def test_a_full_filesystem_fails_writes_keeps_reads_and_heals_by_itself(
     for image in made:
         assert se.wait_for_image(repo, image, timeout=60).status == "optimized"
     se.disconnect_storage_repository(repo)
+    # An operator can read what happened: the stages that failed for want of space, by image.
+    failed = [r for r in caplog.records if " failed on host " in r.message]
+    assert failed and all(r.levelno == logging.WARNING for r in failed)
+    assert {getattr(r, "image", None) for r in failed} <= set(made)
 
 
 def test_many_callers_on_a_full_filesystem_leave_no_ghost_image(
