@@ -6,7 +6,12 @@ first use so that tools that only read a log (``strata-log``) do not import the 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# A library logs to its loggers and leaves where the lines go to the application: without this,
+# Python would print warnings to stderr when the application configured no logging at all.
+logging.getLogger("engine").addHandler(logging.NullHandler())
 
 __all__ = ["Fix", "ImageInfo", "ImageStatus", "PreparedImage", "StorageEngine"]
 

@@ -261,6 +261,8 @@ class HostLease:
         if not self._lapsed and now - self._renewed_at >= self.lease_timeout:
             self._lapsed = True
             self._term += 1
+            if self._counter == 0:
+                return  # the first renewal of this connection: nothing lapsed
             logger.warning(
                 "host %s did not renew its heartbeat for %.1f s: other hosts may have taken its "
                 "stages over; it cancels what it runs and claims again once renewed (term %d)",
