@@ -116,8 +116,10 @@ class ConnectedRepository:
     lease: HostLease | None = None
     hosts: HostMonitor | None = None
     executor: Executor | None = None
-    # Volumes the last check found missing or damaged: re-derivable from the files themselves.
-    lost: set[str] = field(default_factory=set)
+    # Volumes the last check found missing, damaged or foreign, each with its file's (inode,
+    # mtime) then, or None if it had none: a status says so while the file is still that one
+    # (engine/volume_health.py). Re-derivable from the files themselves.
+    lost: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     # Image ids that calls tried when their commit's outcome was unknown (CommitUnknown),
     # by call and arguments: a retry of the same call uses the same id (engine/images.py).
     unsettled: dict[tuple[object, ...], uuid.UUID] = field(default_factory=dict)

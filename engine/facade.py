@@ -48,7 +48,7 @@ from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
 from engine.service import ImageService
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
-from engine.volume_health import FileIdentity, find_damaged, identities, volume_faults
+from engine.volume_health import find_damaged, identities, volume_faults
 
 # What an auditor's connection may meet on storage it only reads.
 _CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -92,8 +92,6 @@ class StorageEngine(ImageCommands):
             raise InvalidParameter("a CrashPoints", name="crashpoints")
         self.crashpoints = crashpoints
         self._repos: dict[str, ConnectedRepository] = {}
-        # By repository root: the volumes the last check found lost, as it found their files.
-        self._lost_files: dict[str, dict[str, FileIdentity]] = {}
         self._lock = threading.RLock()
         self._closed = False
 
@@ -285,8 +283,7 @@ class StorageEngine(ImageCommands):
         """The image's status, its volumes looked at: a missing file (one ``lstat`` each)
         or a volume the last check found damaged, not made again since, makes it broken, and
         says so (ADR 0017)."""
-        lost = self._lost_files.get(repo.storage.root, {})
-        faults = volume_faults(repo.storage, repo.view, image, lost)
+        faults = volume_faults(repo.storage, repo.view, image, repo.lost)
         status = image_status(image, repo.view, (), faults)
         if status.status == BROKEN and status.last_error is None:
             why = blocker(image, repo.view)
@@ -317,8 +314,7 @@ class StorageEngine(ImageCommands):
             elsewhere=self._needed_elsewhere(repo.storage.root),
             unlisted=unlisted,
         )
-        repo.lost = set(problems.lost)
-        self._lost_files[repo.storage.root] = identities(repo.storage, problems.lost)
+        repo.lost = identities(repo.storage, problems.lost)
         return list(problems.fixes)
 
     def fix_storage_repository(
@@ -404,8 +400,7 @@ class StorageEngine(ImageCommands):
                 repo.storage.check_own_file(repo.storage.volume_path(*ops.split_ref(ref)))
             except ForeignFile:
                 # Broken from now on, as the next check will say too.
-                lost = self._lost_files.setdefault(repo.storage.root, {})
-                lost.update(identities(repo.storage, [ref]))
+                repo.lost.update(identities(repo.storage, [ref]))
                 raise
         service = repo.service
         service.update(image.id, lambda i: i.prepare(host_id=self.host_id, now=service.now()))

@@ -22,6 +22,7 @@ import ctypes.util
 import errno
 import os
 from collections.abc import Callable
+from typing import NoReturn
 
 from engine.errors import CommitUnknown, storage_error
 
@@ -62,17 +63,13 @@ def reserve(fd: int, offset: int, length: int, path: str) -> int:
     raise storage_error(OSError(err, os.strerror(err)), "Appending to", path)
 
 
-def undo_write(
-    fd: int, end: int, error: OSError, path: str, on_unknown: Callable[[], None]
-) -> None:
+def undo_write(fd: int, end: int, error: OSError, path: str) -> NoReturn:
     """After a short write or failed sync of what was written at ``end``: cut it off and
-    raise the typed error for ``error``; if even that fails, call ``on_unknown`` and raise
-    :class:`CommitUnknown`."""
+    raise the typed error for ``error``; if even that fails, raise :class:`CommitUnknown`."""
     try:
         os.ftruncate(fd, end)
         os.fsync(fd)
     except OSError as undo:
-        on_unknown()
         raise CommitUnknown(
             f"{error.strerror or error}; cutting the write off failed too: {undo.strerror or undo}",
             path=path,

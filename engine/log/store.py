@@ -297,17 +297,17 @@ class OperationLog:
             os.fdatasync(fd)
         except OSError as e:
             try:
-                space.undo_write(fd, self._end, e, self._last_segment_path(), self._suspected)
+                space.undo_write(fd, self._end, e, self._last_segment_path())
             except CommitUnknown as unknown:
+                self._suspect = True  # until _settle has read back what the write left
                 logger.warning(
                     "a failed append to %s could not be cut off (%s): reading it back",
                     self.directory, unknown.detail, extra={"path": self.directory},
                 )  # fmt: skip
                 self._settle(framed, e, unknown)
                 return
-            raise AssertionError("undo_write raises") from e  # pragma: no cover
         except BaseException:
-            self._suspected()  # interrupted between the write and its sync: read it again
+            self._suspect = True  # interrupted between the write and its sync: read it again
             raise
         self._offsets.extend(framed.offsets)
         index_batch(framed.accepted, self._aggregates)  # self._index, from the claims
@@ -348,9 +348,6 @@ class OperationLog:
             else:
                 request.error = storage_error(error, "Appending to", self._last_segment_path())
         self._write_witness()
-
-    def _suspected(self) -> None:
-        self._suspect = True
 
     def _writable(self) -> int:
         if self._write_fd < 0:
