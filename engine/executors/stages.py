@@ -47,6 +47,7 @@ from engine.errors import (
     VolumeAlreadyExists,
     VolumeLocked,
     VolumeMismatch,
+    storage_error,
 )
 from engine.executors.crashpoints import (
     AFTER_PUBLISH,
@@ -76,16 +77,14 @@ _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
 def run_stage(run: StageRun) -> None:
-    """Run the stage; a full storage is said so (StorageFull), whoever hit it: Python or
-    QEMU's tool (which says only "No space left on device" on its standard error)."""
+    """Run the stage; what the storage refused is said by its typed error (StorageFull,
+    StorageReadOnly, PermissionDenied...), whoever hit it: Python, or QEMU's tool, which says
+    only "No space left on device" on its standard error."""
     doing = f"stage {run.index + 1} ({run.stage['do']}) of operation {run.op_id}, in"
     try:
         HANDLERS[run.stage["do"]](run)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            path = e.filename or run.storage.root
-            raise StorageFull(e.strerror or str(e), doing=doing, path=path, errno=e.errno) from e
-        raise
+        raise storage_error(e, doing, e.filename or run.storage.root) from e
     except QemuError as e:
         stderr = str(e.fields.get("stderr", ""))
         if _NO_SPACE in stderr:
