@@ -146,7 +146,11 @@ def test_a_direct_convert_makes_the_same_image_as_one_through_the_page_cache(
     qemu.convert(src, existing, src_fmt="qcow2", dst_fmt=fmt, direct=True, existing_target=True)
 
     assert qemu.compare(cached, direct, a_fmt=fmt, b_fmt=fmt, strict=True)  # holes too
-    assert allocated_bytes(direct) == allocated_bytes(cached)
+    # As sparse as the cached copy: the holes (17 MiB here) stay holes. A qcow2 file's
+    # metadata clusters may take one filesystem block more or less, depending on when ext4
+    # allocated them (1 run in 3 or so, with the code of before this change too).
+    slack = 0 if fmt == "raw" else os.statvfs(tmp_path).f_bsize
+    assert abs(allocated_bytes(direct) - allocated_bytes(cached)) <= slack
     assert qemu.compare(src, existing, a_fmt="qcow2", b_fmt=fmt)
 
 
