@@ -20,7 +20,7 @@ setup(
             optional=True,
             extra_compile_args=OPTIMIZE,
         ),
-        # Log records made into domain events (engine/projections/replay_events.py).
+        # Log records made into domain events (engine/projections/log_events.py).
         Extension(
             "engine.projections._fastevents",
             ["engine/projections/_fastevents.c"],

@@ -21,9 +21,7 @@ used is printed.
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import os
 import shutil

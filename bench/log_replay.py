@@ -23,9 +23,7 @@ median taken; both read files the page cache already holds.
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import os
 import shutil

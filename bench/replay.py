@@ -4,7 +4,7 @@
 
 Prints ``name: value`` lines:
 
-* ``rebuild_seconds_1m_events``: :func:`engine.projections.replay.replay` over the whole log
+* ``rebuild_seconds_1m_events``: :func:`engine.projections.point_in_time.replay` over the whole log
   (read-only reader: every frame and the hash chain checked; every event decoded by the
   application's mapper and applied with ``Image.apply`` in a detached view), then every
   image's status and the fixes a check would offer from the log alone. Target: 5 s or less.
@@ -26,9 +26,7 @@ load average is printed, since other work on it slows every figure (the ratio le
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import cProfile
 import os
@@ -50,8 +48,8 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.log import NewEvent, OperationLog
 from engine.log.reader import ReadOnlyLog
-from engine.projections.replay import Until, replay
-from engine.projections.replay_events import new_mapper, to_event
+from engine.projections.log_events import new_mapper, to_event
+from engine.projections.point_in_time import Until, replay
 
 BATCH = 10_000
 PROGRESS = 8  # throttled progress events per stage

@@ -15,9 +15,7 @@ Prints ``name: value`` lines:
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import os
 import shutil

@@ -18,9 +18,7 @@ heartbeat has been silent for that long and claims the stage again. Prints ``nam
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import json
 import os
@@ -35,7 +33,7 @@ import time
 from _about import interpreter
 
 from engine import StorageEngine
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 from engine.log import OperationLog
 
 MiB = 2**20

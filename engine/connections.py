@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from engine.application import StrataLogApplication
 from engine.errors import StrataError, storage_error
-from engine.formats.driver import RepositoryStorage
+from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
-from engine.service import ImageService
+from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine")
 
@@ -121,7 +121,8 @@ class ConnectedRepository:
     # (engine/volume_health.py). Re-derivable from the files themselves.
     lost: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     # Image ids that calls tried when their commit's outcome was unknown (CommitUnknown),
-    # by call and arguments: a retry of the same call uses the same id (engine/images.py).
+    # by call and arguments: a retry of the same call uses the same id
+    # (engine/service/image_handlers.py).
     unsettled: dict[tuple[object, ...], uuid.UUID] = field(default_factory=dict)
     # qcow2 volumes the last checks found sound, by file identity: not read again unchanged.
     sound_headers: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)

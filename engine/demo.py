@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from engine.facade import StorageEngine
-from engine.formats.qemu import QemuImg, allocated_bytes
+from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
 
 MiB = 2**20
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any
 
-import engine.projections.fixes as fix_rules
+import engine.projections.check as fix_rules
 from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -39,14 +39,15 @@ from engine.errors import (
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.liveness import HostLease, HostMonitor
 from engine.executors.scheduler import Executor
-from engine.formats import qemu as qemu_adapter
-from engine.formats.driver import RepositoryStorage, get_format
-from engine.images import ImageCommands
+from engine.formats.qemu import image_tools as qemu_adapter
+from engine.formats.repository.driver import RepositoryStorage
+from engine.formats.repository.registry import get_format
 from engine.log.follow import LogFollower
 from engine.opaque import value_of
 from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
-from engine.service import ImageService
+from engine.service.image_handlers import ImageCommands
+from engine.service.unit_of_work import ImageService
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
 from engine.volume_health import find_damaged, identities, volume_faults
 

@@ -3,7 +3,7 @@
 Between the log (which says what each image's chain is) and the files (which may have gone or
 been damaged under it). A status query looks at its image's volumes with one ``lstat`` each: a
 missing file makes the image broken at once, with a ``last_error`` naming the file. A check looks
-deeper at every volume of an idle live chain (:mod:`engine.formats.volume_header`), and what it
+deeper at every volume of an idle live chain (:mod:`engine.formats.qemu.volume_header`), and what it
 finds damaged counts as lost until the volume is made again (docs/adr/0017).
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Collection, Iterable, Mapping
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.formats.driver import RepositoryStorage, VolumeFile
-from engine.formats.volume_header import qcow2_damage, raw_damage
+from engine.formats.qemu.volume_header import qcow2_damage, raw_damage
+from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 from engine.projections.view import RepositoryView
 
 # A file as the check saw it: (inode, modification time), or None if it was missing. A volume

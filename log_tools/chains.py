@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.projections.replay import Replay, log_volume_files
+from engine.projections.point_in_time import Replay, log_volume_files
 from engine.types import OPTIMIZED
 
 Shape = tuple[int, int, int, tuple[tuple[str, int], ...]]

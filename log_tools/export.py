@@ -22,8 +22,8 @@ from sqlite_utils import Database
 
 from engine.log.reader import ReadOnlyLog
 from engine.opaque import json_ready
-from engine.projections.replay import Replay
-from engine.projections.replay_events import new_mapper, to_event
+from engine.projections.log_events import new_mapper, to_event
+from engine.projections.point_in_time import Replay
 from log_tools import hosts, output
 from log_tools.failures import ToolFailed
 from log_tools.paths import repository_root

@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.aggregates import operations as ops
 from engine.errors import InvalidParameter
-from engine.projections.replay import Replay
+from engine.projections.point_in_time import Replay
 from log_tools import chains, output
 from log_tools.chains import Summary, Tree
 from log_tools.failures import ToolFailed

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from engine.errors import ImageNotFound, InvalidParameter
 from engine.log.framing import Record, key_of
-from engine.projections.replay import image_summary, replay
-from engine.projections.replay_events import new_mapper, to_event
+from engine.projections.log_events import new_mapper, to_event
+from engine.projections.point_in_time import image_summary, replay
 from engine.projections.view import RepositoryView
 from log_tools.paths import find_log_dir
 from log_tools.render import event_fields, iso_time, printable, short, to_json

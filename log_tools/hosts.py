@@ -21,7 +21,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from engine.executors.liveness import Heartbeat, hosts_dir, read_heartbeat
-from engine.projections.replay import Replay
+from engine.projections.point_in_time import Replay
 from log_tools.paths import repository_root
 from log_tools.render import iso_time, printable, to_json
 from log_tools.replay import replay_at

@@ -7,7 +7,7 @@ import os
 import stat
 
 from engine.errors import LogCorrupted, NotAStrataLog
-from engine.formats.localfs import MARKER as REPOSITORY_MARKER
+from engine.formats.repository.localfs import MARKER as REPOSITORY_MARKER
 from engine.log import segments
 
 LOG_DIR_NAME = "log"

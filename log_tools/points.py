@@ -11,7 +11,7 @@ import datetime
 import re
 
 from engine.errors import InvalidParameter
-from engine.projections.replay import Until
+from engine.projections.point_in_time import Until
 
 _FRACTION = re.compile(r"^(?P<head>[^.,]*[T ][0-9:]+)[.,](?P<digits>[0-9]{1,9})(?P<tail>.*)$")
 

@@ -1,7 +1,7 @@
 """``strata-log replay``: the repository as the log says it was at a point, and what a check
 would have offered then.
 
-The state comes from :mod:`engine.projections.replay` (the engine's own view, status and fix
+The state comes from :mod:`engine.projections.point_in_time` (the engine's own view, status and fix
 rules over a read-only log). Fixes are the log's alone: see :data:`FIXES_BASIS`.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from engine.projections.replay import Replay, replay
+from engine.projections.point_in_time import Replay, replay
 from engine.types import Fix
 from log_tools.paths import find_log_dir
 from log_tools.points import parse_until

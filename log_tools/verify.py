@@ -21,7 +21,7 @@ from engine.errors import LogCorrupted
 from engine.log.framing import Record
 from engine.log.reader import ReadOnlyLog, TailState, leftovers
 from engine.log.witness import Witness, read_witnesses
-from engine.projections.replay_events import locate, new_mapper, to_event
+from engine.projections.log_events import locate, new_mapper, to_event
 from log_tools.render import iso_time, printable
 
 

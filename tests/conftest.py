@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 from engine.log import batch, scan
-from engine.projections import replay_events
+from engine.projections import log_events
 
 
 @pytest.fixture
@@ -42,6 +42,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if chosen == "python":
         scan.scan_frames = None
         batch.fast_frame_batch = batch.fast_index_batch = None
-        replay_events.build_events = None
+        log_events.build_events = None
     elif chosen == "compiled" and scan.compiled_scan_frames is None:
         raise pytest.UsageError("--scanner=compiled: engine/log/_fastscan is not built")

@@ -440,7 +440,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def id_text(self) -> str:
         """``str(self.id)``, made once: a UUID's string costs a microsecond, and statuses and
         fixes of a large repository ask for every image's many times. Cached under a private
-        name: not part of the folded state (engine/projections/image_state.py skips those)."""
+        name: not part of the folded state (engine/projections/folded_state.py skips those)."""
         text: str | None = self.__dict__.get("_id_text")
         if text is None:
             text = self._id_text = str(self.id)
@@ -516,7 +516,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         op.done = event.stage + 1
         # The epoch the stage completed under is its claim's (complete() checks it): set
         # again here so that a replay may leave out the claim, whose every effect this
-        # event then overwrites (engine/projections/replay_events.py).
+        # event then overwrites (engine/projections/log_events.py).
         op.claim_host, op.claim_epoch = None, event.epoch
         if op.done >= len(op.stages):
             op.state, op.percent = ops.DONE, 100

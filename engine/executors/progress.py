@@ -36,8 +36,8 @@ from engine.aggregates.operations import Stage
 from engine.errors import StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
-from engine.projections.fix_index import merge_chain_changes
-from engine.service import ImageService
+from engine.projections.volume_needs import merge_chain_changes
+from engine.service.unit_of_work import ImageService
 
 
 class Lease(Protocol):

@@ -63,11 +63,11 @@ from engine.executors.stages import (
     inputs_ready,
     run_stage,
 )
-from engine.formats.driver import RepositoryStorage
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
-from engine.projections.fix_index import needed_volumes, will_run
-from engine.service import ImageService
+from engine.projections.volume_needs import needed_volumes, will_run
+from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine.executors")
 

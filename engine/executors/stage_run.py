@@ -25,9 +25,9 @@ from engine.errors import (
     VolumeMismatch,
 )
 from engine.executors.crashpoints import DISARMED, CrashPoints
-from engine.formats.driver import RepositoryStorage
-from engine.formats.qemu import QemuImg
-from engine.formats.qemu_process import Progress
+from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.qemu.process import Progress
+from engine.formats.repository.driver import RepositoryStorage
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
 FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]

@@ -68,8 +68,8 @@ from engine.executors.stage_run import (
     source_id,
     source_top,
 )
-from engine.formats.driver import RepositoryStorage, VolumeFile
-from engine.formats.qemu_process import Progress
+from engine.formats.qemu.process import Progress
+from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
 _NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as QEMU's tools print it
 # How QEMU says that another process holds an image's lock ("write", "consistent read"...).

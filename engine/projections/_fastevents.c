@@ -1,4 +1,4 @@
-/* A batch of log records turned into domain events in C (engine/projections/replay_events.py).
+/* A batch of log records turned into domain events in C (engine/projections/log_events.py).
  *
  * ReplayMapper.record_event is the reference: decode the record's state, set its originator id
  * and version, drop its class_version, and make the event without calling its __init__. For a

@@ -26,7 +26,7 @@ from sqlite_utils import Database
 from engine.aggregates.image import Image
 from engine.errors import sqlite_error
 from engine.opaque import json_ready, value_of
-from engine.projections import image_state
+from engine.projections import folded_state
 from engine.types import ImageStatus
 
 _TRACKING_ID = "view"
@@ -64,7 +64,7 @@ def image_row(image: Image, worker: str | None, status: ImageStatus) -> dict[str
         "chain": json.dumps(image.chain),
         "user_data": json.dumps(json_ready(value_of(image.user_data)), default=str),
         "version": image.version,
-        "state": image_state.encode(image, worker),
+        "state": folded_state.encode(image, worker),
     }
 
 
@@ -144,12 +144,12 @@ class ReadModel:
     def load(self) -> Stored | None:
         """What the model holds, or None when it is empty or was written for other code."""
         rows = list(self.db.query("SELECT * FROM tracking WHERE id = ?", [_TRACKING_ID]))
-        if not rows or rows[0]["schema"] != image_state.SCHEMA:
+        if not rows or rows[0]["schema"] != folded_state.SCHEMA:
             return None
         tracking = rows[0]
         try:
             images = [
-                image_state.decode(row[0])
+                folded_state.decode(row[0])
                 for row in self.db.execute("SELECT state FROM images").fetchall()
             ]
         except ValueError:  # a row of another layout: the whole model is for other code
@@ -180,7 +180,7 @@ class ReadModel:
                 "repository) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     _TRACKING_ID,
-                    image_state.SCHEMA,
+                    folded_state.SCHEMA,
                     checkpoint.position,
                     checkpoint.prev_hash,
                     checkpoint.time_ns,

@@ -28,9 +28,9 @@ from engine.application import StrataLogApplication
 from engine.errors import InvalidParameter, LogCorrupted
 from engine.log import OperationLog
 from engine.log.framing import Record
-from engine.projections.image_state import clone, image_key
+from engine.projections.folded_state import clone, image_key
+from engine.projections.log_events import record_decoder, records_decoder
 from engine.projections.read_model import Checkpoint, ReadModel, image_row
-from engine.projections.replay_events import record_decoder, records_decoder
 from engine.projections.status import image_status
 
 DEFAULT_BATCH = 500
@@ -71,7 +71,7 @@ class RepositoryView:
     ) -> None:
         """``app=None`` (with a ``mapper``) makes a detached view: no log and no read model of
         its own, fed only by :meth:`fold` with records read elsewhere (point-in-time replay
-        over a read-only log, engine/projections/replay.py)."""
+        over a read-only log, engine/projections/point_in_time.py)."""
         if app is not None:
             self._log: OperationLog | None = app.operation_log
             self._mapper: Mapper[Any] = mapper or app.mapper
@@ -173,7 +173,7 @@ class RepositoryView:
     def fold(self, records: Sequence[Record]) -> int:
         """Fold records read elsewhere, after :attr:`position`, in log order, ending with a
         whole transaction; return the new position. For detached views. The caller may leave
-        out records whose effect a later one overwrites (engine/projections/replay.py)."""
+        out records whose effect a later one overwrites (engine/projections/point_in_time.py)."""
         with self._lock:
             if records:
                 if records[0].seq <= self._checkpoint.position:

@@ -12,10 +12,11 @@ from engine.aggregates.operations import plan, split_ref, volume_ref
 from engine.application import LogConfig, StrataLogApplication
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.scheduler import Executor
-from engine.formats.driver import RepositoryStorage, get_format
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.repository.driver import RepositoryStorage
+from engine.formats.repository.registry import get_format
 from engine.projections.view import RepositoryView
-from engine.service import ImageService
+from engine.service.unit_of_work import ImageService
 
 MiB = 2**20
 HOST = "host-a"

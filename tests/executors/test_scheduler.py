@@ -14,7 +14,7 @@ from executor_repos import MiB, Repo, new_volume, qemu
 
 from engine.aggregates import operations as ops
 from engine.errors import ExecutorFailed
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from engine import PreparedImage, StorageEngine
 from engine.errors import ImageNotFound
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 MiB = 2**20
 

@@ -11,7 +11,7 @@ import pytest
 
 from engine import StorageEngine
 from engine.errors import StaleFix
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 from tests.facade.conftest import MiB, holds, run_fixes, write
 
 

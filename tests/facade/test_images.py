@@ -8,7 +8,7 @@ import pytest
 
 from engine import StorageEngine
 from engine.errors import ImageInUse, ImageNotFound, ImageNotReady, WrongImageKind
-from engine.formats.qemu import QemuImg, allocated_bytes
+from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
 from tests.facade.conftest import MiB, holds, same_content, write
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from engine import StorageEngine
 from engine.errors import ForeignFile
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 from engine.types import Fix
 
 MiB = 2**20

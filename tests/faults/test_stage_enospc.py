@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import StorageEngine
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 from tests.facade.conftest import MiB, holds, write
 from tests.faults.smallfs import SmallFs
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InvalidParameter, QemuError, QemuTimeout, VolumeFileNotFound
-from engine.formats import qemu as qemu_adapter
-from engine.formats.direct_io import accepts_direct_io
-from engine.formats.qemu import QemuImg, allocated_bytes
+from engine.formats.qemu import image_tools as qemu_adapter
+from engine.formats.qemu.direct_io import accepts_direct_io
+from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
 
 MiB = 2**20
 GiB = 2**30

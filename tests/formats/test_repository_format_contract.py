@@ -21,8 +21,9 @@ from engine.errors import (
     VolumeAlreadyExists,
     VolumeFileNotFound,
 )
-from engine.formats.driver import FORMATS, RepositoryFormat, RepositoryStorage, get_format
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.repository.driver import RepositoryFormat, RepositoryStorage
+from engine.formats.repository.registry import FORMATS, get_format
 from engine.log import NewEvent, OperationLog
 
 MiB = 2**20

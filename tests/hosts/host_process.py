@@ -30,7 +30,7 @@ from hostlib import settle
 from engine import StorageEngine
 from engine.errors import StrataError
 from engine.executors.crashpoints import CrashPoints
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 MiB = 2**20
 
@@ -106,7 +106,7 @@ def workload(engine: StorageEngine, host: str, seed: int, rounds: int) -> dict[s
             gone_repo, gone = disks.pop(rng.randrange(len(disks)))
             # Its volumes first: a disk removed before its create ran voids that create, and a
             # snapshot taken of it meanwhile then waits for a volume nobody makes (reported with
-            # this issue; the rule is engine/projections/fix_index.py's will_run).
+            # this issue; the rule is engine/projections/volume_needs.py's will_run).
             engine.wait_for_image(gone_repo, gone, timeout=120)
             engine.remove_image(gone_repo, gone)
             asked[f"{gone_repo}/{gone}"] = "removed"

@@ -29,7 +29,7 @@ from hostlib import (
 )
 
 from engine import StorageEngine
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 REPOS = ("r1", "r2")

@@ -23,7 +23,7 @@ from hostlib import (
 
 from engine import StorageEngine
 from engine.errors import QemuError
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 

@@ -22,7 +22,7 @@ from hostlib import (
 
 from engine import StorageEngine
 from engine.errors import HostIdInUse
-from engine.formats.qemu import QemuImg
+from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.log import NewEvent, OperationLog
-from engine.projections.replay_events import new_mapper
+from engine.projections.log_events import new_mapper
 
 HOST = "host-a"
 

@@ -11,7 +11,7 @@ from eventsourcing.persistence import Notification, Recording
 from engine.aggregates.repository import Repository
 from engine.application import LogConfig, StrataLogApplication
 from engine.persistence.event_store import LogEventStore
-from tests.test_application import CREATED_AT
+from tests.persistence.test_application import CREATED_AT
 
 
 def test_a_save_returns_recordings_equal_to_the_librarys(tmp_path: Path) -> None:

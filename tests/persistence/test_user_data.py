@@ -19,7 +19,7 @@ from engine.log.reader import ReadOnlyLog
 from engine.opaque import Opaque, value_of
 from engine.persistence import transcoder as transcoder_module
 from engine.persistence.transcoder import MsgpackTranscoder, default_transcoder
-from engine.projections import replay_events
+from engine.projections import log_events
 from tests.persistence.user_data_values import USER_DATA, exact
 from tests.projections.projection_log import Repo
 
@@ -100,14 +100,14 @@ def replayed_events(log_dir: str, image_id: uuid.UUID) -> list[Any]:
     """The image's events with user data, as replay makes them with the C loop and without."""
     records = list(ReadOnlyLog(log_dir).records())
     made = []
-    saved = replay_events.build_events
+    saved = log_events.build_events
     try:
         for build in {saved, None}:
-            replay_events.build_events = build
-            mapper = replay_events.new_mapper()
-            made.append(replay_events.records_decoder(mapper)(records))
+            log_events.build_events = build
+            mapper = log_events.new_mapper()
+            made.append(log_events.records_decoder(mapper)(records))
     finally:
-        replay_events.build_events = saved
+        log_events.build_events = saved
     assert all(events == made[0] for events in made)
     return [e for e in made[0] if e.originator_id == image_id and hasattr(e, "user_data")]
 

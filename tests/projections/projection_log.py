@@ -15,7 +15,7 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.application import LogConfig, StrataLogApplication
 from engine.projections.view import RepositoryView
-from engine.service import ImageService
+from engine.service.unit_of_work import ImageService
 
 GiB = 2**30
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

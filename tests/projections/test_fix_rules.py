@@ -15,9 +15,9 @@ from projection_log import Repo, new_ref
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import ForeignFile, InvalidParameter, StaleFix
-from engine.formats.driver import VolumeFile
-from engine.projections.fix_data import _op_id as op_id
-from engine.projections.fixes import apply_fix, decode_fix, find_fixes, find_problems
+from engine.formats.repository.driver import VolumeFile
+from engine.projections.check import apply_fix, decode_fix, find_fixes, find_problems
+from engine.projections.fix_tokens import _op_id as op_id
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 from engine.types import Fix

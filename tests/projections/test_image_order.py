@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.aggregates.image import Image
-from engine.projections.image_state import by_id
+from engine.projections.folded_state import by_id
 
 
 def image(image_id: uuid.UUID) -> Image:

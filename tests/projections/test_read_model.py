@@ -9,7 +9,7 @@ from pathlib import Path
 
 from projection_log import Repo
 
-from engine.projections.image_state import to_state
+from engine.projections.folded_state import to_state
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 

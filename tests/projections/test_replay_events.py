@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from engine.aggregates.image import Image
 from engine.log.framing import Record, key_of
 from engine.persistence.transcoder import TranscodingNotRegisteredError, default_transcoder
-from engine.projections.replay_events import new_mapper, record_decoder, to_event
+from engine.projections.log_events import new_mapper, record_decoder, to_event
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 

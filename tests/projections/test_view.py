@@ -10,7 +10,7 @@ from projection_log import Repo
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.projections.image_state import to_state
+from engine.projections.folded_state import to_state
 from engine.projections.view import RepositoryView
 
 

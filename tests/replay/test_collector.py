@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from engine.projections.replay import long_lived
+from engine.projections.point_in_time import long_lived
 
 
 def test_long_lived_restores_the_collector() -> None:

@@ -18,13 +18,13 @@ from engine.aggregates.image import Image
 from engine.aggregates.repository import Repository
 from engine.log.framing import Record, id_cache, id_of, key_of
 from engine.log.reader import ReadOnlyLog
-from engine.projections import replay_events
-from engine.projections.replay_events import ReplayMapper, new_mapper
+from engine.projections import log_events
+from engine.projections.log_events import ReplayMapper, new_mapper
 
-SOURCE = Path(replay_events.__file__).with_name("_fastevents.c")
+SOURCE = Path(log_events.__file__).with_name("_fastevents.c")
 GOLDEN = sorted(Path(__file__).with_name("golden").glob("*/log"))
 compiled = pytest.mark.skipif(
-    replay_events.compiled_build_events is None, reason="the C loop is not built"
+    log_events.compiled_build_events is None, reason="the C loop is not built"
 )
 
 
@@ -38,12 +38,12 @@ RECORDS = golden_records()
 @contextmanager
 def c_loop(enabled: bool) -> Iterator[None]:
     """Make events with the C loop or without it (whatever --scanner says)."""
-    previous = replay_events.build_events
-    replay_events.build_events = replay_events.compiled_build_events if enabled else None
+    previous = log_events.build_events
+    log_events.build_events = log_events.compiled_build_events if enabled else None
     try:
         yield
     finally:
-        replay_events.build_events = previous
+        log_events.build_events = previous
 
 
 def decoded(records: list[Record], *, fast: bool) -> list[tuple[str, Any]]:
@@ -68,7 +68,7 @@ def test_the_c_loop_is_in_use_wherever_its_source_is() -> None:
     assert SOURCE.exists()
     from engine.projections import _fastevents  # noqa: F401  (ImportError: not built)
 
-    assert replay_events.compiled_build_events is not None
+    assert log_events.compiled_build_events is not None
 
 
 @compiled
@@ -81,10 +81,10 @@ def test_golden_logs_give_the_same_events_both_ways() -> None:
     # Once the topics are known, the C loop leaves Python only the repository's event (a
     # string id) and the removals to upcast.
     mapper = new_mapper()
-    assert isinstance(mapper, ReplayMapper) and replay_events.compiled_build_events is not None
+    assert isinstance(mapper, ReplayMapper) and log_events.compiled_build_events is not None
     with c_loop(True):
         mapper.record_events(RECORDS)
-    _, missed = replay_events.compiled_build_events(
+    _, missed = log_events.compiled_build_events(
         RECORDS, mapper._plain_classes, mapper.transcoder.decode, id_cache(), id_of
     )
     assert {RECORDS[i].topic for i in missed} == {

@@ -19,11 +19,11 @@ from eventsourcing.persistence import StoredEvent
 
 from engine import StorageEngine
 from engine.aggregates.image import Image
-from engine.formats.driver import get_format
+from engine.formats.repository.registry import get_format
 from engine.log import VERSION
 from engine.log.reader import ReadOnlyLog
-from engine.projections.replay import Until, replay
-from engine.projections.replay_events import new_mapper
+from engine.projections.log_events import new_mapper
+from engine.projections.point_in_time import Until, replay
 
 GOLDEN = Path(__file__).with_name("golden")
 LOGS = sorted(p.parent for p in GOLDEN.glob("*/expected.json"))

@@ -1,4 +1,4 @@
-"""engine.projections.replay: leaving out overwritten records changes nothing; the points."""
+"""engine.projections.point_in_time: leaving out overwritten records changes nothing; the points."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import InvalidParameter
 from engine.log import NewEvent, OperationLog
-from engine.projections.image_state import to_state
-from engine.projections.replay import Replay, Until, replay
-from engine.projections.replay_events import new_mapper
+from engine.projections.folded_state import to_state
+from engine.projections.log_events import new_mapper
+from engine.projections.point_in_time import Replay, Until, replay
 
 GOLDEN = sorted(p.parent / "log" for p in Path(__file__).parent.glob("golden/*/expected.json"))
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from engine.aggregates.image import Image
 from engine.log.framing import Record
-from engine.projections.replay import HostSeen, Replay, _note_hosts_and_claims
-from engine.projections.replay_events import new_mapper
+from engine.projections.log_events import new_mapper
+from engine.projections.point_in_time import HostSeen, Replay, _note_hosts_and_claims
 from engine.projections.view import RepositoryView
 
 _TOPICS = [Image.StageClaimed.TOPIC, Image.StageCompleted.TOPIC, Image.StageProgressed.TOPIC]

@@ -1,7 +1,7 @@
 """Running one QEMU tool to completion: progress as it prints it, a timeout, and cancellation.
 
-Kept apart from the adapter (engine/formats/qemu.py), which decides what to run: this module only
-knows how a run is watched and how it fails.
+Kept apart from the adapter (engine/formats/qemu/image_tools.py), which decides what to run:
+this module only knows how a run is watched and how it fails.
 """
 
 from __future__ import annotations

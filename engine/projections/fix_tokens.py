@@ -27,12 +27,12 @@ import msgpack
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import ConcurrencyConflict, ForeignFile, InvalidParameter, StaleFix
-from engine.projections.fix_index import BLOCKED, VolumeIndex, can_optimize, release_type
+from engine.projections.volume_needs import BLOCKED, VolumeIndex, can_optimize, release_type
 from engine.types import Fix
 
 if TYPE_CHECKING:
     from engine.projections.view import RepositoryView
-    from engine.service import ImageService
+    from engine.service.unit_of_work import ImageService
 
 DATA_VERSION = 1
 _CARRIERS = uuid.UUID("5d1e8a0c-2f4b-4e58-9a55-0c1ea4c0ffee")  # namespace of new carriers' ids

@@ -11,11 +11,12 @@ Pure rules over the view's images and the repository's files:
 ``mend``      (also) a live image whose volume is missing or damaged: made again where the data
               can be had again, else removed, the fix saying the data is lost (ADR 0017).
 
-A foreign file (a link, or a file with a name outside the repository: engine/formats/driver.py)
-is never offered to clean, and a volume whose file is foreign counts as lost. Each one is
-reported as a ``mend`` whose description says what it is and that a person must put it right:
-starting it is refused with :class:`~engine.errors.ForeignFile`, since no work Strata could do
-would not write, delete or read through it (docs/adr/0016-links-inside-a-repository.md).
+A foreign file (a link, or a file with a name outside the repository:
+engine/formats/repository/driver.py) is never offered to clean, and a volume whose file is foreign
+counts as lost. Each one is reported as a ``mend`` whose description says what it is and that a
+person must put it right: starting it is refused with :class:`~engine.errors.ForeignFile`, since no
+work Strata could do would not write, delete or read through it (docs/adr/0016-links-inside-a-
+repository.md).
 
 Every fix is an operation queued on a *carrier* image. ``optimize`` and ``mend`` run on their
 image. A ``merge`` runs on the first (by id) live image whose chain goes through the volume: it
@@ -24,7 +25,7 @@ in its status and awaited by ``wait_for_image``. A ``clean`` runs on the removed
 chain holds the files; files of no image, or of a removed image whose queue is blocked, go to a
 new carrier: an image requested and removed in one transaction, seen by nobody but executors.
 
-What a fix's data holds and how a fix is started: engine/projections/fix_data.py.
+What a fix's data holds and how a fix is started: engine/projections/fix_tokens.py.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import ForeignFile
-from engine.formats.driver import VolumeFile
-from engine.projections.fix_data import (
+from engine.formats.repository.driver import VolumeFile
+from engine.projections.fix_tokens import (
     DATA_VERSION,
     FixPlan,
     apply_fix,
@@ -48,7 +49,7 @@ from engine.projections.fix_data import (
     make_fix,
     new_carrier_fix,
 )
-from engine.projections.fix_index import (
+from engine.projections.volume_needs import (
     BLOCKED,
     VolumeIndex,
     can_optimize,

@@ -33,7 +33,8 @@ from engine.errors import (
     VolumeAlreadyExists,
     VolumeFileNotFound,
 )
-from engine.formats.driver import (
+from engine.formats.qemu.args import IMAGE_FORMATS, check_image_format
+from engine.formats.repository.driver import (
     TAG,
     VOLUME_ID,
     RepositoryFormat,
@@ -42,7 +43,6 @@ from engine.formats.driver import (
     check_tag,
     check_volume_id,
 )
-from engine.formats.qemu_args import IMAGE_FORMATS, check_image_format
 from engine.log import OperationLog
 
 MARKER = "STRATA-REPOSITORY"

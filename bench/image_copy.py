@@ -1,6 +1,6 @@
 """Copies through the engine against ``qemu-img convert`` of the same image, in the same run.
 
-    python bench/copy.py [--dir DIR] [--data-mib N]
+    python bench/image_copy.py [--dir DIR] [--data-mib N]
 
 Prints ``name: value`` lines:
 
@@ -16,9 +16,7 @@ Prints ``name: value`` lines:
 from __future__ import annotations
 
 # isort: off
-import _stdlib_first  # noqa: F401  (first: it keeps bench/copy.py from shadowing copy)
 # isort: on
-
 import argparse
 import os
 import shutil
@@ -29,7 +27,7 @@ import time
 from _about import interpreter
 
 from engine import StorageEngine
-from engine.formats.qemu import QemuImg, allocated_bytes
+from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
 
 MiB, GiB = 2**20, 2**30
 

@@ -1,4 +1,4 @@
-"""Who needs which volume: the index the fix rules (engine/projections/fixes.py) decide from.
+"""Who needs which volume: the index the fix rules (engine/projections/check.py) decide from.
 
 Built in one pass over every image. A volume is *needed* while a live chain holds it, an
 unfinished stage that will still run mentions it (produces it, reads it, or reads the chain of an
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.projections.image_state import by_id
+from engine.projections.folded_state import by_id
 from engine.projections.status import wants_optimizing
 
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)

@@ -1,4 +1,4 @@
-"""The arguments of QEMU's image tools, checked: what engine/formats/qemu.py passes to them.
+"""The arguments of QEMU's image tools, checked: what image_tools.py passes to them.
 
 Each function refuses a bad value with :class:`InvalidParameter` (or a missing file with
 :class:`VolumeFileNotFound`) before anything runs, and returns it in the form the command line
@@ -11,7 +11,7 @@ import os
 import re
 
 from engine.errors import InvalidParameter, VolumeFileNotFound
-from engine.formats.qemu_process import Progress
+from engine.formats.qemu.process import Progress
 
 IMAGE_FORMATS = ("raw", "qcow2")
 PREALLOCATION = {"raw": ("off", "falloc", "full"), "qcow2": ("off", "metadata", "falloc", "full")}

@@ -33,14 +33,14 @@ from eventsourcing.utils import TopicError
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import InvalidParameter, LogCorrupted
-from engine.formats.driver import VolumeFile
+from engine.formats.repository.driver import VolumeFile
 from engine.log.framing import Record, key_of
 from engine.log.reader import ReadOnlyLog
 from engine.log.scan import gc_paused
 from engine.opaque import value_of
-from engine.projections.fixes import find_fixes_for_volumes
-from engine.projections.image_state import by_id
-from engine.projections.replay_events import (
+from engine.projections.check import find_fixes_for_volumes
+from engine.projections.folded_state import by_id
+from engine.projections.log_events import (
     locate,
     new_mapper,
     to_event,

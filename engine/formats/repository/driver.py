@@ -1,9 +1,12 @@
-"""What every repository format driver offers, and the registry of the formats this Strata knows.
+"""What every repository format driver offers (the registry of formats is in registry.py).
 
 A driver class formats a place (:meth:`RepositoryFormat.create`) and opens it
 (:meth:`RepositoryFormat.open`) as a :class:`RepositoryStorage`: where the log is, where each
 volume's file goes, and the few file operations that must be atomic and durable for stages to be
-idempotent. Image data itself is handled by :mod:`engine.formats.qemu`, never by a driver.
+idempotent. Image data itself is handled by :mod:`engine.formats.qemu.image_tools`, never by a
+driver.
+
+Imports: only :mod:`engine.errors`. Drivers import this module; it imports no driver.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from engine.errors import InvalidParameter, UnknownRepositoryFormat
+from engine.errors import InvalidParameter
 
 # A volume id is 32 lowercase hex digits (``uuid.uuid4().hex``): it becomes a file name, so it
 # can hold no separator, no dot and nothing a shell or QEMU would read specially.
@@ -163,18 +166,3 @@ class RepositoryFormat(ABC):
         :class:`~engine.errors.NotARepository` where no repository is, and
         :class:`~engine.errors.RepositoryFormatMismatch` for a repository of another format.
         """
-
-
-def get_format(name: object) -> type[RepositoryFormat]:
-    """The driver registered as ``name`` (e.g. ``"localfs-1.0"``)."""
-    try:
-        return FORMATS[name]  # type: ignore[index]
-    except (KeyError, TypeError):
-        raise UnknownRepositoryFormat(name=name, known=", ".join(sorted(FORMATS))) from None
-
-
-# The registry comes after the interface because every driver module imports the interface from
-# here; engine/formats/__init__.py imports this module first, so either import order works.
-from engine.formats.localfs import LocalFS  # noqa: E402
-
-FORMATS: dict[str, type[RepositoryFormat]] = {"localfs-1.0": LocalFS}

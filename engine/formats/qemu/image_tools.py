@@ -24,10 +24,10 @@ from engine.errors import (
     QemuTimeout,
     VolumeFileNotFound,
 )
-from engine.formats import qemu_args as checked
-from engine.formats.direct_io import accepts_direct_io
-from engine.formats.qemu_args import check_image_format
-from engine.formats.qemu_process import Progress, execute, failure
+from engine.formats.qemu import args as checked
+from engine.formats.qemu.args import check_image_format
+from engine.formats.qemu.direct_io import accepts_direct_io
+from engine.formats.qemu.process import Progress, execute, failure
 
 DEFAULT_TIMEOUT = 120.0  # for commands that touch metadata only; data copies default to none
 
