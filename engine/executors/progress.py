@@ -33,10 +33,10 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import ClaimLost, Image
 from engine.aggregates.operations import Stage
+from engine.aggregates.work_rules import merge_chain_changes
 from engine.errors import StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
-from engine.projections.volume_needs import merge_chain_changes
 from engine.service.unit_of_work import ImageService
 
 

@@ -43,6 +43,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import ClaimLost, Image
 from engine.aggregates.operations import Operation
+from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
     ConcurrencyConflict,
     ExecutorFailed,
@@ -66,7 +67,6 @@ from engine.executors.stages import (
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
-from engine.projections.volume_needs import needed_volumes, will_run
 from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine.executors")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
 from engine.formats.repository.driver import VolumeFile
 from engine.projections.fix_tokens import (
@@ -49,13 +50,7 @@ from engine.projections.fix_tokens import (
     make_fix,
     new_carrier_fix,
 )
-from engine.projections.volume_needs import (
-    BLOCKED,
-    VolumeIndex,
-    can_optimize,
-    merge_chain_changes,
-    release_type,
-)
+from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.types import Fix
 
 if TYPE_CHECKING:

@@ -26,8 +26,9 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.work_rules import BLOCKED, release_type
 from engine.errors import ConcurrencyConflict, ForeignFile, InvalidParameter, StaleFix
-from engine.projections.volume_needs import BLOCKED, VolumeIndex, can_optimize, release_type
+from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.types import Fix
 
 if TYPE_CHECKING:

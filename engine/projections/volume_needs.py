@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.aggregates.work_rules import (
+    VOLUME_KEYS,
+    chains_without,
+    needed_volumes,
+    will_run,
+)
 from engine.projections.folded_state import by_id
 from engine.projections.status import wants_optimizing
 
-RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
-BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
-_VOLUME_KEYS = ("volume", "backing", "old_backing", "base", "drop_volume")
 _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")  # stage_run's
 
 
@@ -47,101 +50,6 @@ class Merge(NamedTuple):
         return self.users[0].chain[0]
 
 
-def will_run(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> bool:
-    """Whether an unfinished operation will still run.
-
-    A removed image's own work is void, except its clean and merge, and except work making a
-    volume that is ``needed`` (:func:`needed_volumes`): a live chain holds it (a snapshot or
-    clone taken before the removal builds on it), or work that will run reads it (a copy of the
-    removed image). An operation runs too when a later one of its image does: a queue runs in
-    order.
-    """
-    if op.finished:
-        return False
-    if not image.removed or op.purpose in RUN_ON_REMOVED:
-        return True
-    if not needed:
-        return False
-    later = False
-    for each in image.operations:
-        later = later or each is op
-        if later and not each.finished and _makes_any(each, needed):
-            return True
-    return False
-
-
-def _makes_any(op: Operation, needed: Collection[str]) -> bool:
-    return any(ops.produced_by(stage) in needed for stage in op.stages[op.done :])
-
-
-def stage_reads(stage: ops.Stage, image_of: Callable[[Any], Image | None]) -> list[str]:
-    """The volumes of this repository a stage reads or makes: the ones its keys name, and the
-    whole chain of the image it copies from (``image_of`` finds it, removed or not)."""
-    refs = [stage[key] for key in _VOLUME_KEYS if isinstance(stage.get(key), str)]
-    source = image_of(stage.get("source_image"))
-    if source is not None:
-        refs += source.chain
-    return refs
-
-
-def needed_volumes(
-    images: Iterable[Image],
-    elsewhere: Collection[str] = (),
-    *,
-    by_id: dict[Any, Image] | None = None,
-) -> set[str]:
-    """Volumes that must stay, and be made if they are not yet: the chains of live images, what
-    their unfinished work reads (a copy reads its source's whole chain, removed or not), what
-    work elsewhere reads (``elsewhere``: other repositories' copies of images here), and, until
-    nothing changes, what the work of removed images that makes any of those reads."""
-    listed = images if isinstance(images, list) else list(images)
-    index = by_id if by_id is not None else {i.id: i for i in listed}
-
-    def image_of(image_id: Any) -> Image | None:
-        try:
-            return index.get(uuid.UUID(str(image_id))) if image_id else None
-        except ValueError:
-            return None
-
-    needed = set(elsewhere)
-    waiting: list[Image] = []
-    done = ops.DONE
-    for image in listed:
-        if image.removed:
-            if any(
-                op.state != done and op.purpose not in RUN_ON_REMOVED for op in image.operations
-            ):
-                waiting.append(image)
-            continue
-        needed.update(image.chain)
-        for op in image.operations:
-            if op.state != done:
-                for stage in op.stages[op.done :]:
-                    needed.update(stage_reads(stage, image_of))
-    grew = True
-    while grew and waiting:
-        grew = False
-        for image in list(waiting):
-            running = [op for op in image.operations if not op.finished]
-            if any(_makes_any(op, needed) for op in running):
-                waiting.remove(image)
-                for op in running:
-                    for stage in op.stages[op.done :]:
-                        needed.update(stage_reads(stage, image_of))
-                grew = True
-    return needed
-
-
-def release_type(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> str | None:
-    """The fix that releases a blocked operation, or None when nothing may release it. A
-    removed image's work that makes a ``needed`` volume is mended like a live image's."""
-    if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
-        return op.purpose if not image.removed or op.purpose in RUN_ON_REMOVED else None
-    if image.removed:
-        return ops.MEND if will_run(image, op, needed) else None
-    return ops.MEND
-
-
 def can_optimize(image: Image, lost: Collection[str]) -> bool:
     """Whether an optimize may be queued now: idle, unused, whole, and not flat yet."""
     return (
@@ -151,21 +59,6 @@ def can_optimize(image: Image, lost: Collection[str]) -> bool:
         and not image.prepared_on
         and not any(ref in lost for ref in image.chain)
     )
-
-
-def merge_chain_changes(images: Iterable[Image], volume: str) -> dict[uuid.UUID, list[str]]:
-    """Each live image whose chain holds ``volume``, and its chain without it.
-
-    What a merge's last stage should record when it completes, computed on the images as they
-    are then (a snapshot taken meanwhile has added a top that a chain computed earlier lacks).
-    """
-    return {i.id: chain for i, chain in _chains_without(images, volume)}
-
-
-def _chains_without(images: Iterable[Image], volume: str) -> Iterator[tuple[Image, list[str]]]:
-    for i in images:
-        if not i.removed and volume in i.chain:
-            yield i, [ref for ref in i.chain if ref != volume]
 
 
 class VolumeIndex:
@@ -224,7 +117,7 @@ class VolumeIndex:
             if stage.get("do") == "delete":
                 self.queued.update(stage.get("volumes") or ())
                 continue
-            for key in _VOLUME_KEYS:
+            for key in VOLUME_KEYS:
                 if isinstance(stage.get(key), str):
                     self.mentioned.add(stage[key])
             self.mentioned.update(stage.get("set_chain") or ())
@@ -347,7 +240,7 @@ class VolumeIndex:
             {"do": "rebase", "volume": child, "backing": merge.parent, "old_backing": merge.volume}
             for child in merge.children
         ]
-        changes = {i.id_text: chain for i, chain in _chains_without(merge.users, merge.volume)}
+        changes = {i.id_text: chain for i, chain in chains_without(merge.users, merge.volume)}
         stages[-1]["set_chain"] = changes.pop(carrier.id_text)
         stages[-1]["chain_changes"] = changes
         stages[-1]["drop_volume"] = merge.volume

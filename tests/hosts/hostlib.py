@@ -18,12 +18,12 @@ from typing import Any
 
 from engine import StorageEngine
 from engine.aggregates import operations as ops
+from engine.aggregates.work_rules import will_run
 from engine.application import LogConfig, StrataLogApplication
 from engine.formats.qemu.image_tools import QemuImg
 from engine.log import OperationLog
 from engine.log.framing import Record
 from engine.projections.view import RepositoryView
-from engine.projections.volume_needs import will_run
 from log_tools.cli import main as strata_log
 
 HOST_PROCESS = Path(__file__).with_name("host_process.py")
