@@ -229,7 +229,8 @@ class Executor:
                 if self.fault is not None:
                     logger.info(
                         "executor of host %s works again after: %s",
-                        self.host_id, self.fault, extra={"host": self.host_id},
+                        self.host_id, self.fault,
+                        extra={"repository": self.storage.root, "host": self.host_id},
                     )  # fmt: skip
                     self.fault = None
                 # Wake when a silent host's claim can be taken over, not up to a poll later.
@@ -246,7 +247,7 @@ class Executor:
             logger.warning(
                 "executor of host %s waits out a fault of the storage, retrying every %.1f s: %s",
                 self.host_id, self.poll_interval, typed,
-                extra={"host": self.host_id, "code": typed.code},
+                extra={"repository": self.storage.root, "host": self.host_id, "code": typed.code},
             )  # fmt: skip
         self.fault = typed
 
@@ -407,7 +408,7 @@ class Executor:
                 logger.info(
                     "host %s takes over stage %d of operation %s on image %s from host %s",
                     self.host_id, index + 1, op_id, image_id, holder,
-                    extra=_context(claim, self.host_id),
+                    extra=_context(claim, self.host_id, self.storage.root),
                 )  # fmt: skip
         return claim
 
@@ -441,7 +442,7 @@ class Executor:
             logger.warning(
                 "stage %d of operation %s on image %s failed on host %s: %s",
                 claim.index + 1, claim.op_id, claim.image_id, self.host_id, why,
-                extra=_context(claim, self.host_id),
+                extra=_context(claim, self.host_id, self.storage.root),
             )  # fmt: skip
             claim.fail(why)
             return
@@ -482,9 +483,10 @@ class Executor:
             self.errors.append(error)
 
 
-def _context(claim: Claim, host_id: str) -> dict[str, object]:
-    """The structured fields of a log line about a stage (``extra=`` of logging)."""
+def _context(claim: Claim, host_id: str, repository: str) -> dict[str, object]:
+    """The structured fields of a log line about a stage (``extra=`` of logging, ADR 0026)."""
     return {
+        "repository": repository,
         "host": host_id,
         "image": str(claim.image_id),
         "operation": claim.op_id,

@@ -29,6 +29,7 @@ on those filesystems.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import threading
@@ -73,6 +74,7 @@ from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
 _NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as QEMU's tools print it
 # How QEMU says that another process holds an image's lock ("write", "consistent read"...).
+logger = logging.getLogger("engine.executors")
 _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
@@ -397,6 +399,7 @@ def _in_place(
     again rather than fail: that process either finishes the same idempotent work or dies."""
     started = time.monotonic()
     delay = 0.1
+    told = False
     while True:
         run.confirm()
         refuse_foreign(run, volume, *(v for v in reads if v is not None))
@@ -410,6 +413,18 @@ def _in_place(
             if not _LOCKED.search(stderr):
                 raise
             waited = time.monotonic() - started
+            if not told:  # the first refusal: say why the stage waits, once
+                told = True
+                logger.info(
+                    "volume %s is locked by another process (a fenced host's qemu-img?): "
+                    "waiting up to %.0f s for it",
+                    volume.path, run.lock_wait, extra={
+                        "image": str(run.image_id),
+                        "operation": run.op_id,
+                        "stage": run.index + 1,
+                        "path": volume.path,
+                    },
+                )  # fmt: skip
             if waited >= run.lock_wait:
                 raise VolumeLocked(
                     path=volume.path,

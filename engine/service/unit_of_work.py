@@ -23,7 +23,7 @@ from engine.errors import ConcurrencyConflict, ImageNotFound
 
 T = TypeVar("T")
 MAX_ATTEMPTS = 50
-logger = logging.getLogger("engine")
+logger = logging.getLogger("engine.service")
 
 
 def utc_now() -> datetime:

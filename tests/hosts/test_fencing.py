@@ -5,6 +5,7 @@ image locks, which the executors wait for instead of failing."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -135,8 +136,11 @@ def test_a_second_qemu_img_on_a_locked_volume_fails_and_writes_nothing(
 
 
 def test_in_place_work_on_a_locked_volume_waits_for_the_lock_instead_of_failing(
-    disk_in_use: tuple[StorageEngine, str], repos: dict[str, str]
+    disk_in_use: tuple[StorageEngine, str],
+    repos: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="engine.executors")
     se, disk = disk_in_use
     path = se.prepare_image("r1", disk).path
     se.teardown_image("r1", disk)
@@ -157,4 +161,8 @@ def test_in_place_work_on_a_locked_volume_waits_for_the_lock_instead_of_failing(
 
     assert se.wait_for_image("r1", disk, timeout=30).status == "optimized"
     assert qemu.info(path, fmt="qcow2")["virtual-size"] == 8 * MiB
+    # The operator sees why the stage waited, once, with the volume and the image named.
+    [waiting] = [r for r in caplog.records if "is locked by another process" in r.message]
+    assert getattr(waiting, "path", None) == path
+    assert getattr(waiting, "image", None) == str(disk)
     assert qemu.read_pattern_matches(path, "qcow2", 0, MiB, 0x3C)
