@@ -15,8 +15,6 @@ Prints ``name: value`` lines:
 
 from __future__ import annotations
 
-# isort: off
-# isort: on
 import argparse
 import os
 import shutil

@@ -20,8 +20,6 @@ used is printed.
 
 from __future__ import annotations
 
-# isort: off
-# isort: on
 import argparse
 import os
 import shutil

@@ -22,8 +22,6 @@ median taken; both read files the page cache already holds.
 
 from __future__ import annotations
 
-# isort: off
-# isort: on
 import argparse
 import os
 import shutil

@@ -25,8 +25,6 @@ load average is printed, since other work on it slows every figure (the ratio le
 
 from __future__ import annotations
 
-# isort: off
-# isort: on
 import argparse
 import cProfile
 import os

@@ -17,8 +17,6 @@ heartbeat has been silent for that long and claims the stage again. Prints ``nam
 
 from __future__ import annotations
 
-# isort: off
-# isort: on
 import argparse
 import json
 import os
