@@ -22,7 +22,7 @@ from engine.errors import (
     UnknownRepositoryFormat,
     WrongImageKind,
 )
-from tests.facade.conftest import MiB, tree_digest
+from tests.facade.images import MiB, tree_digest
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from engine.log import segments
-from tests.log_tools.conftest import Story, one_line_error, strata_log
+from tests.log_tools.cli import Story, one_line_error, strata_log
 
 COMMANDS = ["verify", "dump", "history", "replay", "export", "graph", "hosts", "follow"]
 
