@@ -81,7 +81,9 @@ def all_records(directory: Path) -> list[Record]:
         return list(log.iter_records())
 
 
-def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees(tmp_path):
+def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees(
+    tmp_path: Path,
+) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator").close()
     follower = start(READER, "follow", directory, "follower", TIMEOUT)
@@ -116,7 +118,7 @@ def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_path):
+def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator", segment_size=16_384).close()
     follower = start(READER, "follow", directory, "follower", TIMEOUT)
@@ -228,7 +230,7 @@ class KilledWriters:
         assert self.acknowledged, "no child lived to see an append acknowledged"
 
 
-def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path):
+def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path: Path) -> None:
     rng = random.Random(4021)
     writers = KilledWriters(tmp_path / "log")
     for n in range(20):
@@ -238,7 +240,9 @@ def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path):
     writers.check_all()
 
 
-def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_append(tmp_path):
+def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_append(
+    tmp_path: Path,
+) -> None:
     rng = random.Random(4022)
     writers = KilledWriters(tmp_path / "log")
     # Each kill lands mid-write only when the parent wins a race, so try until a few did.
@@ -249,7 +253,7 @@ def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_appe
     shutil.rmtree(writers.directory)  # tens of megabytes nobody needs to inspect
 
 
-def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path):
+def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator", segment_size=4096).close()
     writers = [start(APPENDER, "txns", directory, f"writer-{n}", 100, n) for n in range(2)]
