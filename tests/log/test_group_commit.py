@@ -38,7 +38,7 @@ class FakeLog:
             self._next += 1
 
 
-def run_threads(target: Callable[[int], None], count: int) -> None:
+def run_threads(target: Callable[[int], object], count: int) -> None:
     threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()

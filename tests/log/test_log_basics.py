@@ -6,12 +6,14 @@ import hashlib
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed, StorageError
 from engine.log import NewEvent, OperationLog, framing
+from engine.log.batch import EventToAppend
 from engine.log.group_commit import Request
 from engine.log.segments import read_header
 
@@ -356,7 +358,7 @@ def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir
     claim, and the requests after it are checked against what the others claimed."""
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1)])
-        requests = [
+        requests: list[Request[Sequence[EventToAppend]]] = [
             Request([event("a", 2), event("b", 1)]),
             Request([event("b", 2), event("c", 1), event("a", 2)]),  # a is at 2 by now: refused
             Request([event("c", 1), event("b", 2)]),  # c and b as if the refused one never was
@@ -382,7 +384,7 @@ def test_a_record_too_large_is_refused_alone_and_the_rest_of_its_group_is_writte
     error, as a conflict does; the other requests of the group are not at fault."""
     too_large = event("big", 1, bytes(framing.MAX_PAYLOAD))
     with OperationLog.create(log_dir, "host-a") as log:
-        requests = [
+        requests: list[Request[Sequence[EventToAppend]]] = [
             Request([event("a", 1)]),
             Request([event("b", 1), too_large]),
             Request([event("b", 1)]),  # b as if the refused request never was

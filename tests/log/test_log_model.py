@@ -161,6 +161,7 @@ class LogAgainstModel(RuleBasedStateMachine):
     @precondition(lambda self: self.newest is not None)
     @rule(data=st.data())
     def crash_inside_the_newest_transaction(self, data: st.DataObject) -> None:
+        assert self.newest is not None  # the precondition
         first, last = self.newest
         event(f"crash in segment {min(int(self.newest_in[-14:-4]), 3)}")
         length = sum(len(frame(encode_payload(r))) for r in self.log.read(first, last))

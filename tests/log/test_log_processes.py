@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from engine.log import NewEvent, OperationLog, Record
 
@@ -39,7 +40,7 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
     line = proc.stdout.readline()
     if line != "ready\n":
         proc.kill()
-        raise AssertionError(f"{proc.args} did not start: {line!r} {proc.communicate()[1]}")
+        raise AssertionError(f"{proc.args!r} did not start: {line!r} {proc.communicate()[1]}")
 
 
 def tell(proc: subprocess.Popen[str], line: object) -> None:
@@ -49,13 +50,13 @@ def tell(proc: subprocess.Popen[str], line: object) -> None:
         proc.stdin.flush()
     except BrokenPipeError:
         _, err = proc.communicate(timeout=TIMEOUT)
-        raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{err}") from None
+        raise AssertionError(f"{proc.args!r} exited {proc.returncode}:\n{err}") from None
 
 
-def result_of(proc: subprocess.Popen[str]) -> dict[str, object]:
+def result_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
     out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}:\n{err}"
-    result: dict[str, object] = json.loads(out.splitlines()[-1])
+    assert proc.returncode == 0, f"{proc.args!r} exited {proc.returncode}:\n{err}"
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])  # the script's JSON line
     return result
 
 
@@ -128,7 +129,7 @@ def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_pa
         wait_ready(writer)
     for writer in writers:
         tell(writer, "go")
-    total = sum(int(result_of(writer)["events"]) for writer in writers)  # type: ignore[call-overload]
+    total = sum(int(result_of(writer)["events"]) for writer in writers)
     tell(follower, total)
     followed = result_of(follower)  # reader.py raises (non-zero exit) on a partial transaction
 
