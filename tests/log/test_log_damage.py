@@ -13,6 +13,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import msgpack
 import pytest
@@ -387,7 +388,10 @@ def test_a_segments_last_record_rewritten_with_valid_checksums_breaks_the_next_s
 # --- not a log at all -----------------------------------------------------------------------
 
 
-def refuses_untouched(path: Path, error: type[StrataError]) -> StrataError:
+E = TypeVar("E", bound=StrataError)
+
+
+def refuses_untouched(path: Path, error: type[E]) -> E:
     watched = path if path.is_dir() else path.parent
     before = tree(watched)
     with pytest.raises(error) as caught:

@@ -71,7 +71,11 @@ def test_export_or_graph_into_the_repository_is_refused(log_copy: Path, where: s
     before = listing(log_copy)
     for path in (log_copy, log_copy / "log"):
         target = log_copy / where
-        for command in (["export", path, target, "--replace"], ["graph", path, "-o", target]):
+        commands: list[list[str | Path]] = [
+            ["export", path, target, "--replace"],
+            ["graph", path, "-o", target],
+        ]
+        for command in commands:
             one_line_error(strata_log(*command), 2, str(target), "which the tools only read")
     assert listing(log_copy) == before
 
