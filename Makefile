@@ -55,7 +55,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools
+	$(BIN)/mypy engine log_tools tests
 	$(BIN)/pytest -q
 	# The log's and replay's tests again on the pure-Python code the compiled one follows.
 	$(BIN)/pytest -q --scanner=python tests/log tests/replay tests/log_tools
@@ -63,7 +63,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools
+	$(BIN)/mypy engine log_tools tests
 
 format: setup
 	$(BIN)/ruff format $(SOURCES)

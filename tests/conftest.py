@@ -1,8 +1,9 @@
-"""Shared pytest fixtures for the Strata test suite."""
+"""Fixtures shared by more than one test package, and the suite's `--scanner` option."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from engine.formats.qemu.image_tools import QemuImg
 from engine.log import batch, scan
 from engine.projections import log_events
+from tests.faults.smallfs import SmallFs, skip_reason
 
 
 @pytest.fixture
@@ -24,6 +26,26 @@ def repo_paths(tmp_path: Path) -> tuple[str, str]:
     for p in paths:
         os.mkdir(p)
     return paths
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[..., SmallFs]]:
+    """Make small loop-mounted filesystems (``small_fs(size_mib=64)``); all unmounted after."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    made: list[SmallFs] = []
+
+    def make(size_mib: int = 64) -> SmallFs:
+        workdir = tmp_path / f"smallfs{len(made)}"
+        workdir.mkdir()
+        fs = SmallFs(str(workdir), size_mib)
+        made.append(fs)
+        return fs
+
+    yield make
+    for fs in made:
+        fs.destroy()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

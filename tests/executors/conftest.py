@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from executor_repos import Repo
+
+from tests.executors.executor_repos import Repo
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-from executor_repos import Repo
+# Run as a file, it imports the suite's helpers (tests.*) from the project root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from engine.executors.crashpoints import CrashPoints
+from tests.executors.executor_repos import Repo
 
 
 def main(path: str, host_id: str) -> None:

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from executor_repos import MiB, Repo, new_volume, qemu
 
 from engine.aggregates import operations as ops
 from engine.errors import InvalidParameter
 from engine.executors import crashpoints
 from engine.executors.crashpoints import ENVIRONMENT_SWITCH, CrashPoints
+from tests.executors.executor_repos import MiB, Repo, new_volume, qemu
 
 CRASH_HOST = Path(__file__).with_name("crash_host.py")
 

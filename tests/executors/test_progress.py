@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from executor_repos import MiB, Repo, new_volume
 
 from engine.errors import StageCancelled
 from engine.executors.progress import Claim, StageProgress
+from tests.executors.executor_repos import MiB, Repo, new_volume
 
 
 def claimed(repo: Repo) -> Claim:

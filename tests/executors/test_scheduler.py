@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from executor_repos import MiB, Repo, new_volume, qemu
 
 from engine.aggregates import operations as ops
 from engine.errors import ExecutorFailed
 from engine.formats.qemu.image_tools import QemuImg
+from tests.executors.executor_repos import MiB, Repo, new_volume, qemu
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:

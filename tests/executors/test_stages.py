@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
 
 from engine.aggregates import operations as ops
 from engine.formats.qemu.image_tools import allocated_bytes
+from tests.executors.executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
 
 CLUSTER = 64 * 2**10
 

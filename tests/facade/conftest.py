@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from engine import PreparedImage, StorageEngine
-from engine.errors import ImageNotFound
-from engine.formats.qemu.image_tools import QemuImg
-
-MiB = 2**20
+from engine import StorageEngine
 
 
 @pytest.fixture
@@ -25,73 +17,3 @@ def engine(tmp_path: Path, repo_paths: tuple[str, str]) -> Iterator[StorageEngin
             se.create_storage_repository("localfs-1.0", {"path": path})
             se.connect_storage_repository(name, "localfs-1.0", {"path": path})
         yield se
-
-
-@contextmanager
-def prepared(engine: StorageEngine, repo: str, image: str) -> Iterator[PreparedImage]:
-    """The image's path while a virtual machine would have it open."""
-    opened = engine.prepare_image(repo, image)
-    try:
-        yield opened
-    finally:
-        engine.teardown_image(repo, image)
-
-
-def write(
-    engine: StorageEngine,
-    qemu: QemuImg,
-    repo: str,
-    image: str,
-    offset: int,
-    length: int,
-    pattern: int,
-) -> None:
-    """Play the virtual machine: write a pattern through the path prepare_image gives."""
-    with prepared(engine, repo, image) as p:
-        qemu.write_pattern(p.path, p.format, offset, length, pattern)
-
-
-def holds(
-    engine: StorageEngine,
-    qemu: QemuImg,
-    repo: str,
-    image: str,
-    offset: int,
-    length: int,
-    pattern: int,
-) -> bool:
-    with prepared(engine, repo, image) as p:
-        return qemu.read_pattern_matches(p.path, p.format, offset, length, pattern)
-
-
-def same_content(
-    engine: StorageEngine, qemu: QemuImg, a: tuple[str, str], b: tuple[str, str]
-) -> bool:
-    with prepared(engine, *a) as pa, prepared(engine, *b) as pb:
-        return qemu.compare(pa.path, pb.path, a_fmt=pa.format, b_fmt=pb.format)
-
-
-def tree_digest(*roots: str) -> str:
-    """Every file's path and bytes under the roots: to prove a refused call changed nothing."""
-    h = hashlib.sha256()
-    for root in roots:
-        for dirpath, dirnames, filenames in sorted(os.walk(root)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                h.update(os.path.relpath(path, root).encode())
-                with open(path, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
-
-
-def run_fixes(engine: StorageEngine, repo: str, kind: str) -> int:
-    """Run every fix of one kind that a check offers, and wait for the images it touches."""
-    fixes = [f for f in engine.check_storage_repository(repo) if f.type == kind]
-    for fix in fixes:
-        engine.fix_storage_repository(repo, fix)
-        for image in fix.image_ids:
-            # A removed image carries clean and merge work, unseen by users.
-            with contextlib.suppress(ImageNotFound):
-                engine.wait_for_image(repo, image, timeout=30)
-    return len(fixes)

@@ -22,7 +22,7 @@ from engine.errors import (
     UnknownRepositoryFormat,
     WrongImageKind,
 )
-from tests.facade.conftest import MiB, tree_digest
+from tests.facade.images import MiB, tree_digest
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def world(engine: StorageEngine) -> dict[str, str]:
 
 
 BAD_CALLS: list[tuple[str, type[StrataError], Callable[[StorageEngine, dict[str, str]], Any]]] = [
-    ("size is a string", InvalidParameter, lambda se, w: se.create_virtual_disk("r1", "10G")),
+    ("size is a string", InvalidParameter, lambda se, w: se.create_virtual_disk("r1", "10G")),  # type: ignore[arg-type]
     ("size is negative", InvalidParameter, lambda se, w: se.create_virtual_disk("r1", -512)),
     ("size is zero", InvalidParameter, lambda se, w: se.create_virtual_disk("r1", 0)),
     ("size is absurd", InvalidParameter, lambda se, w: se.create_virtual_disk("r1", 2**70)),
@@ -74,7 +74,7 @@ BAD_CALLS: list[tuple[str, type[StrataError], Callable[[StorageEngine, dict[str,
     ("incremental base in the wrong repo", ImageNotFound,
      lambda se, w: se.copy_image("r2", w["disk"], base_image_id=w["snap"])),
     ("fix that is not a fix", InvalidParameter,
-     lambda se, w: se.fix_storage_repository("r1", {"type": "clean"})),
+     lambda se, w: se.fix_storage_repository("r1", {"type": "clean"})),  # type: ignore[arg-type]
     ("unknown format", UnknownRepositoryFormat,
      lambda se, w: se.connect_storage_repository("r3", "nfs-9.9", {"path": "/tmp"})),
     ("name already connected", RepositoryAlreadyConnected,

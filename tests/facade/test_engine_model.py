@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 from engine import StorageEngine
 from engine.errors import ImageNotFound
 from engine.formats.qemu.image_tools import QemuImg
-from tests.facade.conftest import MiB, holds, write
+from tests.facade.images import MiB, holds, write
 
 DISK, SNAPSHOT = "virtual-disk", "snapshot"
 REPOS = ("r1", "r2")

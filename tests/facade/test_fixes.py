@@ -12,7 +12,7 @@ import pytest
 from engine import StorageEngine
 from engine.errors import StaleFix
 from engine.formats.qemu.image_tools import QemuImg
-from tests.facade.conftest import MiB, holds, run_fixes, write
+from tests.facade.images import MiB, holds, run_fixes, write
 
 
 def volume_files(path: str) -> set[str]:

@@ -9,7 +9,7 @@ import pytest
 from engine import StorageEngine
 from engine.errors import ImageInUse, ImageNotFound, ImageNotReady, WrongImageKind
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
-from tests.facade.conftest import MiB, holds, same_content, write
+from tests.facade.images import MiB, holds, same_content, write
 
 
 def test_a_blank_disk_is_a_thin_qcow2_volume_and_optimized(engine: StorageEngine) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg
-from tests.facade.conftest import MiB, holds, write
+from tests.facade.images import MiB, holds, write
 from tests.faults.smallfs import SmallFs
 
 

@@ -14,7 +14,7 @@ import pytest
 from engine import StorageEngine
 from engine.errors import ImageNotFound
 from engine.formats.qemu.image_tools import QemuImg
-from tests.facade.conftest import MiB, holds, prepared, run_fixes, write
+from tests.facade.images import MiB, holds, prepared, run_fixes, write
 
 REPOS = ("r1", "r2")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hostlib import formatted_repositories
+
+from tests.hosts.hostlib import formatted_repositories
 
 
 @pytest.fixture

@@ -25,12 +25,14 @@ import shutil
 import sys
 from typing import Any
 
-from hostlib import settle
+# Run as a file, it imports the suite's helpers (tests.*) from the project root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from engine import StorageEngine
 from engine.errors import StrataError
 from engine.executors.crashpoints import CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
+from tests.hosts.hostlib import settle
 
 MiB = 2**20
 

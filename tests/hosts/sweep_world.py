@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hostlib import (
+from engine import StorageEngine
+from engine.formats.qemu.image_tools import QemuImg
+from tests.hosts.hostlib import (
     Auditor,
     HostProcess,
     MiB,
@@ -27,9 +29,6 @@ from hostlib import (
     settle,
     volume_files,
 )
-
-from engine import StorageEngine
-from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 REPOS = ("r1", "r2")

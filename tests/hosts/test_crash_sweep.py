@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sweep_world import OPERATIONS, World, build_world, kill_host_a, recover_with_host_b
 
 from engine.executors import crashpoints as cp
+from tests.hosts.sweep_world import OPERATIONS, World, build_world, kill_host_a, recover_with_host_b
 
 # Every point the stage kinds pass, around every append the executor makes.
 _PRODUCING = [

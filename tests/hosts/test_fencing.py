@@ -14,17 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostlib import (
+
+from engine import StorageEngine
+from engine.errors import QemuError
+from engine.formats.qemu.image_tools import QemuImg
+from tests.hosts.hostlib import (
     MiB,
     claims,
     events,
     host_a_copying,
     temporaries,
 )
-
-from engine import StorageEngine
-from engine.errors import QemuError
-from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 

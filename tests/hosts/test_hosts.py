@@ -8,7 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hostlib import (
+
+from engine import StorageEngine
+from engine.errors import HostIdInUse
+from engine.formats.qemu.image_tools import QemuImg
+from tests.hosts.hostlib import (
     HostProcess,
     MiB,
     claims,
@@ -19,10 +23,6 @@ from hostlib import (
     records,
     snapshot_with_data,
 )
-
-from engine import StorageEngine
-from engine.errors import HostIdInUse
-from engine.formats.qemu.image_tools import QemuImg
 
 qemu = QemuImg()
 

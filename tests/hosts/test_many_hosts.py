@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from hostlib import (
+from tests.hosts.hostlib import (
     HostProcess,
     formatted_repositories,
     host_spec,

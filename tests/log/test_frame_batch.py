@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from engine.errors import StrataError
 from engine.log import batch as batch_module
 from engine.log import framing
-from engine.log.batch import NewEvent
+from engine.log.batch import EventToAppend, NewEvent
 from engine.log.group_commit import Request
 
 compiled = batch_module.compiled_frame_batch
@@ -106,11 +106,12 @@ def run(
     versions: dict[bytes | str, list[Any]],
     seq: int,
     now: int,
-) -> object:
+) -> tuple[object, list[tuple[type[BaseException], str, Any] | None]]:
+    """What framing (and then indexing) a batch gave, and each request's error."""
     saved = batch_module.fast_frame_batch, batch_module.fast_index_batch
     batch_module.fast_frame_batch = frame
     batch_module.fast_index_batch = None if frame is None else batch_module.compiled_index_batch
-    batch = [Request(list(events)) for events in requests]
+    batch: list[Request[Sequence[EventToAppend]]] = [Request(list(events)) for events in requests]
     before = repr(versions)
     try:
         framed = batch_module.frame_batch(

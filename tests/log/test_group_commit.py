@@ -38,7 +38,7 @@ class FakeLog:
             self._next += 1
 
 
-def run_threads(target: Callable[[int], None], count: int) -> None:
+def run_threads(target: Callable[[int], object], count: int) -> None:
     threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()
@@ -71,7 +71,7 @@ def interrupt_main_thread_after(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_each_of_sixteen_threads_gets_back_the_numbers_of_its_own_requests():
+def test_each_of_sixteen_threads_gets_back_the_numbers_of_its_own_requests() -> None:
     log = FakeLog()
     group = GroupCommit(log.commit, delay=0.001)
     got: dict[int, list[int]] = {}
@@ -86,7 +86,7 @@ def test_each_of_sixteen_threads_gets_back_the_numbers_of_its_own_requests():
     assert len(numbered) == 16 * 50
 
 
-def test_threads_submitting_together_share_commits():
+def test_threads_submitting_together_share_commits() -> None:
     log = FakeLog(sync_seconds=0.001)
     group = GroupCommit(log.commit, delay=0.05)
     start = threading.Barrier(8)
@@ -94,7 +94,7 @@ def test_threads_submitting_together_share_commits():
     assert len(log.batches) <= 8 * 50 / 4, "the leaders did not gather the other callers"
 
 
-def test_a_lone_caller_does_not_wait_for_the_commit_delay():
+def test_a_lone_caller_does_not_wait_for_the_commit_delay() -> None:
     group = GroupCommit(FakeLog().commit, delay=10.0)
     started = time.monotonic()
     for i in range(3):
@@ -102,7 +102,7 @@ def test_a_lone_caller_does_not_wait_for_the_commit_delay():
     assert time.monotonic() - started < 5.0
 
 
-def test_a_failed_commit_fails_every_request_of_its_batch_and_later_ones_still_commit():
+def test_a_failed_commit_fails_every_request_of_its_batch_and_later_ones_still_commit() -> None:
     log = FakeLog(fail_on=lambda payload: payload == "doomed")
     group = GroupCommit(log.commit, delay=0.05)
     log.gate.clear()  # hold the first batch so that the others queue up behind it
@@ -132,7 +132,7 @@ def test_a_failed_commit_fails_every_request_of_its_batch_and_later_ones_still_c
     assert group.submit("later") == [2]
 
 
-def test_an_interrupted_caller_is_still_committed_and_still_wakes_the_next_caller():
+def test_an_interrupted_caller_is_still_committed_and_still_wakes_the_next_caller() -> None:
     log = FakeLog()
     group = GroupCommit(log.commit, delay=0.5)
     log.gate.clear()
@@ -167,7 +167,7 @@ def test_an_interrupted_caller_is_still_committed_and_still_wakes_the_next_calle
     assert group.submit("later") == [5]
 
 
-def test_an_interrupted_gathering_leader_commits_what_it_gathered_then_raises():
+def test_an_interrupted_gathering_leader_commits_what_it_gathered_then_raises() -> None:
     log = FakeLog()
     group = GroupCommit(log.commit, delay=5.0)
     # Another thread appended a moment ago, so the main thread's leader waits for it to come

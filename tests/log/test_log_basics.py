@@ -6,12 +6,14 @@ import hashlib
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from engine.errors import ConcurrencyConflict, InvalidParameter, LogClosed, StorageError
 from engine.log import NewEvent, OperationLog, framing
+from engine.log.batch import EventToAppend
 from engine.log.group_commit import Request
 from engine.log.segments import read_header
 
@@ -31,7 +33,7 @@ def file_digests(directory: str) -> dict[str, bytes]:
     }
 
 
-def test_create_refuses_a_directory_that_already_holds_a_log(log_dir):
+def test_create_refuses_a_directory_that_already_holds_a_log(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1)])
     before = file_digests(log_dir)
@@ -42,7 +44,7 @@ def test_create_refuses_a_directory_that_already_holds_a_log(log_dir):
         assert [r.originator_id for r in log.read()] == ["a"]
 
 
-def test_a_host_id_with_a_newline_or_other_control_character_is_refused(log_dir):
+def test_a_host_id_with_a_newline_or_other_control_character_is_refused(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1)])
     before = file_digests(log_dir)
@@ -52,13 +54,13 @@ def test_a_host_id_with_a_newline_or_other_control_character_is_refused(log_dir)
     assert file_digests(log_dir) == before
 
 
-def test_create_accepts_an_existing_empty_directory(log_dir):
+def test_create_accepts_an_existing_empty_directory(log_dir: str) -> None:
     os.mkdir(log_dir)
     with OperationLog.create(log_dir, "host-a") as log:
         assert log.append([event("a", 1)]) == [1]
 
 
-def test_append_returns_the_sequence_numbers_of_its_events_in_order(log_dir):
+def test_append_returns_the_sequence_numbers_of_its_events_in_order(log_dir: str) -> None:
     aggregate = uuid.uuid4()
     with OperationLog.create(log_dir, "host-a") as log:
         assert log.append([event(aggregate, 1)]) == [1]
@@ -76,7 +78,7 @@ def test_append_returns_the_sequence_numbers_of_its_events_in_order(log_dir):
     assert {r.host_id for r in records} == {"host-a"}
 
 
-def test_a_conflicting_transaction_appends_none_of_its_events(log_dir):
+def test_a_conflicting_transaction_appends_none_of_its_events(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1), event("a", 2)])
         size = os.path.getsize(Path(log_dir, "segment-0000000001.log"))
@@ -94,7 +96,7 @@ def test_a_conflicting_transaction_appends_none_of_its_events(log_dir):
         assert log.append([event("a", 3)]) == [3]
 
 
-def test_a_new_aggregate_may_start_at_any_version(log_dir):
+def test_a_new_aggregate_may_start_at_any_version(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         assert log.append([event("late", 7)]) == [1]
         assert log.version_of("late") == 7
@@ -102,7 +104,7 @@ def test_a_new_aggregate_may_start_at_any_version(log_dir):
             log.append([event("late", 7)])
 
 
-def test_an_invalid_event_is_refused_before_anything_is_appended(log_dir):
+def test_an_invalid_event_is_refused_before_anything_is_appended(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         for bad in (
             NewEvent("a", -1, "Happened", b""),
@@ -115,7 +117,9 @@ def test_an_invalid_event_is_refused_before_anything_is_appended(log_dir):
         assert log.last_seq == 0
 
 
-def test_sixteen_threads_appending_at_once_are_all_acknowledged_in_one_contiguous_order(log_dir):
+def test_sixteen_threads_appending_at_once_are_all_acknowledged_in_one_contiguous_order(
+    log_dir: str,
+) -> None:
     acknowledged: dict[int, list[int]] = {}
 
     def append_hundred(log: OperationLog, n: int) -> None:
@@ -139,7 +143,7 @@ def test_sixteen_threads_appending_at_once_are_all_acknowledged_in_one_contiguou
         ]
 
 
-def test_threads_racing_for_one_aggregate_each_win_distinct_versions(log_dir):
+def test_threads_racing_for_one_aggregate_each_win_distinct_versions(log_dir: str) -> None:
     # Racing appends land in the same group commit: the log must refuse all but one of those
     # that claim the same version, even though none of them is on disk yet.
     conflicts = [0] * 8
@@ -168,7 +172,7 @@ def test_threads_racing_for_one_aggregate_each_win_distinct_versions(log_dir):
     assert sum(conflicts) > 0, "the threads never raced"
 
 
-def test_a_full_segment_rolls_over_to_a_new_one_that_continues_the_chain(log_dir):
+def test_a_full_segment_rolls_over_to_a_new_one_that_continues_the_chain(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a", segment_size=4096) as log:
         for v in range(1, 41):
             log.append([event("a", v, os.urandom(300))])
@@ -196,7 +200,7 @@ def test_a_full_segment_rolls_over_to_a_new_one_that_continues_the_chain(log_dir
         assert header.prev_hash == first.prev_hash, f"segment {number} does not link"
 
 
-def test_listeners_are_woken_by_an_append(log_dir):
+def test_listeners_are_woken_by_an_append(log_dir: str) -> None:
     woken = threading.Event()
     with OperationLog.create(log_dir, "host-a") as log:
         log.listen(woken)
@@ -209,7 +213,7 @@ def test_listeners_are_woken_by_an_append(log_dir):
         assert not woken.is_set()
 
 
-def test_refresh_shows_what_another_instance_appended(log_dir):
+def test_refresh_shows_what_another_instance_appended(log_dir: str) -> None:
     woken = threading.Event()
     with (
         OperationLog.create(log_dir, "host-a") as writer,
@@ -224,7 +228,7 @@ def test_refresh_shows_what_another_instance_appended(log_dir):
         assert reader.version_of("a") == 2
 
 
-def test_two_instances_in_one_process_exclude_each_other_like_two_processes(log_dir):
+def test_two_instances_in_one_process_exclude_each_other_like_two_processes(log_dir: str) -> None:
     with (
         OperationLog.create(log_dir, "host-a") as one,
         OperationLog.open(log_dir, "host-b") as two,
@@ -262,7 +266,7 @@ def test_two_instances_in_one_process_exclude_each_other_like_two_processes(log_
         )
 
 
-def test_a_closed_log_refuses_appends_and_reads(log_dir):
+def test_a_closed_log_refuses_appends_and_reads(log_dir: str) -> None:
     log = OperationLog.create(log_dir, "host-a")
     log.append([event("a", 1)])
     log.close()
@@ -272,7 +276,7 @@ def test_a_closed_log_refuses_appends_and_reads(log_dir):
         log.read()
 
 
-def test_reads_filter_by_range_limit_and_aggregate(log_dir):
+def test_reads_filter_by_range_limit_and_aggregate(log_dir: str) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         for v in range(1, 6):
             log.append([event("a", v), event("b", v)])
@@ -286,7 +290,7 @@ def test_reads_filter_by_range_limit_and_aggregate(log_dir):
         assert log.events_of("nobody") == []
 
 
-def test_a_segment_temporary_left_by_a_crash_is_removed_by_the_next_appender(log_dir):
+def test_a_segment_temporary_left_by_a_crash_is_removed_by_the_next_appender(log_dir: str) -> None:
     # A writer killed inside a roll-over leaves ".segment-N.log.<pid>.tmp" (seen in the kill
     # trials of test_log_processes.py); segments.py promises the next appender removes it.
     with OperationLog.create(log_dir, "host-a") as log:
@@ -296,14 +300,18 @@ def test_a_segment_temporary_left_by_a_crash_is_removed_by_the_next_appender(log
     assert not stale.exists()
 
 
-def test_a_limit_of_zero_returns_no_records_from_events_of_as_it_does_from_read(log_dir):
+def test_a_limit_of_zero_returns_no_records_from_events_of_as_it_does_from_read(
+    log_dir: str,
+) -> None:
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1), event("a", 2)])
         assert log.read(1, limit=0) == []
         assert log.events_of("a", limit=0) == []
 
 
-def test_a_failed_sync_is_undone_and_the_log_goes_on(log_dir, monkeypatch):
+def test_a_failed_sync_is_undone_and_the_log_goes_on(
+    log_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A sync that fails leaves the records' fate unknown: they are cut off again under the
     lock, so that nobody reads them as committed, the caller gets a typed error, and the next
     append works once the storage does."""
@@ -323,7 +331,9 @@ def test_a_failed_sync_is_undone_and_the_log_goes_on(log_dir, monkeypatch):
         assert [r.originator_id for r in log.read()] == ["first", "after"]
 
 
-def test_an_interrupted_sync_leaves_the_append_to_be_read_again(log_dir, monkeypatch):
+def test_an_interrupted_sync_leaves_the_append_to_be_read_again(
+    log_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Interrupted between write and sync, the append may or may not be on the disk: the
     next append reads the tail again rather than write over records a reader may have seen."""
     with OperationLog.create(log_dir, "host-a") as log:
@@ -343,12 +353,12 @@ def test_an_interrupted_sync_leaves_the_append_to_be_read_again(log_dir, monkeyp
         assert [r.originator_id for r in log.read()] == ["first", "unsure", "after"]
 
 
-def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir):
+def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir: str) -> None:
     """One batch, as a group commit hands it over: a refused request keeps no record and no
     claim, and the requests after it are checked against what the others claimed."""
     with OperationLog.create(log_dir, "host-a") as log:
         log.append([event("a", 1)])
-        requests = [
+        requests: list[Request[Sequence[EventToAppend]]] = [
             Request([event("a", 2), event("b", 1)]),
             Request([event("b", 2), event("c", 1), event("a", 2)]),  # a is at 2 by now: refused
             Request([event("c", 1), event("b", 2)]),  # c and b as if the refused one never was
@@ -367,12 +377,14 @@ def test_a_refused_request_in_a_group_gives_back_the_versions_it_claimed(log_dir
         assert [r.seq for r in reopened.read()] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_record_too_large_is_refused_alone_and_the_rest_of_its_group_is_written(log_dir):
+def test_a_record_too_large_is_refused_alone_and_the_rest_of_its_group_is_written(
+    log_dir: str,
+) -> None:
     """The size limit of a record (framing.MAX_PAYLOAD) refuses that request with a typed
     error, as a conflict does; the other requests of the group are not at fault."""
     too_large = event("big", 1, bytes(framing.MAX_PAYLOAD))
     with OperationLog.create(log_dir, "host-a") as log:
-        requests = [
+        requests: list[Request[Sequence[EventToAppend]]] = [
             Request([event("a", 1)]),
             Request([event("b", 1), too_large]),
             Request([event("b", 1)]),  # b as if the refused request never was

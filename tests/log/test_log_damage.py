@@ -13,6 +13,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import msgpack
 import pytest
@@ -109,8 +110,8 @@ def build_for_truncation(directory: str, last: str) -> tuple[list[tuple[object, 
 
 @pytest.mark.parametrize("last", ["has one event", "has three events", "opens a new segment"])
 def test_a_last_transaction_cut_at_any_byte_is_a_torn_tail_that_the_next_append_replaces(
-    tmp_path, last
-):
+    tmp_path: Path, last: str
+) -> None:
     original = str(tmp_path / "original")
     before, txn = build_for_truncation(original, last)
     txn_bytes = segment(original, txn.segment).read_bytes()[txn.start : txn.end]
@@ -132,7 +133,9 @@ def test_a_last_transaction_cut_at_any_byte_is_a_torn_tail_that_the_next_append_
         shutil.rmtree(copy)
 
 
-def test_zeros_after_the_last_record_are_a_torn_tail_that_the_next_append_cuts(log_dir):
+def test_zeros_after_the_last_record_are_a_torn_tail_that_the_next_append_cuts(
+    log_dir: str,
+) -> None:
     rng = random.Random(3)
     with OperationLog.create(log_dir, "writer") as log:
         append_transactions(log, [1, 2, 1], rng)
@@ -152,7 +155,7 @@ def test_zeros_after_the_last_record_are_a_torn_tail_that_the_next_append_cuts(l
     assert summary(read_all(log_dir))[:-1] == before
 
 
-def test_a_last_record_whose_later_sectors_never_reached_the_disk_is_torn(log_dir):
+def test_a_last_record_whose_later_sectors_never_reached_the_disk_is_torn(log_dir: str) -> None:
     rng = random.Random(4)
     with OperationLog.create(log_dir, "writer") as log:
         append_transactions(log, [1, 1], rng)
@@ -171,7 +174,7 @@ def test_a_last_record_whose_later_sectors_never_reached_the_disk_is_torn(log_di
     assert summary(read_all(log_dir))[:-1] == before
 
 
-def test_zeros_after_a_rolled_over_segment_are_damage(log_dir):
+def test_zeros_after_a_rolled_over_segment_are_damage(log_dir: str) -> None:
     rng = random.Random(5)
     with OperationLog.create(log_dir, "writer", segment_size=SEGMENT_SIZE) as log:
         append_transactions(log, [1] * 40, rng)
@@ -184,7 +187,9 @@ def test_zeros_after_a_rolled_over_segment_are_damage(log_dir):
     assert (caught.value.segment, caught.value.offset) == (1, size)
 
 
-def test_zeros_after_a_rolled_over_segment_are_damage_to_a_writer_that_had_the_log_open(log_dir):
+def test_zeros_after_a_rolled_over_segment_are_damage_to_a_writer_that_had_the_log_open(
+    log_dir: str,
+) -> None:
     # The same damage as above, met by a process that opened the log before the roll-over: under
     # the lock it must not cut a segment that a later one follows, which would hide the damage.
     rng = random.Random(5)
@@ -207,7 +212,7 @@ def test_zeros_after_a_rolled_over_segment_are_damage_to_a_writer_that_had_the_l
 
 
 @pytest.fixture(scope="module")
-def flippable(tmp_path_factory) -> tuple[str, list[Frame], dict[int, int]]:
+def flippable(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Frame], dict[int, int]]:
     """A 50-record log over three segments; its last transaction is a single event."""
     directory = str(tmp_path_factory.mktemp("flips") / "log")
     rng = random.Random(11)
@@ -238,7 +243,9 @@ def flip_and_open(directory: str, number: int, offset: int, mask: int) -> Strata
     return None
 
 
-def test_every_byte_flipped_in_a_record_before_the_tail_is_reported_at_its_frame(flippable):
+def test_every_byte_flipped_in_a_record_before_the_tail_is_reported_at_its_frame(
+    flippable: tuple[str, list[Frame], dict[int, int]],
+) -> None:
     directory, frames, _ = flippable
     rng = random.Random(12)
     before_tail = frames[:-1]
@@ -257,7 +264,9 @@ def test_every_byte_flipped_in_a_record_before_the_tail_is_reported_at_its_frame
     assert len(read_all(directory)) == 50  # every flip was undone
 
 
-def test_every_byte_flipped_in_a_segment_header_is_reported(flippable):
+def test_every_byte_flipped_in_a_segment_header_is_reported(
+    flippable: tuple[str, list[Frame], dict[int, int]],
+) -> None:
     directory, _, starts = flippable
     rng = random.Random(13)
     missed = []
@@ -278,7 +287,9 @@ def test_every_byte_flipped_in_a_segment_header_is_reported(flippable):
     assert missed == [], f"{len(missed)} header flips not reported, e.g. {missed[:5]}"
 
 
-def test_a_byte_flipped_under_an_open_log_is_reported_when_read_never_returned(log_dir):
+def test_a_byte_flipped_under_an_open_log_is_reported_when_read_never_returned(
+    log_dir: str,
+) -> None:
     rng = random.Random(14)
     with OperationLog.create(log_dir, "writer") as log:
         append_transactions(log, [1] * 10, rng)
@@ -300,7 +311,7 @@ def test_a_byte_flipped_under_an_open_log_is_reported_when_read_never_returned(l
 
 
 @pytest.fixture
-def three_segments(log_dir) -> str:
+def three_segments(log_dir: str) -> str:
     rng = random.Random(21)
     with OperationLog.create(log_dir, "writer", segment_size=SEGMENT_SIZE) as log:
         append_transactions(log, [1, 2, 3] * 7, rng)
@@ -314,29 +325,29 @@ def open_fails_at(directory: str) -> tuple[int, int]:
     return caught.value.segment, caught.value.offset
 
 
-def test_a_deleted_middle_segment_is_reported(three_segments):
+def test_a_deleted_middle_segment_is_reported(three_segments: str) -> None:
     segment(three_segments, 2).unlink()
     assert open_fails_at(three_segments) == (2, 0)
 
 
-def test_a_deleted_first_segment_is_reported(three_segments):
+def test_a_deleted_first_segment_is_reported(three_segments: str) -> None:
     segment(three_segments, 1).unlink()
     assert open_fails_at(three_segments) == (1, 0)
 
 
-def test_segments_swapped_by_name_are_reported(three_segments):
+def test_segments_swapped_by_name_are_reported(three_segments: str) -> None:
     segment(three_segments, 2).rename(Path(three_segments, "swap"))
     segment(three_segments, 3).rename(segment(three_segments, 2))
     Path(three_segments, "swap").rename(segment(three_segments, 3))
     assert open_fails_at(three_segments) == (2, 0)
 
 
-def test_a_segment_renamed_past_a_gap_is_reported(three_segments):
+def test_a_segment_renamed_past_a_gap_is_reported(three_segments: str) -> None:
     segment(three_segments, 3).rename(segment(three_segments, 4))
     assert open_fails_at(three_segments) == (3, 0)
 
 
-def test_a_segment_copied_from_another_log_is_reported(three_segments, tmp_path):
+def test_a_segment_copied_from_another_log_is_reported(three_segments: str, tmp_path: Path) -> None:
     other = str(tmp_path / "other")
     with OperationLog.create(other, "elsewhere", segment_size=SEGMENT_SIZE) as log:
         append_transactions(log, [1, 2, 3] * 7, random.Random(21))
@@ -356,8 +367,8 @@ def resign(directory: str, f: Frame, state: bytes) -> int:
 
 
 def test_a_record_rewritten_with_valid_checksums_breaks_the_chain_at_its_successor(
-    three_segments,
-):
+    three_segments: str,
+) -> None:
     _, frames = layout(three_segments)
     victim, successor = frames[4], frames[5]
     assert victim.segment == successor.segment == 1
@@ -366,8 +377,8 @@ def test_a_record_rewritten_with_valid_checksums_breaks_the_chain_at_its_success
 
 
 def test_a_segments_last_record_rewritten_with_valid_checksums_breaks_the_next_segment(
-    three_segments,
-):
+    three_segments: str,
+) -> None:
     _, frames = layout(three_segments)
     victim = [f for f in frames if f.segment == 1][-1]
     resign(three_segments, victim, b"a different past")
@@ -377,7 +388,10 @@ def test_a_segments_last_record_rewritten_with_valid_checksums_breaks_the_next_s
 # --- not a log at all -----------------------------------------------------------------------
 
 
-def refuses_untouched(path: Path, error: type[StrataError]) -> StrataError:
+E = TypeVar("E", bound=StrataError)
+
+
+def refuses_untouched(path: Path, error: type[E]) -> E:
     watched = path if path.is_dir() else path.parent
     before = tree(watched)
     with pytest.raises(error) as caught:
@@ -386,26 +400,26 @@ def refuses_untouched(path: Path, error: type[StrataError]) -> StrataError:
     return caught.value
 
 
-def test_an_empty_directory_is_not_a_log(tmp_path):
+def test_an_empty_directory_is_not_a_log(tmp_path: Path) -> None:
     refuses_untouched(tmp_path, NotAStrataLog)
 
 
-def test_a_missing_directory_is_not_a_log(tmp_path):
+def test_a_missing_directory_is_not_a_log(tmp_path: Path) -> None:
     refuses_untouched(tmp_path / "nowhere", NotAStrataLog)
 
 
-def test_a_file_is_not_a_log(tmp_path):
+def test_a_file_is_not_a_log(tmp_path: Path) -> None:
     path = tmp_path / "segment-0000000001.log"
     path.write_bytes(b"just a file")
     refuses_untouched(path, NotAStrataLog)
 
 
-def test_a_directory_with_a_foreign_file_named_like_a_segment_is_not_a_log(tmp_path):
+def test_a_directory_with_a_foreign_file_named_like_a_segment_is_not_a_log(tmp_path: Path) -> None:
     segment(tmp_path, 1).write_bytes(os.urandom(300))
     refuses_untouched(tmp_path, NotAStrataLog)
 
 
-def test_a_log_of_a_later_format_version_is_refused_untouched(log_dir):
+def test_a_log_of_a_later_format_version_is_refused_untouched(log_dir: str) -> None:
     with OperationLog.create(log_dir, "writer") as log:
         append_transactions(log, [1, 2], random.Random(31))
     path = segment(log_dir, 1)
@@ -416,7 +430,7 @@ def test_a_log_of_a_later_format_version_is_refused_untouched(log_dir):
     assert error.version == 99
 
 
-def test_a_later_format_version_is_refused_before_anything_is_created(tmp_path):
+def test_a_later_format_version_is_refused_before_anything_is_created(tmp_path: Path) -> None:
     # What a newer Strata might leave: its first segment, with a preamble this version reads.
     data = bytearray(os.urandom(200))
     struct.pack_into(">8sHHII", data, 0, b"STRATLOG", 99, 0, 100, 0)

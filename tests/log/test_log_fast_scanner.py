@@ -140,7 +140,8 @@ def a_bin(draw: st.DrawFn, data: bytes | None = None) -> bytes:
 
 
 def packed(value: object) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    out: bytes = msgpack.packb(value, use_bin_type=True)
+    return out
 
 
 # Values the Python loop takes where the common shape has something else, and damage.
@@ -292,6 +293,7 @@ def test_both_scanners_read_a_sound_log_alike_wherever_it_is_cut_or_flipped(
 
 @needs_compiled
 def test_the_compiled_scanner_reads_every_frame_of_the_common_shape() -> None:
+    assert compiled is not None
     buf = sound_log(500, first=10, prev=digest(b"x"))
     records: list[Record] = []
     offsets: list[int] = []
@@ -308,9 +310,10 @@ def test_the_compiled_scanner_reads_every_frame_of_the_common_shape() -> None:
 
 @needs_compiled
 def test_the_compiled_scanner_stops_before_a_frame_it_is_not_sure_of() -> None:
+    assert compiled is not None
     good = sound_log(3)
     chain = scan(good, 0, 1, 1, ZERO_HASH).last_hash
-    record = Record(4, chain, 12, 0, True, b"k" * 16, 1, "t", b"")  # a host id that is an int
+    record = Record(4, chain, 12, 0, True, b"k" * 16, 1, "t", b"")  # type: ignore[arg-type]  # an int host id
     records: list[Record] = []
 
     state = compiled(
@@ -403,7 +406,12 @@ def test_hashing_ahead_lets_other_threads_run() -> None:
         hash_frames(buf)
         alone = time.perf_counter() - started
         done = threading.Event()
-        worker = threading.Thread(target=lambda: (hash_frames(buf), done.set()))
+
+        def hash_then_say_so() -> None:
+            hash_frames(buf)
+            done.set()
+
+        worker = threading.Thread(target=hash_then_say_so)
         longest, last = 0.0, time.perf_counter()
         worker.start()
         while not done.is_set():

@@ -135,7 +135,7 @@ class LogAgainstModel(RuleBasedStateMachine):
         ),
         start=st.integers(0, 5),
     )
-    def append(self, txn, start):
+    def append(self, txn: list[tuple[uuid.UUID | str, str, str, bytes]], start: int) -> None:
         known = self.versions()
         versions: dict[uuid.UUID | str, int] = {}
         events, conflict = [], False
@@ -149,18 +149,19 @@ class LogAgainstModel(RuleBasedStateMachine):
         self.append_and_expect(events, conflict)
 
     @rule(aggregate=st.sampled_from(AGGREGATES), size=st.integers(1000, 3000))
-    def append_a_large_event(self, aggregate, size):
+    def append_a_large_event(self, aggregate: uuid.UUID | str, size: int) -> None:
         version = self.versions().get(aggregate, 0) + 1
         state = bytes(i % 253 for i in range(size))
         self.append_and_expect([NewEvent(aggregate, version, "Filled", state)], False)
 
     @rule()
-    def reopen(self):
+    def reopen(self) -> None:
         self.reopen_as_a_new_process()
 
     @precondition(lambda self: self.newest is not None)
     @rule(data=st.data())
-    def crash_inside_the_newest_transaction(self, data):
+    def crash_inside_the_newest_transaction(self, data: st.DataObject) -> None:
+        assert self.newest is not None  # the precondition
         first, last = self.newest
         event(f"crash in segment {min(int(self.newest_in[-14:-4]), 3)}")
         length = sum(len(frame(encode_payload(r))) for r in self.log.read(first, last))
@@ -194,7 +195,7 @@ class LogAgainstModel(RuleBasedStateMachine):
         stop=st.none() | st.integers(-1, 120),
         limit=st.none() | st.integers(0, 10),
     )
-    def read_a_range(self, start, stop, limit):
+    def read_a_range(self, start: int, stop: int | None, limit: int | None) -> None:
         want = [
             (seq, e)
             for seq, e in enumerate(self.model, start=1)
@@ -210,7 +211,14 @@ class LogAgainstModel(RuleBasedStateMachine):
         desc=st.booleans(),
         limit=st.none() | st.integers(1, 5),
     )
-    def read_an_aggregate(self, aggregate, gt, lte, desc, limit):
+    def read_an_aggregate(
+        self,
+        aggregate: uuid.UUID | str,
+        gt: int | None,
+        lte: int | None,
+        desc: bool,
+        limit: int | None,
+    ) -> None:
         want = [
             e
             for e in self.model
@@ -223,7 +231,7 @@ class LogAgainstModel(RuleBasedStateMachine):
         assert [expected(r) for r in got] == want
 
     @invariant()
-    def the_log_holds_exactly_the_model(self):
+    def the_log_holds_exactly_the_model(self) -> None:
         records = list(self.log.iter_records(batch=7))
         assert [expected(r) for r in records] == self.model
         assert [r.seq for r in records] == list(range(1, len(self.model) + 1))

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from engine.log import NewEvent, OperationLog, Record
 
@@ -39,7 +40,7 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
     line = proc.stdout.readline()
     if line != "ready\n":
         proc.kill()
-        raise AssertionError(f"{proc.args} did not start: {line!r} {proc.communicate()[1]}")
+        raise AssertionError(f"{proc.args!r} did not start: {line!r} {proc.communicate()[1]}")
 
 
 def tell(proc: subprocess.Popen[str], line: object) -> None:
@@ -49,13 +50,13 @@ def tell(proc: subprocess.Popen[str], line: object) -> None:
         proc.stdin.flush()
     except BrokenPipeError:
         _, err = proc.communicate(timeout=TIMEOUT)
-        raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{err}") from None
+        raise AssertionError(f"{proc.args!r} exited {proc.returncode}:\n{err}") from None
 
 
-def result_of(proc: subprocess.Popen[str]) -> dict[str, object]:
+def result_of(proc: subprocess.Popen[str]) -> dict[str, Any]:
     out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}:\n{err}"
-    result: dict[str, object] = json.loads(out.splitlines()[-1])
+    assert proc.returncode == 0, f"{proc.args!r} exited {proc.returncode}:\n{err}"
+    result: dict[str, Any] = json.loads(out.splitlines()[-1])  # the script's JSON line
     return result
 
 
@@ -81,7 +82,9 @@ def all_records(directory: Path) -> list[Record]:
         return list(log.iter_records())
 
 
-def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees(tmp_path):
+def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees(
+    tmp_path: Path,
+) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator").close()
     follower = start(READER, "follow", directory, "follower", TIMEOUT)
@@ -116,7 +119,7 @@ def test_four_processes_appending_at_once_leave_one_order_that_every_reader_sees
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_path):
+def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator", segment_size=16_384).close()
     follower = start(READER, "follow", directory, "follower", TIMEOUT)
@@ -126,7 +129,7 @@ def test_a_follower_never_sees_part_of_a_transaction_while_writers_append(tmp_pa
         wait_ready(writer)
     for writer in writers:
         tell(writer, "go")
-    total = sum(int(result_of(writer)["events"]) for writer in writers)  # type: ignore[call-overload]
+    total = sum(int(result_of(writer)["events"]) for writer in writers)
     tell(follower, total)
     followed = result_of(follower)  # reader.py raises (non-zero exit) on a partial transaction
 
@@ -228,7 +231,7 @@ class KilledWriters:
         assert self.acknowledged, "no child lived to see an append acknowledged"
 
 
-def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path):
+def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path: Path) -> None:
     rng = random.Random(4021)
     writers = KilledWriters(tmp_path / "log")
     for n in range(20):
@@ -238,7 +241,9 @@ def test_writers_killed_at_random_moments_lose_no_acknowledged_append(tmp_path):
     writers.check_all()
 
 
-def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_append(tmp_path):
+def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_append(
+    tmp_path: Path,
+) -> None:
     rng = random.Random(4022)
     writers = KilledWriters(tmp_path / "log")
     # Each kill lands mid-write only when the parent wins a race, so try until a few did.
@@ -249,7 +254,7 @@ def test_writers_killed_in_the_middle_of_a_large_write_lose_no_acknowledged_appe
     shutil.rmtree(writers.directory)  # tens of megabytes nobody needs to inspect
 
 
-def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path):
+def test_strata_log_verify_passes_on_a_log_that_several_processes_wrote(tmp_path: Path) -> None:
     directory = tmp_path / "log"
     OperationLog.create(str(directory), "creator", segment_size=4096).close()
     writers = [start(APPENDER, "txns", directory, f"writer-{n}", 100, n) for n in range(2)]

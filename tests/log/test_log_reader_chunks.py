@@ -189,8 +189,8 @@ def test_a_record_that_decodes_to_a_map_is_reported_as_damage() -> None:
     assert raised.value.fields["offset"] == 100
 
 
-def records_start(segment: bytes) -> int:
-    return SEGMENT_PREAMBLE.size + SEGMENT_PREAMBLE.unpack_from(segment)[3]
+def records_start(segment: bytes | bytearray) -> int:
+    return SEGMENT_PREAMBLE.size + int(SEGMENT_PREAMBLE.unpack_from(segment)[3])
 
 
 def _frame_ends(body: bytes) -> Iterator[int]:
@@ -202,7 +202,7 @@ def _frame_ends(body: bytes) -> Iterator[int]:
 
 def test_a_broken_chain_is_reported_whatever_the_aggregate_id_is() -> None:
     # An id the writer never makes, which readers still take (a msgpack nil).
-    record = Record(1, digest(b"not the chain"), "host", 0, True, None, 1, "t", b"")
+    record = Record(1, digest(b"not the chain"), "host", 0, True, None, 1, "t", b"")  # type: ignore[arg-type]
     buf = frame(encode_payload(record))
 
     with pytest.raises(LogCorrupted, match="hash chain broken") as raised:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.log_tools.conftest import Story, data, one_line_error, strata_log
+from tests.log_tools.cli import Story, data, one_line_error, strata_log
 
 
 def test_export_writes_images_events_fixes_hosts_and_claims_as_sqlite_tables(

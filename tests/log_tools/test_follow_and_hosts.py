@@ -11,7 +11,7 @@ from pathlib import Path
 
 from engine import StorageEngine
 from engine.log.reader import ReadOnlyLog
-from tests.log_tools.conftest import Story, data, strata_log
+from tests.log_tools.cli import Story, data, strata_log
 
 MiB = 2**20
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from log_tools.graph import DRAWN_NODES
-from tests.log_tools.conftest import one_line_error, strata_log
+from tests.log_tools.cli import one_line_error, strata_log
 from tests.log_tools.many_images import write_disks
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is missing")

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from tests.log_tools.conftest import Story, data, strata_log
+from tests.log_tools.cli import Story, data, strata_log
 
 # What the facade's get_image_info and get_image_status said, as replay names it.
-REPORTED = ("kind", "size", "user_data", "chain_depth", "status", "stage", "percent_complete")
-REPORTED += ("host_id", "last_error")
+REPORTED: tuple[str, ...] = ("kind", "size", "user_data", "chain_depth", "status", "stage")
+REPORTED += ("percent_complete", "host_id", "last_error")
 POINTS = [
     "web made",
     "snapshot, clone and a held disk",

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import small_fs  # noqa: F401  (the fixture, used by name)
 from tests.faults.smallfs import FILLER, SmallFs
-from tests.log_tools.conftest import Story, one_line_error, strata_log
+from tests.log_tools.cli import Story, one_line_error, strata_log
 from tests.log_tools.many_images import write_disks
 
 
@@ -72,7 +71,11 @@ def test_export_or_graph_into_the_repository_is_refused(log_copy: Path, where: s
     before = listing(log_copy)
     for path in (log_copy, log_copy / "log"):
         target = log_copy / where
-        for command in (["export", path, target, "--replace"], ["graph", path, "-o", target]):
+        commands: list[list[str | Path]] = [
+            ["export", path, target, "--replace"],
+            ["graph", path, "-o", target],
+        ]
+        for command in commands:
             one_line_error(strata_log(*command), 2, str(target), "which the tools only read")
     assert listing(log_copy) == before
 
@@ -90,7 +93,7 @@ def test_export_replacing_a_directory_says_so_and_leaves_nothing(
 
 
 def test_export_that_fills_the_disk_midway_leaves_no_file_behind(
-    small_fs: Callable[..., SmallFs],  # noqa: F811
+    small_fs: Callable[..., SmallFs],
     tmp_path: Path,
 ) -> None:
     repo = tmp_path / "repo"

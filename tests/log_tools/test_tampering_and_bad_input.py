@@ -14,7 +14,7 @@ import pytest
 from engine.log import framing, segments
 from engine.log.framing import Record
 from engine.log.scan import scan
-from tests.log_tools.conftest import Story, one_line_error, strata_log
+from tests.log_tools.cli import Story, one_line_error, strata_log
 
 SEGMENT = 2  # a segment in the middle: damage there is never a torn tail
 

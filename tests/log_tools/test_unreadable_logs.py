@@ -19,18 +19,19 @@ from pathlib import Path
 import pytest
 
 from engine.log import segments
-from tests.log_tools.conftest import Story, one_line_error, strata_log
+from tests.log_tools.cli import Story, one_line_error, strata_log
 
 COMMANDS = ["verify", "dump", "history", "replay", "export", "graph", "hosts", "follow"]
 
 
 def arguments(name: str, story: Story, out: Path) -> list[str | Path]:
     """What ``name`` takes after PATH."""
-    return {
+    takes: dict[str, list[str | Path]] = {
         "history": [story.ids["web"]],
         "export": [out / "strata.sqlite"],
         "follow": ["--timeout", "0.3"],
-    }.get(name, [])
+    }
+    return takes.get(name, [])
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -143,7 +144,11 @@ def test_an_output_the_user_may_not_write_is_refused_in_one_line(
     repo, _ = owned_by_nobody(story, shared_dir)
     closed = shared_dir / "closed"
     closed.mkdir(mode=0o755)  # root's: nobody may not create a file in it
-    for command in (["export", closed / "x.sqlite"], ["graph", "-o", closed / "g.dot"]):
+    commands: list[list[str | Path]] = [
+        ["export", closed / "x.sqlite"],
+        ["graph", "-o", closed / "g.dot"],
+    ]
+    for command in commands:
         name, *rest = command
         done = as_nobody(name, repo, *rest)
         one_line_error(done, 3, "tool_failed", f"cannot write {rest[-1]}", "Permission denied")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eventsourcing.persistence import InfrastructureFactory, ProcessRecorder, StoredEvent
+from eventsourcing.persistence import InfrastructureFactory, ProcessRecorder, StoredEvent, Tracking
 
 # The module, not its classes: pytest would collect an imported TestCase class as a test too.
 from eventsourcing.tests import persistence as contract
@@ -213,7 +213,7 @@ def test_recording_tracking_with_events_is_refused_rather_than_dropped(tmp_path:
     with pytest.raises(NotSupported):
         recorder.insert_events(
             [StoredEvent(uuid.uuid4(), 1, "t", b"")],
-            tracking=contract.Tracking("upstream", 1),
+            tracking=Tracking("upstream", 1),
         )
     assert recorder.max_notification_id() is None
     log.close()

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from projection_log import Repo
+
+from tests.projections.projection_log import Repo
 
 
 @pytest.fixture

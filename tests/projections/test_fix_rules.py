@@ -10,7 +10,6 @@ from collections.abc import Iterable
 
 import msgpack
 import pytest
-from projection_log import Repo, new_ref
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -21,6 +20,7 @@ from engine.projections.fix_tokens import _op_id as op_id
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
 from engine.types import Fix
+from tests.projections.projection_log import Repo, new_ref
 
 MiB = 2**20
 

@@ -7,11 +7,10 @@ import sqlite3
 import uuid
 from pathlib import Path
 
-from projection_log import Repo
-
 from engine.projections.folded_state import to_state
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
+from tests.projections.projection_log import Repo
 
 
 def states(view: RepositoryView) -> dict[uuid.UUID, object]:

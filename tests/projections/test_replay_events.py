@@ -9,14 +9,18 @@ from typing import Any
 
 import msgpack
 import pytest
-from eventsourcing.persistence import Mapper, MapperDeserialisationError
+from eventsourcing.persistence import (
+    Mapper,
+    MapperDeserialisationError,
+    TranscodingNotRegisteredError,
+)
 from eventsourcing.utils import TopicError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.aggregates.image import Image
 from engine.log.framing import Record, key_of
-from engine.persistence.transcoder import TranscodingNotRegisteredError, default_transcoder
+from engine.persistence.transcoder import default_transcoder
 from engine.projections.log_events import new_mapper, record_decoder, to_event
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
@@ -55,7 +59,8 @@ def record_of(mapper: Mapper[Any], event: Any) -> Record:
 
 
 def image_events(user_data: Any, snapshot_id: uuid.UUID | None) -> list[Image.Event]:
-    image_id, common = uuid.uuid4(), {"timestamp": NOW, "host_id": "host-a"}
+    image_id = uuid.uuid4()
+    common: dict[str, Any] = {"timestamp": NOW, "host_id": "host-a"}
     return [
         Image.ImageRequested(
             originator_id=image_id, originator_version=1, kind="virtual-disk", size=1,
@@ -78,7 +83,8 @@ def image_events(user_data: Any, snapshot_id: uuid.UUID | None) -> list[Image.Ev
 def test_an_event_decodes_as_the_library_s_mapper_decodes_it(
     user_data: Any, snapshot_id: uuid.UUID | None
 ) -> None:
-    library, replay = Mapper(default_transcoder()), new_mapper()
+    library: Mapper[Any] = Mapper(default_transcoder())
+    replay = new_mapper()
     for event in image_events(user_data, snapshot_id):
         record = record_of(library, event)
         expected = library.to_domain_event(library.to_stored_event(event))

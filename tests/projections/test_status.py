@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import uuid
 
-from projection_log import GiB, Repo, new_op_id, new_ref
-
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.projections.status import image_status
 from engine.types import ImageStatus
+from tests.projections.projection_log import GiB, Repo, new_op_id, new_ref
 
 
 def status_of(repo: Repo, image_id: uuid.UUID, lost: tuple[str, ...] = ()) -> ImageStatus:

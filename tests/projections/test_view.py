@@ -6,12 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from projection_log import Repo
-
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.projections.folded_state import to_state
 from engine.projections.view import RepositoryView
+from tests.projections.projection_log import Repo
 
 
 def test_the_view_holds_the_same_state_as_the_aggregate_loaded_from_the_log(repo: Repo) -> None:

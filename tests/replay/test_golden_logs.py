@@ -28,8 +28,8 @@ from engine.projections.point_in_time import Until, replay
 GOLDEN = Path(__file__).with_name("golden")
 LOGS = sorted(p.parent for p in GOLDEN.glob("*/expected.json"))
 # What the facade reported of each image, as replay names it.
-COMPARED = ("kind", "size", "user_data", "created", "chain_depth", "status", "stage")
-COMPARED += ("percent_complete", "host_id", "last_error")
+COMPARED: tuple[str, ...] = ("kind", "size", "user_data", "created", "chain_depth", "status")
+COMPARED += ("stage", "percent_complete", "host_id", "last_error")
 
 
 def expected(golden: Path) -> dict[str, Any]:
