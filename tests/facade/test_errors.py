@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import errno
 import json
+import sqlite3
 import uuid
 
 import pytest
 
 import engine.errors
+from engine.boundary import translate
 from engine.errors import (
     ClaimLost,
     CommitUnknown,
@@ -481,3 +483,19 @@ def test_a_sqlite_error_becomes_a_storage_error_without_an_errno() -> None:
     error = sqlite_error(Exception("database or disk is full"), "Saving", "this host's read model")
     assert type(error) is StorageFull
     assert (error.path, error.errno) == ("this host's read model", 0)
+
+
+def test_the_boundary_gives_a_typed_error_for_whatever_it_meets() -> None:
+    own = StaleFix("image x changed since the check")
+    assert translate(own, "Fix storage repository") is own
+    full = translate(OSError(errno.ENOSPC, "No space left on device"), "Create virtual disk")
+    assert isinstance(full, StorageFull)
+    assert (full.doing, full.errno) == ("Create virtual disk", errno.ENOSPC)
+    read_only = translate(
+        sqlite3.OperationalError("attempt to write a readonly database"), "Connect"
+    )
+    assert isinstance(read_only, StorageReadOnly)
+    assert (read_only.path, read_only.errno) == ("this host's read model", 0)
+    bug = translate(KeyError("x"), "Get image status")
+    assert isinstance(bug, InternalError)
+    assert (bug.doing, bug.detail) == ("Get image status", "KeyError: 'x'")
