@@ -357,7 +357,7 @@ class StorageEngine(ImageCommands):
             if self._settled(repo.view, image):
                 return self._status(repo, image)
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if timeout is not None and remaining is not None and remaining <= 0:
                 status = self._status(repo, image)
                 raise WaitTimeout(
                     f"stage {status.stage}, {status.percent_complete}%",
@@ -436,7 +436,7 @@ class StorageEngine(ImageCommands):
                 own = os.path.relpath(repo.storage.volume_path(volume_id, fmt), root)
                 if os.path.join(real_root, own) == wanted:
                     return self._info(repo, image)
-        raise ImageNotFound(f"whose volume is {path}", image_id="(any)")
+        raise ImageNotFound(f"whose volume is {path}", image_id=None)
 
     # --- lookups --------------------------------------------------------------------------
 

@@ -20,12 +20,12 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from engine.errors import ToolFailed
 from engine.log.reader import ReadOnlyLog
 from engine.opaque import json_ready
 from engine.projections.log_events import new_mapper, to_event
 from engine.projections.point_in_time import Replay
 from log_tools import hosts, output
-from log_tools.failures import ToolFailed
 from log_tools.paths import repository_root
 from log_tools.render import event_fields, iso_time, plain
 from log_tools.replay import FIXES_BASIS, UNTIL_HELP, fix_dict, replay_at

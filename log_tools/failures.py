@@ -19,6 +19,7 @@ from engine.errors import (
     LogCorrupted,
     NotAStrataLog,
     StrataError,
+    ToolFailed,
     UnsupportedLogVersion,
 )
 from engine.log import segments
@@ -30,14 +31,6 @@ EXIT_FAILED = 3
 
 # The path is not a log, or the arguments ask for something the log cannot give.
 _USAGE = (InvalidParameter, NotAStrataLog, UnsupportedLogVersion, ImageNotFound)
-
-
-class ToolFailed(StrataError):
-    """The tool could not finish for a reason that is not the log's: the operating system
-    refused a read or a write, or Graphviz failed or ran out of time."""
-
-    code = "tool_failed"
-    template = "{detail}"
 
 
 def exit_status(error: StrataError) -> int:

@@ -18,11 +18,10 @@ import uuid
 from typing import Any
 
 from engine.aggregates import operations as ops
-from engine.errors import InvalidParameter
+from engine.errors import InvalidParameter, ToolFailed
 from engine.projections.point_in_time import Replay
 from log_tools import chains, output
 from log_tools.chains import Summary, Tree
-from log_tools.failures import ToolFailed
 from log_tools.paths import seconds
 from log_tools.replay import UNTIL_HELP, point_line, replay_at
 

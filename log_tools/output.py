@@ -16,8 +16,7 @@ import secrets
 import stat
 from collections.abc import Iterator
 
-from engine.errors import InvalidParameter
-from log_tools.failures import ToolFailed
+from engine.errors import InvalidParameter, ToolFailed
 from log_tools.paths import find_log_dir, repository_root
 
 

@@ -175,7 +175,7 @@ def write_text(summary: Summary, out: TextIO) -> None:
     if damage is None:
         rows.append(("result", "sound"))
     else:
-        where = f"segment {damage.fields['segment']} at byte offset {damage.fields['offset']}"
+        where = f"segment {damage.segment} at byte offset {damage.offset}"
         rows.append(("result", f"DAMAGED in {where}: {damage.detail}"))
     for name, value in rows:
         out.write(f"{name:<9} {value}\n")

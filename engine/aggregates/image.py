@@ -16,16 +16,16 @@ from engine.aggregates import operations as ops
 from engine.aggregates.base import Aggregate, Appliers
 from engine.aggregates.operations import Operation
 from engine.aggregates.topics import StableTopic
-from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StaleFix, WrongImageKind
+from engine.errors import (
+    ClaimLost,
+    ImageInUse,
+    ImageNotFound,
+    InvalidParameter,
+    StaleFix,
+    WrongImageKind,
+)
 
 _DONE = ops.DONE
-
-
-class ClaimLost(StaleFix):
-    """A host tried to record the outcome of a stage another host has claimed since."""
-
-    code = "claim_lost"
-    template = "The claim on {image_id} stage {stage} moved on ({detail}); this host's work is void"
 
 
 class Image(Aggregate["Image.Event"], StableTopic):

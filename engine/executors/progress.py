@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import ClaimLost, Image
+from engine.aggregates.image import Image
 from engine.aggregates.operations import Stage
 from engine.aggregates.work_rules import merge_chain_changes
-from engine.errors import StageCancelled
+from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.service.unit_of_work import ImageService

@@ -41,10 +41,11 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import ClaimLost, Image
+from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
 from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
+    ClaimLost,
     ConcurrencyConflict,
     ExecutorFailed,
     ImageNotFound,

@@ -88,9 +88,8 @@ def run_stage(run: StageRun) -> None:
     except OSError as e:
         raise storage_error(e, doing, e.filename or run.storage.root) from e
     except QemuError as e:
-        stderr = str(e.fields.get("stderr", ""))
-        if _NO_SPACE in stderr:
-            detail = f"{e.fields.get('command')}: {stderr}"
+        if _NO_SPACE in e.stderr:
+            detail = f"{e.command}: {e.stderr}"
             raise StorageFull(detail, doing=doing, path=run.storage.root, errno=errno.ENOSPC) from e
         raise
 
@@ -409,8 +408,7 @@ def _in_place(
         except QemuCancelled:
             raise
         except QemuError as e:
-            stderr = str(e.fields.get("stderr", ""))
-            if not _LOCKED.search(stderr):
+            if not _LOCKED.search(e.stderr):
                 raise
             waited = time.monotonic() - started
             if not told:  # the first refusal: say why the stage waits, once
@@ -429,9 +427,9 @@ def _in_place(
                 raise VolumeLocked(
                     path=volume.path,
                     waited=round(waited, 1),
-                    command=e.fields.get("command"),
-                    returncode=e.fields.get("returncode"),
-                    stderr=stderr,
+                    command=e.command,
+                    returncode=e.returncode,
+                    stderr=e.stderr,
                 ) from e
         cancel = run.cancel or threading.Event()
         if cancel.wait(delay):

@@ -255,7 +255,7 @@ def _scan_until_damage(
     try:
         return scan(buf, base, number, seq, last_hash, hashes), None
     except LogCorrupted as damage:
-        good = buf[: int(damage.fields["offset"]) - base]
+        good = buf[: damage.offset - base]
         return scan(good, base, number, seq, last_hash), damage
 
 

@@ -92,7 +92,7 @@ def find_problems(
         if not f.is_temporary:
             published.add(ref)
     if unlisted is not None:
-        foreign.append(_Foreign(str(unlisted.fields["path"]), str(unlisted.fields["what"]), None))
+        foreign.append(_Foreign(unlisted.path, unlisted.what, None))
     return _problems(view, on_disk, published, damaged, elsewhere, foreign, unlisted is None)
 
 

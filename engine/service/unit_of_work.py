@@ -104,7 +104,7 @@ class ImageService:
             cause = e.__cause__
             if isinstance(cause, ConcurrencyConflict):
                 raise cause from e
-            raise ConcurrencyConflict(originator_id="?", current="?", attempted="?") from e
+            raise ConcurrencyConflict(str(e)) from e  # the library named no aggregate
 
     def now(self) -> datetime:
         return self.clock()

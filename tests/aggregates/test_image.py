@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import ClaimLost, Image
-from engine.errors import ImageInUse, ImageNotFound, WrongImageKind
+from engine.aggregates.image import Image
+from engine.errors import ClaimLost, ImageInUse, ImageNotFound, WrongImageKind
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 

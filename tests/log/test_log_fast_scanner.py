@@ -54,7 +54,7 @@ def outcome(buf: bytes, base: int, next_seq: int, last_hash: bytes, name: str) -
             hashes = hash_frames(buf) if name == "hashed ahead" else None
             result = scan(buf, base, 7, next_seq, last_hash, hashes)
         except LogCorrupted as e:
-            return ("damage", str(e), e.fields)
+            return ("damage", str(e), vars(e))
         except Exception as e:  # not damage reported as such: a bug, but the same in both
             return ("raised", type(e), str(e))
     return (

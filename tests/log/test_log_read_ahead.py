@@ -48,7 +48,7 @@ def seen(directory: str, chunk: int, *, read_ahead: bool, start: int = 1) -> See
         for batch in log.batches(start):
             batches.append(batch)
     except LogCorrupted as e:
-        raised = ("damage", str(e), e.fields)
+        raised = ("damage", str(e), vars(e))
     except OSError as e:
         raised = ("os", e.errno)
     tail = None if log.tail is None else (log.tail.segment, log.tail.end, log.tail.size)

@@ -86,7 +86,7 @@ def read(segments: list[bytes], chunk: int, start: int = 1, *, read_ahead: bool 
         try:
             batches.extend(log.batches(start))
         except LogCorrupted as e:
-            damage = (int(e.fields["segment"]), int(e.fields["offset"]))
+            damage = (e.segment, e.offset)
         tail = None if log.tail is None else (log.tail.segment, log.tail.end, log.tail.size)
         return Outcome(
             [record for batch in batches for record in batch],
@@ -186,7 +186,7 @@ def test_a_record_that_decodes_to_a_map_is_reported_as_damage() -> None:
     with pytest.raises(LogCorrupted, match="does not decode") as raised:
         scan(buf, 100, 1, 1, ZERO_HASH)
 
-    assert raised.value.fields["offset"] == 100
+    assert raised.value.offset == 100
 
 
 def records_start(segment: bytes | bytearray) -> int:
@@ -208,4 +208,4 @@ def test_a_broken_chain_is_reported_whatever_the_aggregate_id_is() -> None:
     with pytest.raises(LogCorrupted, match="hash chain broken") as raised:
         scan(buf, 100, 1, 1, ZERO_HASH)
 
-    assert raised.value.fields["offset"] == 100
+    assert raised.value.offset == 100

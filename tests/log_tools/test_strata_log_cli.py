@@ -472,5 +472,5 @@ def test_reading_in_any_chunk_size_finds_the_same_damage(tmp_path: Path, chunk: 
     with pytest.raises(LogCorrupted) as raised:
         read.extend(log.records())
 
-    assert (raised.value.fields["segment"], raised.value.fields["offset"]) == (segment, offset)
+    assert (raised.value.segment, raised.value.offset) == (segment, offset)
     assert read == records[: len(read)] and read[-1].txn_last

@@ -208,7 +208,7 @@ class QemuImg:
             # Some filesystems (FUSE ones, some network ones) accept O_DIRECT at open() and
             # then fail the writes with EINVAL: the probe cannot see that. The copy is whole
             # work (qemu-img writes all of dst again), so it is redone through the page cache.
-            if not _DIRECT_WRITE_REFUSED.search(str(e.fields.get("stderr", ""))):
+            if not _DIRECT_WRITE_REFUSED.search(e.stderr):
                 raise
             self._run(checked.with_progress([*args, src, dst], progress), **run)
 

@@ -56,9 +56,7 @@ def execute(
                 selector.register(proc.stdout, selectors.EVENT_READ)
                 while True:
                     if cancel is not None and cancel.is_set():
-                        raise QemuCancelled(
-                            command=shlex.join(args), returncode=None, stderr="cancelled"
-                        )
+                        raise QemuCancelled(command=shlex.join(args))
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise subprocess.TimeoutExpired(args, timeout or 0)
@@ -76,9 +74,7 @@ def execute(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            raise QemuTimeout(
-                command=shlex.join(args), returncode=None, stderr="", timeout=timeout
-            ) from None
+            raise QemuTimeout(command=shlex.join(args), timeout=timeout or 0) from None
         except BaseException:
             proc.kill()
             proc.wait()
