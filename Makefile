@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MADE_BY := $(VENV)/.made-by$(subst /,-,$(PYTHON))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SOURCES := engine log_tools tests bench
+SOURCES := engine log_tools demo tests bench
 
 .PHONY: setup qemu-tools python-tools demo test lint format clean
 
@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml setup.py engine/log/_fastscan.c engine/persistence/_fas
 	touch $@
 
 demo: setup
-	$(BIN)/python -m engine.demo
+	$(BIN)/python -m demo
 
 test: setup
 	$(BIN)/ruff check $(SOURCES)
