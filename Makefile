@@ -54,6 +54,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/mypy engine log_tools
 	$(BIN)/pytest -q
@@ -62,8 +63,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools
+	$(BIN)/mypy engine log_tools demo
 
 format: setup
 	$(BIN)/ruff format $(SOURCES)

@@ -3,6 +3,9 @@
 A stepping stone: the StorageEngine facade will wire the same persistence for each connected
 repository. Configuration is explicit (a :class:`LogConfig`), turned into the environment that
 eventsourcing's factory reads; nothing here reads ``os.environ``.
+
+Imports: the aggregates, the log and :mod:`engine.persistence`; nothing above them
+(docs/adr/0025-layers-and-the-import-rule.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from eventsourcing.domain import ProgrammingError
 from eventsourcing.persistence import Recording
 
 from engine.aggregates.repository import REPOSITORY_ID, Repository
+from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter
 from engine.log import OperationLog
 from engine.persistence import LogInfrastructureFactory
@@ -71,6 +75,8 @@ class StrataLogApplication(Application[UUID | str]):
         if not isinstance(config, LogConfig):
             raise InvalidParameter(f"a LogConfig, not {type(config).__name__}", name="config")
         self.config = config
+        # Stored events name classes by stable topic: make them resolvable before any read.
+        register_topics()
         # Our keys override anything inherited from os.environ (eventsourcing merges it in).
         super().__init__(env=config.to_env())
 

@@ -8,6 +8,8 @@ dead once it has seen the record unchanged for ``lease_timeout`` of its own cloc
 host is judged by the wall time in its record against this machine's clock: ``alive``, ``dead``
 (older than its lease timeout), ``left`` (it disconnected cleanly) or ``unknown`` (no readable
 record, e.g. when PATH is a bare log directory).
+
+Imports: public engine names only, as all of log_tools (docs/adr/0025).
 """
 
 from __future__ import annotations

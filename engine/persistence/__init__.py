@@ -3,6 +3,9 @@
 Set ``PERSISTENCE_MODULE=engine.persistence`` in an ``Application``'s environment (see
 :mod:`engine.persistence.factory` for the other keys). eventsourcing finds the factory by
 looking for the one ``InfrastructureFactory`` subclass in this module, so import no other.
+
+Imports: :mod:`engine.log`, :mod:`engine.errors` and :mod:`engine.opaque` only: an adapter,
+it knows no aggregate (docs/adr/0025-layers-and-the-import-rule.md).
 """
 
 from engine.persistence.factory import LogInfrastructureFactory

@@ -14,6 +14,9 @@ another, and events are mapped by :class:`LogMapper` unless ``MAPPER_TOPIC`` nam
 mapper. Snapshots, tracking recorders and process applications are refused
 (:class:`NotSupported`): a snapshot store and tracking positions have no home in the shared log,
 and the engine's read models follow the log themselves (engine/projections/read_model.py).
+
+Imports: :mod:`engine.log`, :mod:`engine.errors` and this package; the application that uses
+the factory registers the aggregates' topics (docs/adr/0025-layers-and-the-import-rule.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
 
-from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter, NotSupported
 from engine.log import OperationLog
 from engine.persistence.event_store import LogEventStore
@@ -50,8 +52,6 @@ class LogInfrastructureFactory(InfrastructureFactory[TrackingRecorder]):
 
     def __init__(self, env: Environment | EnvType | None) -> None:
         super().__init__(env)
-        # Stored events name classes by stable topic: make them resolvable before any read.
-        register_topics()
         directory = self._required(self.STRATA_LOG_DIR)
         host_id = self._required(self.STRATA_HOST_ID)
         segment_size = self._optional_int(self.STRATA_SEGMENT_SIZE)

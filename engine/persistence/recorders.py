@@ -5,6 +5,8 @@ id is the log sequence number), the events of one aggregate by version, and refu
 append whose aggregate moved on (Strata's :class:`ConcurrencyConflict`, which eventsourcing
 calls an ``IntegrityError``). Reads first catch up with what other processes appended, so an
 application on one host sees the aggregates another host saved.
+
+Imports: :mod:`engine.log` and :mod:`engine.errors` only.
 """
 
 from __future__ import annotations
