@@ -51,66 +51,6 @@ class LogConfig:
         return env
 
 
-class StrataLogApplication(Application[UUID | str]):
-    """Saves aggregates to, and rebuilds them from, the repository's operation log.
-
-    A save runs the steps of the library's ``Application.save`` by the library's public names
-    (:func:`save_collected`). The steps of that save that Strata has no use for are private
-    methods of the library (docs/adr/0024-eventsourcing-by-its-public-names.md): a subclass
-    that overrides one is refused when it is defined, rather than silently never called.
-    """
-
-    name = "StrataLog"
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        overridden = [name for name in LIBRARY_SAVE_STEPS if name in cls.__dict__]
-        if overridden:
-            raise ProgrammingError(
-                f"{cls.__qualname__} overrides {', '.join(overridden)}, which a save here does "
-                "not call: its steps are save_collected's (docs/adr/0024)"
-            )
-
-    def __init__(self, config: LogConfig) -> None:
-        if not isinstance(config, LogConfig):
-            raise InvalidParameter(f"a LogConfig, not {type(config).__name__}", name="config")
-        self.config = config
-        # Stored events name classes by stable topic: make them resolvable before any read.
-        register_topics()
-        # Our keys override anything inherited from os.environ (eventsourcing merges it in).
-        super().__init__(env=config.to_env())
-
-    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID | str]]:
-        return save_collected(self, *objs, **kwargs)
-
-    @property
-    def operation_log(self) -> OperationLog:
-        """The operation log under this application (shared with this host's other users)."""
-        factory = self.factory
-        if not isinstance(factory, LogInfrastructureFactory):
-            raise InvalidParameter("not wired to engine.persistence", name="PERSISTENCE_MODULE")
-        return factory.log
-
-    def create_repository(
-        self, *, format_name: str, format_version: str, created_at: datetime
-    ) -> Repository:
-        """Record that this host formatted the repository (refused if it already was)."""
-        repository = Repository.create(
-            format_name=format_name,
-            format_version=format_version,
-            host_id=self.config.host_id,
-            created_at=created_at,
-        )
-        self.save(repository)
-        return repository
-
-    def get_repository(self) -> Repository:
-        repository: Repository = self.repository.get(
-            REPOSITORY_ID, projector_func=Repository.project
-        )
-        return repository
-
-
 def save_collected(app: Application[Any], *objs: Any, **kwargs: Any) -> list[Recording[Any]]:
     """``Application.save``'s steps by the library's public names, without its runtime checks.
 
@@ -147,3 +87,62 @@ def save_collected(app: Application[Any], *objs: Any, **kwargs: Any) -> list[Rec
             repository.cache.put(aggregate_id, aggregate)
     app.notify(events)  # deprecated by the library, still honoured by it
     return recordings
+
+
+class StrataLogApplication(Application[UUID | str]):
+    """Saves aggregates to, and rebuilds them from, the repository's operation log.
+
+    A save runs the steps of the library's ``Application.save`` by the library's public names
+    (:func:`save_collected`). The steps of that save that Strata has no use for are private
+    methods of the library (docs/adr/0024-eventsourcing-by-its-public-names.md): a subclass
+    that overrides one is refused when it is defined, rather than silently never called.
+    """
+
+    name = "StrataLog"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        overridden = [name for name in LIBRARY_SAVE_STEPS if name in cls.__dict__]
+        if overridden:
+            raise ProgrammingError(
+                f"{cls.__qualname__} overrides {', '.join(overridden)}, which a save here does "
+                "not call: its steps are save_collected's (docs/adr/0024)"
+            )
+
+    def __init__(self, config: LogConfig) -> None:
+        if not isinstance(config, LogConfig):
+            raise InvalidParameter(f"a LogConfig, not {type(config).__name__}", name="config")
+        self.config = config
+        # Stored events name classes by stable topic: make them resolvable before any read.
+        register_topics()
+        # Our keys override anything inherited from os.environ (eventsourcing merges it in).
+        super().__init__(env=config.to_env())
+
+    save = save_collected  # no frame of its own: every save of a group commit runs it
+
+    @property
+    def operation_log(self) -> OperationLog:
+        """The operation log under this application (shared with this host's other users)."""
+        factory = self.factory
+        if not isinstance(factory, LogInfrastructureFactory):
+            raise InvalidParameter("not wired to engine.persistence", name="PERSISTENCE_MODULE")
+        return factory.log
+
+    def create_repository(
+        self, *, format_name: str, format_version: str, created_at: datetime
+    ) -> Repository:
+        """Record that this host formatted the repository (refused if it already was)."""
+        repository = Repository.create(
+            format_name=format_name,
+            format_version=format_version,
+            host_id=self.config.host_id,
+            created_at=created_at,
+        )
+        self.save(repository)
+        return repository
+
+    def get_repository(self) -> Repository:
+        repository: Repository = self.repository.get(
+            REPOSITORY_ID, projector_func=Repository.project
+        )
+        return repository
