@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MADE_BY := $(VENV)/.made-by$(subst /,-,$(PYTHON))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SOURCES := engine log_tools tests bench
+SOURCES := engine log_tools demo tests bench
 
 .PHONY: setup qemu-tools python-tools demo test lint format clean
 
@@ -50,20 +50,22 @@ $(STAMP): pyproject.toml setup.py engine/log/_fastscan.c engine/persistence/_fas
 	touch $@
 
 demo: setup
-	$(BIN)/python -m engine.demo
+	$(BIN)/python -m demo
 
 test: setup
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools tests
+	$(BIN)/mypy engine log_tools demo tests
 	$(BIN)/pytest -q
 	# The log's and replay's tests again on the pure-Python code the compiled one follows.
 	$(BIN)/pytest -q --scanner=python tests/log tests/replay tests/log_tools
 
 lint: setup
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools tests
+	$(BIN)/mypy engine log_tools demo tests
 
 format: setup
 	$(BIN)/ruff format $(SOURCES)

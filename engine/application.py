@@ -3,6 +3,9 @@
 A stepping stone: the StorageEngine facade will wire the same persistence for each connected
 repository. Configuration is explicit (a :class:`LogConfig`), turned into the environment that
 eventsourcing's factory reads; nothing here reads ``os.environ``.
+
+Imports: the aggregates, the log and :mod:`engine.persistence`; nothing above them
+(docs/adr/0025-layers-and-the-import-rule.md).
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.application import Application
+from eventsourcing.domain import ProgrammingError
 from eventsourcing.persistence import Recording
 
 from engine.aggregates.repository import REPOSITORY_ID, Repository
+from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter
 from engine.log import OperationLog
 from engine.persistence import LogInfrastructureFactory
+
+# The private steps of the library's Application.save, run after it collects the events;
+# save_collected does what they do by public names instead (docs/adr/0024).
+LIBRARY_SAVE_STEPS = ("_record", "_take_snapshots", "_notify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +38,6 @@ class LogConfig:
     host_id: str
     create: bool = False  # create the log if the directory holds none
     segment_size: int | None = None
-    tracking_db: str | None = None  # host-local SQLite file; None: in memory
-    poll_seconds: float | None = None  # how often subscriptions look for other hosts' appends
 
     def to_env(self) -> dict[str, str]:
         env = {
@@ -41,61 +48,77 @@ class LogConfig:
         }
         if self.segment_size is not None:
             env[LogInfrastructureFactory.STRATA_SEGMENT_SIZE] = str(self.segment_size)
-        if self.tracking_db is not None:
-            env[LogInfrastructureFactory.STRATA_TRACKING_DB] = self.tracking_db
-        if self.poll_seconds is not None:
-            env[LogInfrastructureFactory.STRATA_POLL_SECONDS] = str(self.poll_seconds)
         return env
 
 
+def save_collected(app: Application[Any], *objs: Any, **kwargs: Any) -> list[Recording[Any]]:
+    """``Application.save``'s steps by the library's public names, without its runtime checks.
+
+    The library's save collects the events (telling aggregates from events with ``isinstance``
+    against runtime-checkable Protocols, which Python 3.11 re-derives on every call: about 20 us
+    a save, a tenth of a durable commit, paid while holding the GIL that other saving threads
+    wait for), then runs three private steps: ``_record`` (put the events in the event store,
+    and the aggregates in the repository's cache when it does not fast-forward),
+    ``_take_snapshots`` and ``_notify`` (a hook for eventsourcing's systems), then the
+    deprecated public ``notify``. Here an object with ``collect_events()`` is an aggregate and
+    anything else an event; the first step is done with the public event store and cache, and
+    the second and third have nothing to do for an application that takes no snapshots and runs
+    in no eventsourcing system (the log's factory refuses snapshot stores and process recorders;
+    :class:`StrataLogApplication` refuses an override of the private steps). The bench saves
+    eventsourcing's own SQLite application this way too, to compare like with like.
+    """
+    events: list[Any] = []
+    aggregates: dict[Any, Any] = {}
+    for obj in objs:
+        if obj is None:
+            continue
+        collect = getattr(obj, "collect_events", None)
+        if collect is None:
+            events.append(obj)
+        else:
+            events.extend(collect())
+            aggregates[obj.id] = obj
+    if app.snapshots is not None and app.snapshotting_intervals:
+        raise ProgrammingError("snapshots are taken by a step of the library's save not run here")
+    recordings: list[Recording[Any]] = app.events.put(events, tracking=None, **kwargs)
+    repository = app.repository
+    if repository.cache and not repository.fastforward:
+        for aggregate_id, aggregate in aggregates.items():
+            repository.cache.put(aggregate_id, aggregate)
+    app.notify(events)  # deprecated by the library, still honoured by it
+    return recordings
+
+
 class StrataLogApplication(Application[UUID | str]):
-    """Saves aggregates to, and rebuilds them from, the repository's operation log."""
+    """Saves aggregates to, and rebuilds them from, the repository's operation log.
+
+    A save runs the steps of the library's ``Application.save`` by the library's public names
+    (:func:`save_collected`). The steps of that save that Strata has no use for are private
+    methods of the library (docs/adr/0024-eventsourcing-by-its-public-names.md): a subclass
+    that overrides one is refused when it is defined, rather than silently never called.
+    """
 
     name = "StrataLog"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        overridden = [name for name in LIBRARY_SAVE_STEPS if name in cls.__dict__]
+        if overridden:
+            raise ProgrammingError(
+                f"{cls.__qualname__} overrides {', '.join(overridden)}, which a save here does "
+                "not call: its steps are save_collected's (docs/adr/0024)"
+            )
 
     def __init__(self, config: LogConfig) -> None:
         if not isinstance(config, LogConfig):
             raise InvalidParameter(f"a LogConfig, not {type(config).__name__}", name="config")
         self.config = config
+        # Stored events name classes by stable topic: make them resolvable before any read.
+        register_topics()
         # Our keys override anything inherited from os.environ (eventsourcing merges it in).
         super().__init__(env=config.to_env())
 
-    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID | str]]:
-        if kwargs or not self._plain_save():
-            return save_collected(self, *objs, **kwargs)
-        # save_collected's steps without the ones that do nothing here: no ProcessingEvent (no
-        # tracking, no saved kwargs), and no call of the library's no-op hooks (no snapshots,
-        # _notify and notify not overridden). About 1 us an event, spent while the other
-        # saving threads of a group commit wait for the GIL.
-        events: list[Any] = []
-        aggregates: dict[Any, Any] = {}
-        for obj in objs:
-            if obj is None:
-                continue
-            collect = getattr(obj, "collect_events", None)
-            if collect is None:
-                events.append(obj)
-            else:
-                events.extend(collect())
-                aggregates[obj.id] = obj
-        recordings: list[Recording[UUID | str]] = self.events.put(events, tracking=None)
-        repository = self.repository  # Application._record's cache update
-        if repository.cache and not repository.fastforward:
-            for aggregate_id, aggregate in aggregates.items():
-                repository.cache.put(aggregate_id, aggregate)
-        return recordings
-
-    def _plain_save(self) -> bool:
-        """Whether a save is the library's steps with nothing to do but record: its own
-        ``_record`` and no-op hooks, no snapshot store (re-checked at every save: cheap)."""
-        cls = type(self)
-        return (
-            cls._record is Application._record
-            and cls._take_snapshots is Application._take_snapshots
-            and cls._notify is Application._notify
-            and cls.notify is Application.notify
-            and not self.snapshots
-        )
+    save = save_collected  # no frame of its own: every save of a group commit runs it
 
     @property
     def operation_log(self) -> OperationLog:
@@ -123,29 +146,3 @@ class StrataLogApplication(Application[UUID | str]):
             REPOSITORY_ID, projector_func=Repository.project
         )
         return repository
-
-
-def save_collected(app: Application[Any], *objs: Any, **kwargs: Any) -> list[Recording[Any]]:
-    """``Application.save`` without its runtime Protocol checks, same steps otherwise.
-
-    The library tells aggregates from events with ``isinstance`` against runtime-checkable
-    Protocols, which Python 3.11 re-derives on every call: about 20 us a save, a tenth of a
-    durable commit, paid while holding the GIL that other saving threads wait for. An object
-    with ``collect_events()`` is an aggregate here; anything else is an event.
-    """
-    processing_event: ProcessingEvent[Any] = ProcessingEvent()
-    for obj in objs:
-        if obj is None:
-            continue
-        collect = getattr(obj, "collect_events", None)
-        if collect is None:
-            processing_event.events.append(obj)
-        else:
-            processing_event.events.extend(collect())
-            processing_event.aggregates[obj.id] = obj
-    processing_event.saved_kwargs.update(kwargs)
-    recordings = app._record(processing_event)
-    app._take_snapshots(processing_event)
-    app._notify(recordings)
-    app.notify(processing_event.events)  # deprecated by the library, still honoured by it
-    return recordings

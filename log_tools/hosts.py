@@ -2,25 +2,25 @@
 each host that is gone left claimed.
 
 Hosts come from the log (who appended what, when) and from the heartbeat records in
-``<repository>/hosts/`` (engine/executors/liveness.py), which are not log events. A one-shot
-look cannot watch a record age the way the engine does (it counts a host dead once it has seen
-the record unchanged for ``lease_timeout`` of its own clock), so here a host is judged by the
-wall time in its record against this machine's clock: ``alive``, ``dead`` (older than its
-lease timeout), ``left`` (it disconnected cleanly) or ``unknown`` (no readable record, e.g.
-when PATH is a bare log directory).
+``<repository>/hosts/`` (read by :func:`engine.executors.liveness.heartbeats`), which are not
+log events. A one-shot look cannot watch a record age the way the engine does (it counts a host
+dead once it has seen the record unchanged for ``lease_timeout`` of its own clock), so here a
+host is judged by the wall time in its record against this machine's clock: ``alive``, ``dead``
+(older than its lease timeout), ``left`` (it disconnected cleanly) or ``unknown`` (no readable
+record, e.g. when PATH is a bare log directory).
+
+Imports: public engine names only, as all of log_tools (docs/adr/0025).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 import sys
 import time
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from engine.executors.liveness import Heartbeat, hosts_dir, read_heartbeat
+from engine.executors.liveness import Heartbeat, heartbeats
 from engine.projections.point_in_time import Replay
 from log_tools.paths import repository_root
 from log_tools.render import iso_time, printable, to_json
@@ -52,28 +52,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def heartbeats(root: str | None) -> dict[str, Heartbeat | None]:
-    """Each host id with a file in ``hosts/``, and its record (None when unreadable)."""
-    if root is None:
-        return {}
-    directory = hosts_dir(root)
-    try:
-        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
-    except FileNotFoundError:
-        return {}
-    return {name: _read(os.path.join(directory, name)) for name in names}
-
-
-def _read(path: str) -> Heartbeat | None:
-    """The record, or None when there is none to read: the host's state is then unknown."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return None  # opening a FIFO would wait for a writer forever
-        return read_heartbeat(path)
-    except OSError:  # gone meanwhile, or not this user's to read
-        return None
-
-
 def judge(beat: Heartbeat | None, now: float) -> tuple[str, float | None]:
     """The host's state and the age of its record in seconds."""
     if beat is None:
@@ -85,7 +63,7 @@ def judge(beat: Heartbeat | None, now: float) -> tuple[str, float | None]:
 
 
 def hosts_report(root: str | None, state: Replay, now: float) -> dict[str, Any]:
-    beats = heartbeats(root)
+    beats = {} if root is None else heartbeats(root)
     claims = state.claims()
     rows = []
     for host_id in sorted(set(state.hosts) | set(beats)):

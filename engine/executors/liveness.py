@@ -356,6 +356,18 @@ class HostMonitor:
         return {n: self.heartbeat(n) for n in names if not n.startswith(".")}
 
 
+def heartbeats(root: str) -> dict[str, Heartbeat | None]:
+    """Each host id with a record in the repository at ``root``, and that record, once read
+    (None where there is none to read: see :func:`read_heartbeat`), by host id. For tools that
+    look once (``strata-log hosts``); an executor judges hosts through a :class:`HostMonitor`."""
+    directory = hosts_dir(root)
+    try:
+        names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+    except FileNotFoundError:
+        return {}
+    return {name: read_heartbeat(os.path.join(directory, name)) for name in names}
+
+
 def read_heartbeat(path: str) -> Heartbeat | None:
     """The heartbeat in ``path``; None where there is none to read: no file, or something
     that is not a regular file (a link, a directory, a FIFO that would block a reader forever)

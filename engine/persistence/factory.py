@@ -7,15 +7,16 @@ An ``Application`` whose environment has ``PERSISTENCE_MODULE=engine.persistence
 ``STRATA_HOST_ID``      this host's id, written into every record (required)
 ``STRATA_CREATE_LOG``   ``y`` to create the log if the directory holds none (default ``n``)
 ``STRATA_SEGMENT_SIZE`` bytes after which the log rolls over to a new segment (optional)
-``STRATA_TRACKING_DB``  host-local SQLite file for projection positions (default in memory)
-``STRATA_POLL_SECONDS`` how often subscriptions look for other hosts' appends (default 1)
-``STRATA_POLLING``      ``y`` where inotify cannot see other machines' writes (NFS)
 ======================  ===================================================================
 
 Event state is encoded with :class:`MsgpackTranscoder` unless ``TRANSCODER_TOPIC`` names
 another, and events are mapped by :class:`LogMapper` unless ``MAPPER_TOPIC`` names another
-mapper. Snapshots and process applications are refused (:class:`NotSupported`): a snapshot
-store and tracking written atomically with events have no home in the shared log yet.
+mapper. Snapshots, tracking recorders and process applications are refused
+(:class:`NotSupported`): a snapshot store and tracking positions have no home in the shared log,
+and the engine's read models follow the log themselves (engine/projections/read_model.py).
+
+Imports: :mod:`engine.log`, :mod:`engine.errors` and this package; the application that uses
+the factory registers the aggregates' topics (docs/adr/0025-layers-and-the-import-rule.md).
 """
 
 from __future__ import annotations
@@ -29,45 +30,30 @@ from eventsourcing.persistence import (
     InfrastructureFactory,
     Mapper,
     ProcessRecorder,
+    TrackingRecorder,
     Transcoder,
 )
 from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
 
-from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter, NotSupported
 from engine.log import OperationLog
 from engine.persistence.event_store import LogEventStore
 from engine.persistence.mapper import LogMapper
-from engine.persistence.recorders import (
-    LogAggregateRecorder,
-    LogApplicationRecorder,
-    follow_with,
-)
+from engine.persistence.recorders import LogAggregateRecorder, LogApplicationRecorder
 from engine.persistence.shared import acquire_log, release_log
-from engine.persistence.tracking import IN_MEMORY, SQLiteTrackingRecorder
 from engine.persistence.transcoder import default_transcoder
 
 
-class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
+class LogInfrastructureFactory(InfrastructureFactory[TrackingRecorder]):
     STRATA_LOG_DIR = "STRATA_LOG_DIR"
     STRATA_HOST_ID = "STRATA_HOST_ID"
     STRATA_CREATE_LOG = "STRATA_CREATE_LOG"
     STRATA_SEGMENT_SIZE = "STRATA_SEGMENT_SIZE"
-    STRATA_TRACKING_DB = "STRATA_TRACKING_DB"
-    STRATA_POLL_SECONDS = "STRATA_POLL_SECONDS"
-    STRATA_POLLING = "STRATA_POLLING"
 
     def __init__(self, env: Environment | EnvType | None) -> None:
         super().__init__(env)
-        # Stored events name classes by stable topic: make them resolvable before any read.
-        register_topics()
         directory = self._required(self.STRATA_LOG_DIR)
         host_id = self._required(self.STRATA_HOST_ID)
-        self._follower = follow_with(
-            poll_interval=self._float(self.STRATA_POLL_SECONDS, 1.0),
-            polling=self._flag(self.STRATA_POLLING),
-        )
-        self._tracking_db = self.env.get(self.STRATA_TRACKING_DB) or IN_MEMORY
         segment_size = self._optional_int(self.STRATA_SEGMENT_SIZE)
         self._log: OperationLog | None = acquire_log(
             directory,
@@ -124,28 +110,22 @@ class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
                     f"{topic} is not a LogApplicationRecorder",
                     name=self.APPLICATION_RECORDER_TOPIC,
                 )
-        return recorder_class(self.log, follower=self._follower)
+        return recorder_class(self.log)
 
     def tracking_recorder(
-        self, tracking_recorder_class: type[SQLiteTrackingRecorder] | None = None
-    ) -> SQLiteTrackingRecorder:
-        if tracking_recorder_class is None:
-            topic = self.env.get(self.TRACKING_RECORDER_TOPIC)
-            tracking_recorder_class = resolve_topic(topic) if topic else SQLiteTrackingRecorder
-            if not (
-                isinstance(tracking_recorder_class, type)
-                and issubclass(tracking_recorder_class, SQLiteTrackingRecorder)
-            ):
-                raise InvalidParameter(
-                    f"{topic} is not a SQLiteTrackingRecorder", name=self.TRACKING_RECORDER_TOPIC
-                )
-        return tracking_recorder_class(self._tracking_db)
+        self, tracking_recorder_class: type[TrackingRecorder] | None = None
+    ) -> TrackingRecorder:
+        raise NotSupported(
+            "a read model keeps its log position in its own database, written with its rows "
+            "(engine/projections/read_model.py), not in a tracking recorder",
+            feature="A tracking recorder",
+        )
 
     def process_recorder(self) -> ProcessRecorder:
         raise NotSupported(
             "a process application must commit its tracking position atomically with the "
             "events it appends, and the shared log does not record tracking; follow the log "
-            "with a projection (tracking_recorder) instead",
+            "with a read model (engine/projections/read_model.py) instead",
             feature="A process recorder",
         )
 
@@ -169,13 +149,6 @@ class LogInfrastructureFactory(InfrastructureFactory[SQLiteTrackingRecorder]):
             return bool(strtobool(value))
         except ValueError as e:
             raise InvalidParameter(f"yes or no, not {value!r}", name=key) from e
-
-    def _float(self, key: str, default: float) -> float:
-        value = self.env.get(key)
-        try:
-            return float(value) if value else default
-        except ValueError as e:
-            raise InvalidParameter(f"a number, not {value!r}", name=key) from e
 
     def _optional_int(self, key: str) -> int | None:
         value = self.env.get(key)

@@ -5,11 +5,13 @@ id is the log sequence number), the events of one aggregate by version, and refu
 append whose aggregate moved on (Strata's :class:`ConcurrencyConflict`, which eventsourcing
 calls an ``IntegrityError``). Reads first catch up with what other processes appended, so an
 application on one host sees the aggregates another host saved.
+
+Imports: :mod:`engine.log` and :mod:`engine.errors` only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -24,24 +26,9 @@ from eventsourcing.persistence import (
 
 from engine.errors import ConcurrencyConflict, NotSupported
 from engine.log import OperationLog, Record
-from engine.log.follow import LogFollower
-from engine.persistence.subscription import LogSubscription
 
 # How many records a topic-filtered select decodes per read while looking for matches.
 _SCAN_BATCH = 1024
-
-# The hook through which a subscription learns of other processes' appends: given the log, make
-# a follower (engine/log/follow.py). Tests or a facade can pass their own, e.g. polling on NFS.
-FollowerFactory = Callable[[OperationLog], LogFollower]
-
-
-def follow_with(*, poll_interval: float = 1.0, polling: bool = False) -> FollowerFactory:
-    """A follower factory: inotify (or a polling observer) plus a refresh every poll_interval."""
-
-    def make(log: OperationLog) -> LogFollower:
-        return LogFollower(log, poll_interval=poll_interval, polling=polling)
-
-    return make
 
 
 class LogAggregateRecorder(AggregateRecorder):
@@ -91,10 +78,6 @@ class LogAggregateRecorder(AggregateRecorder):
 class LogApplicationRecorder(LogAggregateRecorder, ApplicationRecorder):
     """Also the application sequence: notification ids are log sequence numbers, from 1."""
 
-    def __init__(self, log: OperationLog, *, follower: FollowerFactory | None = None) -> None:
-        super().__init__(log)
-        self._make_follower = follower or follow_with()
-
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -135,7 +118,11 @@ class LogApplicationRecorder(LogAggregateRecorder, ApplicationRecorder):
     def subscribe(
         self, gt: int | None = None, topics: Sequence[str] = ()
     ) -> Subscription[ApplicationRecorder]:
-        return LogSubscription(self, self._make_follower(self.log), gt=gt, topics=topics)
+        raise NotSupported(
+            "the engine follows the log itself (engine/log/follow.py) and keeps its read "
+            "models' positions beside them, not through eventsourcing's subscriptions",
+            feature="Subscribing to the application sequence",
+        )
 
 
 def _notification(record: Record) -> Notification:

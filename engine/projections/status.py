@@ -10,20 +10,34 @@ and usable), or a ``performance`` virtual disk is not one raw volume yet.
 
 ``optimized`` otherwise. A ``clean`` operation never changes the status: it frees files the image
 does not use. See docs/adr/0004-images-volumes-operations-and-stages.md.
+
+Imports: the aggregates and :mod:`engine.types`; the view only through :class:`StatusView`.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
 from engine.types import BROKEN, DEGRADED, OPTIMIZED, ImageStatus
 
-if TYPE_CHECKING:
-    from engine.projections.view import RepositoryView
+
+class StatusView(Protocol):
+    """What a status reads of the other images: the view (engine/projections/view.py) is one.
+    A Protocol, so this module does not import the view that imports it."""
+
+    def image(self, image_id: uuid.UUID | str) -> Image | None: ...
+
+    def worker(self, image_id: uuid.UUID) -> str | None: ...
+
+    def producer_of(self, volume: str) -> Image | None: ...
+
+    def is_ready(self, volume: str) -> bool: ...
+
 
 _BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)
 # Operations that leave the image's data usable while they wait, fail or are stopped.
@@ -32,7 +46,7 @@ _HARMLESS = (ops.OPTIMIZE, ops.CLEAN)
 
 def image_status(
     image: Image,
-    view: RepositoryView,
+    view: StatusView,
     lost: Collection[str] = (),
     faults: Mapping[str, str] | None = None,
 ) -> ImageStatus:
@@ -54,7 +68,7 @@ def image_status(
 
 
 def status_fields(
-    image: Image, view: RepositoryView, lost: Collection[str] = (), *, removed: str | None = None
+    image: Image, view: StatusView, lost: Collection[str] = (), *, removed: str | None = None
 ) -> tuple[str, str, str | None, str, int, str | None]:
     """:class:`ImageStatus`'s fields in order, for callers that copy them elsewhere (a
     summary of every image of a large repository: no frozen dataclass built per image).
@@ -70,12 +84,12 @@ def status_fields(
     )
 
 
-def is_usable(image: Image, view: RepositoryView, lost: Collection[str] = ()) -> bool:
+def is_usable(image: Image, view: StatusView, lost: Collection[str] = ()) -> bool:
     return _status(image, image.current_operation(), view, lost) != BROKEN
 
 
 def _status(
-    image: Image, current: Operation | None, view: RepositoryView, lost: Collection[str]
+    image: Image, current: Operation | None, view: StatusView, lost: Collection[str]
 ) -> str:
     for ref in image.chain:
         if not view.is_ready(ref) or ref in lost:
@@ -91,7 +105,7 @@ def _status(
     return OPTIMIZED
 
 
-def blocker(image: Image, view: RepositoryView) -> str | None:
+def blocker(image: Image, view: StatusView) -> str | None:
     """Why the image's work cannot go on until a fix runs elsewhere, or None: a volume it holds
     or its next stage reads is to be made by another image's work, which waits for a fix."""
     refs = [ref for ref in image.chain if not view.is_ready(ref)]

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from engine.errors import HostIdInUse
-from engine.executors.liveness import RECORD_SIZE, Heartbeat, HostLease, HostMonitor
+from engine.executors.liveness import (
+    RECORD_SIZE,
+    Heartbeat,
+    HostLease,
+    HostMonitor,
+    heartbeats,
+)
 
 
 class Clock:
@@ -155,3 +161,17 @@ def test_a_lease_that_went_unrenewed_for_the_lease_timeout_starts_a_new_term(
         assert a.fresh() and a.term() == term + 1
     finally:
         a.release()
+
+
+def test_the_heartbeats_of_a_repository_are_read_once_for_tools(tmp_path: Path) -> None:
+    """``heartbeats`` (what ``strata-log hosts`` reads): every host file and its record, None
+    for one that is not a regular file (a FIFO would block a reader), dot files left out."""
+    assert heartbeats(str(tmp_path)) == {}  # no hosts/ directory yet
+    lease(tmp_path).release()
+    os.mkfifo(tmp_path / "hosts" / "host-b")
+    (tmp_path / "hosts" / ".host-c.tmp").write_bytes(b"")
+    beats = heartbeats(str(tmp_path))
+    assert list(beats) == ["host-a", "host-b"]
+    beat = beats["host-a"]
+    assert beat is not None and beat.released and beat.pid == os.getpid()
+    assert beats["host-b"] is None

@@ -4,11 +4,13 @@ this process or a fresh one, with every event named by an explicit, stable topic
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pkgutil
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,10 +20,11 @@ import pytest
 from eventsourcing.application import Application
 from eventsourcing.domain import ProgrammingError
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.utils import get_topic
 
 from engine.aggregates.base import Aggregate
 from engine.aggregates.repository import REPOSITORY_ID, Repository
-from engine.application import LogConfig, StrataLogApplication
+from engine.application import LIBRARY_SAVE_STEPS, LogConfig, StrataLogApplication
 from engine.errors import InvalidParameter, NotSupported
 from engine.log import OperationLog
 
@@ -166,6 +169,8 @@ def test_every_event_and_aggregate_class_has_its_own_topic_that_resolves_to_it_i
         assert "TOPIC" in vars(cls), f"{cls.__qualname__} has no TOPIC of its own"
         assert cls.TOPIC.startswith("strata."), cls.TOPIC  # type: ignore[attr-defined]
         assert "engine" not in cls.TOPIC, f"{cls.TOPIC} names a module path"  # type: ignore[attr-defined]
+        # eventsourcing's get_topic honours TOPIC (docs/adr/0024): what a save stores.
+        assert get_topic(cls) == cls.TOPIC  # type: ignore[attr-defined]
     expected = {c.TOPIC: f"{c.__module__}.{c.__qualname__}" for c in classes}  # type: ignore[attr-defined]
     script = (
         "import json, sys\n"
@@ -193,15 +198,19 @@ def test_a_class_that_does_not_state_its_own_topic_is_refused_when_defined() -> 
             pass
 
 
-def test_a_plain_save_returns_and_records_what_the_library_steps_do(tmp_path: Path) -> None:
-    """StrataLogApplication.save skips the steps that do nothing (no snapshots, no-op hooks):
-    the same recordings, records and errors as save_collected, which runs them all."""
-    from engine.application import save_collected
+def test_a_save_returns_and_records_what_the_librarys_own_save_does(tmp_path: Path) -> None:
+    """StrataLogApplication.save runs the library's steps by its public names (save_collected):
+    the same recordings, records and errors as the library's own ``Application.save``, which
+    runs its private steps (docs/adr/0024)."""
 
     def saved(directory: str, save: str) -> tuple[object, object, object]:
         config = LogConfig(log_dir=str(tmp_path / directory), host_id="host-a", create=True)
         with StrataLogApplication(config) as app:
-            save_with = app.save if save == "plain" else lambda *o: save_collected(app, *o)
+
+            def library_save(*objs: Any) -> object:
+                return Application.save(app, *objs)
+
+            save_with: Callable[..., object] = app.save if save == "ours" else library_save
             repository = Repository.create(
                 format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
             )
@@ -218,23 +227,58 @@ def test_a_plain_save_returns_and_records_what_the_library_steps_do(tmp_path: Pa
             ]
         return recordings, empty, (records, str(refused.value))
 
-    assert saved("a", "plain") == saved("b", "library")
+    assert saved("a", "ours") == saved("b", "library")
 
 
-def test_an_application_that_overrides_a_hook_still_gets_it_called(config: LogConfig) -> None:
+def test_the_librarys_save_still_has_the_private_steps_ours_does_by_public_names() -> None:
+    """What breaks when eventsourcing changes the internals save_collected stands in for:
+    ``Application.save`` must still run exactly these steps, each with the signature and the
+    public calls that save_collected repeats. If this fails, read the library's new save and
+    bring save_collected (and LIBRARY_SAVE_STEPS) in line (docs/adr/0024)."""
+    source = inspect.getsource(Application.save)
+    steps = re.findall(r"self\.(\w+)\(", source)
+    assert steps == [*LIBRARY_SAVE_STEPS, "notify"]
+    assert "processing_event.collect_events(*objs, **kwargs)" in source
+    for name, parameter in [
+        ("_record", "processing_event"),
+        ("_take_snapshots", "processing_event"),
+        ("_notify", "recordings"),
+    ]:
+        method = getattr(Application, name)
+        assert list(inspect.signature(method).parameters) == ["self", parameter], name
+    record = inspect.getsource(Application._record)
+    assert "self.events.put(" in record and "tracking=processing_event.tracking" in record
+    assert "if self.repository.cache and not self.repository.fastforward:" in record
+    assert "self.repository.cache.put(aggregate_id, aggregate)" in record
+    snapshots = inspect.getsource(Application._take_snapshots)
+    assert "if self.snapshots and self.snapshotting_intervals:" in snapshots
+    notify = inspect.getsource(Application._notify)
+    assert notify.rstrip().endswith('"""'), "the library's _notify is no longer a no-op"
+
+
+@pytest.mark.parametrize("step", LIBRARY_SAVE_STEPS)
+def test_an_application_that_overrides_a_step_our_save_does_not_call_is_refused(
+    step: str,
+) -> None:
+    with pytest.raises(ProgrammingError, match=step):
+        type("Overriding", (StrataLogApplication,), {step: lambda self, *args: None})
+
+
+def test_an_application_that_overrides_the_public_hook_still_gets_it_called(
+    config: LogConfig,
+) -> None:
     notified: list[object] = []
 
     class Notifying(StrataLogApplication):
-        def _notify(self, recordings: list[Any]) -> None:
-            notified.extend(recordings)
+        def notify(self, new_events: list[Any]) -> None:
+            notified.extend(new_events)
 
     with Notifying(config) as app:
-        recordings = app.save(
-            Repository.create(
-                format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
-            )
+        repository = Repository.create(
+            format_name="localfs", format_version="1.0", host_id="h", created_at=CREATED_AT
         )
-    assert notified == recordings and len(recordings) == 1
+        recordings = app.save(repository)
+    assert notified == [r.domain_event for r in recordings] and len(recordings) == 1
 
 
 def test_a_plain_save_puts_the_aggregate_in_the_repository_cache(

@@ -1,18 +1,24 @@
 """The log-backed recorders and factory pass eventsourcing's own recorder contract tests, against
-real log directories; plus what the contract does not cover: other processes' appends."""
+real log directories; plus what the contract does not cover: other processes' appends. What the
+engine does not use (subscriptions, tracking and process recorders) is refused, by a typed error
+that says so (docs/adr/0024-eventsourcing-by-its-public-names.md)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
-from eventsourcing.persistence import InfrastructureFactory, ProcessRecorder, StoredEvent, Tracking
+from eventsourcing.persistence import (
+    InfrastructureFactory,
+    ProcessRecorder,
+    StoredEvent,
+    Tracking,
+    TrackingRecorder,
+)
 
 # The module, not its classes: pytest would collect an imported TestCase class as a test too.
 from eventsourcing.tests import persistence as contract
@@ -24,8 +30,6 @@ from engine.persistence import (
     LogAggregateRecorder,
     LogApplicationRecorder,
     LogInfrastructureFactory,
-    SQLiteTrackingRecorder,
-    follow_with,
 )
 
 
@@ -56,10 +60,7 @@ class TestLogAggregateRecorder(_LogDirectories, contract.AggregateRecorderTestCa
 
 class TestLogApplicationRecorder(_LogDirectories, contract.ApplicationRecorderTestCase):
     def create_recorder(self) -> LogApplicationRecorder:
-        return LogApplicationRecorder(self.new_log(), follower=follow_with(poll_interval=0.2))
-
-    def test_insert_subscribe(self) -> None:
-        self.optional_test_insert_subscribe()
+        return LogApplicationRecorder(self.new_log())
 
 
 class TestNonInterleavingNotificationIds(
@@ -67,26 +68,6 @@ class TestNonInterleavingNotificationIds(
 ):
     def create_recorder(self) -> LogApplicationRecorder:
         return LogApplicationRecorder(self.new_log())
-
-
-class TestSQLiteTrackingRecorderInAFile(contract.TrackingRecorderTestCase):
-    def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="strata-tracking-")
-
-    def tearDown(self) -> None:
-        self._tmp.cleanup()
-
-    def create_recorder(self) -> SQLiteTrackingRecorder:
-        return SQLiteTrackingRecorder(str(Path(self._tmp.name) / "tracking.db"))
-
-
-class TestSQLiteTrackingRecorderInMemory(contract.TrackingRecorderTestCase):
-    def create_recorder(self) -> SQLiteTrackingRecorder:
-        return SQLiteTrackingRecorder()
-
-
-class MyTrackingRecorder(SQLiteTrackingRecorder):
-    pass
 
 
 class TestLogInfrastructureFactory(
@@ -118,14 +99,27 @@ class TestLogInfrastructureFactory(
     def expected_application_recorder_class(self) -> type[LogApplicationRecorder]:
         return LogApplicationRecorder
 
-    def expected_tracking_recorder_class(self) -> type[SQLiteTrackingRecorder]:
-        return SQLiteTrackingRecorder
+    def expected_tracking_recorder_class(self) -> type[TrackingRecorder]:
+        raise AssertionError("the log has no tracking recorder; see test_create_tracking_recorder")
 
-    def tracking_recorder_subclass(self) -> type[SQLiteTrackingRecorder]:
-        return MyTrackingRecorder
+    def tracking_recorder_subclass(self) -> type[TrackingRecorder]:
+        raise AssertionError("the log has no tracking recorder; see test_create_tracking_recorder")
 
     def expected_process_recorder_class(self) -> type[ProcessRecorder]:
         raise AssertionError("the log has no process recorder; see test_create_process_recorder")
+
+    def test_create_tracking_recorder(self) -> None:
+        """The base test expects a TrackingRecorder. The engine's read models keep their log
+        position in their own database, written in one transaction with their rows, so none
+        is made (with or without a class or topic named)."""
+        self.factory.env[self.factory.TRACKING_RECORDER_TOPIC] = (
+            "eventsourcing.popo:POPOTrackingRecorder"
+        )
+        for named in (None, TrackingRecorder):
+            with pytest.raises(NotSupported) as refused:
+                self.factory.tracking_recorder(named)
+            assert refused.value.code == "not_supported"
+            assert "read model" in refused.value.message
 
     def test_create_process_recorder(self) -> None:
         """The base test expects a ProcessRecorder. Ours refuses, by design: a process
@@ -170,23 +164,11 @@ def test_another_process_appends_are_seen_by_reads_and_by_the_max_notification_i
     log.close()
 
 
-def test_a_subscription_delivers_another_process_append_within_the_poll_interval(
-    tmp_path: Path,
-) -> None:
+def test_a_subscription_is_refused_rather_than_never_delivering(tmp_path: Path) -> None:
     log = OperationLog.create(str(tmp_path / "log"), "host-a")
-    # Polling, as on NFS where inotify sees nothing: the bounded refresh alone must deliver.
-    recorder = LogApplicationRecorder(log, follower=follow_with(poll_interval=0.2, polling=True))
-    originator_id = uuid.uuid4()
-    received: list[Any] = []
-    with recorder.subscribe(gt=None) as subscription:
-        started = time.monotonic()
-        _append_in_another_process(log.directory, originator_id)
-        for notification in subscription:
-            received.append(notification)
-            break
-        waited = time.monotonic() - started
-    assert [(n.id, n.originator_id, n.topic) for n in received] == [(1, originator_id, "from-b")]
-    assert waited < 10
+    with pytest.raises(NotSupported) as refused:
+        LogApplicationRecorder(log).subscribe(gt=None)
+    assert "follows the log itself" in refused.value.message
     log.close()
 
 

@@ -1,10 +1,13 @@
-"""``python -m engine.demo`` (``make demo``): a day in the life of two repositories.
+"""``python -m demo`` (``make demo``): a day in the life of two repositories.
 
 In a temporary directory: a virtual disk gets data, a snapshot, three clones (thin, fast and in
 the other repository), a full copy and an incremental copy to the second repository (the
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
 Every call returns once its events are durable; the executors do the work. At the end: every
 image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
+
+A client of the engine, outside it (docs/adr/0025-layers-and-the-import-rule.md).
+Imports: the engine's facade and its QEMU adapter (to look into the volumes), and log_tools.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import sys
 import tempfile
 import time
 
-from engine.facade import StorageEngine
+from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
+from log_tools.verify import verify, write_text
 
 MiB = 2**20
 
@@ -165,8 +169,6 @@ def main() -> int:
                 say(f"  {'ok  ' if ok else 'FAIL'} {what}")
 
         say("\nstrata-log verify r1:")
-        from log_tools.verify import verify, write_text
-
         write_text(verify(os.path.join(repo1, "log")), sys.stdout)
         return 0 if all(checks.values()) else 1
 

@@ -1,0 +1,1 @@
+"""The demo: ``python -m demo`` (``make demo``) runs :mod:`demo.__main__`."""
