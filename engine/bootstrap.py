@@ -5,7 +5,7 @@ parts of one host (its QEMU adapter, its registry of connected repositories) and
 connect, the parts of that repository: this host's lease there, the log application, the unit of
 work and the image commands, the view and the thread that keeps it current, the watch on the
 other hosts and, unless the host only reads and appends, the executor. Nothing else in the engine
-builds these, reads the environment or the clock's configuration.
+builds these parts, and nothing below the facade reads the environment for them.
 
 Imports: anything below the facade: the service layer, projections, executors, adapters,
 :mod:`engine.connections` and :mod:`engine.host_repositories`. Only the facade imports this.
