@@ -128,7 +128,7 @@ class ImageHandlers:
             )  # fmt: skip
 
         with self._unsettled_if_unknown(key, new_id):
-            snapshot = self.service.update_many([disk.id], command, new=lambda made: [made])
+            snapshot = self.service.update_many([disk.id], command, new=lambda image: [image])
         return snapshot.id
 
     def copy_image(
@@ -189,7 +189,7 @@ class ImageHandlers:
             )
 
         with self._unsettled_if_unknown(key, new_id):
-            copy = self.service.update_many([base.id], command, new=lambda made: [made])
+            copy = self.service.update_many([base.id], command, new=lambda image: [image])
         return copy.id
 
     def remove_image(self, image_id: uuid.UUID) -> None:

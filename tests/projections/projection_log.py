@@ -130,7 +130,7 @@ class Repo:
                 now=self.clock(),
             )
 
-        return self.service.update_many([disk_id], command, new=lambda made: [made]).id
+        return self.service.update_many([disk_id], command, new=lambda image: [image]).id
 
     def copied_snapshot(self, size: int = GiB) -> uuid.UUID:
         """A snapshot whose only volume is still to be copied in (from another repository)."""
