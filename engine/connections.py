@@ -1,16 +1,20 @@
-"""A repository connected on this host: its storage, its log application, its view, its work,
-and this host's lease on its host id there (engine/executors/liveness.py).
+"""A repository connected on this host: its storage, its log application, its view, its
+commands, its work, and this host's lease on its host id there (engine/executors/liveness.py).
+engine/bootstrap.py builds one on connect; engine/host_repositories.py keeps them by name.
 
 Also the thread that keeps the view current: it wakes on this process's appends at once and on
 other hosts' within the poll interval (:class:`~engine.log.follow.LogFollower`), folds the new
 records into the view, and wakes whoever waits for an image (``wait_for_image``).
+
+Imports: the parts it holds: :mod:`engine.application`, :mod:`engine.log`, the view
+(:mod:`engine.projections.view`), the service layer, the executors' types, the repository
+format's interface and :mod:`engine.errors`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +23,7 @@ from engine.errors import StrataError, storage_error
 from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
+from engine.service.image_handlers import ImageHandlers
 from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine")
@@ -111,6 +116,7 @@ class ConnectedRepository:
     storage: RepositoryStorage
     app: StrataLogApplication
     service: ImageService
+    images: ImageHandlers
     view: RepositoryView
     follower: ViewFollower
     lease: HostLease | None = None
@@ -120,10 +126,6 @@ class ConnectedRepository:
     # mtime) then, or None if it had none: a status says so while the file is still that one
     # (engine/volume_health.py). Re-derivable from the files themselves.
     lost: dict[str, tuple[int, int] | None] = field(default_factory=dict)
-    # Image ids that calls tried when their commit's outcome was unknown (CommitUnknown),
-    # by call and arguments: a retry of the same call uses the same id
-    # (engine/service/image_handlers.py).
-    unsettled: dict[tuple[object, ...], uuid.UUID] = field(default_factory=dict)
     # qcow2 volumes the last checks found sound, by file identity: not read again unchanged.
     sound_headers: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 

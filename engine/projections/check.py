@@ -25,7 +25,11 @@ in its status and awaited by ``wait_for_image``. A ``clean`` runs on the removed
 chain holds the files; files of no image, or of a removed image whose queue is blocked, go to a
 new carrier: an image requested and removed in one transaction, seen by nobody but executors.
 
-What a fix's data holds and how a fix is started: engine/projections/fix_tokens.py.
+What a fix's data holds: engine/projections/fix_tokens.py; starting one is a command,
+engine/service/fix_handlers.py.
+
+Imports: :mod:`engine.aggregates`, :mod:`engine.errors`, :mod:`engine.types`, the repository
+format's file listing (:mod:`engine.formats.repository.driver`) and the projections beside it.
 """
 
 from __future__ import annotations
@@ -42,8 +46,6 @@ from engine.errors import ForeignFile
 from engine.formats.repository.driver import VolumeFile
 from engine.projections.fix_tokens import (
     DATA_VERSION,
-    FixPlan,
-    apply_fix,
     decode_fix,
     digest,
     foreign_file_fix,
@@ -386,9 +388,7 @@ def _foreign_files(index: VolumeIndex, foreign: Iterable[_Foreign]) -> Iterable[
 
 __all__ = [
     "DATA_VERSION",
-    "FixPlan",
     "Problems",
-    "apply_fix",
     "decode_fix",
     "find_fixes",
     "find_fixes_for_volumes",

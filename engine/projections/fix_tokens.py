@@ -1,4 +1,4 @@
-"""A fix's opaque data, and starting a fix: decoding it, checking it still applies, queuing it.
+"""A fix's opaque data: making it for a check, and decoding it into a checked plan to start.
 
 ``Fix.data`` is base64 msgpack ``{"v", "type", "target", "new_carrier", "images", "salt", "op",
 "release"}``: the image that carries the work, the versions the check saw, and either the
@@ -10,6 +10,12 @@ made (the id does not match the operation) is refused as an invalid parameter.
 
 A foreign file's ``mend`` holds ``{"foreign": {"path", "what"}}`` and neither an operation nor a
 release: it reports, and starting it is refused with :class:`ForeignFile` (docs/adr/0016).
+
+Starting a decoded plan is a command: engine/service/fix_handlers.py.
+
+Imports: :mod:`engine.aggregates`, :mod:`engine.errors`, :mod:`engine.types`, the view's volume
+index (:mod:`engine.projections.volume_needs`) and the command it decodes to
+(:class:`engine.service.fix_handlers.FixPlan`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import binascii
 import hashlib
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -27,31 +33,17 @@ import msgpack
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.work_rules import BLOCKED, release_type
-from engine.errors import ConcurrencyConflict, ForeignFile, InvalidParameter, StaleFix
+from engine.errors import ForeignFile, InvalidParameter, StaleFix
 from engine.projections.volume_needs import VolumeIndex, can_optimize
+from engine.service.fix_handlers import FixPlan
 from engine.types import Fix
 
 if TYPE_CHECKING:
     from engine.projections.view import RepositoryView
-    from engine.service.unit_of_work import ImageService
 
 DATA_VERSION = 1
 _CARRIERS = uuid.UUID("5d1e8a0c-2f4b-4e58-9a55-0c1ea4c0ffee")  # namespace of new carriers' ids
 _FOREIGN = uuid.UUID("0f0e1a2b-6c3d-4e5f-8a9b-1c2d3e4f5a6b")  # namespace of foreign files' fixes
-
-
-@dataclass(frozen=True, slots=True)
-class FixPlan:
-    """A decoded, checked fix: queue ``operation`` on ``target`` (or release ``op_id``)."""
-
-    type: str
-    target: uuid.UUID
-    op_id: str
-    operation: dict[str, Any] | None  # None: release the held, failed or stopped op_id
-    new_carrier: bool  # the target is to be created (requested and removed) with the operation
-    already_queued: bool  # nothing to do: this very work is queued, running or done
-    images: dict[str, int]  # the versions the check saw
-    remove: str | None = None  # remove the image for this reason (its data is lost)
 
 
 # --- making ----------------------------------------------------------------------------------
@@ -192,54 +184,6 @@ def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) 
     else:
         _check_clean(index, image, stages)
     return plan
-
-
-def apply_fix(
-    view: RepositoryView, service: ImageService, fix: Fix, elsewhere: Collection[str] = ()
-) -> bool:
-    """Start a fix: True if this call queued (or released) the work, False if it already was."""
-    plan = decode_fix(view, fix, elsewhere)
-    if plan.already_queued:
-        return False
-    if plan.remove is not None:
-        reason = plan.remove
-        service.update(
-            plan.target,
-            lambda image: image.remove(host_id=service.host_id, now=service.now(), reason=reason),
-        )
-        return True
-    if plan.new_carrier:
-        now = service.now()
-        carrier = Image.request(
-            image_id=plan.target,
-            kind=ops.SNAPSHOT,
-            size=0,
-            chain=[],
-            user_data=None,
-            strategy=ops.SPACE,
-            auto_fix=True,
-            origin={"how": "clean carrier"},
-            operations=[plan.operation] if plan.operation is not None else [],
-            host_id=service.host_id,
-            now=now,
-        )
-        carrier.remove(host_id=service.host_id, now=now)
-        try:
-            service.add(carrier)
-        except ConcurrencyConflict:
-            return False  # another host started the same fix a moment ago
-        return True
-
-    def command(image: Image) -> bool:
-        return image.request_fix(
-            fix_type=plan.type,
-            op_id=plan.op_id,
-            operation=plan.operation,
-            host_id=service.host_id,
-            now=service.now(),
-        )
-
-    return service.update(plan.target, command)
 
 
 def _queued(plan: FixPlan) -> FixPlan:

@@ -3,7 +3,11 @@
 The one place where commands meet the event store. A command is a function of the freshly loaded
 aggregates; when another host or thread appended to one of them between our load and our save,
 the log refuses the save (optimistic concurrency) and the command runs again on the new state,
-so every decision is taken on the state it is recorded against.
+so every decision is taken on the state it is recorded against. A command returns what its
+caller returns (a new image, a claim's epoch), and the unit of work hands it back.
+
+Imports: :mod:`engine.aggregates`, :mod:`engine.application` (the event store over the log) and
+:mod:`engine.errors`. Everything that writes an image's events goes through here.
 """
 
 from __future__ import annotations
@@ -72,14 +76,15 @@ class ImageService:
         image_ids: Sequence[uuid.UUID],
         command: Callable[[list[Image]], T],
         *,
-        new: Callable[[], Sequence[Image]] = tuple,
+        new: Callable[[T], Sequence[Image]] | None = None,
     ) -> T:
-        """Run ``command`` on several images; save their events (and ``new()``) atomically."""
+        """Run ``command`` on several images and return what it returns; save their events
+        atomically, with the new aggregates ``new`` picks from that result (none by default)."""
         for attempt in range(MAX_ATTEMPTS):
             images = [self.get(i) for i in image_ids]
             result = command(images)
             try:
-                self._save([*images, *new()])
+                self._save([*images, *(() if new is None else new(result))])
             except ConcurrencyConflict as e:
                 if attempt == MAX_ATTEMPTS - 1:
                     logger.warning(

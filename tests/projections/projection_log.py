@@ -103,9 +103,8 @@ class Repo:
 
     def snapshot(self, disk_id: uuid.UUID) -> uuid.UUID:
         snapshot_id = uuid.uuid4()
-        made: list[Image] = []
 
-        def command(images: list[Image]) -> None:
+        def command(images: list[Image]) -> Image:
             [disk] = images
             new_top = new_ref()
             stage = {"do": "create", "volume": new_top, "size": disk.size}
@@ -117,24 +116,21 @@ class Repo:
                 host_id=self.host_id,
                 now=self.clock(),
             )
-            made[:] = [
-                Image.request(
-                    image_id=snapshot_id,
-                    kind=ops.SNAPSHOT,
-                    size=disk.size,
-                    chain=frozen,
-                    user_data=None,
-                    strategy=disk.strategy,
-                    auto_fix=True,
-                    origin={"snapshot_of": str(disk.id)},
-                    operations=[],
-                    host_id=self.host_id,
-                    now=self.clock(),
-                )
-            ]
+            return Image.request(
+                image_id=snapshot_id,
+                kind=ops.SNAPSHOT,
+                size=disk.size,
+                chain=frozen,
+                user_data=None,
+                strategy=disk.strategy,
+                auto_fix=True,
+                origin={"snapshot_of": str(disk.id)},
+                operations=[],
+                host_id=self.host_id,
+                now=self.clock(),
+            )
 
-        self.service.update_many([disk_id], command, new=lambda: made)
-        return snapshot_id
+        return self.service.update_many([disk_id], command, new=lambda image: [image]).id
 
     def copied_snapshot(self, size: int = GiB) -> uuid.UUID:
         """A snapshot whose only volume is still to be copied in (from another repository)."""

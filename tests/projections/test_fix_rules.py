@@ -15,10 +15,11 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.errors import ForeignFile, InvalidParameter, StaleFix
 from engine.formats.repository.driver import VolumeFile
-from engine.projections.check import apply_fix, decode_fix, find_fixes, find_problems
+from engine.projections.check import decode_fix, find_fixes, find_problems
 from engine.projections.fix_tokens import _op_id as op_id
 from engine.projections.status import image_status
 from engine.projections.view import RepositoryView
+from engine.service.fix_handlers import start_fix
 from engine.types import Fix
 from tests.projections.projection_log import Repo, new_ref
 
@@ -55,7 +56,7 @@ def data(fix: Fix) -> dict:  # type: ignore[type-arg]
 
 def apply(repo: Repo, fix: Fix) -> bool:
     view = repo.view()
-    return apply_fix(view, repo.service, fix)
+    return start_fix(repo.service, decode_fix(view, fix))
 
 
 def test_a_healthy_repository_needs_no_fix(repo: Repo) -> None:

@@ -1,0 +1,223 @@
+"""The repositories this host has connected, under the names it gave them, and finding images
+among them: for the facade's calls, and for the executors, whose work may read an image of
+another connected repository (a copy's source, architecture §1).
+
+A host sees only the repositories it connects (ADR 0017). The registry is the one lock around
+connecting, disconnecting and closing; lookups take a snapshot of it and read the views.
+
+Imports: :mod:`engine.connections` (a connected repository), the aggregates, :mod:`engine.errors`,
+:mod:`engine.validation` and the repository format's interface.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable
+
+from engine import validation
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.connections import ConnectedRepository
+from engine.errors import (
+    EngineClosed,
+    ImageNotFound,
+    RepositoryAlreadyConnected,
+    RepositoryBusy,
+    RepositoryNotConnected,
+    StrataError,
+)
+from engine.formats.repository.driver import RepositoryStorage
+
+
+class HostRepositories:
+    """This host's connected repositories, by name."""
+
+    def __init__(self) -> None:
+        self._repos: dict[str, ConnectedRepository] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # --- connecting -----------------------------------------------------------------------
+
+    def connect(
+        self,
+        repo_id: str,
+        open_storage: Callable[[], RepositoryStorage],
+        wire: Callable[[RepositoryStorage], ConnectedRepository],
+    ) -> ConnectedRepository:
+        """Connect the place ``open_storage`` opens under ``repo_id``, wired by ``wire``;
+        refused if the name or the place is connected already. Under the lock throughout, so
+        that two calls cannot connect one place twice."""
+        with self._lock:
+            self.check_open()
+            if repo_id in self._repos:
+                raise RepositoryAlreadyConnected(
+                    repo_id=repo_id, path=self._repos[repo_id].storage.root
+                )
+            storage = open_storage()
+            for other in self._repos.values():
+                if os.path.realpath(other.storage.root) == os.path.realpath(storage.root):
+                    raise RepositoryAlreadyConnected(repo_id=other.repo_id, path=storage.root)
+            repo = self._repos[repo_id] = wire(storage)
+            return repo
+
+    def disconnect(self, repo_id: str, force: bool) -> None:
+        """Detach; refused while this host runs stages there, unless ``force``."""
+        with self._lock:
+            repo = self[repo_id]
+            if not force and repo.executor is not None and repo.executor.busy():
+                raise RepositoryBusy(repo_id=repo_id)
+            del self._repos[repo.repo_id]
+        repo.close()
+
+    def close(self) -> None:
+        """Close every connection; no more calls are taken. Raises the first error met, once
+        every connection was closed."""
+        with self._lock:
+            self._closed = True
+            repos, self._repos = list(self._repos.values()), {}
+        errors = []
+        for repo in repos:
+            try:
+                repo.close()
+            except StrataError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed()
+
+    # --- repositories ---------------------------------------------------------------------
+
+    def __getitem__(self, repo_id: str) -> ConnectedRepository:
+        repo_id = validation.repo_id(repo_id)
+        with self._lock:
+            self.check_open()
+            try:
+                return self._repos[repo_id]
+            except KeyError:
+                raise RepositoryNotConnected(repo_id=repo_id) from None
+
+    def all(self) -> list[ConnectedRepository]:
+        with self._lock:
+            return list(self._repos.values())
+
+    def still_connected(self, repo: ConnectedRepository) -> None:
+        """Raise if the engine was closed or ``repo`` disconnected (by another thread) since
+        a waiter started: nothing would ever wake it otherwise."""
+        with self._lock:
+            self.check_open()
+            if self._repos.get(repo.repo_id) is not repo:
+                raise RepositoryNotConnected(repo_id=repo.repo_id)
+
+    # --- images, for the facade -----------------------------------------------------------
+
+    def live(self, repo: ConnectedRepository, image_id: uuid.UUID) -> Image:
+        """The live image ``image_id`` of ``repo``; ImageNotFound says where it is instead."""
+        image = repo.view.image(image_id)
+        if image is None or image.removed:
+            repo.follower.caught_up()  # maybe another host made it a moment ago
+            image = repo.view.image(image_id)
+        if image is None or image.removed:
+            elsewhere = [
+                r.repo_id
+                for r in self.all()
+                if r is not repo and (i := r.view.image(image_id)) is not None and not i.removed
+            ]
+            where = f"in repository {repo.repo_id!r}"
+            if image is not None:
+                where += " (it was removed)"
+            if elsewhere:
+                where += f"; it is in {elsewhere}"
+            raise ImageNotFound(where, image_id=image_id)
+        return image
+
+    def image_in(
+        self, repo_id: str, image_id: str | uuid.UUID
+    ) -> tuple[ConnectedRepository, Image]:
+        repo = self[repo_id]
+        return repo, self.live(repo, validation.image_id(image_id))
+
+    def find(
+        self, image_id: uuid.UUID, opts: validation.Options
+    ) -> tuple[ConnectedRepository, Image]:
+        """Look for a live image where the options allow (architecture §1), else everywhere."""
+        hint = opts.image_hints.get(image_id)
+        if hint is not None:
+            repo = self[hint]
+            return repo, self.live(repo, image_id)
+        names = opts.participating_repositories
+        repos = [self[n] for n in names] if names else self.all()
+        for repo in repos:
+            image = repo.view.image(image_id)
+            if image is not None and not image.removed:
+                return repo, image
+        for repo in repos:
+            repo.follower.caught_up()
+            image = repo.view.image(image_id)
+            if image is not None and not image.removed:
+                return repo, image
+        where = f"in {[r.repo_id for r in repos]}" if names else "in any connected repository"
+        raise ImageNotFound(where, image_id=image_id)
+
+    # --- images and volumes, for the executors and checks ---------------------------------
+
+    def find_for_executor(self, image_id: uuid.UUID) -> tuple[Image, RepositoryStorage] | None:
+        """Where executors read an image from. A snapshot's copy keeps its id (architecture §1), so
+        one id can live in two repositories: a copy whose own volumes are still to be made is
+        read from only if no other is there, or its copy stage would wait for itself."""
+        # A source removed after the copy was asked for is still read, the last choice: its
+        # data is freed only once nothing depends on it (ADR 0017).
+        best: tuple[tuple[bool, bool], Image, RepositoryStorage] | None = None
+        for repo in self.all():
+            image = repo.view.image(image_id)
+            if image is None:
+                continue
+            unfinished = bool(set(image.chain) & image.pending_volumes())
+            rank = (unfinished, image.removed)
+            if rank == (False, False):
+                return image, repo.storage
+            if best is None or rank < best[0]:
+                best = (rank, image, repo.storage)
+        return None if best is None else (best[1], best[2])
+
+    def needed_elsewhere(self, root: str) -> set[str]:
+        """Volumes of the repository at ``root`` that unfinished work in the other connected
+        repositories reads (a copy of one of its images, removed or not). A host sees only
+        the repositories it connects (ADR 0017)."""
+        repos = self.all()
+        here = next((r for r in repos if r.storage.root == root), None)
+        needed: set[str] = set()
+        if here is None:
+            return needed
+        for other in repos:
+            if other is here:
+                continue
+            for image in other.view.images():
+                if image.removed:
+                    continue
+                for op in image.operations:
+                    if op.finished:
+                        continue
+                    for stage in op.stages[op.done :]:
+                        source = stage.get("source_image")
+                        if source is None:
+                            continue
+                        found = here.view.image(str(source))
+                        if found is not None:
+                            needed.update(found.chain)
+        return needed
+
+    def foreign_ready(self, storage: RepositoryStorage, ref: str) -> bool:
+        """Whether a volume of another connected repository is made: its file is there, or no
+        unfinished stage there will make it (then it is lost, and a stage reading it fails)."""
+        if os.path.exists(storage.volume_path(*ops.split_ref(ref))):
+            return True
+        for repo in self.all():
+            if repo.storage.root == storage.root:
+                return repo.view.is_ready(ref)
+        return False

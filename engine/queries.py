@@ -1,0 +1,141 @@
+"""The storage API's reads: an image's status and info, a repository's description, what a check
+finds, which image a path is, and whether an image's work has settled (architecture §3, step 6).
+
+They answer from a connected repository's view, and look at the files only where a status or a
+check must (one ``lstat`` per volume, the headers of volumes not seen sound before). They write
+nothing to the log; a check remembers what it found lost, so that statuses say so (ADR 0017).
+
+Imports: :mod:`engine.connections`, the aggregates, the projections' status and check rules,
+:mod:`engine.volume_health`, :mod:`engine.opaque`, :mod:`engine.errors` and :mod:`engine.types`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Collection, Iterable
+from typing import Any
+
+import engine.projections.check as fix_rules
+from engine.aggregates import operations as ops
+from engine.aggregates.image import Image
+from engine.connections import ConnectedRepository
+from engine.errors import ForeignFile
+from engine.opaque import value_of
+from engine.projections.status import blocker, image_status
+from engine.projections.view import RepositoryView
+from engine.types import BROKEN, Fix, ImageInfo, ImageStatus
+from engine.volume_health import find_damaged, identities, volume_faults
+
+
+def status_of(repo: ConnectedRepository, image: Image) -> ImageStatus:
+    """The image's status, its volumes looked at: a missing file (one ``lstat`` each) or a
+    volume the last check found damaged, not made again since, makes it broken, and says so
+    (ADR 0017)."""
+    faults = volume_faults(repo.storage, repo.view, image, repo.lost)
+    status = image_status(image, repo.view, (), faults)
+    if status.status == BROKEN and status.last_error is None:
+        why = blocker(image, repo.view)
+        if why is not None:
+            return dataclasses.replace(status, last_error=why)
+    return status
+
+
+def info_of(repo: ConnectedRepository, image: Image) -> ImageInfo:
+    return ImageInfo(
+        image_id=str(image.id),
+        kind=image.kind,
+        size=image.size,
+        user_data=value_of(image.user_data),
+        created=image.created_on.isoformat(),
+        chain_depth=len(image.chain),
+        repo_id=repo.repo_id,
+    )
+
+
+def describe(repo: ConnectedRepository) -> dict[str, Any]:
+    """The repository's format and free space, and its images counted by kind and status."""
+    live = repo.view.live_images()
+    by_status: dict[str, int] = {}
+    for image in live:
+        status = status_of(repo, image).status
+        by_status[status] = by_status.get(status, 0) + 1
+    return {
+        **repo.storage.describe(),
+        "repo_id": repo.repo_id,
+        "images": len(live),
+        "virtual_disks": sum(1 for i in live if i.kind == ops.VIRTUAL_DISK),
+        "snapshots": sum(1 for i in live if i.kind == ops.SNAPSHOT),
+        "removed_images": sum(1 for i in repo.view.images() if i.removed),
+        "by_status": by_status,
+        "log_position": repo.view.position,
+    }
+
+
+def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
+    """Compare the view with the files; the fixes that would help. ``elsewhere``: volumes here
+    that unfinished work in other connected repositories reads."""
+    unlisted: ForeignFile | None = None
+    try:
+        files = repo.storage.list_volume_files()
+    except ForeignFile as e:  # the volume directory: reported, never listed through
+        files, unlisted = [], e
+    problems = fix_rules.find_problems(
+        repo.view,
+        files,
+        # Never a header read through a foreign file: it may be a file outside.
+        damaged=find_damaged(
+            repo.view, [f for f in files if f.foreign is None], repo.sound_headers
+        ),
+        elsewhere=elsewhere,
+        unlisted=unlisted,
+    )
+    repo.lost = identities(repo.storage, problems.lost)
+    return list(problems.fixes)
+
+
+def check_chain_is_own(repo: ConnectedRepository, image: Image) -> None:
+    """Raise ForeignFile if a volume of the image's chain is not the repository's own file
+    (a virtual machine reads the whole chain, and follows links: ADR 0016)."""
+    for ref in image.chain:
+        try:
+            repo.storage.check_own_file(repo.storage.volume_path(*ops.split_ref(ref)))
+        except ForeignFile:
+            # Broken from now on, as the next check will say too.
+            repo.lost.update(identities(repo.storage, [ref]))
+            raise
+
+
+def image_at_path(
+    repos: Iterable[ConnectedRepository], path: str
+) -> tuple[ConnectedRepository, Image] | None:
+    """The live image whose top volume is ``path`` (what a virtual machine has open)."""
+    wanted = os.path.realpath(path)
+    for repo in repos:
+        # The repository's own path to each volume: its root may be a link, but a link
+        # inside it leads to a file that is not the image's (docs/adr/0016).
+        root = repo.storage.root
+        real_root = os.path.realpath(root)
+        for image in repo.view.live_images():
+            volume_id, fmt = ops.split_ref(image.chain[-1])
+            own = os.path.relpath(repo.storage.volume_path(volume_id, fmt), root)
+            if os.path.join(real_root, own) == wanted:
+                return repo, image
+    return None
+
+
+def settled(view: RepositoryView, image: Image) -> bool:
+    """Whether ``wait_for_image`` is done: no stage of the image, or of the work that makes
+    the volumes it reads, is pending (or what is pending waits for a fix)."""
+    if not _blocked_or_done(image):
+        return blocker(image, view) is not None  # waits on work that waits for a fix
+    for volume in image.chain:
+        producer = view.producer_of(volume)
+        if producer is not None and not _blocked_or_done(producer):
+            return False
+    return True
+
+
+def _blocked_or_done(image: Image) -> bool:
+    op = image.current_operation()
+    return op is None or op.state in (ops.FAILED, ops.STOPPED, ops.HELD)
