@@ -18,7 +18,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,8 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import OperationPlan, Purpose
+from engine.aggregates.stage_kinds import DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, release_type
 from engine.errors import ConcurrencyConflict, ForeignFile, InvalidParameter, StaleFix
 from engine.projections.volume_needs import VolumeIndex, can_optimize
@@ -47,7 +49,7 @@ class FixPlan:
     type: str
     target: uuid.UUID
     op_id: str
-    operation: dict[str, Any] | None  # None: release the held, failed or stopped op_id
+    operation: OperationPlan | None  # None: release the held, failed or stopped op_id
     new_carrier: bool  # the target is to be created (requested and removed) with the operation
     already_queued: bool  # nothing to do: this very work is queued, running or done
     images: dict[str, int]  # the versions the check saw
@@ -62,17 +64,17 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
 
-def _op_id(kind: str, target: str, salt: int, stages: list[dict[str, Any]]) -> str:
+def _op_id(kind: str, target: str, salt: int, stages: Sequence[Stage]) -> str:
     return digest("op", kind, target, salt, stages)
 
 
 def make_fix(
-    kind: str,
+    kind: Purpose,
     target: Image,
     touched: list[Image],
     description: str,
     *,
-    stages: list[dict[str, Any]] | None = None,
+    stages: Sequence[Stage] | None = None,
     release: str | None = None,
     remove: str | None = None,
 ) -> Fix:
@@ -97,10 +99,10 @@ def make_fix(
     if remove is not None:
         data["remove"] = remove
     ids = tuple(dict.fromkeys(touched_ids))
-    return Fix(type=kind, image_ids=ids, description=description, data=_encode(data))
+    return Fix(type=str(kind), image_ids=ids, description=description, data=_encode(data))
 
 
-def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
+def new_carrier_fix(description: str, stages: Sequence[Stage]) -> Fix:
     op_id = _op_id(ops.CLEAN, "new", 0, stages)
     data = {
         "v": DATA_VERSION,
@@ -112,7 +114,7 @@ def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
         "op": ops.plan(op_id, ops.CLEAN, *stages),
         "release": None,
     }
-    return Fix(type=ops.CLEAN, image_ids=(), description=description, data=_encode(data))
+    return Fix(type=str(ops.CLEAN), image_ids=(), description=description, data=_encode(data))
 
 
 def foreign_file_fix(path: str, what: str, touched: list[Image], description: str) -> Fix:
@@ -130,7 +132,7 @@ def foreign_file_fix(path: str, what: str, touched: list[Image], description: st
         "foreign": {"path": path, "what": what},
     }
     ids = tuple(dict.fromkeys(touched_ids))
-    return Fix(type=ops.MEND, image_ids=ids, description=description, data=_encode(data))
+    return Fix(type=str(ops.MEND), image_ids=ids, description=description, data=_encode(data))
 
 
 def _encode(data: dict[str, Any]) -> str:
@@ -270,7 +272,7 @@ def _check_release(
     return plan
 
 
-def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[dict[str, Any]]) -> None:
+def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[DeleteStage]) -> None:
     needed = [ref for ref in stages[0]["volumes"] if index.is_needed(ref)]
     if needed:
         raise StaleFix(f"volume(s) {', '.join(needed)} are needed again or already queued")

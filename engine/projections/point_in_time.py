@@ -354,6 +354,6 @@ def log_volumes(view: RepositoryView) -> list[str]:
                 volume = ops.produced_by(stage)
                 if volume is not None:
                     (made if done else pending).add(volume)
-                if done and stage.get("do") == "delete":
+                if done and stage["do"] == "delete":
                     deleted.update(stage.get("volumes") or ())
     return sorted(made - pending - deleted)

@@ -271,7 +271,7 @@ class ImageCommands:
         user_data: Any,
         opts: validation.Options,
         origin: dict[str, Any],
-        work: list[dict[str, Any]],
+        work: list[ops.OperationPlan],
         repo: ConnectedRepository,
     ) -> Image:
         return Image.request(
@@ -289,7 +289,7 @@ class ImageCommands:
         )
 
 
-def _held(plan: dict[str, Any], opts: validation.Options) -> dict[str, Any]:
+def _held(plan: ops.OperationPlan, opts: validation.Options) -> ops.OperationPlan:
     """An operation that waits for a fix when the caller asked for ``auto_fix=False``."""
     return plan if opts.auto_fix else {**plan, "held": True}
 
