@@ -28,8 +28,8 @@ every key a declaration names is a key of its kind's form.
 Imports: the standard library only.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: the forms' ``NotRequired`` keys must be known
+# at runtime (``__required_keys__``), which Python 3.11 cannot tell from annotations as strings.
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -134,23 +134,23 @@ def _declare(kind: StageKind) -> KindRules:
 
 # Every kind this Strata knows, by its ``"do"``. A stage of another kind (a newer Strata's) is
 # never run here, and makes or reads nothing that these rules know of.
-KINDS: Mapping[str, KindRules] = {kind: _declare(kind) for kind in StageKind}
+RULES: Mapping[str, KindRules] = {kind: _declare(kind) for kind in StageKind}
 # Every key that names a volume, whatever the kind: what must not be freed under a stage.
 VOLUME_KEYS: tuple[VolumeKey, ...] = (
     *dict.fromkeys(
         key
-        for rules in KINDS.values()
+        for rules in RULES.values()
         for key in (rules.makes, rules.works_on, *rules.reads)
         if key is not None
     ),
     "drop_volume",
 )
-_MAKES = {kind: rules.makes for kind, rules in KINDS.items() if rules.makes is not None}
+_MAKES = {kind: rules.makes for kind, rules in RULES.items() if rules.makes is not None}
 
 
 def is_known(stage: Stage) -> bool:
     """Whether this Strata knows the stage's kind (a newer host's stage waits for a newer host)."""
-    return stage.get("do") in KINDS
+    return stage.get("do") in RULES
 
 
 def produced_by(stage: Stage) -> str | None:
@@ -164,7 +164,7 @@ def produced_by(stage: Stage) -> str | None:
 
 def deleted_by(stage: Stage) -> list[str]:
     """The volumes a stage deletes."""
-    rules = KINDS.get(stage["do"])
+    rules = RULES.get(stage["do"])
     volumes = stage.get("volumes") if rules is not None and rules.deletes else None
     return [v for v in volumes if isinstance(v, str)] if isinstance(volumes, list) else []
 
@@ -172,7 +172,7 @@ def deleted_by(stage: Stage) -> list[str]:
 def local_inputs(stage: Stage) -> list[str]:
     """The volumes of this repository that must be ready before the stage can run: the one
     it works on in place, then the others it reads."""
-    rules = KINDS.get(stage["do"])
+    rules = RULES.get(stage["do"])
     if rules is None:
         return []
     keys = rules.reads if rules.works_on is None else (rules.works_on, *rules.reads)
@@ -181,7 +181,7 @@ def local_inputs(stage: Stage) -> list[str]:
 
 def other_reads(stage: Stage) -> list[str]:
     """The volumes of this repository the stage reads besides the one it makes or works on."""
-    rules = KINDS.get(stage["do"])
+    rules = RULES.get(stage["do"])
     if rules is None:
         return []
     return [ref for ref in (stage.get(key) for key in rules.reads) if isinstance(ref, str)]
@@ -189,5 +189,5 @@ def other_reads(stage: Stage) -> list[str]:
 
 def reads_source(stage: Stage) -> bool:
     """Whether the stage reads the whole chain of the image ``source_image`` names."""
-    rules = KINDS.get(stage["do"])
+    rules = RULES.get(stage["do"])
     return rules is not None and rules.reads_source
