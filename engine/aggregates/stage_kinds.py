@@ -132,9 +132,10 @@ def _declare(kind: StageKind) -> KindRules:
     assert_never(kind)  # mypy: a kind without its declaration
 
 
-# Every kind this Strata knows, by its ``"do"``. A stage of another kind (a newer Strata's) is
-# never run here, and makes or reads nothing that these rules know of.
-RULES: Mapping[str, KindRules] = {kind: _declare(kind) for kind in StageKind}
+# Every kind this Strata knows, by its ``"do"`` (plain strings: a dict of them only is quicker
+# to look the log's strings up in). A stage of another kind (a newer Strata's) is never run
+# here, and makes or reads nothing that these rules know of.
+RULES: Mapping[str, KindRules] = {kind.value: _declare(kind) for kind in StageKind}
 # Every key that names a volume, whatever the kind: what must not be freed under a stage.
 VOLUME_KEYS: tuple[VolumeKey, ...] = (
     *dict.fromkeys(
@@ -156,9 +157,7 @@ def is_known(stage: Stage) -> bool:
 def produced_by(stage: Stage) -> str | None:
     """The volume a stage makes, if any."""
     key = _MAKES.get(stage["do"])
-    if key is None:
-        return None
-    volume = stage.get(key)
+    volume = None if key is None else stage.get(key)
     return volume if isinstance(volume, str) else None
 
 
