@@ -111,11 +111,6 @@ def run_stage(run: StageRun) -> None:
 # --- what a stage reads ---------------------------------------------------------------------
 
 
-def local_inputs(stage: Stage) -> list[str]:
-    """Volumes of this repository that must be ready before the stage can run."""
-    return stage_kinds.local_inputs(stage)
-
-
 def source_image(stage: Stage) -> uuid.UUID | None:
     """The image whose whole chain the stage reads (it may live in another repository)."""
     return source_id(stage) if stage_kinds.reads_source(stage) else None
@@ -135,7 +130,7 @@ def inputs_ready(
     A volume that nothing will produce is ready even if its file is missing: the stage then
     runs and fails, saying which file it could not read, rather than wait for ever."""
     try:
-        if not all(is_ready(ref) for ref in local_inputs(stage)):
+        if not all(is_ready(ref) for ref in stage_kinds.local_inputs(stage)):
             return False
         source_id = source_image(stage)
     except InvalidParameter:

@@ -59,7 +59,7 @@ class FixPlan:
 # --- making ----------------------------------------------------------------------------------
 
 
-def digest(*parts: Any) -> str:
+def digest(*parts: object) -> str:
     packed = msgpack.packb([str(p) if isinstance(p, uuid.UUID) else p for p in parts])
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
@@ -135,7 +135,7 @@ def foreign_file_fix(path: str, what: str, touched: list[Image], description: st
     return Fix(type=str(ops.MEND), image_ids=ids, description=description, data=_encode(data))
 
 
-def _encode(data: dict[str, Any]) -> str:
+def _encode(data: dict[str, object]) -> str:
     return base64.b64encode(msgpack.packb(data, use_bin_type=True)).decode("ascii")
 
 
