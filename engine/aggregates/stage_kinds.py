@@ -161,10 +161,12 @@ def produced_by(stage: Stage) -> str | None:
     return volume if isinstance(volume, str) else None
 
 
-def deleted_by(stage: Stage) -> list[str]:
-    """The volumes a stage deletes."""
+def deleted_by(stage: Stage) -> list[str] | None:
+    """The volumes a stage deletes; None if it is not of a kind that deletes."""
     rules = RULES.get(stage["do"])
-    volumes = stage.get("volumes") if rules is not None and rules.deletes else None
+    if rules is None or not rules.deletes:
+        return None
+    volumes = stage.get("volumes")
     return [v for v in volumes if isinstance(v, str)] if isinstance(volumes, list) else []
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import RebaseStage, Stage
+from engine.aggregates.stage_kinds import RebaseStage, Stage, deleted_by
 from engine.aggregates.work_rules import (
     VOLUME_KEYS,
     chains_without,
@@ -115,8 +115,9 @@ class VolumeIndex:
             made = ops.produced_by(stage)
             if made is not None:
                 self.pending.add(made)
-            if stage["do"] == "delete":
-                self.queued.update(stage.get("volumes") or ())
+            deleted = deleted_by(stage)
+            if deleted is not None:
+                self.queued.update(deleted)
                 continue
             for key in VOLUME_KEYS:
                 ref = stage.get(key)

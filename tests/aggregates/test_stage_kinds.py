@@ -75,7 +75,7 @@ def test_a_stage_says_what_it_makes_what_must_be_ready_and_what_it_deletes() -> 
     assert stage_kinds.local_inputs(rebase) == [a, b, c]
     assert stage_kinds.other_reads(rebase) == [b, c]
     assert stage_kinds.deleted_by(delete) == [a, b]
-    assert stage_kinds.deleted_by(create) == []
+    assert stage_kinds.deleted_by(create) is None
 
 
 def test_a_stage_of_a_kind_this_strata_does_not_know_makes_and_reads_nothing_known() -> None:
