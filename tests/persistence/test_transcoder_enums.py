@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgpack
 import pytest
 from eventsourcing.persistence import TranscodingNotRegisteredError
 
@@ -43,6 +44,15 @@ def test_enum_members_are_written_as_the_very_bytes_of_their_strings() -> None:
     back = transcoder.decode(encoded)
     assert back == work
     assert all(type(plan["purpose"]) is str for plan in back)
+
+
+def test_a_fixs_data_and_id_are_the_same_bytes_whether_made_from_members_or_strings() -> None:
+    made = [
+        ops.plan("x", ops.CLEAN, {"do": "delete", "volumes": []}),
+        StageKind.DELETE,
+        ops.PENDING,
+    ]
+    assert msgpack.packb(made) == msgpack.packb(plain(made))
 
 
 def test_another_subclass_of_str_still_needs_a_transcoding() -> None:
