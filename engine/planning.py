@@ -6,16 +6,21 @@ their formats and the order of the work, by strategy:
 * ``space`` prefers thin qcow2 volumes and overlays on shared snapshots;
 * ``performance`` prefers one standalone, preallocated raw volume per disk, reached through the
   quick form first (an overlay: the disk is ``degraded``) and an ``optimize`` operation after.
+
+Each stage is written in its kind's typed form (engine/aggregates/stage_kinds.py), with its keys
+in the order the log has always held them: a fix's id is a hash of its stages' bytes.
+
+Imports: the aggregates only.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from engine.aggregates import operations as ops
-from engine.aggregates.operations import plan, volume_ref
+from engine.aggregates.operations import OperationPlan, Purpose, plan, volume_ref
+from engine.aggregates.stage_kinds import CopyStage, CreateStage, DiffStage, ResizeStage
 
 NewVolume = Callable[[str], str]  # format -> a fresh volume ref
 
@@ -30,15 +35,16 @@ def op_id() -> str:
 
 def blank_disk(
     size: int, strategy: str, new: NewVolume = fresh_volume
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], list[OperationPlan]]:
     """A disk with no base: thin qcow2 for space, a preallocated raw volume for performance."""
+    stage: CreateStage
     if strategy == ops.PERFORMANCE:
         volume = new("raw")
         stage = {"do": "create", "volume": volume, "size": size, "preallocate": True}
     else:
         volume = new("qcow2")
         stage = {"do": "create", "volume": volume, "size": size}
-    return [volume], [plan(op_id(), "create", stage)]
+    return [volume], [plan(op_id(), Purpose.CREATE, stage)]
 
 
 def disk_on_snapshot(
@@ -47,26 +53,26 @@ def disk_on_snapshot(
     strategy: str,
     image_id: uuid.UUID,
     new: NewVolume = fresh_volume,
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], list[OperationPlan]]:
     """A disk whose first content is a snapshot's: an overlay on the snapshot's top volume."""
     overlay = new("qcow2")
     chain = [*snapshot_chain, overlay]
-    work = [plan(op_id(), "create", overlay_stage(overlay, snapshot_chain[-1], size))]
+    work = [plan(op_id(), Purpose.CREATE, overlay_stage(overlay, snapshot_chain[-1], size))]
     if strategy == ops.PERFORMANCE:
         work.append(optimize_plan(image_id, new))
     return chain, work
 
 
-def overlay_stage(volume: str, backing: str, size: int) -> dict[str, Any]:
+def overlay_stage(volume: str, backing: str, size: int) -> CreateStage:
     return {"do": "create", "volume": volume, "size": size, "backing": backing}
 
 
 def optimize_plan(
     image_id: uuid.UUID, new: NewVolume = fresh_volume, *, op: str | None = None
-) -> dict[str, Any]:
+) -> OperationPlan:
     """Flatten the image's chain into one preallocated raw volume, then use only that."""
     flat = new("raw")
-    stage = {
+    stage: CopyStage = {
         "do": "copy",
         "source_image": str(image_id),
         "volume": flat,
@@ -82,10 +88,10 @@ def snapshot_of_disk(
     disk_size: int,
     strategy: str,
     new: NewVolume = fresh_volume,
-) -> tuple[str, list[dict[str, Any]]]:
+) -> tuple[str, list[OperationPlan]]:
     """The disk's new top overlay and the work it needs after its chain is frozen."""
     top = new("qcow2")
-    work = [plan(op_id(), "snapshot", overlay_stage(top, disk_chain[-1], disk_size))]
+    work = [plan(op_id(), Purpose.SNAPSHOT, overlay_stage(top, disk_chain[-1], disk_size))]
     if strategy == ops.PERFORMANCE:
         work.append(optimize_plan(disk_id, new))
     return top, work
@@ -93,8 +99,9 @@ def snapshot_of_disk(
 
 def full_copy(
     source_id: uuid.UUID, strategy: str, new: NewVolume = fresh_volume
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], list[OperationPlan]]:
     """A standalone copy of an image's content: sparse qcow2 for space, raw for performance."""
+    stage: CopyStage
     if strategy == ops.PERFORMANCE:
         volume = new("raw")
         stage = {
@@ -106,7 +113,7 @@ def full_copy(
     else:
         volume = new("qcow2")
         stage = {"do": "copy", "source_image": str(source_id), "volume": volume}
-    return [volume], [plan(op_id(), "copy", stage)]
+    return [volume], [plan(op_id(), Purpose.COPY, stage)]
 
 
 def incremental_copy(
@@ -115,19 +122,25 @@ def incremental_copy(
     strategy: str,
     image_id: uuid.UUID,
     new: NewVolume = fresh_volume,
-) -> tuple[list[str], list[dict[str, Any]]]:
+) -> tuple[list[str], list[OperationPlan]]:
     """Only what the source holds that differs from the base (an incremental backup).
 
     The transfer is always the difference; with ``performance`` the copy is then flattened
     into its own raw volume, like any other disk of that strategy.
     """
     diff = new("qcow2")
-    stage = {"do": "diff", "source_image": str(source_id), "base": base_chain[-1], "volume": diff}
-    work = [plan(op_id(), "copy", stage)]
+    stage: DiffStage = {
+        "do": "diff",
+        "source_image": str(source_id),
+        "base": base_chain[-1],
+        "volume": diff,
+    }
+    work = [plan(op_id(), Purpose.COPY, stage)]
     if strategy == ops.PERFORMANCE:
         work.append(optimize_plan(image_id, new))
     return [*base_chain, diff], work
 
 
-def resize(top: str, size: int) -> dict[str, Any]:
-    return plan(op_id(), "resize", {"do": "resize", "volume": top, "size": size})
+def resize(top: str, size: int) -> OperationPlan:
+    stage: ResizeStage = {"do": "resize", "volume": top, "size": size}
+    return plan(op_id(), Purpose.RESIZE, stage)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from engine.aggregates import operations as ops
 from engine.aggregates.base import Aggregate, Appliers
-from engine.aggregates.operations import Operation
+from engine.aggregates.operations import Operation, OperationPlan
 from engine.aggregates.topics import StableTopic
 from engine.errors import (
     ClaimLost,
@@ -47,11 +47,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         kind: str
         size: int
         chain: list[str]
-        user_data: Any  # an engine.opaque.Opaque, None, or a plain value from an older log
+        user_data: object  # an engine.opaque.Opaque, None, or a plain value from an older log
         strategy: str
         auto_fix: bool
-        origin: dict[str, Any]  # how it was made: blank, from a snapshot, a copy of...
-        operations: list[dict[str, Any]]
+        origin: dict[str, str]  # how it was made: blank, from a snapshot, a copy of...
+        operations: list[OperationPlan]
 
     @dataclass(frozen=True, kw_only=True)
     class SnapshotTaken(Event):
@@ -66,14 +66,14 @@ class Image(Aggregate["Image.Event"], StableTopic):
 
         snapshot_id: uuid.UUID | None
         chain: list[str]
-        operations: list[dict[str, Any]]
+        operations: list[OperationPlan]
 
     @dataclass(frozen=True, kw_only=True)
     class FixRequested(Event):
         TOPIC = "strata.image.FixRequested"
 
         fix_type: str
-        operation: dict[str, Any] | None  # a new operation, or None to release/resume op_id
+        operation: OperationPlan | None  # a new operation, or None to release/resume op_id
         op_id: str
 
     @dataclass(frozen=True, kw_only=True)
@@ -141,7 +141,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
     class UserDataSet(Event):
         TOPIC = "strata.image.UserDataSet"
 
-        user_data: Any
+        user_data: object
 
     @dataclass(frozen=True, kw_only=True)
     class ImagePrepared(Event):
@@ -156,7 +156,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         TOPIC = "strata.image.ImageResized"
 
         size: int
-        operation: dict[str, Any]
+        operation: OperationPlan
 
     # --- state ----------------------------------------------------------------------------
 
@@ -168,10 +168,10 @@ class Image(Aggregate["Image.Event"], StableTopic):
     kind: str
     size: int
     chain: list[str]
-    user_data: Any
+    user_data: Any  # as the events carry it; engine.opaque.value_of gives the caller's value
     strategy: str
     auto_fix: bool
-    origin: dict[str, Any]
+    origin: dict[str, str]
     operations: list[Operation]
     removed: bool
     prepared_on: set[str]
@@ -188,11 +188,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         kind: str,
         size: int,
         chain: list[str],
-        user_data: Any,
+        user_data: object,
         strategy: str,
         auto_fix: bool,
-        origin: dict[str, Any],
-        operations: list[dict[str, Any]],
+        origin: dict[str, str],
+        operations: list[OperationPlan],
         host_id: str,
         now: datetime,
     ) -> Image:
@@ -220,7 +220,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         *,
         snapshot_id: uuid.UUID | None,
         new_top: str,
-        operations: list[dict[str, Any]],
+        operations: list[OperationPlan],
         host_id: str,
         now: datetime,
     ) -> list[str]:
@@ -249,7 +249,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         *,
         fix_type: str,
         op_id: str,
-        operation: dict[str, Any] | None,
+        operation: OperationPlan | None,
         host_id: str,
         now: datetime,
     ) -> bool:
@@ -340,7 +340,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
             raise ImageInUse(f"prepared on {sorted(self.prepared_on)}", image_id=self.id)
         self._trigger(self.ImageRemoved, host_id, now, reason=reason)
 
-    def set_user_data(self, *, user_data: Any, host_id: str, now: datetime) -> None:
+    def set_user_data(self, *, user_data: object, host_id: str, now: datetime) -> None:
         self._require_live()
         self._trigger(self.UserDataSet, host_id, now, user_data=user_data)
 
@@ -353,7 +353,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         if host_id in self.prepared_on:
             self._trigger(self.ImageTornDown, host_id, now)
 
-    def resize(self, *, size: int, op: dict[str, Any], host_id: str, now: datetime) -> None:
+    def resize(self, *, size: int, op: OperationPlan, host_id: str, now: datetime) -> None:
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
         if size <= self.size:

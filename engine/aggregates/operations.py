@@ -1,29 +1,28 @@
-"""Operations and stages: the work an image needs, as plain data the log can hold forever.
+"""Operations: the work an image needs, as plain data the log can hold forever.
 
-An operation is ``{"op_id", "purpose", "stages": [...]}``; a stage is a dict whose ``"do"`` names
-the data work an executor performs (docs/adr/0004-images-volumes-operations-and-stages.md):
+An operation is stored as ``{"op_id", "purpose", "stages": [...]}`` (:class:`OperationPlan`);
+a stage is a map whose ``"do"`` names the data work an executor performs. Each kind of stage,
+its typed form and the volumes it makes and reads are declared in
+engine/aggregates/stage_kinds.py (docs/adr/0004-images-volumes-operations-and-stages.md,
+docs/adr/0021-typed-stages-and-enums.md). Stages are values: keys are only ever added, so old
+logs keep their meaning.
 
-``create``  make volume ``volume`` (``size``; qcow2 overlay on ``backing`` if given; raw
-            preallocated if ``preallocate``)
-``copy``    copy the content of image ``source_image`` (its whole chain) into a new standalone
-            ``volume`` (``preallocate`` for raw)
-``diff``    make qcow2 ``volume`` holding only what ``source_image`` has that differs from
-            volume ``base`` (an incremental copy)
-``rebase``  fold the data of ``volume``'s backing (``old_backing``; without it, whatever its
-            header names) into it and point it at ``backing``
-``resize``  grow ``volume`` to ``size``
-``delete``  remove the files ``volumes``
+Purposes and states are ``StrEnum``s: a member is its string, so it compares equal to what the
+log holds and is written as that string (engine/persistence/transcoder.py); a purpose read
+back from the log is the plain string, and is kept as written (a newer Strata's too).
 
-``set_chain``, when present, is the image's chain once the stage has completed; ``drop_volume``
-(a merge) instead removes that volume from the chain as it is at completion. Stages are
-values: keys are only ever added, so old logs keep their meaning.
+Imports: the aggregates' stage kinds and the standard library.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import NotRequired, TypedDict
+
+from engine.aggregates.stage_kinds import Stage as Stage
+from engine.aggregates.stage_kinds import produced_by as produced_by
 
 VIRTUAL_DISK = "virtual-disk"
 SNAPSHOT = "snapshot"
@@ -33,19 +32,47 @@ SPACE = "space"
 PERFORMANCE = "performance"
 STRATEGIES = (SPACE, PERFORMANCE)
 
-CLEAN, OPTIMIZE, MERGE, MEND = "clean", "optimize", "merge", "mend"
-FIX_TYPES = (CLEAN, OPTIMIZE, MERGE, MEND)
 
-# Operation states.
-PENDING = "pending"  # runs when its turn comes
-HELD = "held"  # planned with auto_fix=False: waits for a fix to release it
-DONE = "done"
-FAILED = "failed"  # a stage failed; a mend fix re-runs it
-STOPPED = "stopped"  # stop_fix; a mend fix resumes it
+class Purpose(StrEnum):
+    """Why an operation runs: the call that planned it, or the fix it is."""
+
+    CREATE = "create"
+    SNAPSHOT = "snapshot"
+    COPY = "copy"
+    RESIZE = "resize"
+    CLEAN = "clean"  # free space
+    OPTIMIZE = "optimize"  # a better representation
+    MERGE = "merge"  # fold a removed snapshot's volume into the chains that read it
+    MEND = "mend"  # repair a broken image
+
+
+class OpState(StrEnum):
+    """Where an operation is, as the events so far have shaped it (never stored as such)."""
+
+    PENDING = "pending"  # runs when its turn comes
+    HELD = "held"  # planned with auto_fix=False: waits for a fix to release it
+    DONE = "done"
+    FAILED = "failed"  # a stage failed; a mend fix re-runs it
+    STOPPED = "stopped"  # stop_fix; a mend fix resumes it
+
+
+# The members under the names the rest of the engine reads them by (module attributes are
+# quicker to reach than an enum's in the folds' loops).
+CLEAN, OPTIMIZE, MERGE, MEND = Purpose.CLEAN, Purpose.OPTIMIZE, Purpose.MERGE, Purpose.MEND
+FIX_TYPES = (CLEAN, OPTIMIZE, MERGE, MEND)
+PENDING, HELD, DONE = OpState.PENDING, OpState.HELD, OpState.DONE
+FAILED, STOPPED = OpState.FAILED, OpState.STOPPED
 
 _VOLUME = re.compile(r"[0-9a-f]{32}\.(raw|qcow2)")
 
-Stage = dict[str, Any]
+
+class OperationPlan(TypedDict):
+    """An operation as events carry it."""
+
+    op_id: str
+    purpose: str  # a Purpose
+    stages: list[Stage]
+    held: NotRequired[bool]  # planned with auto_fix=False
 
 
 def volume_ref(volume_id: str, fmt: str) -> str:
@@ -60,22 +87,14 @@ def split_ref(ref: str) -> tuple[str, str]:
     return volume_id, fmt
 
 
-def produced_by(stage: Stage) -> str | None:
-    """The volume a stage makes, if any."""
-    if stage["do"] in ("create", "copy", "diff"):
-        volume: str = stage["volume"]
-        return volume
-    return None
-
-
 @dataclass
 class Operation:
     """One operation of an image, as the events so far have shaped it."""
 
     op_id: str
-    purpose: str
+    purpose: str  # a Purpose, or a newer Strata's purpose, as the log holds it
     stages: list[Stage]
-    state: str = PENDING
+    state: OpState = PENDING
     done: int = 0  # stages completed
     claim_host: str | None = None
     claim_epoch: int = 0  # bumped by every claim of any stage of this operation
@@ -84,11 +103,11 @@ class Operation:
     history: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_plan(cls, plan: dict[str, Any], *, held: bool = False) -> Operation:
+    def from_plan(cls, plan: OperationPlan, *, held: bool = False) -> Operation:
         return cls(
             op_id=plan["op_id"],
             purpose=plan["purpose"],
-            stages=[dict(s) for s in plan["stages"]],
+            stages=[s.copy() for s in plan["stages"]],
             state=HELD if held or plan.get("held") else PENDING,
         )
 
@@ -106,5 +125,6 @@ class Operation:
         return f"{min(self.done + 1, total)}/{total}" if total else "0/0"
 
 
-def plan(op_id: str, purpose: str, *stages: Stage) -> dict[str, Any]:
+def plan(op_id: str, purpose: str, *stages: Stage) -> OperationPlan:
+    """An operation to queue; ``purpose`` is a :class:`Purpose` (or a string a test makes)."""
     return {"op_id": op_id, "purpose": purpose, "stages": list(stages)}

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Any
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Operation
+from engine.aggregates.operations import Operation, Purpose
+from engine.aggregates.stage_kinds import VOLUME_KEYS as VOLUME_KEYS
+from engine.aggregates.stage_kinds import Stage
 
 RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
 BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
-VOLUME_KEYS = ("volume", "backing", "old_backing", "base", "drop_volume")
 
 
 def will_run(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> bool:
@@ -51,10 +51,10 @@ def _makes_any(op: Operation, needed: Collection[str]) -> bool:
     return any(ops.produced_by(stage) in needed for stage in op.stages[op.done :])
 
 
-def stage_reads(stage: ops.Stage, image_of: Callable[[Any], Image | None]) -> list[str]:
+def stage_reads(stage: Stage, image_of: Callable[[object], Image | None]) -> list[str]:
     """The volumes of this repository a stage reads or makes: the ones its keys name, and the
     whole chain of the image it copies from (``image_of`` finds it, removed or not)."""
-    refs = [stage[key] for key in VOLUME_KEYS if isinstance(stage.get(key), str)]
+    refs = [ref for ref in (stage.get(key) for key in VOLUME_KEYS) if isinstance(ref, str)]
     source = image_of(stage.get("source_image"))
     if source is not None:
         refs += source.chain
@@ -65,7 +65,7 @@ def needed_volumes(
     images: Iterable[Image],
     elsewhere: Collection[str] = (),
     *,
-    by_id: dict[Any, Image] | None = None,
+    by_id: dict[uuid.UUID, Image] | None = None,
 ) -> set[str]:
     """Volumes that must stay, and be made if they are not yet: the chains of live images, what
     their unfinished work reads (a copy reads its source's whole chain, removed or not), what
@@ -74,7 +74,7 @@ def needed_volumes(
     listed = images if isinstance(images, list) else list(images)
     index = by_id if by_id is not None else {i.id: i for i in listed}
 
-    def image_of(image_id: Any) -> Image | None:
+    def image_of(image_id: object) -> Image | None:
         try:
             return index.get(uuid.UUID(str(image_id))) if image_id else None
         except ValueError:
@@ -109,11 +109,13 @@ def needed_volumes(
     return needed
 
 
-def release_type(image: Image, op: Operation, needed: Collection[str] = frozenset()) -> str | None:
+def release_type(
+    image: Image, op: Operation, needed: Collection[str] = frozenset()
+) -> Purpose | None:
     """The fix that releases a blocked operation, or None when nothing may release it. A
     removed image's work that makes a ``needed`` volume is mended like a live image's."""
     if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
-        return op.purpose if not image.removed or op.purpose in RUN_ON_REMOVED else None
+        return Purpose(op.purpose) if not image.removed or op.purpose in RUN_ON_REMOVED else None
     if image.removed:
         return ops.MEND if will_run(image, op, needed) else None
     return ops.MEND

@@ -43,6 +43,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.aggregates.stage_kinds import is_known
 from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
@@ -60,7 +61,6 @@ from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.progress import Claim, Lease
 from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, ForeignReady, StageRun
 from engine.executors.stages import (
-    HANDLERS,
     chain_changes,
     inputs_ready,
     run_stage,
@@ -338,7 +338,7 @@ class Executor:
             wanted = needed[0]
         if not will_run(image, op, wanted):
             return None
-        if op.stages[op.done].get("do") not in HANDLERS:
+        if not is_known(op.stages[op.done]):
             return None
         if op.claim_host not in (None, self.host_id) and not self.may_take_over(image, op):
             if self.hosts is not None:
@@ -383,7 +383,7 @@ class Executor:
                 now=now,
                 take_over=holder if holder not in (None, self.host_id) else None,
             )
-            stage = dict(op.stages[index])
+            stage = op.stages[index].copy()
             return Claim(
                 self.service,
                 self.host_id,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Stage, split_ref
+from engine.aggregates.operations import split_ref
+from engine.aggregates.stage_kinds import Stage
 from engine.errors import (
     ImageNotFound,
     ImageNotReady,
@@ -136,7 +137,7 @@ def expect_backing(run: StageRun, final: str, info: dict[str, Any], backing: Vol
         raise VolumeMismatch(f"backing file {found!r}, not {wanted!r}", path=final)
 
 
-def source_id(stage: Stage) -> uuid.UUID:
+def source_id(stage: Mapping[str, object]) -> uuid.UUID:
     value = field(stage, "source_image")
     try:
         return uuid.UUID(str(value))
@@ -144,7 +145,9 @@ def source_id(stage: Stage) -> uuid.UUID:
         raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
 
 
-def field(stage: Stage, name: str) -> Any:
+def field(stage: Mapping[str, object], name: str) -> object:
+    """``stage[name]``; a stage without it (planned wrongly) is an invalid parameter. Its value
+    is checked where it is used: a log may hold anything."""
     try:
         return stage[name]
     except KeyError:

@@ -1,4 +1,9 @@
-"""The data work of each stage kind (engine/aggregates/operations.py), idempotent.
+"""The data work of each stage kind (engine/aggregates/stage_kinds.py), idempotent.
+
+:func:`execute` runs a stage by its kind: one branch per kind, each narrowing the stage to its
+typed form and handing it to that kind's executor below. A kind declared in stage_kinds without
+a branch here is a mypy error (at ``_no_executor``), so a new kind cannot be planned without
+being runnable (docs/adr/0021-typed-stages-and-enums.md).
 
 Every stage that produces a volume does its work on a temporary file named after the volume and
 the attempt (``<op_id>-<stage>-e<epoch>``: the claim epoch, so that a fenced host that comes back
@@ -36,9 +41,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Never, NoReturn
 
-from engine.aggregates.operations import Stage, split_ref
+from engine.aggregates import stage_kinds
+from engine.aggregates.operations import split_ref
+from engine.aggregates.stage_kinds import (
+    CopyStage,
+    CreateStage,
+    DeleteStage,
+    DiffStage,
+    RebaseStage,
+    ResizeStage,
+    Stage,
+)
 from engine.errors import (
     InvalidParameter,
     QemuCancelled,
@@ -84,7 +99,7 @@ def run_stage(run: StageRun) -> None:
     only "No space left on device" on its standard error."""
     doing = f"stage {run.index + 1} ({run.stage['do']}) of operation {run.op_id}, in"
     try:
-        HANDLERS[run.stage["do"]](run)
+        execute(run)
     except OSError as e:
         raise storage_error(e, doing, e.filename or run.storage.root) from e
     except QemuError as e:
@@ -97,24 +112,9 @@ def run_stage(run: StageRun) -> None:
 # --- what a stage reads ---------------------------------------------------------------------
 
 
-def local_inputs(stage: Stage) -> list[str]:
-    """Volumes of this repository that must be ready before the stage can run."""
-    do = stage["do"]
-    refs: list[str | None] = []
-    if do == "create":
-        refs = [stage.get("backing")]
-    elif do == "diff":
-        refs = [stage.get("base")]
-    elif do == "rebase":
-        refs = [stage.get("volume"), stage.get("backing"), stage.get("old_backing")]
-    elif do == "resize":
-        refs = [stage.get("volume")]
-    return [r for r in refs if r is not None]
-
-
 def source_image(stage: Stage) -> uuid.UUID | None:
     """The image whose whole chain the stage reads (it may live in another repository)."""
-    return source_id(stage) if stage["do"] in ("copy", "diff") else None
+    return source_id(stage) if stage_kinds.reads_source(stage) else None
 
 
 def inputs_ready(
@@ -131,7 +131,7 @@ def inputs_ready(
     A volume that nothing will produce is ready even if its file is missing: the stage then
     runs and fails, saying which file it could not read, rather than wait for ever."""
     try:
-        if not all(is_ready(ref) for ref in local_inputs(stage)):
+        if not all(is_ready(ref) for ref in stage_kinds.local_inputs(stage)):
             return False
         source_id = source_image(stage)
     except InvalidParameter:
@@ -168,15 +168,39 @@ def chain_changes(stage: Stage) -> dict[uuid.UUID, list[str]]:
         ) from None
 
 
-# --- handlers -------------------------------------------------------------------------------
+# --- executors ------------------------------------------------------------------------------
 
 
-def create(run: StageRun) -> None:
-    volume = local(run, field(run.stage, "volume"))
+def execute(run: StageRun) -> None:
+    """Run the stage with its kind's executor."""
+    stage = run.stage
+    if stage["do"] == "create":
+        create(run, stage)
+    elif stage["do"] == "copy":
+        copy(run, stage)
+    elif stage["do"] == "diff":
+        diff(run, stage)
+    elif stage["do"] == "rebase":
+        rebase(run, stage)
+    elif stage["do"] == "resize":
+        resize(run, stage)
+    elif stage["do"] == "delete":
+        delete(run, stage)
+    else:
+        _no_executor(stage)
+
+
+def _no_executor(stage: Never) -> NoReturn:
+    # The scheduler claims only the kinds this Strata knows (stage_kinds.is_known).
+    raise InvalidParameter(f"no executor for a {stage['do']!r} stage", name="stage")
+
+
+def create(run: StageRun, stage: CreateStage) -> None:
+    volume = local(run, field(stage, "volume"))
     fmt = volume.fmt
-    size: int | None = run.stage.get("size")
-    backing = local(run, run.stage["backing"]) if run.stage.get("backing") else None
-    preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
+    size = stage.get("size")
+    backing = local(run, stage["backing"]) if stage.get("backing") else None
+    preallocation = "falloc" if stage.get("preallocate") and fmt == "raw" else None
 
     def make(temp: str) -> None:
         if backing is None:
@@ -198,11 +222,11 @@ def create(run: StageRun) -> None:
     _produce(run, volume, make, verify, reads=(backing,))
 
 
-def copy(run: StageRun) -> None:
-    volume = local(run, field(run.stage, "volume"))
+def copy(run: StageRun, stage: CopyStage) -> None:
+    volume = local(run, field(stage, "volume"))
     fmt = volume.fmt
     source = source_top(run)
-    preallocation = "falloc" if run.stage.get("preallocate") and fmt == "raw" else None
+    preallocation = "falloc" if stage.get("preallocate") and fmt == "raw" else None
     reported = False
 
     def progress(percent: float) -> None:
@@ -231,14 +255,14 @@ def copy(run: StageRun) -> None:
     _produce(run, volume, make, verify)
 
 
-def diff(run: StageRun) -> None:
+def diff(run: StageRun, stage: DiffStage) -> None:
     """An overlay on the source, safe-rebased onto ``base``: qemu-img compares both backings
     and writes only the clusters where they differ (ADR 0004, incremental copies)."""
-    volume = local(run, field(run.stage, "volume"))
+    volume = local(run, field(stage, "volume"))
     if volume.fmt != "qcow2":
         raise InvalidParameter(f"a diff volume is qcow2, not {volume.fmt}", name="stage")
     source = source_top(run)
-    base = local(run, field(run.stage, "base"))
+    base = local(run, field(stage, "base"))
 
     def make(temp: str) -> None:
         on_source = run.storage.relative_backing(temp, source.path)
@@ -262,7 +286,7 @@ def diff(run: StageRun) -> None:
     _produce(run, volume, make, verify, reads=(base,))
 
 
-def rebase(run: StageRun) -> None:
+def rebase(run: StageRun, stage: RebaseStage) -> None:
     """Point ``volume`` at ``backing`` (None: no backing, its data folded in), in place.
 
     The data folded in is read through ``old_backing`` (the backing the volume had when the
@@ -271,9 +295,9 @@ def rebase(run: StageRun) -> None:
     ``backing`` without that data, and a run that believed the header would find nothing left
     to do. A stage planned without ``old_backing`` (an older Strata) still reads the header.
     """
-    volume = local(run, field(run.stage, "volume"))
-    backing = local(run, run.stage["backing"]) if run.stage.get("backing") else None
-    old = local(run, run.stage["old_backing"]) if run.stage.get("old_backing") else None
+    volume = local(run, field(stage, "volume"))
+    backing = local(run, stage["backing"]) if stage.get("backing") else None
+    old = local(run, stage["old_backing"]) if stage.get("old_backing") else None
     if volume.fmt != "qcow2":
         if backing is not None:
             raise InvalidParameter(f"{volume.ref} is raw and cannot have a backing", name="stage")
@@ -299,20 +323,25 @@ def rebase(run: StageRun) -> None:
     _in_place(run, volume, work, reads=(backing, old))
 
 
-def resize(run: StageRun) -> None:
-    volume = local(run, field(run.stage, "volume"))
-    size = field(run.stage, "size")
+def resize(run: StageRun, stage: ResizeStage) -> None:
+    volume = local(run, field(stage, "volume"))
+    size = field(stage, "size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise InvalidParameter(f"a 'resize' stage's size is bytes, not {size!r}", name="stage")
     _in_place(
         run, volume, lambda: run.qemu.resize(volume.path, size, fmt=volume.fmt, cancel=run.cancel)
     )
 
 
-def delete(run: StageRun) -> None:
+def delete(run: StageRun, stage: DeleteStage) -> None:
     """Remove the volumes, and any temporary file that was becoming one of them; and the
     ``temporaries`` named (``[volume, tag]``: what a failed or stopped attempt left, while its
     volume is still to be made by a later one, whose files have other tags)."""
-    volumes = [local(run, ref) for ref in field(run.stage, "volumes")]
-    temporaries = [_temporary(run, named) for named in run.stage.get("temporaries") or ()]
+    refs = field(stage, "volumes")
+    if not isinstance(refs, list | tuple):
+        raise InvalidParameter(f"a 'delete' stage's volumes are a list, not {refs!r}", name="stage")
+    volumes = [local(run, ref) for ref in refs]
+    temporaries = [_temporary(run, named) for named in stage.get("temporaries") or ()]
     run.confirm()
     for path in temporaries:
         run.storage.remove(path)
@@ -322,16 +351,6 @@ def delete(run: StageRun) -> None:
         run.storage.remove(volume.path)
         if n == 0:
             run.crashpoints(MID_DELETE)
-
-
-HANDLERS: dict[str, Callable[[StageRun], None]] = {
-    "create": create,
-    "copy": copy,
-    "diff": diff,
-    "rebase": rebase,
-    "resize": resize,
-    "delete": delete,
-}
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ in them is taken for a wrapper (docs/adr/0015-user-data-is-opaque.md).
 
 Types are matched exactly (msgpack's ``strict_types``), so a ``tuple``, or a subclass of
 ``str``, ``int``, ``dict`` or ``list``, is never silently flattened into its base type: it needs
-a registered transcoding, as an unknown class does, and round-trips as itself.
+a registered transcoding, as an unknown class does, and round-trips as itself. The one exception
+is a ``StrEnum`` member (a stage's kind, an operation's purpose), which *is* its string: it is
+written as that string, byte for byte, and read back as the plain string, which it equals
+(docs/adr/0021-typed-stages-and-enums.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import functools
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -127,12 +131,14 @@ class MsgpackTranscoder(Transcoder):
             use_list=True,
         )
 
-    def _encode_obj(self, obj: Any) -> dict[str, Any] | msgpack.ExtType:
+    def _encode_obj(self, obj: Any) -> dict[str, Any] | msgpack.ExtType | str:
         try:
             transcoding = self.types[type(obj)]
         except KeyError:
             if type(obj) is Opaque:  # rare enough (user data) to come after the transcodings
                 return msgpack.ExtType(EXT_CODE, obj.packed)
+            if isinstance(obj, StrEnum):
+                return obj.value
             # The same words as JSONTranscoder's, so callers see one message whichever is used.
             msg = (
                 f"Object of type {type(obj)} is not serializable. Please define and register "

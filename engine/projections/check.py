@@ -37,10 +37,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
 from engine.formats.repository.driver import VolumeFile
@@ -58,7 +59,7 @@ from engine.types import Fix
 if TYPE_CHECKING:
     from engine.projections.view import RepositoryView
 
-_ORDER = {ops.MEND: 0, ops.OPTIMIZE: 1, ops.MERGE: 2, ops.CLEAN: 3}
+_ORDER: dict[str, int] = {ops.MEND: 0, ops.OPTIMIZE: 1, ops.MERGE: 2, ops.CLEAN: 3}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +206,10 @@ def _restorations(
         what = f"volume {ref} of {image.kind} {image.id} is {state}"
         if isinstance(damaged, Mapping) and ref in damaged:
             what = f"{damaged[ref]} ({image.kind} {image.id})"
-        clear = [{"do": "delete", "volumes": [ref]}] if state == "damaged" else []
+        clear: list[Stage] = [{"do": "delete", "volumes": [ref]}] if state == "damaged" else []
         source = _copied_from(index, image, ref, lost)
         if source is not None:
-            stage: dict[str, Any] = {"do": "copy", "source_image": source.id_text, "volume": ref}
+            stage: CopyStage = {"do": "copy", "source_image": source.id_text, "volume": ref}
             if ref.endswith(".raw"):
                 stage["preallocate"] = True
             yield make_fix(
@@ -225,7 +226,7 @@ def _restorations(
             and ref == image.chain[-1]
             and ref.endswith(".qcow2")
         ):
-            stage = {
+            recreate: CreateStage = {
                 "do": "create",
                 "volume": ref,
                 "size": image.size,
@@ -237,7 +238,7 @@ def _restorations(
                 [image],
                 f"mend virtual disk {image.id}: {what}; recreate it empty over its base. Data "
                 "lost: every write since the disk's last snapshot",
-                stages=[*clear, stage],
+                stages=[*clear, recreate],
             )
         else:
             yield make_fix(
@@ -255,7 +256,7 @@ def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[st
     again gives the very same data (a snapshot never changes)."""
     for op in image.operations:
         for stage in op.stages[: op.done]:
-            if stage.get("do") != "copy" or stage.get("volume") != ref:
+            if stage["do"] != "copy" or stage.get("volume") != ref:
                 continue
             source_id = _uuid(stage.get("source_image"))
             source = None if source_id is None else index.by_id.get(source_id)
@@ -282,7 +283,7 @@ def _optimizations(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
     for image in index.images:
         if can_optimize(image, lost):
             flat = ops.volume_ref(digest("volume", image.id, len(image.operations)), "raw")
-            stage = {
+            stage: CopyStage = {
                 "do": "copy",
                 "source_image": image.id_text,
                 "volume": flat,
@@ -348,7 +349,7 @@ def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list
     fixes = []
     for key, refs in by_carrier.items():
         size = sum(f.allocated for ref in refs for f in on_disk[ref])
-        stages = [{"do": "delete", "volumes": refs}]
+        stages: list[Stage] = [{"do": "delete", "volumes": refs}]
         if key is None:
             what = f"{len(refs)} volume(s) no image needs (leftovers and orphans)"
             fixes.append(new_carrier_fix(f"clean {what}, {size} bytes", stages))
@@ -359,11 +360,8 @@ def _cleans(index: VolumeIndex, on_disk: Mapping[str, list[VolumeFile]]) -> list
     if leftovers:
         size = sum(f.allocated for ref, tag in leftovers for f in on_disk[ref] if f.tag == tag)
         what = f"{len(leftovers)} temporary file(s) of failed or stopped stages, {size} bytes"
-        fixes.append(
-            new_carrier_fix(
-                f"clean {what}", [{"do": "delete", "volumes": [], "temporaries": leftovers}]
-            )
-        )
+        stage: DeleteStage = {"do": "delete", "volumes": [], "temporaries": leftovers}
+        fixes.append(new_carrier_fix(f"clean {what}", [stage]))
     return fixes
 
 

@@ -24,7 +24,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,8 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Purpose
+from engine.aggregates.stage_kinds import DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, release_type
 from engine.errors import ForeignFile, InvalidParameter, StaleFix
 from engine.projections.volume_needs import VolumeIndex, can_optimize
@@ -49,22 +51,22 @@ _FOREIGN = uuid.UUID("0f0e1a2b-6c3d-4e5f-8a9b-1c2d3e4f5a6b")  # namespace of for
 # --- making ----------------------------------------------------------------------------------
 
 
-def digest(*parts: Any) -> str:
+def digest(*parts: object) -> str:
     packed = msgpack.packb([str(p) if isinstance(p, uuid.UUID) else p for p in parts])
     return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
 
-def _op_id(kind: str, target: str, salt: int, stages: list[dict[str, Any]]) -> str:
+def _op_id(kind: str, target: str, salt: int, stages: Sequence[Stage]) -> str:
     return digest("op", kind, target, salt, stages)
 
 
 def make_fix(
-    kind: str,
+    kind: Purpose,
     target: Image,
     touched: list[Image],
     description: str,
     *,
-    stages: list[dict[str, Any]] | None = None,
+    stages: Sequence[Stage] | None = None,
     release: str | None = None,
     remove: str | None = None,
 ) -> Fix:
@@ -89,10 +91,10 @@ def make_fix(
     if remove is not None:
         data["remove"] = remove
     ids = tuple(dict.fromkeys(touched_ids))
-    return Fix(type=kind, image_ids=ids, description=description, data=_encode(data))
+    return Fix(type=str(kind), image_ids=ids, description=description, data=_encode(data))
 
 
-def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
+def new_carrier_fix(description: str, stages: Sequence[Stage]) -> Fix:
     op_id = _op_id(ops.CLEAN, "new", 0, stages)
     data = {
         "v": DATA_VERSION,
@@ -104,7 +106,7 @@ def new_carrier_fix(description: str, stages: list[dict[str, Any]]) -> Fix:
         "op": ops.plan(op_id, ops.CLEAN, *stages),
         "release": None,
     }
-    return Fix(type=ops.CLEAN, image_ids=(), description=description, data=_encode(data))
+    return Fix(type=str(ops.CLEAN), image_ids=(), description=description, data=_encode(data))
 
 
 def foreign_file_fix(path: str, what: str, touched: list[Image], description: str) -> Fix:
@@ -122,10 +124,10 @@ def foreign_file_fix(path: str, what: str, touched: list[Image], description: st
         "foreign": {"path": path, "what": what},
     }
     ids = tuple(dict.fromkeys(touched_ids))
-    return Fix(type=ops.MEND, image_ids=ids, description=description, data=_encode(data))
+    return Fix(type=str(ops.MEND), image_ids=ids, description=description, data=_encode(data))
 
 
-def _encode(data: dict[str, Any]) -> str:
+def _encode(data: dict[str, object]) -> str:
     return base64.b64encode(msgpack.packb(data, use_bin_type=True)).decode("ascii")
 
 
@@ -214,7 +216,7 @@ def _check_release(
     return plan
 
 
-def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[dict[str, Any]]) -> None:
+def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[DeleteStage]) -> None:
     needed = [ref for ref in stages[0]["volumes"] if index.is_needed(ref)]
     if needed:
         raise StaleFix(f"volume(s) {', '.join(needed)} are needed again or already queued")

@@ -20,10 +20,11 @@ from typing import Any
 from engine.aggregates import image as image_module
 from engine.aggregates import operations as operations_module
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Operation
+from engine.aggregates.operations import Operation, OpState
 from engine.persistence.transcoder import default_transcoder
 
 LAYOUT_VERSION = 1
+_STATES = {state.value: state for state in OpState}  # stored as strings (the transcoder's)
 # Attributes that need more than the transcoder (which knows UUID, datetime, Decimal, tuple).
 _OPERATIONS, _PREPARED_ON = "operations", "prepared_on"
 
@@ -61,7 +62,7 @@ def from_state(state: dict[str, Any]) -> Image:
     image = Image()
     for name, value in state.items():
         if name == _OPERATIONS:
-            value = [Operation(**op) for op in value]
+            value = [Operation(**{**op, "state": _STATES[op["state"]]}) for op in value]
         elif name == _PREPARED_ON:
             value = set(value)
         setattr(image, name, value)

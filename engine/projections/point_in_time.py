@@ -32,6 +32,7 @@ from eventsourcing.utils import TopicError
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import deleted_by
 from engine.errors import InvalidParameter, LogCorrupted
 from engine.formats.repository.driver import VolumeFile
 from engine.log.framing import Record, key_of
@@ -354,6 +355,6 @@ def log_volumes(view: RepositoryView) -> list[str]:
                 volume = ops.produced_by(stage)
                 if volume is not None:
                     (made if done else pending).add(volume)
-                if done and stage.get("do") == "delete":
-                    deleted.update(stage.get("volumes") or ())
+                if done:
+                    deleted.update(deleted_by(stage) or ())
     return sorted(made - pending - deleted)

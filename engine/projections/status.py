@@ -23,6 +23,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.aggregates.stage_kinds import other_reads
 from engine.types import BROKEN, DEGRADED, OPTIMIZED, ImageStatus
 
 
@@ -112,11 +113,7 @@ def blocker(image: Image, view: StatusView) -> str | None:
     current = image.current_operation()
     if current is not None and current.state == ops.PENDING and current.current_stage:
         stage = current.current_stage
-        refs += [
-            stage[key]
-            for key in ("backing", "base", "old_backing")
-            if isinstance(stage.get(key), str) and not view.is_ready(stage[key])
-        ]
+        refs += [ref for ref in other_reads(stage) if not view.is_ready(ref)]
         source = view.image(str(stage.get("source_image") or ""))
         if source is not None:
             refs += [ref for ref in source.chain if not view.is_ready(ref)]

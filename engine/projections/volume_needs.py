@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Collection, Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
+from engine.aggregates.stage_kinds import RebaseStage, Stage, deleted_by
 from engine.aggregates.work_rules import (
     VOLUME_KEYS,
     chains_without,
@@ -114,12 +115,14 @@ class VolumeIndex:
             made = ops.produced_by(stage)
             if made is not None:
                 self.pending.add(made)
-            if stage.get("do") == "delete":
-                self.queued.update(stage.get("volumes") or ())
+            deleted = deleted_by(stage)
+            if deleted is not None:
+                self.queued.update(deleted)
                 continue
             for key in VOLUME_KEYS:
-                if isinstance(stage.get(key), str):
-                    self.mentioned.add(stage[key])
+                ref = stage.get(key)
+                if isinstance(ref, str):
+                    self.mentioned.add(ref)
             self.mentioned.update(stage.get("set_chain") or ())
             for chain in (stage.get("chain_changes") or {}).values():
                 self.mentioned.update(chain)
@@ -127,7 +130,7 @@ class VolumeIndex:
             if source is not None:
                 self.mentioned.update(source.chain)
 
-    def _image(self, image_id: Any) -> Image | None:
+    def _image(self, image_id: object) -> Image | None:
         try:
             return self.by_id.get(uuid.UUID(str(image_id))) if image_id else None
         except ValueError:
@@ -229,14 +232,14 @@ class VolumeIndex:
                 return f"image {user.id} has work queued; merge once it is done"
         return None
 
-    def merge_stages(self, merge: Merge, carrier: Image) -> list[dict[str, Any]]:
+    def merge_stages(self, merge: Merge, carrier: Image) -> list[RebaseStage]:
         """Rebase each child onto the volume's parent; the last stage drops it from the chains.
 
         The carrier's chain changes through ``set_chain``, the other live users' through
         ``chain_changes`` (recorded with the last ``StageCompleted``); ``drop_volume`` names
         what both drop, so an executor can recompute them on the chains at completion.
         """
-        stages: list[dict[str, Any]] = [
+        stages: list[RebaseStage] = [
             {"do": "rebase", "volume": child, "backing": merge.parent, "old_backing": merge.volume}
             for child in merge.children
         ]
@@ -246,7 +249,7 @@ class VolumeIndex:
         stages[-1]["drop_volume"] = merge.volume
         return stages
 
-    def stale_merge(self, carrier: Image, stages: list[dict[str, Any]]) -> str | None:
+    def stale_merge(self, carrier: Image, stages: list[Stage]) -> str | None:
         """Why a merge planned earlier no longer applies as planned, or None."""
         volume = stages[-1].get("drop_volume") if stages else None
         merge = None if not isinstance(volume, str) else self.merge_of(volume)
@@ -260,7 +263,8 @@ class VolumeIndex:
         planned = self.merge_stages(merge, carrier)
         if not any("old_backing" in stage for stage in stages):
             # Checked by a Strata that did not name it yet (mixed versions): the same merge.
-            planned = [{k: v for k, v in s.items() if k != "old_backing"} for s in planned]
+            for stage in planned:
+                del stage["old_backing"]
         if carrier.removed or planned != stages:
             return f"the chains through {volume} changed since the check"
         return None

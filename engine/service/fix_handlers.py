@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -27,7 +26,7 @@ class FixPlan:
     type: str
     target: uuid.UUID
     op_id: str
-    operation: dict[str, Any] | None  # None: release the held, failed or stopped op_id
+    operation: ops.OperationPlan | None  # None: release the held, failed or stopped op_id
     new_carrier: bool  # the target is to be created (requested and removed) with the operation
     already_queued: bool  # nothing to do: this very work is queued, running or done
     images: dict[str, int]  # the versions the check saw

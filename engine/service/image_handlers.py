@@ -249,7 +249,7 @@ class ImageHandlers:
         user_data: Any,
         opts: Options,
         origin: dict[str, Any],
-        work: list[dict[str, Any]],
+        work: list[ops.OperationPlan],
     ) -> Image:
         return Image.request(
             image_id=image_id,
@@ -301,6 +301,6 @@ class ImageHandlers:
             raise
 
 
-def _held(plan: dict[str, Any], opts: Options) -> dict[str, Any]:
+def _held(plan: ops.OperationPlan, opts: Options) -> ops.OperationPlan:
     """An operation that waits for a fix when the caller asked for ``auto_fix=False``."""
     return plan if opts.auto_fix else {**plan, "held": True}
