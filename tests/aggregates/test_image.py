@@ -9,6 +9,7 @@ import pytest
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import CopyStage, RebaseStage
 from engine.errors import ClaimLost, ImageInUse, ImageNotFound, WrongImageKind
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
@@ -20,10 +21,12 @@ def vol(n: int, fmt: str = "qcow2") -> str:
 
 def disk(*, strategy: str = ops.SPACE, auto_fix: bool = True) -> Image:
     plan = ops.plan("create", "create", {"do": "create", "volume": vol(1), "size": 512})
+    optimize: CopyStage = {  # a stand-in: the aggregate never reads where a copy comes from
+        "do": "copy", "source_image": "", "volume": vol(2, "raw"), "set_chain": [vol(2, "raw")]
+    }  # fmt: skip
     work = [plan]
     if strategy == ops.PERFORMANCE:
-        work.append(ops.plan("opt", ops.OPTIMIZE, {"do": "copy", "volume": vol(2, "raw"),
-                                                    "set_chain": [vol(2, "raw")]}))  # fmt: skip
+        work.append(ops.plan("opt", ops.OPTIMIZE, optimize))
     return Image.request(
         image_id=uuid.uuid4(), kind=ops.VIRTUAL_DISK, size=512, chain=[vol(1)], user_data=None,
         strategy=strategy, auto_fix=auto_fix, origin={}, operations=work, host_id="a", now=NOW,
@@ -73,7 +76,9 @@ def test_a_snapshot_supersedes_a_pending_optimization_and_replans() -> None:
     image = disk(strategy=ops.PERFORMANCE)
     epoch = image.claim(op_id="create", stage=0, host_id="a", now=NOW)
     image.complete(op_id="create", stage=0, epoch=epoch, host_id="a", now=NOW)
-    replan = ops.plan("opt2", ops.OPTIMIZE, {"do": "copy", "volume": vol(4, "raw")})
+    replan = ops.plan(
+        "opt2", ops.OPTIMIZE, {"do": "copy", "source_image": "", "volume": vol(4, "raw")}
+    )
     overlay = ops.plan("snap", "snapshot", {"do": "create", "volume": vol(3), "backing": vol(1)})
     frozen = image.take_snapshot(
         snapshot_id=uuid.uuid4(), new_top=vol(3), operations=[overlay, replan], host_id="a", now=NOW
@@ -87,7 +92,7 @@ def test_a_merge_drops_its_volume_from_the_chain_as_it_is_when_it_completes() ->
     image = disk()
     run_all(image)
     image.change_chain(chain=[vol(9), vol(1)], reason="test", host_id="a", now=NOW)
-    stage = {"do": "rebase", "volume": vol(1), "backing": None}
+    stage: RebaseStage = {"do": "rebase", "volume": vol(1), "backing": None}
     merge = ops.plan("merge", ops.MERGE, {**stage, "set_chain": [vol(1)], "drop_volume": vol(9)})
     image.request_fix(fix_type=ops.MERGE, op_id="merge", operation=merge, host_id="a", now=NOW)
     overlay = ops.plan("snap", "snapshot", {"do": "create", "volume": vol(5), "backing": vol(1)})

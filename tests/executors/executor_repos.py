@@ -9,6 +9,7 @@ from typing import Any
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import plan, split_ref, volume_ref
+from engine.aggregates.stage_kinds import Stage
 from engine.application import LogConfig, StrataLogApplication
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.scheduler import Executor
@@ -65,7 +66,7 @@ class Repo:
 
     def request(
         self,
-        *stages: dict[str, Any],
+        *stages: Stage,
         chain: list[str],
         size: int = 4 * MiB,
         kind: str = ops.VIRTUAL_DISK,
@@ -84,7 +85,7 @@ class Repo:
             user_data=None,
             strategy=ops.SPACE,
             auto_fix=auto_fix,
-            origin={"test": True},
+            origin={"test": "yes"},
             operations=operations,
             host_id=self.host_id,
             now=self.service.now(),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.aggregates import operations as ops
+from engine.aggregates.stage_kinds import CopyStage
 from engine.formats.qemu.image_tools import allocated_bytes
 from tests.executors.executor_repos import MiB, Repo, new_volume, qemu, snapshot_with_data
 
@@ -72,7 +73,9 @@ def test_a_copy_reads_the_same_as_its_source_chain_and_its_progress_is_in_the_lo
     qemu.write_pattern(repo.path(top), "qcow2", 40 * MiB, 16 * MiB, 0x44)
     source = repo.request(chain=[base, top], size=64 * MiB, kind=ops.SNAPSHOT)
     copy = new_volume(fmt)
-    stage = {"do": "copy", "source_image": str(source), "volume": copy, "preallocate": True}
+    stage: CopyStage = {
+        "do": "copy", "source_image": str(source), "volume": copy, "preallocate": True
+    }  # fmt: skip
     image = repo.request(stage, chain=[copy], size=64 * MiB)
 
     repo.executor().run_once()

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import CopyStage, CreateStage
 from engine.application import LogConfig, StrataLogApplication
 from engine.projections.view import RepositoryView
 from engine.service.unit_of_work import ImageService
@@ -71,13 +72,13 @@ class Repo:
         image_id = uuid.uuid4()
         top = new_ref()
         below = [] if base is None else self.get(base).chain
-        create: dict[str, Any] = {"do": "create", "volume": top, "size": size}
+        create: CreateStage = {"do": "create", "volume": top, "size": size}
         if below:
             create["backing"] = below[-1]
         plans = [ops.plan(new_op_id(), "create", create)]
         if strategy == ops.PERFORMANCE:
             raw = new_ref("raw")
-            copy = {
+            copy: CopyStage = {
                 "do": "copy",
                 "source_image": str(image_id),
                 "volume": raw,
@@ -107,7 +108,7 @@ class Repo:
         def command(images: list[Image]) -> Image:
             [disk] = images
             new_top = new_ref()
-            stage = {"do": "create", "volume": new_top, "size": disk.size}
+            stage: CreateStage = {"do": "create", "volume": new_top, "size": disk.size}
             stage["backing"] = disk.chain[-1]
             frozen = disk.take_snapshot(
                 snapshot_id=snapshot_id,
@@ -136,7 +137,7 @@ class Repo:
         """A snapshot whose only volume is still to be copied in (from another repository)."""
         image_id = uuid.uuid4()
         volume = new_ref()
-        copy = {"do": "copy", "source_image": str(uuid.uuid4()), "volume": volume}
+        copy: CopyStage = {"do": "copy", "source_image": str(uuid.uuid4()), "volume": volume}
         image = Image.request(
             image_id=image_id,
             kind=ops.SNAPSHOT,
@@ -165,7 +166,7 @@ class Repo:
         self.service.update(image_id, lambda i: i.prepare(host_id=self.host_id, now=self.clock()))
 
     def request_fix(
-        self, image_id: uuid.UUID, fix_type: str, op_id: str, operation: dict[str, Any] | None
+        self, image_id: uuid.UUID, fix_type: str, op_id: str, operation: ops.OperationPlan | None
     ) -> bool:
         def command(image: Image) -> bool:
             return image.request_fix(

@@ -7,6 +7,7 @@ import uuid
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import CreateStage
 from engine.projections.status import image_status
 from engine.types import ImageStatus
 from tests.projections.projection_log import GiB, Repo, new_op_id, new_ref
@@ -140,7 +141,7 @@ def test_an_image_with_no_operation_reports_stage_0_of_0_and_no_progress(repo: R
 def test_the_next_stage_shows_no_progress_until_it_is_claimed(repo: Repo) -> None:
     image_id = uuid.uuid4()
     first, second = new_ref(), new_ref()
-    stages = [
+    stages: list[CreateStage] = [
         {"do": "create", "volume": first, "size": GiB},
         {"do": "create", "volume": second, "size": GiB, "backing": first},
     ]

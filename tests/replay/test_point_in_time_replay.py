@@ -10,6 +10,7 @@ import pytest
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import CreateStage
 from engine.errors import InvalidParameter
 from engine.log import NewEvent, OperationLog
 from engine.projections.folded_state import to_state
@@ -42,12 +43,12 @@ def progress_heavy_log(log_dir: Path) -> None:
     disks = []
     for n in range(3):
         top = ops.volume_ref(uuid.uuid4().hex, "qcow2")
-        stage = {"do": "create", "volume": top, "size": 1}
+        stage: CreateStage = {"do": "create", "volume": top, "size": 1}
         disks.append(
             Image.request(
                 image_id=uuid.uuid4(), kind=ops.VIRTUAL_DISK, size=1, chain=[top],
                 user_data={"n": n}, strategy=ops.SPACE, auto_fix=True, origin={},
-                operations=[ops.plan(uuid.uuid4().hex, "create", stage, dict(stage))],
+                operations=[ops.plan(uuid.uuid4().hex, "create", stage, stage.copy())],
                 host_id="host-a", now=now(),
             )
         )  # fmt: skip
