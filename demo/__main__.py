@@ -7,7 +7,8 @@ Every call returns once its events are durable; the executors do the work. At th
 image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
 
 A client of the engine, outside it (docs/adr/0025-layers-and-the-import-rule.md).
-Imports: the engine's facade and its QEMU adapter (to look into the volumes), and log_tools.
+Imports: the engine's facade (``engine``), its QEMU adapter (:mod:`engine.formats`, to look
+into the volumes), and ``log_tools``.
 """
 
 from __future__ import annotations

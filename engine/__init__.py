@@ -2,6 +2,8 @@
 
 ``from engine import StorageEngine`` is the facade (architecture §1). Names are resolved on
 first use so that tools that only read a log (``strata-log``) do not import the whole engine.
+
+Imports: ``engine.facade``, ``engine.types``; the standard library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ system's (a full, read-only or unreadable filesystem under the repository or the
 directory), SQLite's (the host-local read model) and, if there is one, a bug: each is translated
 here, once, with the cause chained (``raise ... from e``), so that a caller keys on ``code``
 (architecture §7) and an operator still sees the original traceback.
+
+Imports: ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

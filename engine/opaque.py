@@ -8,6 +8,8 @@ when a caller asks for it, plainly (no hooks), a fresh copy each time.
 
 Imports nothing of the engine: the aggregates, validation and persistence all use it.
 See docs/adr/0015-user-data-is-opaque.md.
+
+Imports: msgpack; the standard library.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The values the facade returns (architecture §1): frozen, with ``to_dict()`` for JSON and logs."""
+"""The values the facade returns (architecture §1): frozen, with ``to_dict()`` for JSON and logs.
+
+Imports: the standard library only.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Every function returns the value in the form the engine uses, or raises
 :class:`~engine.errors.InvalidParameter` naming the parameter and saying what is expected.
+
+Imports: ``engine.aggregates``, ``engine.errors``, ``engine.opaque``, msgpack; the standard
+library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ been damaged under it). A status query looks at its image's volumes with one ``l
 missing file makes the image broken at once, with a ``last_error`` naming the file. A check looks
 deeper at every volume of an idle live chain (:mod:`engine.formats.qemu.volume_header`), and what it
 finds damaged counts as lost until the volume is made again (docs/adr/0017).
+
+Imports: ``engine.aggregates``, ``engine.formats``, ``engine.projections``; the standard
+library.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``python -m log_tools``: the same as the ``strata-log`` command."""
+"""``python -m log_tools``: the same as the ``strata-log`` command.
+
+Imports: its own package; the standard library.
+"""
 
 import sys
 

@@ -6,6 +6,8 @@ takes time that grows much faster than the nodes (seconds for 2,000, minutes for
 thousands), so a large repository is drawn summarised: the trees holding an image that needs
 attention (not optimized, or removed with its volumes still there) in full while they fit, and
 the other trees counted in one node per shape.
+
+Imports: ``engine.projections``, ``engine.types``; the standard library.
 """
 
 from __future__ import annotations

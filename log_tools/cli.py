@@ -7,6 +7,8 @@ that is not the log's (the operating system refused a read or a write, Graphviz 
 out of time). The engine's own errors, and the operating system's (translated by
 :mod:`log_tools.failures`), are turned into one line on stderr; anything else is a bug and
 keeps its traceback.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

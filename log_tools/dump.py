@@ -2,6 +2,8 @@
 
 Records are checked as they are read (the same checks as ``verify``), and only whole
 transactions are shown. Segments that end before ``--from`` are skipped unread.
+
+Imports: its own package, ``engine.log``; the standard library.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ repository has one), ``claims`` (stages claimed and not finished) and ``export``
 tables come from). The database is written to a temporary file beside it and renamed into
 place (:mod:`log_tools.output`), so a failed export leaves nothing half written and no
 temporary; a database inside the repository is refused, as the tools only read there.
+
+Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.opaque``,
+``engine.projections``, sqlite-utils; the standard library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ system error that still reaches a command (a segment replaced by a directory, a 
 may not read, an output directory that is full) is translated here into one, so that every
 command prints one line and no traceback, and the exit status tells damage to the log apart
 from a tool that could not finish: only damage is called damage.
+
+Imports: its own package, ``engine.errors``, ``engine.log``; the standard library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Woken by :class:`~engine.log.follow.LogFollower` (watchdog's inotify observer fo
 machine's appenders, a periodic look for other machines' on shared storage). Only whole
 transactions are printed. It never appends, so it never creates the log's lock file or cuts a
 torn tail. ``--count`` and ``--timeout`` bound it, for scripts and tests.
+
+Imports: its own package, ``engine.log``; the standard library.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ dashed; removed images are drawn (grey, dashed) while a volume of theirs still e
 Text DOT needs nothing and holds every node; SVG and PNG run Graphviz's ``dot``, under a time
 limit, and show a graph of more than :data:`DRAWN_NODES` nodes summarised (log_tools.chains)
 unless ``--full`` is given.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.projections``; the
+standard library.
 """
 
 from __future__ import annotations

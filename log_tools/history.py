@@ -4,6 +4,9 @@ Each event with its sequence number, time and host, its own fields (what it says
 how the image looked after its transaction compared with the image's previous event: status,
 stage, chain, size and so on, computed by the engine's own view over the whole log up to there
 (an image's status also depends on the images whose volumes it uses).
+
+Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
+standard library.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ host is judged by the wall time in its record against this machine's clock: ``al
 (older than its lease timeout), ``left`` (it disconnected cleanly) or ``unknown`` (no readable
 record, e.g. when PATH is a bare log directory).
 
-Imports: public engine names only, as all of log_tools (docs/adr/0025).
+Imports: public engine names only, as all of log_tools (docs/adr/0025): the heartbeats of
+:mod:`engine.executors` and the replay of :mod:`engine.projections`.
 """
 
 from __future__ import annotations

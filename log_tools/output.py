@@ -6,6 +6,8 @@ before anything is read. The file is written under a temporary name beside it an
 into place, so a run that fails, however it fails, leaves neither half a file nor the
 temporary. A device or a pipe (``-o /dev/stdout``) is written in place where a command allows
 it: renaming onto it would put a file where the device was.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Where the log is: the tools accept a repository directory or its ``log/`` directory."""
+"""Where the log is: the tools accept a repository directory or its ``log/`` directory.
+
+Imports: ``engine.errors``, ``engine.formats``, ``engine.log``; the standard library.
+"""
 
 from __future__ import annotations
 

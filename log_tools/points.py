@@ -3,6 +3,8 @@
 A whole number is a sequence number. Anything else must be an ISO 8601 time; one without a
 zone is UTC (the log's times are). Fractions of a second may have up to nine digits, so a time
 copied from ``strata-log dump`` names exactly the record it was printed beside.
+
+Imports: ``engine.errors``, ``engine.projections``; the standard library.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 JSON carries every byte string as lowercase hex, so an auditor can compare ``prev_hash`` with a
 BLAKE2b digest computed elsewhere without decoding anything.
+
+Imports: ``engine.log``, ``engine.opaque``, msgpack; the standard library.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ would have offered then.
 
 The state comes from :mod:`engine.projections.point_in_time` (the engine's own view, status and fix
 rules over a read-only log). Fixes are the log's alone: see :data:`FIXES_BASIS`.
+
+Imports: its own package, ``engine.projections``, ``engine.types``; the standard library.
 """
 
 from __future__ import annotations

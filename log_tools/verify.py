@@ -7,6 +7,9 @@ mid-append leaves, it was never committed, and the next appender cuts it; unless
 witness says it committed records the log no longer holds (engine/log/witness.py): then the
 log was cut, and that is damage. An event of a class
 this Strata does not know (a later version wrote it) is counted, not called damage.
+
+Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``,
+eventsourcing; the standard library.
 """
 
 from __future__ import annotations

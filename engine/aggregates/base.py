@@ -4,6 +4,8 @@ The explicit style of eventsourcing's ``aggregate4`` example: an aggregate's ``a
 only place state changes, both when a command records a new event and when the repository
 replays stored ones, so the two can never disagree. Each event class has its own method,
 registered with :class:`Appliers` as with ``functools.singledispatchmethod``.
+
+Imports: the standard library only.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Pure: decides and records events; every value (ids, time, host) is passed in. Commands refuse
 what cannot be accepted with the engine's typed errors; nothing here touches a file.
 See docs/adr/0004-images-volumes-operations-and-stages.md.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

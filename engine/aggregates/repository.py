@@ -5,6 +5,8 @@ log belongs to it alone, so its aggregate has one fixed id in that log. Creating
 one log is refused by the log itself: the second ``Created`` would be version 1 again.
 
 Pure: every value, the time included, is passed in by the caller.
+
+Imports: its own package; the standard library.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ them at wiring time, so a fresh process resolves them before any class was ever 
 
 A subclass must state its own topic: inheriting its parent's would silently store it under the
 parent's name, so a missing one fails when the class is defined.
+
+Imports: eventsourcing; the standard library.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ sends itself SIGKILL there: no ``finally``, no flush, no atexit. ``name@N`` arms
 the point is reached in the process (the second stage of an operation, say). The switch is read
 once, at wiring (:meth:`CrashPoints.from_environ`), never deep inside the code that runs the
 stage.
+
+Imports: ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

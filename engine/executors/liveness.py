@@ -28,6 +28,8 @@ its record (it disconnected cleanly) or that runs no executors holds no claim it
 (its storage hung, or the whole process was stopped: SIGSTOP, a VM pause) may have been counted
 dead, and its claims taken over. :meth:`HostLease.term` tells: it moves on after such a gap,
 and work claimed in an earlier term must not write anything others read.
+
+Imports: ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ deletes files), it calls :meth:`Claim.confirm`: the claim is read again from the
 host's lease must not have lapsed since the claim was made (docs/adr/0005). A host that was
 paused past ``lease_timeout`` and resumed therefore learns that it may have been counted dead
 before it touches anything, even if nobody took its claim yet.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``; the
+standard library.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ outcome could not be recorded keeps this host's claim and runs again, as after a
 An unexpected error (a bug) is not to shrug off: it stops the executor, stays in
 :attr:`Executor.errors`, and :meth:`Executor.stop` and :meth:`Executor.check` raise it as
 :class:`~engine.errors.ExecutorFailed`.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``,
+``engine.log``, ``engine.service``; the standard library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ What an executor hands a stage kind of engine/executors/stages.py: the stage as 
 repository and qemu-img to work with, the claim's epoch, and the callbacks that tie it to the log
 (progress, fencing checks, cancellation). The functions below turn a stage's references into
 the files they name, with the typed errors a stage planned wrongly gets.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
+standard library.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Raw volumes are preallocated with ``falloc``: it reserves the blocks (no ENOSPC 
 later, no allocation on first write) without writing zeroes, so a 100 GiB disk is ready in a
 moment on local filesystems and NFS 4.2; ``full`` would write every byte for no more guarantee
 on those filesystems.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
+standard library.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Three ways a follower learns that the log grew, fastest first:
 
 No wait is ever unbounded: :meth:`LogFollower.wait` takes a timeout and :meth:`LogFollower.follow`
 checks its stop event at least every ``poll_interval``.
+
+Imports: its own package, ``engine.errors``, watchdog; the standard library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 appender cuts a torn tail. An auditor's tool must leave the directory exactly as it found it, so
 this reader only opens segment files read-only and checks them with the engine's own
 :func:`engine.log.segments.read_header` and :func:`engine.log.scan.scan`.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A log directory holds ``segment-0000000001.log``, ``segment-0000000002.log``, ..
 file for the appenders' byte-range lock. A new segment is written under a temporary name, synced,
 renamed into place and the directory synced, so a reader never sees half a header; a crash leaves
 at most a ``.segment-*.tmp`` file that the next appender removes.
+
+Imports: its own package, ``engine.errors``, msgpack; the standard library.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ docs/adr/0019-a-failed-append-leaves-nothing.md). Three things make that so:
 - When even the undoing fails, whatever the write left may be read back as committed by the next
   reader: the caller is told :class:`~engine.errors.CommitUnknown`, and the appender reads the
   tail again before its next append.
+
+Imports: ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ they go through a group commit (engine/log/group_commit.py: one leader writes ev
 transaction with one ``write`` and one ``fdatasync``), yet each call returns only once its own
 records are durable. The index (sequence -> segment offset, aggregate -> versions) lives in
 memory and is caught up by reading only the bytes appended since the last look.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ before a witness's sequence, or whose record there has another hash, was cut or 
 The witnesses live inside ``log/`` rather than in the hosts' liveness files so that older
 versions of Strata, which read every file of ``hosts/`` as a heartbeat and only the segment
 files of ``log/``, are not disturbed by them.
+
+Imports: msgpack; the standard library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ as frozen dataclasses, whose ``__init__`` pays an ``object.__setattr__`` per fie
 an event, spent while holding the GIL that the other saving threads of a group commit wait for.
 Here the same objects (same class, same fields, equal to the library's) are filled in through
 their ``__dict__``.
+
+Imports: eventsourcing; the standard library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ threads of a group commit wait for the GIL it holds. The library builds the resu
 dataclass, whose ``__init__`` pays an ``object.__setattr__`` per field: here the same object
 (same class, same fields, equal to the library's) gets its ``__dict__`` in one step, as the
 library itself does for the domain events it rebuilds. Events are mapped to the same bytes.
+
+Imports: eventsourcing; the standard library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ recorder and application of one host on one directory must use the same instance
 one to let go closes it. Two host ids on one directory get two instances (each record names
 the host that appended it), which exclude each other through the log's lock like two
 processes would.
+
+Imports: ``engine.errors``, ``engine.log``; the standard library.
 """
 
 from __future__ import annotations

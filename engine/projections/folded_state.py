@@ -7,6 +7,8 @@ model is rebuilt from the log rather than misread.
 
 :func:`clone` gives the view copy-on-write images: an ``Image`` handed to a caller is never
 mutated afterwards, so callers on other threads may read it without a lock.
+
+Imports: ``engine.aggregates``, ``engine.persistence``; the standard library.
 """
 
 from __future__ import annotations

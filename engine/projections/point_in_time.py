@@ -11,6 +11,9 @@ A check compares the log with the files. Here there are no files, so :func:`log_
 in for them: every volume a completed stage made or a chain holds, less those a completed stage
 deleted. What only the files can tell (leftovers of crashed stages, missing or
 damaged volumes, byte counts) is not in fixes offered here.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``,
+``engine.log``, ``engine.opaque``, ``engine.types``, eventsourcing; the standard library.
 """
 
 from __future__ import annotations

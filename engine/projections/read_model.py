@@ -9,6 +9,9 @@ position. Losing the file costs only a rebuild from the log.
 lost volumes are not in it) and ``state``, the whole folded aggregate the view reloads.
 ``tracking`` holds the position with a mark of the record there, so a model is recognised as
 belonging to another log (one replaced or restored from a backup) and rebuilt.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.opaque``,
+``engine.types``, sqlite-utils; the standard library.
 """
 
 from __future__ import annotations

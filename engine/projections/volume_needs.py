@@ -6,6 +6,8 @@ image it names), or a queued ``clean`` will delete it anyway. Work on a removed 
 when it is a ``clean`` or a ``merge`` (the executors' rule), or when it makes a volume that work
 which will run reads (:func:`needed_volumes`): data is freed only once nothing depends on it
 (docs/adr/0017-nothing-stuck-without-a-reason.md).
+
+Imports: its own package, ``engine.aggregates``; the standard library.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Each function refuses a bad value with :class:`InvalidParameter` (or a missing file with
 :class:`VolumeFileNotFound`) before anything runs, and returns it in the form the command line
 wants: absolute paths, never a name that could read as an option or a QEMU protocol.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Linux decides at ``open()``: a filesystem without direct I/O (tmpfs before Linux
 filesystems) refuses ``O_DIRECT`` there with ``EINVAL``, which is exactly where ``qemu-img -t
 none`` would fail. Asking the kernel the same question on the very file qemu-img will write is
 therefore the whole test, and costs one open and close.
+
+Imports: the standard library only.
 """
 
 from __future__ import annotations

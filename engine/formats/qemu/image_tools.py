@@ -5,6 +5,8 @@ protocol such as ``nbd:``), commands never go through a shell, and image formats
 explicitly: probing a guest-writable raw file is how a guest gets the host to follow a backing
 file of its choosing. Every failure comes back as a :class:`QemuError` with the command, its exit
 code and the tail of its standard error.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

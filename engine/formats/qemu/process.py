@@ -2,6 +2,8 @@
 
 Kept apart from the adapter (engine/formats/qemu/image_tools.py), which decides what to run:
 this module only knows how a run is watched and how it fails.
+
+Imports: ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ short, or bytes written over its start (a stray ``dd``, a guest given the wrong 
 file must start with a header QEMU would accept (magic ``QFI\\xfb``, version 2 or 3, a sane
 cluster size, its tables aligned to clusters and inside the file); a raw file must be as long
 as the image it holds. Anything subtler is for ``qemu-img check`` (ADR 0017).
+
+Imports: the standard library only.
 """
 
 from __future__ import annotations

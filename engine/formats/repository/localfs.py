@@ -7,6 +7,9 @@ Layout (docs/adr/0003-repository-format-localfs.md)::
     <root>/hosts/<host_id>                      each host's heartbeat (engine.executors.liveness)
     <root>/volumes/<volume_id>.<fmt>            published volumes
     <root>/volumes/.tmp-<volume_id>.<fmt>.<tag> a stage's file in progress
+
+Imports: its own package, ``engine.errors``, ``engine.formats``, ``engine.log``; the standard
+library.
 """
 
 from __future__ import annotations
