@@ -11,7 +11,8 @@ and usable), or a ``performance`` virtual disk is not one raw volume yet.
 ``optimized`` otherwise. A ``clean`` operation never changes the status: it frees files the image
 does not use. See docs/adr/0004-images-volumes-operations-and-stages.md.
 
-Imports: :mod:`engine.aggregates` and :mod:`engine.types`; the view only through :class:`StatusView`.
+Imports: :mod:`engine.aggregates` and :mod:`engine.types`; the view only through
+:class:`StatusView`.
 """
 
 from __future__ import annotations
