@@ -113,11 +113,6 @@ def key_of(originator_id: uuid.UUID | str) -> bytes | str:
     return originator_id.bytes if isinstance(originator_id, uuid.UUID) else originator_id
 
 
-def id_cache() -> dict[bytes, uuid.UUID]:
-    """The UUIDs :func:`id_of` built, by key, for code in C that looks them up itself."""
-    return _uuids
-
-
 def id_of(key: bytes | str) -> uuid.UUID | str:
     if isinstance(key, str):
         return key

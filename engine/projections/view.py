@@ -250,9 +250,9 @@ class RepositoryView:
         return dirty
 
     def _decoded(self, records: Sequence[Record]) -> Iterator[tuple[Record, Any]]:
-        """Each record with its event, decoded a few records at a time (the common ones in one
-        C loop, engine/projections/_fastevents.c): events still in the CPU's cache when they
-        are applied. Decoding a whole batch of 20,000 first made the fold slower, not faster."""
+        """Each record with its event, decoded a few records at a time: events still in the
+        CPU's cache when they are applied. Decoding a whole batch of 20,000 first made the fold
+        slower, not faster (docs/adr/0014)."""
         to_events = self._to_events
         listed = records if isinstance(records, list) else list(records)
         for start in range(0, len(listed), _DECODE_CHUNK):
