@@ -3,7 +3,8 @@
 ``optional=True``: where no C compiler is at hand the install still succeeds and the engine
 reads logs with the pure-Python scanner, which is the reference anyway
 (docs/adr/0023-compiled-code-only-where-a-target-needs-it.md). ``STRATA_NO_EXTENSIONS=1``
-builds none of them, as on such a machine (``make test-pure`` runs the suite that way).
+builds none of them, as on such a machine (``make test-pure`` sets it for the copy of the
+checkout it tests, where nothing is built).
 """
 
 import os
