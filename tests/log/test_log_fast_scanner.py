@@ -35,10 +35,12 @@ from engine.log.read_ahead import hash_frames
 from engine.log.scan import SECTOR, scan
 
 compiled = scan_module.compiled_scan_frames
-needs_compiled = pytest.mark.skipif(compiled is None, reason="engine/log/_fastscan is not built")
+needs_compiled = pytest.mark.skipif(
+    compiled is None, reason="engine/log/_fastscan is not built (or --scanner=python)"
+)
 needs_hashing = pytest.mark.skipif(
     compiled is None or read_ahead.compiled_hash_frames is None,
-    reason="engine/log/_fastscan or _readahead is not built",
+    reason="engine/log/_fastscan or _readahead is not built (or --scanner=python)",
 )
 SOURCE = Path(scan_module.__file__).parent / "csrc" / "fastscan.c"
 

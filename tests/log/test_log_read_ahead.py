@@ -24,7 +24,8 @@ from engine.log.reader import ReadOnlyLog
 from tests.log.test_log_reader_chunks import build, records_start, transactions
 
 needs_compiled = pytest.mark.skipif(
-    read_ahead.compiled_read_frames is None, reason="engine/log/_readahead is not built"
+    read_ahead.compiled_read_frames is None,
+    reason="engine/log/_readahead is not built (or --scanner=python)",
 )
 
 Read = tuple[int, int, bytes, bytes, int]
