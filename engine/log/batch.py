@@ -4,6 +4,8 @@ Pure: takes the waiting requests, the chain so far and the aggregates' versions,
 frames (exactly ``framing.frame(framing.encode_payload(record))`` each, chained by
 ``framing.digest``; tests/log/test_log_model.py recomputes both) and which requests they hold.
 The log (engine/log/store.py) writes them with one ``pwrite`` and one ``fdatasync``.
+
+Imports: its own package, ``engine.errors``; the standard library.
 """
 
 from __future__ import annotations
@@ -52,19 +54,6 @@ AggregateEntry = list[Any]
 # claimed for that aggregate (None if none had): enough to index it, or to undo its claim.
 Claim = tuple[bytes | str, int, int | None]
 
-compiled_frame_batch: Callable[..., tuple[bytearray, list[int], list[Any], int, bytes]] | None
-compiled_index_batch: Callable[[list[Any], dict[bytes | str, AggregateEntry]], None] | None
-try:  # the same loops in C (engine/log/_fastscan.c), built by setup.py where it can be
-    from engine.log._fastscan import frame_batch as compiled_frame_batch
-    from engine.log._fastscan import index_batch as compiled_index_batch
-except ImportError:  # pragma: no cover - a machine without a C compiler
-    compiled_frame_batch = compiled_index_batch = None
-
-# Which loops frame and index a group: the C ones (by default, when built) or this module's
-# Python ones, the reference they follow. Tests set these to None to use Python alone.
-fast_frame_batch = compiled_frame_batch
-fast_index_batch = compiled_index_batch
-
 
 @dataclass(slots=True)
 class FramedBatch:
@@ -96,48 +85,7 @@ def frame_batch(
     with a record over the size limit. The leader runs this for the whole group while the
     others wait, so the per-event work is written out inline, without a :class:`Record` or a
     BLAKE2b set-up per event.
-
-    The compiled loop (:data:`fast_frame_batch`) does the same, about 3 us an event less of
-    the Python that the whole group waits for; it packs any field of an uncommon type by
-    calling ``pack``, so the bytes are the Packer's in every case.
     """
-    args = (batch, seq, prev, base, host_id, now, versions, pack)
-    fast = fast_frame_batch
-    if fast is not None and type(versions) is dict and type(batch) is list:
-        out, offsets, accepted, seq, prev = fast(*args, uuid.UUID, _conflict, _too_big)
-        return FramedBatch(out, offsets, accepted, seq, prev)
-    return _frame_batch(*args)
-
-
-def _conflict(
-    request: Request[Sequence[EventToAppend]],
-    originator_id: uuid.UUID | str,
-    current: int,
-    attempted: int,
-) -> None:
-    request.error = ConcurrencyConflict(
-        originator_id=originator_id, current=current, attempted=attempted
-    )
-
-
-def _too_big(request: Request[Sequence[EventToAppend]], length: int) -> None:
-    request.error = InvalidParameter(
-        f"a record of at most {framing.MAX_PAYLOAD} bytes, not {length}", name="state"
-    )
-
-
-def _frame_batch(
-    batch: Sequence[Request[Sequence[EventToAppend]]],
-    seq: int,
-    prev: bytes,
-    base: int,
-    host_id: str,
-    now: int,
-    versions: Mapping[bytes | str, AggregateEntry],
-    pack: Callable[[Any], bytes],
-) -> FramedBatch:
-    """:func:`frame_batch` in Python: the reference of the compiled loop (same arguments, in
-    the same order), and its fallback."""
     out = bytearray()
     # (request, its first sequence number, its (key, version, earlier claim) per event)
     accepted: list[tuple[Request[Sequence[EventToAppend]], int, list[Claim]]] = []
@@ -202,12 +150,7 @@ def index_batch(
     aggregates: dict[bytes | str, AggregateEntry],
 ) -> None:
     """Once a group is durable: each accepted event's sequence number goes into ``aggregates``
-    (key -> [last version, seqs]) and each request gets its ``seqs``. In C when built (a
-    Python loop of about 1.5 us an event, run while the group waits)."""
-    fast = fast_index_batch
-    if fast is not None and type(accepted) is list and type(aggregates) is dict:
-        fast(accepted, aggregates)
-        return
+    (key -> [last version, seqs]) and each request gets its ``seqs``."""
     for request, first, claims in accepted:
         seqs = list(range(first, first + len(claims)))
         for n, (key, version, _) in zip(seqs, claims, strict=True):

@@ -25,6 +25,8 @@ previous segment's last one for a segment's first record, 32 zero bytes for the 
 record), so the chain covers every byte of history but the last frame, which its checksums
 guard. ``txn_last`` is false on every record of a multi-event transaction but the last, so a
 reader never shows half of one.
+
+Imports: msgpack; the standard library.
 """
 
 from __future__ import annotations
@@ -111,11 +113,6 @@ _UUID_CACHE_MAX = 1 << 20
 def key_of(originator_id: uuid.UUID | str) -> bytes | str:
     """How the log stores an aggregate id: a UUID as its 16 bytes, any other id as a string."""
     return originator_id.bytes if isinstance(originator_id, uuid.UUID) else originator_id
-
-
-def id_cache() -> dict[bytes, uuid.UUID]:
-    """The UUIDs :func:`id_of` built, by key, for code in C that looks them up itself."""
-    return _uuids
 
 
 def id_of(key: bytes | str) -> uuid.UUID | str:

@@ -1,7 +1,10 @@
 """Reading a segment's next chunks and hashing their frames in a thread, ahead of the scan.
 
 For :class:`engine.log.reader.ReadOnlyLog` (docs/adr/0009-hash-the-log-ahead-in-a-second-thread.md):
-only with the compiled scanner, whose ``read_frames`` reads and hashes without the GIL.
+only with the C extension ``engine.log._readahead`` (engine/log/csrc/readahead.c), which reads
+and hashes without the GIL; without it the reader reads and hashes as it scans.
+
+Imports: engine.log.scan (FrameHashes) and the standard library.
 """
 
 from __future__ import annotations
@@ -13,13 +16,28 @@ from collections.abc import Callable
 
 from engine.log.scan import FrameHashes
 
-_Read = tuple[int, int, bytes, bytes, int]  # engine/log/_fastscan.c read_frames()
+_Read = tuple[int, int, bytes, bytes, int]  # engine/log/csrc/readahead.c read_frames()
 
 compiled_read_frames: Callable[[int, int, int, int, int], list[_Read]] | None
+compiled_hash_frames: Callable[[bytes], tuple[bytes, int]] | None
 try:
-    from engine.log._fastscan import read_frames as compiled_read_frames
+    from engine.log._readahead import hash_frames as compiled_hash_frames
+    from engine.log._readahead import read_frames as compiled_read_frames
 except ImportError:  # built without a C compiler: no reading ahead (ReadOnlyLog.read_ahead)
-    compiled_read_frames = None
+    compiled_read_frames = compiled_hash_frames = None
+
+
+def hash_frames(buf: bytes) -> FrameHashes | None:
+    """Hash the frames of ``buf`` for a later scan of it; None without the C extension.
+
+    The hashing (half of a scan's time) runs with the GIL released, so another thread can do
+    it while the one that will scan ``buf`` does other work.
+    """
+    if compiled_hash_frames is None:
+        return None
+    digests, end = compiled_hash_frames(buf)
+    return FrameHashes(buf, digests, end)
+
 
 # Chunks a segment's read-ahead thread reads and hashes at a time; it holds at most three such
 # groups: the consumer's, one ready, one being read.
@@ -29,13 +47,13 @@ READ_AHEAD = 4
 class ReadAhead:
     """A thread that reads a segment's next chunks and hashes their frames, ahead of the scan.
 
-    Hashing is half of a scan's time and needs no GIL (engine/log/_fastscan.c), so on a machine
-    with a second core it runs while the consumer builds records and folds them. The thread
-    guesses that each chunk starts where the frames of the one before it end, which holds for
-    every chunk of a sound segment; the consumer takes a chunk only if it is the one it was
-    about to read itself, and otherwise closes the read-ahead and reads on alone. Nothing the
-    thread meets is reported from it: a failed read ends the read-ahead, and the consumer's own
-    read of that chunk meets the error where it always did.
+    Hashing is half of a scan's time and needs no GIL (engine/log/csrc/readahead.c), so on a
+    machine with a second core it runs while the consumer builds records and folds them. The
+    thread guesses that each chunk starts where the frames of the one before it end, which
+    holds for every chunk of a sound segment; the consumer takes a chunk only if it is the one
+    it was about to read itself, and otherwise closes the read-ahead and reads on alone.
+    Nothing the thread meets is reported from it: a failed read ends the read-ahead, and the
+    consumer's own read of that chunk meets the error where it always did.
 
     The thread takes the GIL once per READ_AHEAD chunks: a thread waiting for it while the
     consumer computes gets it only after the switch interval (5 ms), about a chunk's scan.

@@ -8,6 +8,8 @@ segment (docs/adr/0002-operation-log-format.md):
   stop before a sector boundary with only zeros after it (the sectors never reached the disk) --
   are a crash mid-append: never read as events, cut off by the next appender under the lock;
 * anything else that does not check out is damage: :class:`LogCorrupted` with segment and offset.
+
+Imports: its own package, ``engine.errors``, msgpack; the standard library.
 """
 
 from __future__ import annotations
@@ -35,18 +37,16 @@ from engine.log.framing import (
 )
 
 compiled_scan_frames: Callable[..., tuple[int, int, int, bytes, int, int, int, bytes]] | None
-compiled_hash_frames: Callable[[bytes], tuple[bytes, int]] | None
 try:
-    from engine.log._fastscan import hash_frames as compiled_hash_frames
     from engine.log._fastscan import scan_frames as compiled_scan_frames
 except ImportError:  # built without a C compiler (setup.py): the Python loop reads every frame
-    compiled_scan_frames = compiled_hash_frames = None
+    compiled_scan_frames = None
 
 SECTOR = 512
 _LENGTH = struct.Struct(">I")
 
-# Which scanner reads the frames of the common shape: "compiled" (engine/log/_fastscan.c) or
-# "python". Tests set ``scan_frames`` to None to read every frame with the Python loop.
+# Which scanner reads the frames of the common shape: "compiled" (engine/log/csrc/fastscan.c)
+# or "python". Tests set ``scan_frames`` to None to read every frame with the Python loop.
 scan_frames = compiled_scan_frames
 SCANNER = "python" if compiled_scan_frames is None else "compiled"
 
@@ -73,23 +73,11 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class FrameHashes:
-    """The hash of every whole frame of ``buf``, computed ahead by :func:`hash_frames`."""
+    """The hash of every whole frame of ``buf``, computed ahead (engine/log/read_ahead.py)."""
 
     buf: bytes
-    digests: bytes  # each frame's offset and BLAKE2b-256, as engine/log/_fastscan.c lays them out
+    digests: bytes  # each frame's offset and BLAKE2b-256, as engine/log/csrc/frames.h lays out
     end: int  # just past the last frame whose length fits the buffer
-
-
-def hash_frames(buf: bytes) -> FrameHashes | None:
-    """Hash the frames of ``buf`` for a later :func:`scan` of it; None without the C extension.
-
-    The hashing (half of a scan's time) runs with the GIL released, so another thread can do
-    it while the one that will scan ``buf`` does other work (engine/log/reader.py).
-    """
-    if compiled_hash_frames is None:
-        return None
-    digests, end = compiled_hash_frames(buf)
-    return FrameHashes(buf, digests, end)
 
 
 @dataclass(slots=True)
@@ -116,8 +104,8 @@ def scan(
     ``next_seq`` and ``last_hash`` are what the chain expects next. Only whole transactions are
     returned: records of a transaction whose last record is missing are held back (in
     ``pending``, for a caller that reads on), and their bytes count as torn when the buffer
-    ends there. ``hashes``, from :func:`hash_frames` of this very ``buf``, saves hashing its
-    frames again; the result is the same with or without it.
+    ends there. ``hashes``, from :func:`engine.log.read_ahead.hash_frames` of this very
+    ``buf``, saves hashing its frames again; the result is the same with or without it.
     """
     digests = hashes.digests if hashes is not None and hashes.buf is buf else None
     with gc_paused():

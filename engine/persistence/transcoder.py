@@ -14,14 +14,13 @@ a registered transcoding, as an unknown class does, and round-trips as itself. T
 is a ``StrEnum`` member (a stage's kind, an operation's purpose), which *is* its string: it is
 written as that string, byte for byte, and read back as the plain string, which it equals
 (docs/adr/0021-typed-stages-and-enums.md).
+
+Imports: ``engine.opaque``, eventsourcing, msgpack; the standard library.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
-from collections.abc import Callable
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -36,19 +35,6 @@ from eventsourcing.persistence import (
 )
 
 from engine.opaque import EXT_CODE, Opaque
-
-_MakeHook = Callable[[dict[str, Callable[[Any], Any]], Callable[[Any], Any]], Callable[[Any], Any]]
-compiled_object_hook: _MakeHook | None
-try:  # the C object hook (engine/persistence/_fasthook.c), built by setup.py where it can be
-    from engine.persistence._fasthook import make_object_hook as compiled_object_hook
-except ImportError:  # pragma: no cover - a machine without a C compiler
-    compiled_object_hook = None
-
-# Where the object hook comes from: the C one makes a replay's million maps cheaper; the Python
-# one (``_decode_obj``) is the reference, and the C one hands it every case but the common two.
-# Tests set this to None to decode with the Python hook alone.
-make_object_hook = compiled_object_hook
-HOOK = "python" if compiled_object_hook is None else "compiled"
 
 
 def _decode_ext(code: int, data: bytes) -> Any:
@@ -75,23 +61,10 @@ class MsgpackTranscoder(Transcoder):
         self.types: dict[type, Transcoding] = {}
         self.names: dict[str, Transcoding] = {}
         self._packers = threading.local()  # each thread's idle Packer, if it has one
-        # Each name's decode, for the C hook: it reads this dict at every call, so a
-        # transcoding registered later is seen.
-        self._decoders: dict[str, Callable[[Any], Any]] = {}
-        make_hook = make_object_hook
-        self._hook = (
-            self._decode_obj if make_hook is None else make_hook(self._decoders, self._decode_obj)
-        )
 
     def register(self, transcoding: Transcoding) -> None:
         self.types[transcoding.type] = transcoding
         self.names[transcoding.name] = transcoding
-        decode: Callable[[Any], Any] = transcoding.decode
-        if type(transcoding) is DatetimeAsISO:
-            # What its decode does once it has asserted a str (a timestamp in every event):
-            # called directly, no Python frame per timestamp.
-            decode = datetime.fromisoformat
-        self._decoders[transcoding.name] = decode
 
     def encode(self, obj: Any) -> bytes:
         # A Packer keeps a buffer, so it is never shared by two threads, nor reused by a
@@ -112,19 +85,7 @@ class MsgpackTranscoder(Transcoder):
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(
             data,
-            object_hook=self._hook,
-            ext_hook=_decode_ext,
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-        )
-
-    def decoder(self) -> Callable[[bytes], Any]:
-        """:meth:`decode` as one callable with its arguments bound, which code in C calls
-        without a Python frame (engine/projections/_fastevents.c)."""
-        return functools.partial(
-            msgpack.unpackb,
-            object_hook=self._hook,
+            object_hook=self._decode_obj,
             ext_hook=_decode_ext,
             raw=False,
             strict_map_key=False,

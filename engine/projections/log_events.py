@@ -1,10 +1,13 @@
 """Records of a read-only log as domain events, for replay and audits.
 
 :class:`ReplayMapper` decodes as eventsourcing's mapper does, upcasting included, with the
-per-class lookups done once and the common records of a batch made into events in C;
+per-class lookups done once;
 :func:`without_superseded` leaves out progress and claim records whose every effect a later
 record overwrites (most of a busy log); :func:`locate` says where a record lies on disk, for
 reporting an event that does not decode.
+
+Imports: ``engine.aggregates``, ``engine.errors``, ``engine.log``, ``engine.persistence``,
+eventsourcing; the standard library.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from eventsourcing.persistence import (
     MapperDeserialisationError,
     StoredEvent,
     find_id_convertor,
-    pass_through_convertor,
 )
 from eventsourcing.utils import resolve_topic
 
@@ -27,9 +29,8 @@ from engine.aggregates.image import Image
 from engine.aggregates.topics import register_topics
 from engine.errors import InvalidParameter
 from engine.log import segments
-from engine.log.framing import Record, id_cache, id_of
+from engine.log.framing import Record, id_of
 from engine.log.scan import scan
-from engine.persistence.transcoder import MsgpackTranscoder as Msgpack
 from engine.persistence.transcoder import default_transcoder
 
 _CLAIMED, _PROGRESSED, _COMPLETED = (
@@ -51,20 +52,6 @@ _SUPERSEDED_BY = {
 
 _Known = tuple[type, Callable[[Any], Any], int]  # an event class, its id convertor, its version
 
-_BuildEvents = Callable[
-    [list[Record], dict[str, tuple[type, int]], Callable[[bytes], Any], dict[bytes, Any], Any],
-    tuple[list[Any], list[int]],
-]
-compiled_build_events: _BuildEvents | None
-try:  # built by setup.py where a C compiler is at hand
-    from engine.projections._fastevents import build_events as compiled_build_events
-except ImportError:  # pragma: no cover - a machine without a C compiler
-    compiled_build_events = None
-
-# ReplayMapper.record_events's C loop (engine/projections/_fastevents.c); record_event is its
-# reference, and tests set this to None to decode with it alone.
-build_events = compiled_build_events
-
 
 class ReplayMapper(Mapper[Any]):
     """eventsourcing's ``Mapper`` that looks up what it needs per event class once, not per
@@ -76,9 +63,6 @@ class ReplayMapper(Mapper[Any]):
         self._decode = self.transcoder.decode
         self._classes: dict[tuple[str, type], _Known] = {}
         self._uuid_classes: dict[str, _Known] = {}  # the same, for UUID ids (by topic alone)
-        # Those of them whose ids need no conversion, for build_events: (class, class_version).
-        self._plain_classes: dict[str, tuple[type, int]] = {}
-        self._decoder = self.transcoder.decoder() if isinstance(self.transcoder, Msgpack) else None
 
     def to_domain_event(self, stored_event: StoredEvent) -> Any:
         return self.event(
@@ -99,18 +83,9 @@ class ReplayMapper(Mapper[Any]):
         return self._event(known, topic, id_of(key), record.originator_version, record.state)
 
     def record_events(self, records: list[Record]) -> list[Any]:
-        """:meth:`record_event` of each record, the common ones in one C loop."""
-        build = build_events
-        if build is None or self._decoder is None:
-            return [self.record_event(record) for record in records]
-        events, missed = build(records, self._plain_classes, self._decoder, id_cache(), id_of)
-        for i in missed:  # a topic not seen yet, an id that is not a UUID, upcasting, errors
-            record = records[i]
-            events[i] = self.record_event(record)
-            known = self._uuid_classes.get(record.topic)
-            if known is not None and known[1] is pass_through_convertor:
-                self._plain_classes[record.topic] = (known[0], known[2])
-        return events
+        """:meth:`record_event` of each record."""
+        record_event = self.record_event
+        return [record_event(record) for record in records]
 
     def event(
         self, topic: str, originator_id: uuid.UUID | str, originator_version: int, stored: bytes

@@ -9,6 +9,9 @@ never changed afterwards and may be read without the lock (treat it as read-only
 
 With ``db_path`` the view keeps the SQLite read model (engine/projections/read_model.py) in step
 and starts from it: a restart reads only what was appended since.
+
+Imports: its own package, ``engine.aggregates``, ``engine.application``, ``engine.errors``,
+``engine.log``, eventsourcing; the standard library.
 """
 
 from __future__ import annotations
@@ -250,9 +253,9 @@ class RepositoryView:
         return dirty
 
     def _decoded(self, records: Sequence[Record]) -> Iterator[tuple[Record, Any]]:
-        """Each record with its event, decoded a few records at a time (the common ones in one
-        C loop, engine/projections/_fastevents.c): events still in the CPU's cache when they
-        are applied. Decoding a whole batch of 20,000 first made the fold slower, not faster."""
+        """Each record with its event, decoded a few records at a time: events still in the
+        CPU's cache when they are applied. Decoding a whole batch of 20,000 first made the fold
+        slower, not faster (docs/adr/0014)."""
         to_events = self._to_events
         listed = records if isinstance(records, list) else list(records)
         for start in range(0, len(listed), _DECODE_CHUNK):

@@ -1,6 +1,6 @@
 """The compiled scanner reads exactly what the Python scanner reads, only faster.
 
-``engine/log/_fastscan.c`` reads the frames of the one common shape and leaves every other
+``engine/log/csrc/fastscan.c`` reads the frames of the one common shape and leaves every other
 frame to the Python loop of ``engine/log/scan.py``, the reference (ADR 0008). These tests build
 logs byte by byte, with every msgpack encoding a field can have, shapes the Python loop accepts
 that the C code leaves to it, and shapes that are damage; then tear or flip them anywhere, and
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import os
 import struct
 import threading
 import time
@@ -27,13 +28,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import LogCorrupted
+from engine.log import read_ahead
 from engine.log import scan as scan_module
 from engine.log.framing import ZERO_HASH, Record, digest, encode_payload, frame
-from engine.log.scan import SECTOR, hash_frames, scan
+from engine.log.read_ahead import hash_frames
+from engine.log.scan import SECTOR, scan
 
 compiled = scan_module.compiled_scan_frames
-needs_compiled = pytest.mark.skipif(compiled is None, reason="engine/log/_fastscan is not built")
-SOURCE = Path(scan_module.__file__).with_name("_fastscan.c")
+needs_compiled = pytest.mark.skipif(
+    compiled is None, reason="engine/log/_fastscan is not built (or --scanner=python)"
+)
+needs_hashing = pytest.mark.skipif(
+    compiled is None or read_ahead.compiled_hash_frames is None,
+    reason="engine/log/_fastscan or _readahead is not built (or --scanner=python)",
+)
+SOURCE = Path(scan_module.__file__).parent / "csrc" / "fastscan.c"
 
 
 @contextlib.contextmanager
@@ -366,7 +375,7 @@ def frames_of(buf: bytes) -> Iterator[tuple[int, bytes]]:
         pos = stop
 
 
-@needs_compiled
+@needs_hashing
 @settings(max_examples=200, deadline=None)
 @given(a_log(), st.data())
 def test_hashing_ahead_gives_each_whole_frames_blake2b(
@@ -387,7 +396,7 @@ def test_hashing_ahead_gives_each_whole_frames_blake2b(
     assert hashes.end == (frames[-1][0] + len(frames[-1][1]) if frames else 0)
 
 
-@needs_compiled
+@needs_hashing
 def test_hashes_of_another_buffer_are_not_used() -> None:
     buf = sound_log(50)
     other = hash_frames(sound_log(50, prev=digest(b"elsewhere")))
@@ -395,7 +404,7 @@ def test_hashes_of_another_buffer_are_not_used() -> None:
     assert scan(buf, 0, 1, 1, ZERO_HASH, other) == scan(buf, 0, 1, 1, ZERO_HASH)
 
 
-@needs_compiled
+@needs_hashing
 def test_hashing_ahead_lets_other_threads_run() -> None:
     buf = sound_log(2000) * 150  # some 40 MB: tens of milliseconds of hashing
 
@@ -426,9 +435,12 @@ def test_hashing_ahead_lets_other_threads_run() -> None:
     assert any(longest < alone / 2 for alone, longest in tries), tries
 
 
+@pytest.mark.skipif(
+    os.environ.get("STRATA_NO_EXTENSIONS") == "1", reason="built without them on purpose"
+)
 def test_the_compiled_scanner_is_in_use_wherever_its_source_is() -> None:
     # `make` builds it (setup.py); a build that failed quietly (it is optional) shows here.
     assert SOURCE.exists()
-    from engine.log import _fastscan  # noqa: F401  (ImportError: not built, see setup.py)
+    from engine.log import _fastscan, _readahead  # noqa: F401  (ImportError: not built)
 
     assert scan_module.SCANNER == "compiled"

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from engine.errors import LogCorrupted
 from engine.log import read_ahead
-from engine.log import scan as scan_module
 from engine.log.framing import Record
 from engine.log.reader import ReadOnlyLog
 from tests.log.test_log_reader_chunks import build, records_start, transactions
 
 needs_compiled = pytest.mark.skipif(
-    scan_module.compiled_hash_frames is None, reason="engine/log/_fastscan is not built"
+    read_ahead.compiled_read_frames is None,
+    reason="engine/log/_readahead is not built (or --scanner=python)",
 )
 
 Read = tuple[int, int, bytes, bytes, int]
@@ -215,7 +215,7 @@ def test_reading_ahead_reads_and_hashes_chunks_as_the_consumer_would(
     try:
         size = os.fstat(fd).st_size
         pos = records_start(Path(path).read_bytes())
-        read_frames, hash_frames = read_ahead.compiled_read_frames, scan_module.compiled_hash_frames
+        read_frames, hash_frames = read_ahead.compiled_read_frames, read_ahead.compiled_hash_frames
         assert read_frames is not None and hash_frames is not None
         got = read_frames(fd, pos, size, chunk, 8)
         expected = []

@@ -10,6 +10,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import msgpack
+import pytest
 from eventsourcing.persistence import Transcoding, UUIDAsHex
 
 # The module, not its classes: pytest would collect an imported TestCase class as a test too.
@@ -186,3 +187,35 @@ def test_event_state_with_bytes_ids_times_and_amounts_round_trips_unchanged() ->
 def test_state_is_more_compact_than_the_same_state_in_json() -> None:
     state = {"image_id": uuid4().hex, "size": 10 * 2**30, "user_data": {"name": "web01"}}
     assert len(default_transcoder().encode(state)) < len(json.dumps(state).encode())
+
+
+class Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and other.x == self.x
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class PointAsInt(Transcoding):
+    type = Point
+    name = "point"
+
+    def encode(self, obj: Point) -> int:
+        return obj.x
+
+    def decode(self, data: int) -> Point:
+        return Point(data)
+
+
+def test_a_transcoding_registered_after_the_transcoder_was_made_is_decoded() -> None:
+    codec = default_transcoder()
+    data = msgpack.packb({"p": [{"_type_": "point", "_data_": 3}]})
+    with pytest.raises(Exception, match="'point' is not deserializable"):
+        codec.decode(data)
+
+    codec.register(PointAsInt())
+
+    assert codec.decode(data) == {"p": [Point(3)]}

@@ -17,42 +17,26 @@ from hypothesis import HealthCheck, given, settings
 from engine import validation
 from engine.log.reader import ReadOnlyLog
 from engine.opaque import Opaque, value_of
-from engine.persistence import transcoder as transcoder_module
-from engine.persistence.transcoder import MsgpackTranscoder, default_transcoder
+from engine.persistence.transcoder import default_transcoder
 from engine.projections import log_events
 from tests.persistence.user_data_values import USER_DATA, exact
 from tests.projections.projection_log import Repo
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-HOOKS = ["compiled", "python"]
 
 
-def transcoder(hook: str) -> MsgpackTranscoder:
-    saved = transcoder_module.make_object_hook
-    if hook == "python":
-        transcoder_module.make_object_hook = None
-    elif transcoder_module.compiled_object_hook is None:
-        pytest.skip("the C object hook is not built")
-    try:
-        return default_transcoder()
-    finally:
-        transcoder_module.make_object_hook = saved
-
-
-@pytest.mark.parametrize("hook", HOOKS)
 @given(value=USER_DATA)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_user_data_comes_back_exactly_from_the_transcoder(hook: str, value: Any) -> None:
-    codec = transcoder(hook)
+def test_user_data_comes_back_exactly_from_the_transcoder(value: Any) -> None:
+    codec = default_transcoder()
     state = {"timestamp": NOW, "user_data": validation.user_data(value), "origin": {"a": 1}}
     decoded = codec.decode(codec.encode(state))
     assert exact(value_of(decoded["user_data"])) == exact(value)
     assert decoded["timestamp"] == NOW  # the state's own wrappers are still decoded
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-def test_a_wrapper_in_user_data_is_left_alone(hook: str) -> None:
-    codec = transcoder(hook)
+def test_a_wrapper_in_user_data_is_left_alone() -> None:
+    codec = default_transcoder()
     for value in (
         {"_type_": "no_such", "_data_": 1},
         {"_type_": "uuid_hex", "_data_": uuid.UUID(int=7).hex},
@@ -97,19 +81,10 @@ def test_user_data_comes_back_exactly_from_the_log_on_another_host(first: Any, s
 
 
 def replayed_events(log_dir: str, image_id: uuid.UUID) -> list[Any]:
-    """The image's events with user data, as replay makes them with the C loop and without."""
+    """The image's events with user data, as replay makes them."""
     records = list(ReadOnlyLog(log_dir).records())
-    made = []
-    saved = log_events.build_events
-    try:
-        for build in {saved, None}:
-            log_events.build_events = build
-            mapper = log_events.new_mapper()
-            made.append(log_events.records_decoder(mapper)(records))
-    finally:
-        log_events.build_events = saved
-    assert all(events == made[0] for events in made)
-    return [e for e in made[0] if e.originator_id == image_id and hasattr(e, "user_data")]
+    events = log_events.records_decoder(log_events.new_mapper())(records)
+    return [e for e in events if e.originator_id == image_id and hasattr(e, "user_data")]
 
 
 @pytest.mark.parametrize("value", [None, {}, [], 0, "", b""], ids=repr)

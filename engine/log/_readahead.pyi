@@ -1,0 +1,6 @@
+"""Types of the C read-ahead of the log reader (engine/log/csrc/readahead.c)."""
+
+def hash_frames(buf: bytes, /) -> tuple[bytes, int]: ...
+def read_frames(
+    fd: int, pos: int, size: int, chunk: int, count: int, /
+) -> list[tuple[int, int, bytes, bytes, int]]: ...
