@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +18,13 @@ from engine.log.reader import CHUNK, ReadOnlyLog
 from engine.log.scan import SECTOR
 from engine.log.store import TORN_DIR
 from tests.log import witnesses
+from tests.log_tools.cli import strata_log
 
 SEGMENT_SIZE = 4096
 TOPIC = "engine.aggregates.image.Image.Requested"
 
 
-def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "log_tools", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+run = strata_log  # the command line as a user runs it
 
 
 def make_log(repo: Path, transactions: int = 60) -> list[Record]:
