@@ -129,6 +129,9 @@ def test_graph_writes_into_a_pipe_in_place_and_export_refuses_one(
 # same moment every run, however loaded the machine.
 STOPPED_MIDWAY = """
 import os, signal, sys
+# As started from a terminal: a non-interactive shell starts background jobs with SIGINT ignored
+# (and Python then leaves it so), which is not the Ctrl-C this test plays.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from log_tools import cli, export
 real = export.hosts.hosts_report
 def midway(*args, **kwargs):
