@@ -439,6 +439,28 @@ class QemuCancelled(QemuError):
         super().__init__(command=command, returncode=None, stderr="cancelled")
 
 
+class DaemonError(StrataError):
+    """The host's ``qemu-storage-daemon`` refused a QMP ``command`` or could not be reached.
+
+    ``error_class`` is QMP's class of the refusal (``GenericError``, ``DeviceNotFound``), None
+    when no answer came (the daemon did not start, is gone, or did not answer in time); ``desc``
+    is QEMU's own words, or what went wrong on the way to it.
+    """
+
+    code = "daemon_error"
+    template = (
+        "The storage daemon on {self.socket} failed {self.command}: {self.desc}; its own log "
+        "is daemon.log beside the socket"
+    )
+
+    def __init__(self, *, command: str, error_class: str | None, desc: str, socket: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        self.socket = socket
+        super().__init__()
+
+
 class VolumeLocked(QemuError):
     """QEMU refused to open a volume for writing: another process holds its image lock.
 

@@ -19,6 +19,7 @@ from engine.errors import (
     ClaimLost,
     CommitUnknown,
     ConcurrencyConflict,
+    DaemonError,
     EngineClosed,
     ExecutorFailed,
     ForeignFile,
@@ -250,6 +251,19 @@ EXAMPLES: list[tuple[StrataError, str, str]] = [
         QemuCancelled(command="qemu-img convert a b"),
         "qemu_cancelled",
         "qemu-img convert a b was cancelled and killed",
+    ),
+    (
+        DaemonError(
+            command="blockdev-add",
+            error_class="GenericError",
+            desc="Could not open '/v/x': No such file or directory",
+            socket="/var/lib/strata/daemon/qmp.sock",
+        ),
+        "daemon_error",
+        (
+            "The storage daemon on /var/lib/strata/daemon/qmp.sock failed blockdev-add: Could not "
+            "open '/v/x': No such file or directory; its own log is daemon.log beside the socket"
+        ),
     ),
     (
         VolumeLocked(
