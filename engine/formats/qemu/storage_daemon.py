@@ -102,6 +102,8 @@ class StorageDaemon:
             pid = daemon_process.running_pid(self.paths)
             if pid is None:
                 self._drop_connection()
+                if self._process is not None and self._process.poll() is not None:
+                    self._process = None  # ended by another handle: reaped here, not a zombie
                 return
             # Unreachable or already going: the kill below ends it either way.
             with suppress(DaemonError):
