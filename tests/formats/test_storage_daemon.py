@@ -50,6 +50,8 @@ class Daemons:
             if child.poll() is None:
                 child.kill()
             child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
         pid = daemon_process.running_pid(StorageDaemon(self.state_dir).paths)
         try:
             for daemon in self.opened:
@@ -247,3 +249,20 @@ def test_a_bad_volume_is_refused_before_the_daemon_is_asked(
     with pytest.raises(InvalidParameter):
         daemon.add_chain([volume], read_only=True)
     assert daemon.pid is None
+
+
+def test_a_second_connection_to_a_busy_monitor_fails_in_time_with_a_typed_error(
+    daemons: Daemons,
+) -> None:
+    first = daemons.open()
+    first.query_exports()
+    second = StorageDaemon(daemons.state_dir, timeout=1.0)
+    daemons.opened.append(second)
+
+    # A monitor greets one client at a time: the second waits for a greeting that never comes.
+    with pytest.raises(DaemonError) as refused:
+        second.query_exports()
+
+    assert refused.value.error_class is None
+    assert refused.value.desc == "no answer within 1.0 s"
+    assert first.query_exports() == []

@@ -12,9 +12,9 @@ Imports: ``engine.errors``; ``qemu.qmp``; the standard library.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 from collections.abc import Coroutine
+from contextlib import suppress
 from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
@@ -22,6 +22,16 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from engine.errors import DaemonError
 
 _T = TypeVar("_T")
+_LOOP_GRACE = 1.0  # seconds the loop's own housekeeping may take beyond a call's timeout
+
+
+async def _finish_pending() -> None:
+    pending = asyncio.all_tasks() - {asyncio.current_task()}
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=_LOOP_GRACE)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 class QmpConnection:
@@ -65,14 +75,17 @@ class QmpConnection:
             self._stop_loop()
 
     def _run(self, command: str, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        # The timeout is applied inside the loop, so that a late call is cancelled there and
+        # the client tidies up (a half-made connection is closed) before the caller hears of it.
+        timed = asyncio.wait_for(coroutine, self.timeout)
+        future = asyncio.run_coroutine_threadsafe(timed, self._loop)
         try:
-            return future.result(self.timeout)
+            return future.result(self.timeout + _LOOP_GRACE)
         except ExecuteError as e:
             raise DaemonError(
                 command=command, error_class=e.error_class, desc=str(e), socket=self.socket
             ) from e
-        except concurrent.futures.TimeoutError as e:
+        except TimeoutError as e:  # asyncio's and concurrent.futures' are this one since 3.11
             future.cancel()
             raise DaemonError(
                 command=command,
@@ -86,6 +99,11 @@ class QmpConnection:
             ) from e
 
     def _stop_loop(self) -> None:
+        # The client leaves tasks behind (a disconnect it scheduled); let them end first, so
+        # that nothing is destroyed half-run when the loop stops.
+        with suppress(TimeoutError):  # a wedged task: stopping the loop drops it anyway
+            finish = asyncio.run_coroutine_threadsafe(_finish_pending(), self._loop)
+            finish.result(_LOOP_GRACE * 2)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(self.timeout)
         if not self._thread.is_alive():
