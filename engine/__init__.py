@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 # Python would print warnings to stderr when the application configured no logging at all.
 logging.getLogger("engine").addHandler(logging.NullHandler())
 
-__all__ = ["Fix", "ImageInfo", "ImageStatus", "PreparedImage", "StorageEngine"]
+__all__ = ["Attachment", "Fix", "ImageInfo", "ImageStatus", "PreparedImage", "StorageEngine"]
 
 if TYPE_CHECKING:
     from engine.facade import StorageEngine
-    from engine.types import Fix, ImageInfo, ImageStatus, PreparedImage
+    from engine.types import Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
 
 
 def __getattr__(name: str) -> Any:
@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
         from engine.facade import StorageEngine
 
         return StorageEngine
-    if name in ("Fix", "ImageInfo", "ImageStatus", "PreparedImage"):
+    if name in ("Attachment", "Fix", "ImageInfo", "ImageStatus", "PreparedImage"):
         from engine import types
 
         return getattr(types, name)

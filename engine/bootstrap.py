@@ -1,7 +1,8 @@
 """The one place that wires the engine together (docs/adr/0020), from an explicit config.
 
 :class:`EngineConfig` is everything a host is given, checked once. :class:`Wiring` builds the
-parts of one host (its QEMU adapter, its registry of connected repositories) and, on each
+parts of one host (its QEMU adapter, its registry of connected repositories, its storage daemon
+handle, made on first use) and, on each
 connect, the parts of that repository: this host's lease there, the log application, the unit of
 work and the image commands, the view and the thread that keeps it current, the watch on the
 other hosts and, unless the host only reads and appends, the executor. Nothing else in the engine
@@ -27,6 +28,7 @@ from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.liveness import HostLease, HostMonitor
 from engine.executors.scheduler import Executor
 from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.formats.repository.driver import RepositoryFormat, RepositoryStorage
 from engine.host_repositories import HostRepositories
 from engine.log.follow import LogFollower
@@ -97,6 +99,19 @@ class Wiring:
         self.config = config
         self.qemu = qemu or QemuImg()
         self.repositories = HostRepositories()
+        self._daemon: StorageDaemon | None = None
+
+    def daemon(self) -> StorageDaemon:
+        """This host's storage daemon (docs/adr/0027), in its state dir; made on first use."""
+        if self._daemon is None:
+            self._make_state_dir()
+            self._daemon = StorageDaemon(self.config.state_dir)
+        return self._daemon
+
+    def close_daemon(self) -> None:
+        """Let go of the daemon, which keeps serving what it serves (the VMs outlive us)."""
+        if self._daemon is not None:
+            self._daemon.close()
 
     def connect(
         self,

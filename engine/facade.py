@@ -12,7 +12,8 @@ Imports: :mod:`engine.bootstrap`, :mod:`engine.host_repositories`, :mod:`engine.
 :mod:`engine.queries`, the service layer's handlers, :mod:`engine.validation`,
 :mod:`engine.boundary`, the fixes' decoding (:mod:`engine.projections.check`), the repository
 format registry, and the public :mod:`engine.errors` and :mod:`engine.types`; for its
-signature only, the crash points and the QEMU adapter a test may pass in.
+signature only, the crash points and the QEMU adapter a test may pass in; the storage
+daemon adapter's :class:`~engine.formats.qemu.storage_daemon.ChainVolume` for attachments.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from engine.connections import ConnectedRepository
 from engine.errors import ImageNotFound, ImageNotReady, InvalidParameter, WaitTimeout
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.qemu.storage_daemon import ChainVolume
 from engine.formats.repository.registry import get_format
 from engine.service import fix_handlers, repository_handlers
 from engine.service.unit_of_work import utc_now
-from engine.types import BROKEN, Fix, ImageInfo, ImageStatus, PreparedImage
+from engine.types import BROKEN, Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
 
 
 @typed_errors
@@ -75,8 +77,12 @@ class StorageEngine:
         self.close()
 
     def close(self) -> None:
-        """Stop this host's executors and followers and close every connection."""
-        self._repos.close()
+        """Stop this host's executors and followers and close every connection; the storage
+        daemon keeps serving the attached images (docs/adr/0027)."""
+        try:
+            self._repos.close()
+        finally:
+            self._wiring.close_daemon()
 
     # --- repositories ---------------------------------------------------------------------
 
@@ -300,6 +306,76 @@ class StorageEngine:
         repo.images.teardown_image(image.id)
         self._written(repo)
 
+    def attach_image(self, repo_id: str, image_id: str | uuid.UUID) -> Attachment:
+        """Serve the image from this host's daemon over NBD (docs/adr/0027); in the log it is
+        prepared on this host, so offline stages that would change its volumes wait."""
+        repo, image = self._repos.image_in(repo_id, image_id)
+        readonly = image.kind == ops.SNAPSHOT
+        daemon = self._wiring.daemon()
+        name = _export_name(image.id)
+        if any(e.id == name for e in daemon.query_exports()):
+            return Attachment(str(image.id), repo_id, daemon.nbd_uri(name), readonly)
+        status = queries.status_of(repo, image)
+        if status.status == BROKEN:
+            raise ImageNotReady(
+                status.last_error or f"its work is at stage {status.stage}",
+                image_id=image.id,
+                status=status.status,
+            )
+        queries.check_chain_is_own(repo, image)
+        repo.images.attach_image(image.id)
+        self._written(repo)
+        volumes = [
+            ChainVolume(_node_name(image.id, i), repo.storage.volume_path(vol, fmt), fmt)
+            for i, (vol, fmt) in enumerate(ops.split_ref(ref) for ref in image.chain)
+        ]
+        try:
+            top = daemon.add_chain(volumes, read_only=readonly)
+            try:
+                uri = daemon.export_nbd(top, name, writable=not readonly)
+            except BaseException:
+                daemon.remove_nodes(reversed([v.node for v in volumes]))
+                raise
+        except BaseException:
+            # Not served: not in use either, so offline stages need not wait for it.
+            repo.images.teardown_image(image.id)
+            self._written(repo)
+            raise
+        return Attachment(str(image.id), repo_id, uri, readonly)
+
+    def detach_image(self, repo_id: str, image_id: str | uuid.UUID) -> None:
+        """Stop serving the image (its writes flushed) and record that it is no longer in use."""
+        repo, image = self._repos.image_in(repo_id, image_id)
+        daemon = self._wiring.daemon()
+        name = _export_name(image.id)
+        exports = [e for e in daemon.query_exports() if e.id == name]
+        if exports:
+            daemon.unexport(name)
+            depth = len(image.chain)
+            daemon.remove_nodes(_node_name(image.id, i) for i in reversed(range(depth)))
+        repo.images.teardown_image(image.id)
+        self._written(repo)
+
+    def list_attachments(self) -> list[Attachment]:
+        """The images this host's daemon serves, of the connected repositories."""
+        self._repos.check_open()
+        daemon = self._wiring.daemon()
+        names = {e.id for e in daemon.query_exports() if not e.shutting_down}
+        found: list[Attachment] = []
+        for repo in self._repos.all():
+            for image in repo.view.images():
+                name = _export_name(image.id)
+                if name in names and not image.removed:
+                    found.append(
+                        Attachment(
+                            str(image.id),
+                            repo.repo_id,
+                            daemon.nbd_uri(name),
+                            image.kind == ops.SNAPSHOT,
+                        )
+                    )
+        return found
+
     def lookup_image_by_path(self, path: str) -> ImageInfo:
         """The image whose top volume is ``path`` (what a virtual machine has open)."""
         self._repos.check_open()
@@ -316,3 +392,14 @@ class StorageEngine:
     def _written(repo: ConnectedRepository) -> None:
         """Read your writes: the view shows what the call committed before it returns."""
         repo.follower.caught_up()
+
+
+def _export_name(image_id: uuid.UUID) -> str:
+    """The NBD export of an image: its id (a letter first, as QEMU wants)."""
+    return f"i{image_id.hex}"
+
+
+def _node_name(image_id: uuid.UUID, index: int) -> str:
+    """The block node of the ``index``-th volume (base first) of an attached image's chain:
+    short, since QEMU allows 31 characters with the ``-file`` suffix."""
+    return f"s{image_id.hex[:20]}-{index}"

@@ -61,6 +61,16 @@ class PreparedImage(_AsDict):
 
 
 @dataclass(frozen=True)
+class Attachment(_AsDict):
+    """An image this host's storage daemon serves over NBD (docs/adr/0027)."""
+
+    image_id: str
+    repo_id: str
+    nbd_uri: str  # what ``qemu-io -f raw URI`` or a virtual machine opens
+    readonly: bool  # True for snapshots
+
+
+@dataclass(frozen=True)
 class ImageInfo(_AsDict):
     image_id: str
     kind: str  # virtual-disk | snapshot

@@ -351,6 +351,15 @@ class Image(Aggregate["Image.Event"], StableTopic):
         if host_id not in self.prepared_on:
             self._trigger(self.ImagePrepared, host_id, now)
 
+    def attach(self, *, host_id: str, now: datetime) -> None:
+        """Prepare the image for this host's daemon to serve: refused while another host has it
+        (one writer; ImageInUse), a no-op when this host already has it."""
+        self._require_live()
+        others = self.prepared_on - {host_id}
+        if others:
+            raise ImageInUse(f"prepared on {sorted(others)}", image_id=self.id)
+        self.prepare(host_id=host_id, now=now)
+
     def tear_down(self, *, host_id: str, now: datetime) -> None:
         if host_id in self.prepared_on:
             self._trigger(self.ImageTornDown, host_id, now)

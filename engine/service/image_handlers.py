@@ -224,6 +224,12 @@ class ImageHandlers:
             image_id, lambda i: i.prepare(host_id=self.service.host_id, now=self._now())
         )
 
+    def attach_image(self, image_id: uuid.UUID) -> None:
+        """Record that this host's daemon serves the image (ImageInUse if another host has it)."""
+        self.service.update(
+            image_id, lambda i: i.attach(host_id=self.service.host_id, now=self._now())
+        )
+
     def teardown_image(self, image_id: uuid.UUID) -> None:
         self.service.update(
             image_id, lambda i: i.tear_down(host_id=self.service.host_id, now=self._now())
