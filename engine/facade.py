@@ -348,8 +348,7 @@ class StorageEngine:
         repo, image = self._repos.image_in(repo_id, image_id)
         daemon = self._wiring.daemon()
         name = _export_name(image.id)
-        exports = [e for e in daemon.query_exports() if e.id == name]
-        if exports:
+        if daemon.pid is not None and any(e.id == name for e in daemon.query_exports()):
             daemon.unexport(name)
             depth = len(image.chain)
             daemon.remove_nodes(_node_name(image.id, i) for i in reversed(range(depth)))
@@ -360,6 +359,8 @@ class StorageEngine:
         """The images this host's daemon serves, of the connected repositories."""
         self._repos.check_open()
         daemon = self._wiring.daemon()
+        if daemon.pid is None:  # none runs: nothing is served, and none is started to say so
+            return []
         names = {e.id for e in daemon.query_exports() if not e.shutting_down}
         found: list[Attachment] = []
         for repo in self._repos.all():

@@ -133,6 +133,13 @@ def test_an_image_attached_on_another_host_is_in_use(engines: Engines) -> None:
     engine_b.detach_image("r1", disk)
 
 
+def test_listing_and_bad_ids_start_no_daemon(engine_a: StorageEngine) -> None:
+    assert engine_a.list_attachments() == []
+    with pytest.raises(ImageNotFound):
+        engine_a.detach_image("r1", str(uuid.uuid4()))
+    assert StorageDaemon(engine_a.config.state_dir).pid is None
+
+
 def test_the_daemon_outlives_the_engine(engines: Engines) -> None:
     engine_a = engines("host-a")
     disk = optimized_disk(engine_a)
