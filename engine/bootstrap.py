@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -100,13 +101,16 @@ class Wiring:
         self.qemu = qemu or QemuImg()
         self.repositories = HostRepositories()
         self._daemon: StorageDaemon | None = None
+        # One handle for every thread: the daemon's monitor serves one client at a time.
+        self._daemon_lock = threading.Lock()
 
     def daemon(self) -> StorageDaemon:
         """This host's storage daemon (docs/adr/0027), in its state dir; made on first use."""
-        if self._daemon is None:
-            self._make_state_dir()
-            self._daemon = StorageDaemon(self.config.state_dir)
-        return self._daemon
+        with self._daemon_lock:
+            if self._daemon is None:
+                self._make_state_dir()
+                self._daemon = StorageDaemon(self.config.state_dir)
+            return self._daemon
 
     def close_daemon(self) -> None:
         """Let go of the daemon, which keeps serving what it serves (the VMs outlive us)."""
