@@ -28,14 +28,14 @@ from engine.aggregates import operations as ops
 from engine.bootstrap import EngineConfig, Wiring
 from engine.boundary import typed_errors
 from engine.connections import ConnectedRepository
-from engine.errors import ImageNotFound, ImageNotReady, InvalidParameter, WaitTimeout
+from engine.errors import ImageNotFound, InvalidParameter, WaitTimeout
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import ChainVolume
 from engine.formats.repository.registry import get_format
 from engine.service import fix_handlers, repository_handlers
 from engine.service.unit_of_work import utc_now
-from engine.types import BROKEN, Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
+from engine.types import Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
 
 
 @typed_errors
@@ -283,14 +283,7 @@ class StorageEngine:
     def prepare_image(self, repo_id: str, image_id: str | uuid.UUID) -> PreparedImage:
         """The local path and format a virtual machine opens (read-only for snapshots)."""
         repo, image = self._repos.image_in(repo_id, image_id)
-        status = queries.status_of(repo, image)
-        if status.status == BROKEN:
-            raise ImageNotReady(
-                status.last_error or f"its work is at stage {status.stage}",
-                image_id=image.id,
-                status=status.status,
-            )
-        queries.check_chain_is_own(repo, image)
+        queries.check_usable(repo, image)
         repo.images.prepare_image(image.id)
         self._written(repo)
         volume_id, fmt = ops.split_ref(image.chain[-1])
@@ -315,14 +308,7 @@ class StorageEngine:
         name = _export_name(image.id)
         if any(e.id == name for e in daemon.query_exports()):
             return Attachment(str(image.id), repo_id, daemon.nbd_uri(name), readonly)
-        status = queries.status_of(repo, image)
-        if status.status == BROKEN:
-            raise ImageNotReady(
-                status.last_error or f"its work is at stage {status.stage}",
-                image_id=image.id,
-                status=status.status,
-            )
-        queries.check_chain_is_own(repo, image)
+        queries.check_usable(repo, image)
         repo.images.attach_image(image.id)
         self._written(repo)
         volumes = [

@@ -20,7 +20,7 @@ import engine.projections.check as fix_rules
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.connections import ConnectedRepository
-from engine.errors import ForeignFile
+from engine.errors import ForeignFile, ImageNotReady
 from engine.opaque import value_of
 from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
@@ -92,6 +92,19 @@ def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
     )
     repo.lost = identities(repo.storage, problems.lost)
     return list(problems.fixes)
+
+
+def check_usable(repo: ConnectedRepository, image: Image) -> None:
+    """Raise what keeps a virtual machine from using the image: ImageNotReady when it is broken,
+    ForeignFile when a volume of its chain is not the repository's own file."""
+    status = status_of(repo, image)
+    if status.status == BROKEN:
+        raise ImageNotReady(
+            status.last_error or f"its work is at stage {status.stage}",
+            image_id=image.id,
+            status=status.status,
+        )
+    check_chain_is_own(repo, image)
 
 
 def check_chain_is_own(repo: ConnectedRepository, image: Image) -> None:
