@@ -19,6 +19,7 @@ from engine import Attachment, StorageEngine
 from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StrataError
 from engine.formats.qemu.storage_daemon import StorageDaemon
 from tests.facade.images import MiB, prepared, tree_digest
+from tests.vm import qemu_io
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-io") is None,
@@ -64,17 +65,6 @@ def engine_a(engines: Engines) -> StorageEngine:
     return engines("host-a")
 
 
-def qemu_io(target: str, command: str, *, fmt: str = "raw", read_only: bool = False) -> None:
-    flags = ["-r"] if read_only else []
-    subprocess.run(
-        ["qemu-io", *flags, "-f", fmt, "-c", command, target],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-
-
 def optimized_disk(se: StorageEngine) -> str:
     disk = se.create_virtual_disk("r1", 4 * MiB)
     se.wait_for_image("r1", disk, timeout=30)
@@ -86,11 +76,11 @@ def test_writes_through_the_export_land_in_the_image(engine_a: StorageEngine) ->
     attached = engine_a.attach_image("r1", disk)
     assert attached == Attachment(disk, "r1", attached.nbd_uri, readonly=False)
     assert attached.nbd_uri.startswith("nbd+unix:///")
-    qemu_io(attached.nbd_uri, "write -P 0x5a 0 1M")
-    qemu_io(attached.nbd_uri, "read -P 0x5a 0 1M", read_only=True)
+    qemu_io(attached.nbd_uri, "raw", "write -P 0x5a 0 1M")
+    qemu_io(attached.nbd_uri, "raw", "read -P 0x5a 0 1M", read_only=True)
     engine_a.detach_image("r1", disk)
     with prepared(engine_a, "r1", disk) as p:
-        qemu_io(p.path, "read -P 0x5a 0 1M", fmt=p.format, read_only=True)
+        qemu_io(p.path, p.format, "read -P 0x5a 0 1M", read_only=True)
 
 
 def test_attaching_twice_returns_the_same_and_the_list_follows(engine_a: StorageEngine) -> None:
@@ -114,9 +104,9 @@ def test_a_snapshot_is_served_read_only(engine_a: StorageEngine) -> None:
     engine_a.wait_for_image("r1", snap, timeout=30)
     attached = engine_a.attach_image("r1", snap)
     assert attached.readonly
-    qemu_io(attached.nbd_uri, "read -P 0 0 1M", read_only=True)
+    qemu_io(attached.nbd_uri, "raw", "read -P 0 0 1M", read_only=True)
     with pytest.raises(subprocess.CalledProcessError):
-        qemu_io(attached.nbd_uri, "write -P 0x5a 0 1M")
+        qemu_io(attached.nbd_uri, "raw", "write -P 0x5a 0 1M")
     engine_a.detach_image("r1", snap)
 
 
@@ -145,7 +135,7 @@ def test_the_daemon_outlives_the_engine(engines: Engines) -> None:
     disk = optimized_disk(engine_a)
     attached = engine_a.attach_image("r1", disk)
     engine_a.close()
-    qemu_io(attached.nbd_uri, "write -P 0x33 0 64k")
+    qemu_io(attached.nbd_uri, "raw", "write -P 0x33 0 64k")
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,13 @@ def assert_outside_unchanged(tmp_path: Path, before: dict[str, str | None]) -> N
     assert all(digest is not None for digest in before.values())
 
 
+def assert_broken_by(engine: StorageEngine, repo: str, image: str, what: str) -> None:
+    """The image's work stops on the link: broken, its last error naming what was found."""
+    status = engine.wait_for_image(repo, image, timeout=30)
+    assert status.status == "broken"
+    assert status.last_error is not None and what in status.last_error
+
+
 @pytest.mark.parametrize("linked_disk", LINKS, indirect=True)
 def test_a_linked_volume_is_never_resized(
     engine: StorageEngine, tmp_path: Path, linked_disk: tuple[str, Path, str], qemu: QemuImg
@@ -164,9 +171,7 @@ def test_a_linked_volume_is_never_resized(
     disk, outside, what = linked_disk
     before = fingerprint(tmp_path / "outside")
     engine.resize_virtual_disk("r1", disk, 16 * MiB)
-    status = engine.wait_for_image("r1", disk, timeout=30)
-    assert status.status == "broken"
-    assert status.last_error is not None and what in status.last_error
+    assert_broken_by(engine, "r1", disk, what)
     assert qemu.info(str(outside), fmt=outside.suffix[1:])["virtual-size"] == 8 * MiB
     assert_outside_unchanged(tmp_path, before)
 
@@ -178,9 +183,7 @@ def test_a_linked_volume_is_never_copied_from(
     disk, _, what = linked_disk
     before = fingerprint(tmp_path / "outside")
     copy = engine.copy_image("r2", disk)
-    status = engine.wait_for_image("r2", copy, timeout=30)
-    assert status.status == "broken"
-    assert status.last_error is not None and what in status.last_error
+    assert_broken_by(engine, "r2", copy, what)
     assert [n for n in os.listdir(tmp_path / "r2" / "volumes")] == []  # nothing copied over
     assert_outside_unchanged(tmp_path, before)
 
@@ -192,9 +195,7 @@ def test_a_linked_volume_is_never_built_on_by_a_snapshot(
     disk, _, what = linked_disk
     before = fingerprint(tmp_path / "outside")
     engine.create_snapshot("r1", disk)
-    status = engine.wait_for_image("r1", disk, timeout=30)
-    assert status.status == "broken"
-    assert status.last_error is not None and what in status.last_error
+    assert_broken_by(engine, "r1", disk, what)
     assert_outside_unchanged(tmp_path, before)
 
 

@@ -23,6 +23,7 @@ import pytest
 from engine.errors import DaemonError, InvalidParameter
 from engine.formats.qemu import daemon_process
 from engine.formats.qemu.storage_daemon import ChainVolume, Export, StorageDaemon
+from tests.vm import qemu_io, run
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None,
@@ -77,17 +78,6 @@ def daemons() -> Iterator[Daemons]:
             handles.end_all()
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(a) for a in args], cwd=cwd, capture_output=True, text=True, check=True, timeout=60
-    )
-
-
-def qemu_io(image: str | Path, fmt: str, *commands: str, read_only: bool = False) -> None:
-    flags = ["-r"] if read_only else []
-    run("qemu-io", *flags, "-f", fmt, image, *(arg for c in commands for arg in ("-c", c)))
 
 
 def base_and_overlay(directory: Path) -> tuple[Path, Path]:
