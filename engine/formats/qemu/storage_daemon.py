@@ -5,7 +5,9 @@ A :class:`StorageDaemon` is a handle on the one ``qemu-storage-daemon`` of a hos
 the daemon its predecessor started, exports and jobs included) or starts it; ``close()`` lets go
 of it and leaves it serving, ``stop()`` ends it. The NBD server listens on a Unix socket from the
 daemon's start, so an export is one ``block-export-add``. What QMP returns comes back as plain
-frozen dataclasses, and every refusal as a :class:`DaemonError`.
+frozen dataclasses, and every refusal as a :class:`DaemonError`. Live snapshots, reopening and
+reading the node graph are here; block jobs are :class:`~engine.formats.qemu.block_jobs.BlockJobs`,
+which this class is made of (never ``auto-finalize: false``: see that module).
 
 Node names are the caller's: QEMU allows 31 characters, starting with a letter; each volume gets
 a format node of that name over a ``file`` node named with :data:`FILE_SUFFIX`.
@@ -28,6 +30,7 @@ from typing import Any
 from engine.errors import DaemonError, InvalidParameter
 from engine.formats.qemu import daemon_process
 from engine.formats.qemu.args import check_image_format
+from engine.formats.qemu.block_jobs import BlockJobs, Job
 from engine.formats.qemu.daemon_process import DaemonPaths
 from engine.formats.qemu.qmp import QmpConnection
 
@@ -35,6 +38,8 @@ FILE_SUFFIX = "-file"
 _NODE_NAME = re.compile(rf"[A-Za-z][A-Za-z0-9_.-]{{0,{30 - len(FILE_SUFFIX)}}}\Z")
 _EXPORT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 DEFAULT_TIMEOUT = 30.0
+
+__all__ = ["DEFAULT_TIMEOUT", "FILE_SUFFIX", "ChainVolume", "Export", "Job", "StorageDaemon"]
 
 
 @dataclass(frozen=True)
@@ -56,19 +61,7 @@ class Export:
     shutting_down: bool
 
 
-@dataclass(frozen=True)
-class Job:
-    """A block job, as ``query-jobs`` reports it (progress in bytes; ``error`` once failed)."""
-
-    id: str
-    type: str
-    status: str
-    current_progress: int
-    total_progress: int
-    error: str | None
-
-
-class StorageDaemon:
+class StorageDaemon(BlockJobs):
     """The daemon of ``state_dir`` (its files in ``<state_dir>/daemon``)."""
 
     def __init__(self, state_dir: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -148,6 +141,73 @@ class StorageDaemon:
         for node in nodes:
             self._execute("blockdev-del", {"node-name": node})
 
+    def add_overlay(self, volume: ChainVolume) -> str:
+        """Open a qcow2 overlay (made with ``qemu-img create -u``) writable with ``backing: null``,
+        ready for :meth:`snapshot`, which links it; returns its node name. Opened with its
+        header's backing, it would open the in-use volume below a second time and fail on its
+        write lock."""
+        if volume.format != "qcow2":
+            raise InvalidParameter(f"an overlay is qcow2, not {volume.format!r}", name="format")
+        self._execute("blockdev-add", _node_options(volume, None, False))
+        return volume.node
+
+    def snapshot(self, switches: Sequence[tuple[str, str]]) -> None:
+        """Switch each ``(top, overlay)`` pair in one ``transaction``: every disk or none.
+
+        ``blockdev-snapshot`` puts the overlay in place of the top for all of its users, the NBD
+        export included, so a client keeps its connection and its writes land in the overlay;
+        the old top becomes the overlay's read-only backing, flushed first.
+        """
+        if not switches:
+            raise InvalidParameter("at least one (top, overlay) pair", name="switches")
+        actions = [
+            {"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}
+            for top, overlay in switches
+        ]
+        self._execute("transaction", {"actions": actions})
+
+    def reopen(self, volume: ChainVolume, *, below: str | None, read_only: bool) -> None:
+        """``blockdev-reopen`` an open volume with the options it was opened with, its backing
+        link ``below`` (a node name, or None: none) and ``read_only``; how a commit's base
+        becomes writable (QEMU 7.2 refuses to commit into a read-only node)."""
+        self._execute("blockdev-reopen", {"options": [_node_options(volume, below, read_only)]})
+
+    def backing_chain(self, node: str) -> list[str]:
+        """The format nodes from ``node`` down to its base, following backing links; the filter
+        nodes QEMU puts in during a job (named ``#...``) are looked through.
+
+        Read from ``x-debug-query-block-graph``, the one query of QEMU 7.2 that names every
+        node and its links (``query-named-block-nodes`` gives the backing files, not the nodes).
+        """
+        graph = self._execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
+        links = {(e["parent"], e["name"]): e["child"] for e in graph["edges"]}
+        current = next((i for i, name in names.items() if name == node), None)
+        if current is None:
+            raise DaemonError(
+                command="x-debug-query-block-graph",
+                error_class="DeviceNotFound",
+                desc=f"no node {node}",
+                socket=self.paths.qmp_socket,
+            )
+        chain: list[str] = []
+        while current is not None:
+            if names[current].startswith("#"):  # a job's filter: over "backing" or "file"
+                current = links.get((current, "backing"), links.get((current, "file")))
+            else:
+                chain.append(names[current])
+                current = links.get((current, "backing"))
+        return chain
+
+    def export_node(self, name: str) -> str | None:
+        """The format node export ``name`` serves now (None: no such export): after a live
+        snapshot the overlay, after an active commit's pivot the base, a job's filter looked
+        through."""
+        node = next((e.node for e in self.query_exports() if e.id == _export_name(name)), None)
+        if node is None or not node.startswith("#"):
+            return node
+        return self.backing_chain(node)[0]
+
     # --- exports ---------------------------------------------------------------------------
     def export_nbd(self, node: str, name: str, *, writable: bool) -> str:
         """Export ``node`` over NBD as ``name`` (also the export's id); returns its URI."""
@@ -182,20 +242,11 @@ class StorageDaemon:
             for e in self._execute("query-block-exports")
         ]
 
-    def query_jobs(self) -> list[Job]:
-        return [
-            Job(
-                j["id"],
-                j["type"],
-                j["status"],
-                j["current-progress"],
-                j["total-progress"],
-                j.get("error"),
-            )
-            for j in self._execute("query-jobs")
-        ]
-
     # --- the connection --------------------------------------------------------------------
+    @property
+    def _socket(self) -> str:
+        return self.paths.qmp_socket
+
     def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         with self._lock:
             return self._connection().execute(command, arguments)
