@@ -158,7 +158,8 @@ class StorageEngine:
         opts = validation.options(options)
         new_id = repo.images.create_snapshot(disk, data, opts)
         self._written(repo)
-        if disk.attached_on == self.host_id and self.config.run_executors:
+        served_by = disk.attached_on
+        if served_by is not None and (served_by != self.host_id or self.config.run_executors):
             self._live_switch(repo, disk.id)
         return str(new_id)
 

@@ -120,11 +120,17 @@ def stream(run: StageRun, stage: RebaseStage, live: Live) -> None:
     base_node = None if backing is None else node_name(image.id, backing.ref)
     job = job_name(run.op_id, run.index)
     folded = _between(daemon, node, base_node)
+    # A volume below the top (a merge's child) is read-only in the daemon: QEMU streams into
+    # it once it is reopened read-write, and it goes back to read-only after.
+    inner = daemon.export_node(export_name(image.id)) != node
+    chain_volume = ChainVolume(node, volume.path, volume.fmt)
     if daemon.find_job(job) is None:
         if _below(daemon, node) == base_node:
             _drop_nodes(daemon, folded)
             return
         run.confirm()
+        if inner:
+            daemon.reopen(chain_volume, below=_below(daemon, node), read_only=False)
         daemon.stream(
             job,
             node,
@@ -136,6 +142,8 @@ def stream(run: StageRun, stage: RebaseStage, live: Live) -> None:
         )
     _follow(run, daemon, job)
     _drop_nodes(daemon, folded)
+    if inner:
+        daemon.reopen(chain_volume, below=base_node, read_only=True)
 
 
 def commit(run: StageRun, stage: CommitStage, live: Live) -> None:
@@ -229,7 +237,9 @@ def _cancelled(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
     the job goes on in the daemon for the next engine on this host to follow."""
     if run.moved_on():
         with suppress(DaemonError):
-            daemon.cancel_job(job.id)
+            # Forced: a ready active commit cancelled without force ends with no error and
+            # no pivot, which a later attempt would take for a commit that completed.
+            daemon.cancel_job(job.id, force=True)
         with suppress(DaemonError):
             ended = daemon.wait_job(job.id, ("concluded",), timeout=30.0)
             daemon.dismiss_job(ended.id)

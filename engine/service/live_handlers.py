@@ -259,7 +259,7 @@ class LiveHandlers:
             name = job_name(op.op_id, op.done)
             if self._daemon_job(name) is not None:
                 with suppress(DaemonError):  # ended meanwhile: the executor dismisses it
-                    self.daemon().cancel_job(name)
+                    self.daemon().cancel_job(name, force=True)  # see live_stages._cancelled
 
     def volume_chain(self, image: Image) -> list[Volume]:
         readers = self._readers(image)

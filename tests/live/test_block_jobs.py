@@ -12,7 +12,7 @@ import pytest
 
 from engine import BlockJob, StorageEngine
 from engine.errors import ImageInUse, InvalidParameter
-from tests.facade.images import MiB
+from tests.facade.images import MiB, run_fixes
 from tests.live.conftest import Engines
 from tests.vm import GuestWriter, qemu_io
 
@@ -184,3 +184,24 @@ def qemu_info(path: str) -> dict[str, object]:
     ).stdout
     info: dict[str, object] = json.loads(out)
     return info
+
+
+def test_merge_fix_on_an_attached_disk_runs_live(engines: Engines) -> None:
+    se = engines("host-a")
+    disk, uri = layered_disk(se, 3, keep_snapshots=True)
+    snapshots = [i.image_id for i in se.list_images("r1") if i.kind == "snapshot"]
+    for snap in snapshots:
+        se.remove_image("r1", snap)
+    with GuestWriter(uri, start=8 * MiB, length=4 * MiB) as writer:
+        writer.wait_for_writes(20)
+        for _ in range(2):  # one merge per family at a time: the base, then the middle
+            assert run_fixes(se, "r1", "merge") == 1
+        writer.wait_for_writes(len(writer.writes) + 20)
+        writer.verify(uri, "raw")
+    assert len(chain_of(se, disk)) == 1
+    assert se.get_image_status("r1", disk).status == "optimized"
+    cleaned = sum(run_fixes(se, "r1", "clean") for _ in range(3))
+    assert cleaned == 2  # both removed snapshots' volumes, freed while the disk is attached
+    reads_layers(uri, "raw", 3)
+    se.detach_image("r1", disk)
+    writer.verify(se.prepare_image("r1", disk).path, "qcow2")
