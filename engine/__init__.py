@@ -15,11 +15,28 @@ from typing import TYPE_CHECKING, Any
 # Python would print warnings to stderr when the application configured no logging at all.
 logging.getLogger("engine").addHandler(logging.NullHandler())
 
-__all__ = ["Attachment", "Fix", "ImageInfo", "ImageStatus", "PreparedImage", "StorageEngine"]
+__all__ = [
+    "Attachment",
+    "BlockJob",
+    "Fix",
+    "ImageInfo",
+    "ImageStatus",
+    "PreparedImage",
+    "StorageEngine",
+    "Volume",
+]
 
 if TYPE_CHECKING:
     from engine.facade import StorageEngine
-    from engine.types import Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
+    from engine.types import (
+        Attachment,
+        BlockJob,
+        Fix,
+        ImageInfo,
+        ImageStatus,
+        PreparedImage,
+        Volume,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -27,7 +44,15 @@ def __getattr__(name: str) -> Any:
         from engine.facade import StorageEngine
 
         return StorageEngine
-    if name in ("Attachment", "Fix", "ImageInfo", "ImageStatus", "PreparedImage"):
+    if name in (
+        "Attachment",
+        "BlockJob",
+        "Fix",
+        "ImageInfo",
+        "ImageStatus",
+        "PreparedImage",
+        "Volume",
+    ):
         from engine import types
 
         return getattr(types, name)

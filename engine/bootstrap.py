@@ -35,6 +35,7 @@ from engine.host_repositories import HostRepositories
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
 from engine.service.image_handlers import ImageHandlers
+from engine.service.live_handlers import LiveHandlers
 from engine.service.unit_of_work import ImageService
 
 # What an auditor's connection may meet on storage it only reads.
@@ -189,6 +190,7 @@ class Wiring:
                 images=ImageHandlers(repo_id, service, view),
                 view=view,
                 follower=follower,
+                live=LiveHandlers(repo_id, service, storage, view, self.daemon, self.qemu, hosts),
                 lease=lease,
                 hosts=hosts,
             )
@@ -225,6 +227,7 @@ class Wiring:
             hosts=hosts,
             needed_elsewhere=lambda: repositories.needed_elsewhere(storage.root),
             foreign_ready=repositories.foreign_ready,
+            daemon=self.daemon,
         )
 
     def _make_state_dir(self) -> None:

@@ -24,6 +24,7 @@ from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.projections.view import RepositoryView
 from engine.service.image_handlers import ImageHandlers
+from engine.service.live_handlers import LiveHandlers
 from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine")
@@ -119,6 +120,7 @@ class ConnectedRepository:
     images: ImageHandlers
     view: RepositoryView
     follower: ViewFollower
+    live: LiveHandlers
     lease: HostLease | None = None
     hosts: HostMonitor | None = None
     executor: Executor | None = None

@@ -622,6 +622,25 @@ class StageCancelled(StrataError):
         super().__init__(detail)
 
 
+class PivotUnknown(StrataError):
+    """A host died with its daemon between asking an active commit to switch onto its base and
+    recording that it did; top and base differ, and only the dead daemon knew which one the
+    virtual machine wrote last (docs/adr/0028)."""
+
+    code = "pivot_unknown"
+    template = (
+        "Image {self.image_id}: the host that committed {self.top} into {self.base} died while "
+        "switching onto the base, and the two differ; both are kept: compare them, keep the "
+        "right one, then mend or remove the image"
+    )
+
+    def __init__(self, *, image_id: ImageId, top: str, base: str) -> None:
+        self.image_id = image_id
+        self.top = top
+        self.base = base
+        super().__init__()
+
+
 class VolumeMismatch(StrataError):
     """A stage's volume is already published but is not what the stage would have made."""
 

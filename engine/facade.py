@@ -31,11 +31,14 @@ from engine.connections import ConnectedRepository
 from engine.errors import ImageNotFound, InvalidParameter, WaitTimeout
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
-from engine.formats.qemu.storage_daemon import ChainVolume
 from engine.formats.repository.registry import get_format
 from engine.service import fix_handlers, repository_handlers
+from engine.service.attachments import export_name
 from engine.service.unit_of_work import utc_now
-from engine.types import Attachment, Fix, ImageInfo, ImageStatus, PreparedImage
+from engine.types import Attachment, BlockJob, Fix, ImageInfo, ImageStatus, PreparedImage, Volume
+
+# Seconds create_snapshot waits for the daemon to switch an attached disk to its new overlay.
+LIVE_SWITCH_TIMEOUT = 60.0
 
 
 @typed_errors
@@ -155,6 +158,8 @@ class StorageEngine:
         opts = validation.options(options)
         new_id = repo.images.create_snapshot(disk, data, opts)
         self._written(repo)
+        if disk.attached_on == self.host_id and self.config.run_executors:
+            self._live_switch(repo, disk.id)
         return str(new_id)
 
     def copy_image(
@@ -300,45 +305,19 @@ class StorageEngine:
         self._written(repo)
 
     def attach_image(self, repo_id: str, image_id: str | uuid.UUID) -> Attachment:
-        """Serve the image from this host's daemon over NBD (docs/adr/0027); in the log it is
-        prepared on this host, so offline stages that would change its volumes wait."""
+        """Serve the image from this host's daemon over NBD (docs/adr/0027); while it is
+        attached, its work runs live here and offline stages that would change it wait."""
         repo, image = self._repos.image_in(repo_id, image_id)
-        readonly = image.kind == ops.SNAPSHOT
-        daemon = self._wiring.daemon()
-        name = _export_name(image.id)
-        if any(e.id == name for e in daemon.query_exports()):
-            return Attachment(str(image.id), repo_id, daemon.nbd_uri(name), readonly)
-        queries.check_usable(repo, image)
-        repo.images.attach_image(image.id)
+        if image.attached_on != self.host_id:
+            queries.check_usable(repo, image)
+        attachment = repo.live.attach(image)
         self._written(repo)
-        volumes = [
-            ChainVolume(_node_name(image.id, i), repo.storage.volume_path(vol, fmt), fmt)
-            for i, (vol, fmt) in enumerate(ops.split_ref(ref) for ref in image.chain)
-        ]
-        try:
-            top = daemon.add_chain(volumes, read_only=readonly)
-            try:
-                uri = daemon.export_nbd(top, name, writable=not readonly)
-            except BaseException:
-                daemon.remove_nodes(reversed([v.node for v in volumes]))
-                raise
-        except BaseException:
-            # Not served: not in use either, so offline stages need not wait for it.
-            repo.images.teardown_image(image.id)
-            self._written(repo)
-            raise
-        return Attachment(str(image.id), repo_id, uri, readonly)
+        return attachment
 
     def detach_image(self, repo_id: str, image_id: str | uuid.UUID) -> None:
         """Stop serving the image (its writes flushed) and record that it is no longer in use."""
         repo, image = self._repos.image_in(repo_id, image_id)
-        daemon = self._wiring.daemon()
-        name = _export_name(image.id)
-        if daemon.pid is not None and any(e.id == name for e in daemon.query_exports()):
-            daemon.unexport(name)
-            depth = len(image.chain)
-            daemon.remove_nodes(_node_name(image.id, i) for i in reversed(range(depth)))
-        repo.images.teardown_image(image.id)
+        repo.live.detach(image)
         self._written(repo)
 
     def list_attachments(self) -> list[Attachment]:
@@ -351,17 +330,69 @@ class StorageEngine:
         found: list[Attachment] = []
         for repo in self._repos.all():
             for image in repo.view.images():
-                name = _export_name(image.id)
+                name = export_name(image.id)
                 if name in names and not image.removed:
-                    found.append(
-                        Attachment(
-                            str(image.id),
-                            repo.repo_id,
-                            daemon.nbd_uri(name),
-                            image.kind == ops.SNAPSHOT,
-                        )
-                    )
+                    readonly = image.kind == ops.SNAPSHOT
+                    uri = daemon.nbd_uri(name)
+                    found.append(Attachment(str(image.id), repo.repo_id, uri, readonly))
         return found
+
+    # --- block jobs (architecture §8) ---------------------------------------------------------
+
+    def get_volume_chain(self, repo_id: str, image_id: str | uuid.UUID) -> list[Volume]:
+        """The image's volumes, base first; ``shared`` when another live image reads one."""
+        repo, image = self._repos.image_in(repo_id, image_id)
+        return repo.live.volume_chain(image)
+
+    def block_pull(
+        self,
+        repo_id: str,
+        image_id: str | uuid.UUID,
+        base_volume_id: str | None = None,
+        bandwidth: int | None = None,
+    ) -> str:
+        """Fold the volumes between ``base_volume_id`` (all, when None) and the top into the
+        top; live when the image is attached here. Returns the job id."""
+        repo, image = self._repos.image_in(repo_id, image_id)
+        base = None if base_volume_id is None else validation.volume_id(base_volume_id)
+        job = repo.live.pull(image, base, validation.bandwidth(bandwidth))
+        self._written(repo)
+        return job
+
+    def block_commit(
+        self,
+        repo_id: str,
+        image_id: str | uuid.UUID,
+        top_volume_id: str,
+        base_volume_id: str,
+        bandwidth: int | None = None,
+    ) -> str:
+        """Write ``top`` and what lies between it and ``base`` down into ``base``; with the
+        active volume it ends with a pivot. Returns the job id."""
+        repo, image = self._repos.image_in(repo_id, image_id)
+        top = validation.volume_id(top_volume_id, "top_volume_id")
+        base = validation.volume_id(base_volume_id, "base_volume_id")
+        job = repo.live.commit(image, top, base, validation.bandwidth(bandwidth))
+        self._written(repo)
+        return job
+
+    def get_block_job(self, repo_id: str, image_id: str | uuid.UUID) -> BlockJob | None:
+        repo, image = self._repos.image_in(repo_id, image_id)
+        return repo.live.block_job(image)
+
+    def set_block_job_bandwidth(
+        self, repo_id: str, image_id: str | uuid.UUID, bandwidth: int
+    ) -> None:
+        repo, image = self._repos.image_in(repo_id, image_id)
+        repo.live.set_bandwidth(image, validation.bandwidth(bandwidth))
+
+    def abort_block_job(self, repo_id: str, image_id: str | uuid.UUID, pivot: bool = False) -> None:
+        """Stop the job, the chain left valid; ``pivot`` lets a ready active commit finish."""
+        if not isinstance(pivot, bool):
+            raise InvalidParameter("True or False", name="pivot")
+        repo, image = self._repos.image_in(repo_id, image_id)
+        repo.live.abort(image, pivot)
+        self._written(repo)
 
     def lookup_image_by_path(self, path: str) -> ImageInfo:
         """The image whose top volume is ``path`` (what a virtual machine has open)."""
@@ -375,18 +406,22 @@ class StorageEngine:
 
     # --- helpers --------------------------------------------------------------------------
 
+    def _live_switch(self, repo: ConnectedRepository, disk_id: uuid.UUID) -> None:
+        """Wait until the daemon writes to the snapshot's new overlay (the executor runs the
+        stage at once): the snapshot then holds exactly what was written before the call
+        returned. A switch that failed leaves the disk broken, saying why; the snapshot stays."""
+        deadline = time.monotonic() + LIVE_SWITCH_TIMEOUT
+        while time.monotonic() < deadline:
+            repo.follower.check()
+            disk = self._repos.live(repo, disk_id)
+            op = next(
+                (o for o in reversed(disk.operations) if o.purpose == ops.Purpose.SNAPSHOT), None
+            )
+            if op is None or op.state != ops.PENDING:
+                return
+            repo.follower.wait_for_change(0.05)
+
     @staticmethod
     def _written(repo: ConnectedRepository) -> None:
         """Read your writes: the view shows what the call committed before it returns."""
         repo.follower.caught_up()
-
-
-def _export_name(image_id: uuid.UUID) -> str:
-    """The NBD export of an image: its id (a letter first, as QEMU wants)."""
-    return f"i{image_id.hex}"
-
-
-def _node_name(image_id: uuid.UUID, index: int) -> str:
-    """The block node of the ``index``-th volume (base first) of an attached image's chain:
-    short, since QEMU allows 31 characters with the ``-file`` suffix."""
-    return f"s{image_id.hex[:20]}-{index}"

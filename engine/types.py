@@ -71,6 +71,31 @@ class Attachment(_AsDict):
 
 
 @dataclass(frozen=True)
+class Volume(_AsDict):
+    """One volume of an image's chain (base first), for the block-job calls."""
+
+    volume_id: str
+    format: str  # raw | qcow2
+    path: str
+    size: int  # virtual size in bytes
+    shared: bool  # another live image also reads it
+
+
+@dataclass(frozen=True)
+class BlockJob(_AsDict):
+    """A pull or commit, as QEMU reports it while it runs live and as the log has it
+    otherwise (docs/adr/0028)."""
+
+    job_id: str
+    kind: str  # pull | commit | mirror
+    cur: int  # bytes done, as QEMU counts them
+    end: int  # bytes to do; may grow while a guest writes
+    bandwidth: int  # bytes/s, 0 = unlimited
+    state: str  # running | ready | completed | failed | aborted
+    error: str | None
+
+
+@dataclass(frozen=True)
 class ImageInfo(_AsDict):
     image_id: str
     kind: str  # virtual-disk | snapshot

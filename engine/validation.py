@@ -65,6 +65,28 @@ def image_id(value: object, name: str = "image_id") -> uuid.UUID:
     )
 
 
+_VOLUME_ID = re.compile(r"[0-9a-f]{32}")
+MAX_BANDWIDTH = 2**63 - 1
+
+
+def volume_id(value: object, name: str = "base_volume_id") -> str:
+    """A volume id as get_volume_chain gives it: 32 lowercase hex digits."""
+    if isinstance(value, str) and _VOLUME_ID.fullmatch(value):
+        return value
+    raise InvalidParameter(f"a volume id from get_volume_chain, not {value!r}", name=name)
+
+
+def bandwidth(value: object, name: str = "bandwidth") -> int:
+    """Bytes per second a block job may use; None or 0 for no limit."""
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_BANDWIDTH:
+        raise InvalidParameter(
+            f"bytes per second (an int, 0 for no limit), not {value!r}", name=name
+        )
+    return value
+
+
 def size(value: object, name: str = "size") -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidParameter(f"a number of bytes (int), not {type(value).__name__}", name=name)

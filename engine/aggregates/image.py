@@ -22,6 +22,7 @@ from engine.errors import (
     ClaimLost,
     ImageInUse,
     ImageNotFound,
+    ImageNotReady,
     InvalidParameter,
     StaleFix,
     WrongImageKind,
@@ -154,6 +155,52 @@ class Image(Aggregate["Image.Event"], StableTopic):
         TOPIC = "strata.image.ImageTornDown"
 
     @dataclass(frozen=True, kw_only=True)
+    class ImageAttached(Event):
+        """The appending host's storage daemon serves the image (docs/adr/0027)."""
+
+        TOPIC = "strata.image.ImageAttached"
+
+    @dataclass(frozen=True, kw_only=True)
+    class AttachmentReleased(Event):
+        """``of_host`` no longer uses the image: it died (its lease expired) with its daemon,
+        which served the image; appended by the host that found it so."""
+
+        TOPIC = "strata.image.AttachmentReleased"
+
+        of_host: str
+        reason: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class OperationRequested(Event):
+        """A block job (pull, commit) asked for by a caller, queued like any operation."""
+
+        TOPIC = "strata.image.OperationRequested"
+
+        operation: OperationPlan
+
+    @dataclass(frozen=True, kw_only=True)
+    class StageReached(Event):
+        """A live stage is about to take a step whose outcome only the daemon would know
+        (``phase``): recorded before the step, so that whoever finishes the stage after a
+        crash knows it may have been taken (docs/adr/0028)."""
+
+        TOPIC = "strata.image.StageReached"
+
+        op_id: str
+        stage: int
+        epoch: int
+        phase: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class OperationAborted(Event):
+        """abort_block_job: the operation ends with the chain as it was."""
+
+        TOPIC = "strata.image.OperationAborted"
+
+        op_id: str
+        reason: str
+
+    @dataclass(frozen=True, kw_only=True)
     class ImageResized(Event):
         TOPIC = "strata.image.ImageResized"
 
@@ -177,6 +224,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
     operations: list[Operation]
     removed: bool
     prepared_on: set[str]
+    attached_on: str | None  # the host whose storage daemon serves it, if any
     last_host: str
     last_error: str | None
 
@@ -229,12 +277,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         """Freeze the current chain (for a snapshot when ``snapshot_id`` is given); return it."""
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
-        if self.prepared_on:
-            raise ImageInUse(
-                f"prepared for a virtual machine on {sorted(self.prepared_on)}; snapshots of "
-                "running disks come with live operations",
-                image_id=self.id,
-            )
+        self._require_not_opened("snapshots of a running disk are taken while it is attached")
         frozen = list(self.chain)
         self._trigger(
             self.SnapshotTaken,
@@ -339,7 +382,8 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def remove(self, *, host_id: str, now: datetime, reason: str = "") -> None:
         self._require_live()
         if self.prepared_on:
-            raise ImageInUse(f"prepared on {sorted(self.prepared_on)}", image_id=self.id)
+            what = "attached" if self.attached_on else "prepared"
+            raise ImageInUse(f"{what} on {sorted(self.prepared_on)}", image_id=self.id)
         self._trigger(self.ImageRemoved, host_id, now, reason=reason)
 
     def set_user_data(self, *, user_data: object, host_id: str, now: datetime) -> None:
@@ -352,17 +396,58 @@ class Image(Aggregate["Image.Event"], StableTopic):
             self._trigger(self.ImagePrepared, host_id, now)
 
     def attach(self, *, host_id: str, now: datetime) -> None:
-        """Prepare the image for this host's daemon to serve: refused while another host has it
-        (one writer; ImageInUse), a no-op when this host already has it."""
+        """For this host's daemon to serve: refused while another host has it (one writer;
+        ImageInUse), a no-op when this host already serves it."""
         self._require_live()
         others = self.prepared_on - {host_id}
         if others:
             raise ImageInUse(f"prepared on {sorted(others)}", image_id=self.id)
-        self.prepare(host_id=host_id, now=now)
+        if self.attached_on != host_id:
+            if host_id in self.prepared_on:
+                raise ImageInUse(
+                    f"prepared on {host_id} for a virtual machine that opens its file",
+                    image_id=self.id,
+                )
+            self._trigger(self.ImageAttached, host_id, now)
+
+    def release_attachment(self, *, of_host: str, reason: str, host_id: str, now: datetime) -> None:
+        """``of_host`` is dead, and its daemon with it: the image is no longer in use there."""
+        if of_host in self.prepared_on:
+            self._trigger(self.AttachmentReleased, host_id, now, of_host=of_host, reason=reason)
 
     def tear_down(self, *, host_id: str, now: datetime) -> None:
         if host_id in self.prepared_on:
             self._trigger(self.ImageTornDown, host_id, now)
+
+    def request_operation(self, *, operation: OperationPlan, host_id: str, now: datetime) -> None:
+        """Queue a block job. The chain it plans from must be the one it will run on, so it is
+        refused while other work is unfinished (ImageNotReady)."""
+        self._require_live()
+        self._require_kind(ops.VIRTUAL_DISK)
+        busy = self.current_operation()
+        if busy is not None:
+            raise ImageNotReady(
+                f"operation {busy.op_id} ({busy.purpose}) is {busy.state}; a block job plans "
+                "from the chain that work leaves: wait for it, or stop it",
+                image_id=self.id,
+                status="busy",
+            )
+        self._trigger(self.OperationRequested, host_id, now, operation=operation)
+
+    def reach(
+        self, *, op_id: str, stage: int, epoch: int, phase: str, host_id: str, now: datetime
+    ) -> None:
+        self._holding(op_id, stage, epoch, host_id)
+        self._trigger(
+            self.StageReached, host_id, now, op_id=op_id, stage=stage, epoch=epoch, phase=phase
+        )
+
+    def abort_operation(self, *, op_id: str, reason: str, host_id: str, now: datetime) -> None:
+        """End a block job where it is: its stages' work so far changed no content."""
+        op = self.operation(op_id)
+        if op is None or op.finished or op.purpose not in ops.BLOCK_JOBS:
+            raise StaleFix(f"no block job {op_id} runs on image {self.id}")
+        self._trigger(self.OperationAborted, host_id, now, op_id=op_id, reason=reason)
 
     def resize(self, *, size: int, op: OperationPlan, host_id: str, now: datetime) -> None:
         self._require_live()
@@ -407,6 +492,15 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def _require_live(self, *, allow_removed: bool = False) -> None:
         if self.removed and not allow_removed:
             raise ImageNotFound("(it was removed)", image_id=self.id)
+
+    def _require_not_opened(self, why: str) -> None:
+        """ImageInUse if a virtual machine has the image's files open itself (prepared, not
+        attached): what it writes bypasses the host's daemon, so nothing may switch them."""
+        opened = self.prepared_on - {self.attached_on}
+        if opened:
+            raise ImageInUse(
+                f"prepared for a virtual machine on {sorted(opened)}; {why}", image_id=self.id
+            )
 
     def _require_kind(self, kind: str) -> None:
         if self.kind != kind:
@@ -478,6 +572,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.operations = [Operation.from_plan(p, held=held) for p in event.operations]
         self.removed = False
         self.prepared_on = set()
+        self.attached_on = None
         self.last_error = None
         self._advance(event)
 
@@ -525,6 +620,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         elif "set_chain" in stage:
             self.chain = list(stage["set_chain"])
         op.done = event.stage + 1
+        op.phase = ""
         # The epoch the stage completed under is its claim's (complete() checks it): set
         # again here so that a replay may leave out the claim, whose every effect this
         # event then overwrites (engine/projections/log_events.py).
@@ -575,6 +671,39 @@ class Image(Aggregate["Image.Event"], StableTopic):
     @_appliers.register(ImageTornDown)
     def _(self, event: Image.ImageTornDown) -> None:
         self.prepared_on.discard(event.host_id)
+        if self.attached_on == event.host_id:
+            self.attached_on = None
+        self._advance(event)
+
+    @_appliers.register(ImageAttached)
+    def _(self, event: Image.ImageAttached) -> None:
+        self.prepared_on.add(event.host_id)
+        self.attached_on = event.host_id
+        self._advance(event)
+
+    @_appliers.register(AttachmentReleased)
+    def _(self, event: Image.AttachmentReleased) -> None:
+        self.prepared_on.discard(event.of_host)
+        if self.attached_on == event.of_host:
+            self.attached_on = None
+        self._advance(event)
+
+    @_appliers.register(OperationRequested)
+    def _(self, event: Image.OperationRequested) -> None:
+        self.operations.append(Operation.from_plan(event.operation))
+        self.last_error = None
+        self._advance(event)
+
+    @_appliers.register(StageReached)
+    def _(self, event: Image.StageReached) -> None:
+        self._op(event.op_id).phase = event.phase
+        self._advance(event)
+
+    @_appliers.register(OperationAborted)
+    def _(self, event: Image.OperationAborted) -> None:
+        op = self._op(event.op_id)
+        op.state, op.claim_host, op.aborted, op.phase = ops.DONE, None, True, ""
+        op.history.append(f"aborted by {event.host_id}: {event.reason or 'no reason given'}")
         self._advance(event)
 
     @_appliers.register(ImageResized)

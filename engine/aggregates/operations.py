@@ -44,6 +44,8 @@ class Purpose(StrEnum):
     OPTIMIZE = "optimize"  # a better representation
     MERGE = "merge"  # fold a removed snapshot's volume into the chains that read it
     MEND = "mend"  # repair a broken image
+    PULL = "pull"  # a block job: fold backing volumes into the top (block_pull)
+    COMMIT = "commit"  # a block job: write volumes down into a base (block_commit)
 
 
 class OpState(StrEnum):
@@ -62,6 +64,7 @@ CLEAN, OPTIMIZE, MERGE, MEND = Purpose.CLEAN, Purpose.OPTIMIZE, Purpose.MERGE, P
 FIX_TYPES = (CLEAN, OPTIMIZE, MERGE, MEND)
 PENDING, HELD, DONE = OpState.PENDING, OpState.HELD, OpState.DONE
 FAILED, STOPPED = OpState.FAILED, OpState.STOPPED
+BLOCK_JOBS = (Purpose.PULL, Purpose.COMMIT)  # operations the block-job calls report on
 
 _VOLUME = re.compile(r"[0-9a-f]{32}\.(raw|qcow2)")
 
@@ -101,6 +104,10 @@ class Operation:
     percent: int = -1
     error: str | None = None
     history: list[str] = field(default_factory=list)
+    # How far a live stage got, as recorded before each step it takes (StageReached): what a
+    # host finishing it after a crash decides by (docs/adr/0028). Cleared when a stage ends.
+    phase: str = ""
+    aborted: bool = False  # ended by abort_block_job: done, with nothing changed
 
     @classmethod
     def from_plan(cls, plan: OperationPlan, *, held: bool = False) -> Operation:

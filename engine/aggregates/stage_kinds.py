@@ -10,8 +10,12 @@ Keys are only ever added to a kind, so a log written by an older Strata keeps it
 that an older Strata did not write is ``NotRequired``. Every kind may carry what its completion
 does to chains (:class:`Completion`).
 
-To add a kind of stage (the live operations will add ``mirror``, ``stream``, ``commit`` and
-``pivot``):
+A stage runs live, through the host's storage daemon, when the image whose volumes it changes is
+attached on the host that runs it, and offline through qemu-img otherwise; the kind is the same
+(docs/adr/0028-live-operations-as-stages.md): ``create`` of an attached disk's new top is a live
+snapshot, ``rebase`` a ``block-stream``, ``commit`` a ``block-commit``.
+
+To add a kind of stage:
 
 1. a member of :class:`StageKind`;
 2. its ``TypedDict`` here (``do: Literal["<kind>"]`` and its keys), added to ``Stage``;
@@ -45,6 +49,7 @@ class StageKind(StrEnum):
     REBASE = "rebase"  # fold ``volume``'s backing (``old_backing``) into it, onto ``backing``
     RESIZE = "resize"  # grow ``volume`` to ``size``
     DELETE = "delete"  # remove the files ``volumes`` (and ``temporaries``)
+    COMMIT = "commit"  # write ``top`` and what lies between it and ``volume`` down into ``volume``
 
 
 class Completion(TypedDict, total=False):
@@ -82,6 +87,7 @@ class RebaseStage(Completion):
     volume: str
     backing: NotRequired[str | None]  # None or absent: no backing, all the data folded in
     old_backing: NotRequired[str]  # the backing it had when planned (ADR 0007); older logs lack it
+    bandwidth: NotRequired[int]  # bytes/s a block job may use (0: unlimited)
 
 
 class ResizeStage(Completion):
@@ -96,10 +102,22 @@ class DeleteStage(Completion):
     temporaries: NotRequired[list[list[str]]]  # [volume, attempt tag] of stages' leftover files
 
 
-Stage = CreateStage | CopyStage | DiffStage | RebaseStage | ResizeStage | DeleteStage
+class CommitStage(Completion):
+    """``volume`` is the base that receives the data; ``child`` the volume right above ``top``
+    (an intermediate commit, which points it at ``volume``), absent when ``top`` is the active
+    volume (an active commit, which ends with the pivot onto ``volume``)."""
+
+    do: Literal["commit"]
+    volume: str
+    top: str
+    child: NotRequired[str]
+    bandwidth: NotRequired[int]
+
+
+Stage = CreateStage | CopyStage | DiffStage | RebaseStage | ResizeStage | DeleteStage | CommitStage
 
 # The keys of a stage that name one volume of the stage's repository.
-VolumeKey = Literal["volume", "backing", "old_backing", "base", "drop_volume"]
+VolumeKey = Literal["volume", "backing", "old_backing", "base", "drop_volume", "top", "child"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +147,8 @@ def _declare(kind: StageKind) -> KindRules:
             return KindRules(ResizeStage, works_on="volume")
         case StageKind.DELETE:
             return KindRules(DeleteStage, deletes=True)
+        case StageKind.COMMIT:
+            return KindRules(CommitStage, works_on="volume", reads=("top", "child"))
     assert_never(kind)  # mypy: a kind without its declaration
 
 
@@ -157,6 +177,14 @@ def is_known(stage: Stage) -> bool:
 def produced_by(stage: Stage) -> str | None:
     """The volume a stage makes, if any."""
     key = _MAKES.get(stage["do"])
+    volume = None if key is None else stage.get(key)
+    return volume if isinstance(volume, str) else None
+
+
+def changed_by(stage: Stage) -> str | None:
+    """The volume a stage makes or rewrites in place, if any: what a live stage works on."""
+    rules = RULES.get(stage["do"])
+    key = None if rules is None else (rules.makes or rules.works_on)
     volume = None if key is None else stage.get(key)
     return volume if isinstance(volume, str) else None
 

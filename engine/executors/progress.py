@@ -65,6 +65,7 @@ class Claim:
     lease: Lease | None = None
     term: int = 0
     crashpoints: CrashPoints = DISARMED
+    phase: str = ""  # what the log says the stage reached before this attempt (a live stage)
 
     def progress(self, interval: float) -> StageProgress:
         """The callback to hand to qemu-img for this attempt."""
@@ -84,6 +85,25 @@ class Claim:
         self.crashpoints(points.BEFORE_PROGRESS)
         self.service.update(self.image_id, command)
         self.crashpoints(points.AFTER_PROGRESS)
+
+    def reach(self, phase: str) -> None:
+        """StageReached: durable before the step it names is taken (docs/adr/0028)."""
+
+        def command(image: Image) -> None:
+            image.reach(
+                op_id=self.op_id,
+                stage=self.index,
+                epoch=self.epoch,
+                phase=phase,
+                host_id=self.host_id,
+                now=self.service.now(),
+            )
+
+        try:
+            self.service.update(self.image_id, command)
+        except ClaimLost as e:
+            self.cancel.set()
+            raise self.cancelled(f"the claim moved on: {e.message}") from e
 
     def confirm(self) -> None:
         """Raise StageCancelled unless this attempt may still write what other hosts read: the
@@ -107,6 +127,17 @@ class Claim:
                 "this host's lease lapsed (it could not renew its heartbeat in time), so "
                 "another host may have taken the stage over"
             )
+
+    def moved_on(self) -> bool:
+        """Whether the log ended this claim: the operation was stopped, aborted or is done,
+        or another claim holds the stage. (A host that only stops its engine has not.)"""
+        op = self.service.get(self.image_id).operation(self.op_id)
+        return (
+            op is None
+            or op.state != ops.PENDING
+            or op.done != self.index
+            or (op.claim_host, op.claim_epoch) != (self.host_id, self.epoch)
+        )
 
     def superseded(self) -> bool:
         """Whether the log moved past this attempt: another claim (of any host) or the

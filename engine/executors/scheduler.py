@@ -11,7 +11,11 @@ hosts, the log lets exactly one win) when
   is a restart after a crash: the stage runs again under a new epoch), or the host that holds
   it may be taken over (:meth:`Executor.may_take_over`: its heartbeat went silent for
   ``lease_timeout``, or it runs no executors);
-* what the stage reads is ready (:func:`~engine.executors.stages.inputs_ready`).
+* what the stage reads is ready (:func:`~engine.executors.stages.inputs_ready`);
+* the image is attached to no host, or to this one (its stages then run live, through this
+  host's storage daemon: engine/executors/live_stages.py), or to a host that may be taken over:
+  that host died with its daemon, so the image is no longer attached (``AttachmentReleased``,
+  appended with the claim) and the stage runs offline (docs/adr/0028).
 
 A host whose own lease lapsed (it could not renew its heartbeat for ``lease_timeout``: storage
 hung, or the process was stopped and resumed) may have been counted dead: it cancels the stages
@@ -46,7 +50,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import is_known
+from engine.aggregates.stage_kinds import changed_by, is_known
 from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
@@ -60,15 +64,17 @@ from engine.errors import (
     storage_error,
 )
 from engine.executors import crashpoints as points
+from engine.executors import live_stages
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.progress import Claim, Lease
-from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, ForeignReady, StageRun
+from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, ForeignReady, Live, StageRun
 from engine.executors.stages import (
     chain_changes,
     inputs_ready,
     run_stage,
 )
 from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
 from engine.service.unit_of_work import ImageService
@@ -112,6 +118,7 @@ class Executor:
         lock_wait: float = DEFAULT_LOCK_WAIT,
         needed_elsewhere: Callable[[], Collection[str]] | None = None,
         foreign_ready: ForeignReady | None = None,
+        daemon: Callable[[], StorageDaemon] | None = None,
     ) -> None:
         """``follower`` (made here if None) belongs to the executor, which starts and stops it.
         ``lease`` is this host's liveness in the repository and ``hosts`` what it knows of the
@@ -143,6 +150,7 @@ class Executor:
         self.lock_wait = float(lock_wait)
         self.needed_elsewhere = needed_elsewhere
         self.foreign_ready = foreign_ready
+        self.daemon = daemon
         self.errors: list[BaseException] = []
         self.fault: StrataError | None = None  # the last storage fault a pass or stage met
         self._follower = follower or LogFollower(
@@ -343,6 +351,13 @@ class Executor:
             return None
         if not is_known(op.stages[op.done]):
             return None
+        attached = image.attached_on
+        if attached == self.host_id and not live_stages.has_live_form(op.stages[op.done]):
+            return None  # it would change what the daemon serves behind its back: after detach
+        if attached not in (None, self.host_id) and not (
+            self.hosts is not None and self.hosts.may_take_over(attached)
+        ):
+            return None  # live work, for the host that serves the image
         if op.claim_host not in (None, self.host_id) and not self.may_take_over(image, op):
             if self.hosts is not None:
                 expiry = self.hosts.expires_in(op.claim_host)
@@ -378,6 +393,14 @@ class Executor:
             if op is None or op.op_id != op_id or op.done != index:
                 return None
             now = self.service.now()
+            attached = image.attached_on
+            if attached not in (None, self.host_id):
+                image.release_attachment(
+                    of_host=attached,
+                    reason=f"host {attached} is dead (its heartbeat expired), its daemon too",
+                    host_id=self.host_id,
+                    now=now,
+                )
             holder = op.claim_host
             epoch = image.claim(
                 op_id=op_id,
@@ -398,6 +421,7 @@ class Executor:
                 lease=self.lease,
                 term=term,
                 crashpoints=self.crashpoints,
+                phase=op.phase,
             )
 
         self.crashpoints(points.BEFORE_CLAIM)
@@ -433,11 +457,14 @@ class Executor:
             cancel=claim.cancel,
             confirm=claim.confirm,
             superseded=claim.superseded,
+            moved_on=claim.moved_on,
             lock_wait=self.lock_wait,
+            phase=claim.phase,
+            live=self._live(claim),
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
-            run_stage(run)
+            run_stage(run, live_stages.execute)
             changes = chain_changes(claim.stage)
         except (StageCancelled, QemuCancelled):
             return  # stopped, or claimed elsewhere: there is no outcome of ours to record
@@ -460,6 +487,23 @@ class Executor:
             claim.fail(e.message)
             return
         self.crashpoints(points.AFTER_COMPLETION)
+
+    def _live(self, claim: Claim) -> Live | None:
+        """How the stage runs live, if the volume it changes is in the chain of an image that
+        this host's daemon serves: its own image first, else (a merge) another one's."""
+        ref = changed_by(claim.stage)
+        if ref is None or self.daemon is None:
+            return None
+        own = self.view.image(claim.image_id)
+        for image in (own, *self.view.images()):
+            if (
+                image is not None
+                and image.attached_on == self.host_id
+                and not image.removed
+                and ref in image.chain
+            ):
+                return Live(self.daemon(), image, claim.reach)
+        return None
 
     # --- bookkeeping ----------------------------------------------------------------------
 

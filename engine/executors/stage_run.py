@@ -5,8 +5,8 @@ repository and qemu-img to work with, the claim's epoch, and the callbacks that 
 (progress, fencing checks, cancellation). The functions below turn a stage's references into
 the files they name, with the typed errors a stage planned wrongly gets.
 
-Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
-standard library.
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats`` (the
+storage daemon for live stages); the standard library.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.errors import (
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.process import Progress
+from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
 
 # Where an image lives, among the repositories connected on this host; None if in none of them.
@@ -51,6 +52,16 @@ def _not_superseded() -> bool:
 
 
 @dataclass(frozen=True)
+class Live:
+    """What a stage needs to run live: this host's daemon, the image attached here whose chain
+    holds the volume the stage changes, and the way to record a step before taking it."""
+
+    daemon: StorageDaemon
+    image: Image
+    reach: Callable[[str], None]
+
+
+@dataclass(frozen=True)
 class StageRun:
     """One attempt at one stage, under the claim ``epoch``."""
 
@@ -67,7 +78,10 @@ class StageRun:
     cancel: threading.Event | None = None  # set: stop now (qemu-img is killed)
     confirm: Callable[[], None] = _no_check  # raises StageCancelled if the claim moved on
     superseded: Callable[[], bool] = _not_superseded  # another attempt replaced this one
+    moved_on: Callable[[], bool] = _not_superseded  # the log ended this claim (stop, abort...)
     lock_wait: float = DEFAULT_LOCK_WAIT  # how long in-place work waits for a locked volume
+    phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
+    live: Live | None = None  # set when the stage runs through this host's storage daemon
 
     @property
     def tag(self) -> str:

@@ -49,6 +49,7 @@ from typing import Any, Never, NoReturn
 from engine.aggregates import stage_kinds
 from engine.aggregates.operations import split_ref
 from engine.aggregates.stage_kinds import (
+    CommitStage,
     CopyStage,
     CreateStage,
     DeleteStage,
@@ -59,6 +60,7 @@ from engine.aggregates.stage_kinds import (
 )
 from engine.errors import (
     InvalidParameter,
+    PivotUnknown,
     QemuCancelled,
     QemuError,
     StageCancelled,
@@ -90,19 +92,21 @@ from engine.executors.stage_run import (
 from engine.formats.qemu.process import Progress
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
+PIVOTING = "pivoting"  # an active commit's phase: the switch onto the base was asked for
 _NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as QEMU's tools print it
 # How QEMU says that another process holds an image's lock ("write", "consistent read"...).
 logger = logging.getLogger("engine.executors")
 _LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
-def run_stage(run: StageRun) -> None:
-    """Run the stage; what the storage refused is said by its typed error (StorageFull,
+def run_stage(run: StageRun, executor: Callable[[StageRun], None] | None = None) -> None:
+    """Run the stage (with ``executor``, :func:`execute` by default: the live stages hand
+    their own); what the storage refused is said by its typed error (StorageFull,
     StorageReadOnly, PermissionDenied...), whoever hit it: Python, or QEMU's tool, which says
     only "No space left on device" on its standard error."""
     doing = f"stage {run.index + 1} ({run.stage['do']}) of operation {run.op_id}, in"
     try:
-        execute(run)
+        (executor or execute)(run)
     except OSError as e:
         raise storage_error(e, doing, e.filename or run.storage.root) from e
     except QemuError as e:
@@ -189,6 +193,8 @@ def execute(run: StageRun) -> None:
         resize(run, stage)
     elif stage["do"] == "delete":
         delete(run, stage)
+    elif stage["do"] == "commit":
+        commit(run, stage)
     else:
         _no_executor(stage)
 
@@ -222,7 +228,7 @@ def create(run: StageRun, stage: CreateStage) -> None:
             raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {expected}", path=final)
         expect_backing(run, final, info, backing)
 
-    _produce(run, volume, make, verify, reads=(backing,))
+    produce(run, volume, make, verify, reads=(backing,))
 
 
 def copy(run: StageRun, stage: CopyStage) -> None:
@@ -255,7 +261,7 @@ def copy(run: StageRun, stage: CopyStage) -> None:
     def verify(final: str, info: dict[str, Any]) -> None:
         expect_backing(run, final, info, None)
 
-    _produce(run, volume, make, verify)
+    produce(run, volume, make, verify)
 
 
 def diff(run: StageRun, stage: DiffStage) -> None:
@@ -286,7 +292,7 @@ def diff(run: StageRun, stage: DiffStage) -> None:
     def verify(final: str, info: dict[str, Any]) -> None:
         expect_backing(run, final, info, base)
 
-    _produce(run, volume, make, verify, reads=(base,))
+    produce(run, volume, make, verify, reads=(base,))
 
 
 def rebase(run: StageRun, stage: RebaseStage) -> None:
@@ -336,6 +342,50 @@ def resize(run: StageRun, stage: ResizeStage) -> None:
     )
 
 
+def commit(run: StageRun, stage: CommitStage) -> None:
+    """Write ``top`` (and what lies between it and ``volume``) down into ``volume``, offline.
+
+    ``qemu-img commit -d`` leaves ``top`` as it is, so a re-run reads the same data again. An
+    intermediate commit then points ``child`` at the base (unsafe rebase: the data is there); a
+    child that names the base already was switched by a live job that completed, and is done.
+
+    An active commit whose pivot was requested (``run.phase``) by a host that died with its
+    daemon may have switched the image onto the base, which the virtual machine then wrote to:
+    committing ``top`` again would overwrite those writes. Where top and base read the same,
+    either side is the image; where they differ, only the dead daemon knew, and the stage fails
+    saying so, keeping both (docs/adr/0028).
+    """
+    base = local(run, field(stage, "volume"))
+    top = local(run, field(stage, "top"))
+    child = local(run, stage["child"]) if stage.get("child") else None
+    if child is not None:
+        wanted = run.storage.relative_backing(child.path, base.path)
+        if run.qemu.info(child.path, fmt=child.fmt).get("backing-filename") == wanted:
+            return
+    elif run.phase == PIVOTING:
+        if run.qemu.compare(top.path, base.path, a_fmt=top.fmt, b_fmt=base.fmt):
+            return
+        raise PivotUnknown(image_id=run.image_id, top=top.path, base=base.path)
+    progress = run.progress
+
+    def write_down() -> None:
+        run.qemu.commit(
+            top.path, base=base.path, fmt=top.fmt, keep=True, progress=progress, cancel=run.cancel
+        )
+
+    _in_place(run, base, write_down, reads=(top, child))
+    if child is not None:
+        relative = run.storage.relative_backing(child.path, base.path)
+        _in_place(
+            run,
+            child,
+            lambda: run.qemu.rebase(
+                child.path, relative, backing_fmt=base.fmt, fmt="qcow2", safe=False
+            ),
+            reads=(base,),
+        )
+
+
 def delete(run: StageRun, stage: DeleteStage) -> None:
     """Remove the volumes, and any temporary file that was becoming one of them; and the
     ``temporaries`` named (``[volume, tag]``: what a failed or stopped attempt left, while its
@@ -359,7 +409,7 @@ def delete(run: StageRun, stage: DeleteStage) -> None:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _produce(
+def produce(
     run: StageRun,
     volume: Volume,
     make: Callable[[str], None],

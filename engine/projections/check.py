@@ -320,7 +320,7 @@ def _merges(index: VolumeIndex, lost: Collection[str]) -> Iterable[Fix]:
             merge = index.merge_of(ref)
             if merge is None or index.merge_blocker(merge, lost) is not None:
                 continue
-            carrier = merge.users[0]
+            carrier = merge.carrier
             yield make_fix(
                 ops.MERGE,
                 carrier,

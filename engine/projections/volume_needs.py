@@ -48,6 +48,12 @@ class Merge(NamedTuple):
     depth: int
 
     @property
+    def carrier(self) -> Image:
+        """The image the merge is queued on: an attached user if there is one, so that the
+        host serving it claims the work and runs it live; else the first by id."""
+        return next((user for user in self.users if user.attached_on), self.users[0])
+
+    @property
     def family(self) -> str:
         """Chains that share a volume share their base: one merge at a time per base."""
         return self.users[0].chain[0]
@@ -227,8 +233,13 @@ class VolumeIndex:
         for ref in (merge.volume, *merge.children):
             if ref in lost or ref in self.pending:
                 return f"volume {ref} is not in place"
+        hosts = {user.attached_on for user in merge.users if user.attached_on is not None}
+        if len(hosts) > 1:
+            return f"the chains are attached on several hosts ({sorted(hosts)}); detach all but one"
         for user in merge.users:
-            if user.prepared_on:
+            # An attached image is merged live by the host that serves it (docs/adr/0028); one
+            # a virtual machine opens itself (prepared) cannot be.
+            if user.prepared_on - {user.attached_on}:
                 return f"image {user.id} is in use on {sorted(user.prepared_on)}"
             if user.current_operation() is not None:
                 return f"image {user.id} has work queued; merge once it is done"

@@ -37,6 +37,7 @@ from engine.errors import (
     NotAStrataLog,
     NotSupported,
     PermissionDenied,
+    PivotUnknown,
     QemuCancelled,
     QemuError,
     QemuTimeout,
@@ -345,6 +346,15 @@ EXAMPLES: list[tuple[StrataError, str, str]] = [
         (
             f"Stage 0 of operation op-1 on image {IMAGE} was cancelled (stopped); its temporary "
             "file is left for the next attempt or a clean fix"
+        ),
+    ),
+    (
+        PivotUnknown(image_id=IMAGE, top="/r/volumes/t.qcow2", base="/r/volumes/b.qcow2"),
+        "pivot_unknown",
+        (
+            f"Image {IMAGE}: the host that committed /r/volumes/t.qcow2 into /r/volumes/b.qcow2 "
+            "died while switching onto the base, and the two differ; both are kept: compare "
+            "them, keep the right one, then mend or remove the image"
         ),
     ),
     (

@@ -28,7 +28,7 @@ import pytest
 from engine.errors import DaemonError, InvalidParameter
 from engine.formats.qemu import daemon_process
 from engine.formats.qemu.storage_daemon import ChainVolume, Export, StorageDaemon
-from tests.vm import Writer, qemu_io, run
+from tests.vm import GuestWriter, KiB, qemu_io, run
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None,
@@ -318,14 +318,16 @@ def test_a_live_snapshot_under_a_writing_vm_switches_its_export_to_the_overlay(
     assert (daemon.export_node("d"), daemon.backing_chain("top")) == ("top", ["top", "base"])
     over = overlay(tmp_path, "over", top)
     assert daemon.add_overlay(over) == "over"
-    writer = Writer(uri, 4 * MiB).start()
-    daemons.children.append(writer.process)
 
-    before = writer.wait_for(50)
-    daemon.snapshot([("top", "over")])
-    after = len(writer.acknowledged)
-    writer.wait_for(after + 50)
-    written = writer.stop()
+    with GuestWriter(uri, length=4 * MiB, block=4 * KiB, pause=0.001) as writer:
+        writer.wait_for_writes(50)
+        before = len(writer.writes)
+        daemon.snapshot([("top", "over")])
+        after = len(writer.writes)
+        writer.wait_for_writes(after + 50)
+        writer.verify(uri, "raw")  # no error, and every acknowledged write reads back
+    written = [(w.offset, w.pattern) for w in writer.writes]
+    assert len(written) < 1024  # each block written once: where a write went is unambiguous
 
     assert daemon.export_node("d") == "over"
     assert daemon.backing_chain("over") == ["over", "top", "base"]

@@ -97,11 +97,14 @@ class QemuImg:
         backing_fmt: str | None = None,
         preallocation: str | None = None,
         cluster_size: int | None = None,
+        unsafe: bool = False,
         cancel: threading.Event | None = None,
     ) -> None:
         """Create (or replace) an image; ``backing`` is relative to ``path``'s directory.
 
-        ``size`` may be None for an overlay: it then takes its backing file's size.
+        ``size`` may be None for an overlay: it then takes its backing file's size. ``unsafe``
+        (``-u``) does not open the backing file: an overlay of a volume a running daemon writes
+        (which holds its lock) is made so, with its size given.
         """
         path = checked.file(path)
         check_image_format(fmt)
@@ -110,6 +113,10 @@ class QemuImg:
             if fmt != "qcow2":
                 raise InvalidParameter(f"only qcow2 images have one, not {fmt}", name="backing")
             args += ["-b", checked.backing(path, backing, backing_fmt), "-F", str(backing_fmt)]
+            if unsafe:
+                if size is None:
+                    raise InvalidParameter("required for an overlay made unsafely", name="size")
+                args.append("-u")
         elif size is None:
             raise InvalidParameter("required for an image without a backing file", name="size")
         options = checked.options(fmt, preallocation)
@@ -289,18 +296,26 @@ class QemuImg:
         *,
         base: str | None = None,
         fmt: str | None = None,
+        keep: bool = False,
         progress: Progress | None = None,
         timeout: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Write ``path``'s data down into its backing file, or into ``base`` deeper in the chain.
 
         ``base`` is named as the chain names it (absolute, or relative to ``path``'s directory).
+        ``keep`` (``-d``) leaves ``path``'s clusters as they are instead of emptying it, so
+        the commit can simply run again after a crash: it reads the same data again.
         """
         args = [self.qemu_img, "commit", *checked.format_flag("-f", fmt)]
         if base is not None:
             args += ["-b", base]
+        if keep:
+            args.append("-d")
         args.append(checked.existing(path))
-        self._run(checked.with_progress(args, progress), timeout=timeout, progress=progress)
+        self._run(
+            checked.with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel
+        )
 
     def compare(
         self,

@@ -1,0 +1,280 @@
+"""Stages run live: through this host's storage daemon, on an image a virtual machine is using.
+
+A stage whose volume belongs to an image attached on this host runs here as a QEMU job instead of
+a qemu-img command (docs/adr/0028-live-operations-as-stages.md); the kind, and what its completion
+records, stay the same:
+
+* ``create`` of an attached disk's new top is a live snapshot: the overlay is made with
+  ``qemu-img create -u`` (the daemon holds the old top's lock) and a relative backing name, added
+  with ``"backing": null`` and switched to with ``blockdev-snapshot``; the export follows. The
+  old top is then reopened read-only, which flushes it: the snapshot's data is on disk.
+* ``rebase`` is ``block-stream`` of the volume's node down to the new backing's node (or all of
+  it), which writes the relative name into the header when it completes.
+* ``commit`` is ``block-commit`` into the base, reopened read-write first; an intermediate one
+  writes the child's new backing name when it completes, an active one pivots once ``ready``.
+
+Every attempt first looks for its job (named after its operation and stage: a restarted engine
+finds the one its predecessor started) and for the job's effect on the daemon's graph (done
+already: nothing to start). A job ends as QEMU says: a ``concluded`` job's ``error`` fails the
+stage. The step whose outcome only the daemon knows, the active commit's pivot, is recorded
+(``StageReached("pivoting")``) before it is asked for.
+
+When the attempt is cancelled because the log moved on (the operation was stopped or aborted)
+the job is cancelled too; when only this process is stopping, the job keeps running in the
+daemon and the next engine on this host picks it up (docs/adr/0027).
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``, the
+attachment names of ``engine.service``; the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from contextlib import suppress
+
+from engine.aggregates.stage_kinds import CommitStage, CreateStage, RebaseStage, Stage
+from engine.errors import DaemonError, VolumeMismatch
+from engine.executors import stages
+from engine.executors.stage_run import Live, StageRun, expect_backing, field, local
+from engine.formats.qemu.storage_daemon import ChainVolume, Job, StorageDaemon
+from engine.service.attachments import export_name, job_name, node_name
+
+logger = logging.getLogger("engine.executors")
+POLL = 0.05  # seconds between looks at a running job
+
+
+def has_live_form(stage: Stage) -> bool:
+    """Whether the stage can run on an attached image: the other kinds wait for its detach."""
+    kind = stage.get("do")
+    return kind in ("rebase", "commit") or (kind == "create" and bool(stage.get("backing")))
+
+
+def execute(run: StageRun) -> None:
+    """Run the stage live if it has a live form and the run was given the daemon, else offline."""
+    live = run.live
+    stage = run.stage
+    if live is None:
+        stages.execute(run)
+    elif stage["do"] == "create" and stage.get("backing"):
+        snapshot(run, stage, live)
+    elif stage["do"] == "rebase":
+        stream(run, stage, live)
+    elif stage["do"] == "commit":
+        commit(run, stage, live)
+    else:
+        stages.execute(run)
+
+
+def snapshot(run: StageRun, stage: CreateStage, live: Live) -> None:
+    volume = local(run, field(stage, "volume"))
+    backing = local(run, stage.get("backing"))
+    image, daemon = live.image, live.daemon
+    new_node = node_name(image.id, volume.ref)
+    if daemon.export_node(export_name(image.id)) == new_node:
+        return  # switched by an earlier attempt
+    size = stage.get("size") or image.size
+    relative = run.storage.relative_backing(volume.path, backing.path)
+
+    def make(temp: str) -> None:
+        run.qemu.create(
+            temp,
+            "qcow2",
+            size,
+            backing=run.storage.relative_backing(temp, backing.path),
+            backing_fmt=backing.fmt,
+            unsafe=True,
+            cancel=run.cancel,
+        )
+
+    def verify(final: str, info: dict[str, object]) -> None:
+        if info["virtual-size"] != size:
+            raise VolumeMismatch(f"virtual size {info['virtual-size']}, not {size}", path=final)
+        expect_backing(run, final, dict(info), backing)
+
+    stages.produce(run, volume, make, verify, reads=(backing,))
+    old_node = node_name(image.id, backing.ref)
+    if not _has_node(daemon, new_node):
+        daemon.add_overlay(ChainVolume(new_node, volume.path, "qcow2"))
+    run.confirm()
+    daemon.snapshot([(old_node, new_node)])
+    # Read-only from now on: the snapshot's volume. The reopen flushes what QEMU still held.
+    below = _below(daemon, old_node)
+    daemon.reopen(ChainVolume(old_node, backing.path, backing.fmt), below=below, read_only=True)
+    logger.info(
+        "live snapshot of image %s: %s now writes to %s (backing %s)",
+        image.id, export_name(image.id), volume.path, relative,
+        extra={"image": str(image.id), "operation": run.op_id, "stage": run.index + 1},
+    )  # fmt: skip
+
+
+def stream(run: StageRun, stage: RebaseStage, live: Live) -> None:
+    """``block-stream``: the volume reads everything between it and ``backing`` into itself."""
+    volume = local(run, field(stage, "volume"))
+    if volume.fmt != "qcow2":
+        return
+    backing = local(run, stage["backing"]) if stage.get("backing") else None
+    image, daemon = live.image, live.daemon
+    node = node_name(image.id, volume.ref)
+    base_node = None if backing is None else node_name(image.id, backing.ref)
+    job = job_name(run.op_id, run.index)
+    folded = _between(daemon, node, base_node)
+    if daemon.find_job(job) is None:
+        if _below(daemon, node) == base_node:
+            _drop_nodes(daemon, folded)
+            return
+        run.confirm()
+        daemon.stream(
+            job,
+            node,
+            base_node=base_node,
+            backing_file=None
+            if backing is None
+            else run.storage.relative_backing(volume.path, backing.path),
+            speed=_bandwidth(stage),
+        )
+    _follow(run, daemon, job)
+    _drop_nodes(daemon, folded)
+
+
+def commit(run: StageRun, stage: CommitStage, live: Live) -> None:
+    """``block-commit`` of ``top`` into ``volume``; an active one pivots once ``ready``."""
+    base = local(run, field(stage, "volume"))
+    top = local(run, field(stage, "top"))
+    child = local(run, stage["child"]) if stage.get("child") else None
+    image, daemon = live.image, live.daemon
+    base_node, top_node = node_name(image.id, base.ref), node_name(image.id, top.ref)
+    export = export_name(image.id)
+    job = job_name(run.op_id, run.index)
+    if daemon.find_job(job) is None:
+        active_node = daemon.export_node(export)
+        if child is None and active_node == base_node:
+            _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+            return  # pivoted by an earlier attempt
+        if child is not None and _below(daemon, node_name(image.id, child.ref)) == base_node:
+            _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+            return  # completed by an earlier attempt
+        if active_node is None:
+            raise DaemonError(
+                command="query-block-exports",
+                error_class=None,
+                desc=f"image {image.id} is not exported here any more",
+                socket=daemon.paths.qmp_socket,
+            )
+        run.confirm()
+        daemon.reopen(
+            ChainVolume(base_node, base.path, base.fmt),
+            below=_below(daemon, base_node),
+            read_only=False,
+        )
+        daemon.commit(
+            job,
+            active_node,
+            top_node=top_node,
+            base_node=base_node,
+            backing_file=None
+            if child is None
+            else run.storage.relative_backing(child.path, base.path),
+            speed=_bandwidth(stage),
+        )
+    _follow(run, daemon, job, pivot=child is None)
+    _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+
+
+# --- following a job ------------------------------------------------------------------------
+
+
+def _follow(run: StageRun, daemon: StorageDaemon, job: str, *, pivot: bool = False) -> None:
+    """Report the job's progress until it concludes; pivot a ``ready`` one if asked, recording
+    the request first. Raises the job's error, or StageCancelled."""
+    cancel = run.cancel or threading.Event()
+    asked = False
+    while True:
+        found = daemon.find_job(job)
+        if found is None:
+            raise DaemonError(
+                command="query-jobs",
+                error_class=None,
+                desc=f"job {job} vanished before this host read how it ended",
+                socket=daemon.paths.qmp_socket,
+            )
+        if found.total_progress and run.progress is not None:
+            run.progress(100.0 * found.current_progress / found.total_progress)
+        if found.status == "concluded":
+            _conclude(run, daemon, found)
+            return
+        if found.status == "ready" and pivot and not asked:
+            if run.phase != stages.PIVOTING and run.live is not None:
+                run.live.reach(stages.PIVOTING)
+            daemon.complete_job(job)
+            asked = True
+        if cancel.wait(POLL):
+            _cancelled(run, daemon, found)
+
+
+def _conclude(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
+    daemon.dismiss_job(job.id)
+    if job.error is not None:
+        if run.moved_on():
+            raise run.cancelled(f"job {job.id} was cancelled: {job.error}")
+        raise DaemonError(
+            command=job.type, error_class=None, desc=job.error, socket=daemon.paths.qmp_socket
+        )
+
+
+def _cancelled(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
+    """The attempt was cancelled: if the log moved on (stopped, aborted, taken over) the job is
+    cancelled as well, and ends without changing the chain; if only this engine is stopping,
+    the job goes on in the daemon for the next engine on this host to follow."""
+    if run.moved_on():
+        with suppress(DaemonError):
+            daemon.cancel_job(job.id)
+        with suppress(DaemonError):
+            ended = daemon.wait_job(job.id, ("concluded",), timeout=30.0)
+            daemon.dismiss_job(ended.id)
+    raise run.cancelled("cancelled while its block job ran")
+
+
+# --- the graph ------------------------------------------------------------------------------
+
+
+def _has_node(daemon: StorageDaemon, node: str) -> bool:
+    try:
+        daemon.backing_chain(node)
+    except DaemonError:
+        return False
+    return True
+
+
+def _below(daemon: StorageDaemon, node: str) -> str | None:
+    chain = daemon.backing_chain(node)
+    return chain[1] if len(chain) > 1 else None
+
+
+def _between(daemon: StorageDaemon, node: str, base_node: str | None) -> list[str]:
+    """The nodes strictly between ``node`` and ``base_node`` (to the bottom when None)."""
+    chain = daemon.backing_chain(node)[1:]
+    if base_node is not None and base_node in chain:
+        chain = chain[: chain.index(base_node)]
+    return chain
+
+
+def _committed(chain: list[str], base: str, top: str, image_id: uuid.UUID) -> list[str]:
+    """The nodes a commit of ``top`` into ``base`` leaves without a parent, top first."""
+    if base not in chain or top not in chain:
+        return []
+    refs = chain[chain.index(base) + 1 : chain.index(top) + 1]
+    return [node_name(image_id, ref) for ref in reversed(refs)]
+
+
+def _drop_nodes(daemon: StorageDaemon, nodes: list[str]) -> None:
+    """``blockdev-del`` the nodes a job took out of the chain (still named, now unused)."""
+    for node in nodes:
+        with suppress(DaemonError):
+            daemon.remove_nodes([node])
+
+
+def _bandwidth(stage: RebaseStage | CommitStage) -> int:
+    value = stage.get("bandwidth") or 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

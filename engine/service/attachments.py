@@ -1,0 +1,58 @@
+"""How an attached image appears in its host's storage daemon: names of exports, nodes and jobs.
+
+One image is one NBD export named after it; each volume of its chain is one block node named
+after the image and the volume, so a node keeps its name when the chain grows a top (a live
+snapshot) or loses volumes (a pull, a commit), and two attached images that read one volume
+open it as two nodes. A job is named after its operation and stage, so a restarted engine finds
+the job its predecessor started (docs/adr/0028-live-operations-as-stages.md).
+
+QEMU wants names that start with a letter, node names of at most 31 characters with the
+adapter's ``-file`` suffix; 12 + 13 hex digits of two random ids keep them apart on one host.
+
+Imports: ``engine.aggregates``; of ``engine.formats``, the storage daemon adapter and the
+repository driver.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from engine.aggregates.image import Image
+from engine.aggregates.operations import split_ref
+from engine.formats.qemu.storage_daemon import ChainVolume
+from engine.formats.repository.driver import RepositoryStorage
+
+_NOT_ALNUM = re.compile(r"[^0-9A-Za-z]")
+
+
+def export_name(image_id: uuid.UUID) -> str:
+    """The NBD export of an image: its id (a letter first, as QEMU wants)."""
+    return f"i{image_id.hex}"
+
+
+def node_name(image_id: uuid.UUID, ref: str) -> str:
+    """The block node of volume ``ref`` in the attached chain of image ``image_id``."""
+    volume_id, _ = split_ref(ref)
+    return f"n{image_id.hex[:12]}{volume_id[:13]}"
+
+
+def job_name(op_id: str, index: int) -> str:
+    """The block job of stage ``index`` of operation ``op_id``: the same on every attempt."""
+    return f"j{_NOT_ALNUM.sub('', op_id)[:24]}-{index}"
+
+
+def chain_volumes(image: Image, storage: RepositoryStorage) -> list[ChainVolume]:
+    """The image's chain, base first, as the daemon opens it."""
+    volumes = []
+    for ref in image.chain:
+        volume_id, fmt = split_ref(ref)
+        volumes.append(
+            ChainVolume(node_name(image.id, ref), storage.volume_path(volume_id, fmt), fmt)
+        )
+    return volumes
+
+
+def volume_of(image: Image, storage: RepositoryStorage, ref: str) -> ChainVolume:
+    volume_id, fmt = split_ref(ref)
+    return ChainVolume(node_name(image.id, ref), storage.volume_path(volume_id, fmt), fmt)
