@@ -74,13 +74,15 @@ def backing_chain(qemu: QemuImg, top: str) -> list[str]:
 
 
 def chain_with_data(se: StorageEngine, qemu: QemuImg, size: int, data_in: str) -> tuple[str, str]:
-    """A disk of ``size`` bytes, all of them written, snapshotted once: base <- top, the data in
-    ``data_in`` ("base" or "top"); the other volume empty. Returns the disk and its top's path."""
+    """A disk of ``size`` bytes, all of them written, snapshotted once (the snapshot removed):
+    base <- top, the data in ``data_in`` ("base" or "top"); the other volume empty. Returns the
+    disk and its top's path."""
     disk = se.create_virtual_disk(REPO, size)
     se.wait_for_image(REPO, disk, timeout=60)
     if data_in == "base":
         write_all(se, qemu, disk, size, 0x5B)
-    se.create_snapshot(REPO, disk)
+    # Removed at once: a commit may not write a base that a live snapshot still reads.
+    se.remove_image(REPO, se.create_snapshot(REPO, disk))
     se.wait_for_image(REPO, disk, timeout=60)
     top = write_all(se, qemu, disk, size, 0x7C) if data_in == "top" else prepared_path(se, disk)
     os.sync()
