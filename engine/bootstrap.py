@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from engine import validation
 from engine.application import LogConfig, StrataLogApplication
 from engine.connections import ConnectedRepository, ViewFollower
-from engine.errors import InvalidParameter, storage_error
+from engine.errors import DaemonError, InvalidParameter, storage_error
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.liveness import HostLease, HostMonitor
 from engine.executors.scheduler import Executor
@@ -37,6 +38,8 @@ from engine.projections.view import RepositoryView
 from engine.service.image_handlers import ImageHandlers
 from engine.service.live_handlers import LiveHandlers
 from engine.service.unit_of_work import ImageService
+
+logger = logging.getLogger("engine")
 
 # What an auditor's connection may meet on storage it only reads.
 _CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -195,12 +198,30 @@ class Wiring:
                 hosts=hosts,
             )
             if config.run_executors:
+                self._reconcile(repo)
                 repo.executor = self._executor(service, view, storage, app, lease, hosts)
                 repo.executor.start()
             return repo
         except BaseException:
             app.close()
             raise
+
+    @staticmethod
+    def _reconcile(repo: ConnectedRepository) -> None:
+        """What the log says this host serves against what its daemon serves (docs/adr/0028);
+        a daemon that cannot be asked now leaves the log as it is, for the next connect."""
+        try:
+            released = repo.live.reconcile(repo.view.images())
+        except DaemonError as e:
+            logger.warning("could not compare the attachments with the daemon: %s", e)
+            return
+        for image_id in released:
+            logger.info(
+                "image %s was attached here but the daemon no longer serves it: released",
+                image_id, extra={"repository": repo.storage.root, "image": str(image_id)},
+            )  # fmt: skip
+        if released:
+            repo.view.catch_up()
 
     def _executor(
         self,

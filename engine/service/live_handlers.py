@@ -119,6 +119,32 @@ class LiveHandlers:
             image.id, lambda i: i.tear_down(host_id=self.service.host_id, now=self.service.now())
         )
 
+    def reconcile(self, images: Iterable[Image]) -> list[uuid.UUID]:
+        """At connect: release the images the log says this host serves but its daemon does
+        not (it died on its own, or the host restarted): nothing serves them, so nothing must
+        wait for this host. Returns their ids. Jobs need nothing here: the executor runs this
+        host's claimed stages again, and each finds its job (docs/adr/0028)."""
+        host = self.service.host_id
+        mine = [image for image in images if image.attached_on == host]
+        if not mine:
+            return []
+        daemon = self.daemon()
+        served = set() if daemon.pid is None else {e.id for e in daemon.query_exports()}
+        released = []
+        for image in mine:
+            if export_name(image.id) not in served:
+                self.service.update(
+                    image.id,
+                    lambda i: i.release_attachment(
+                        of_host=host,
+                        reason=f"host {host} restarted and its daemon no longer serves it",
+                        host_id=host,
+                        now=self.service.now(),
+                    ),
+                )
+                released.append(image.id)
+        return released
+
     # --- the block jobs -------------------------------------------------------------------
 
     def pull(self, image: Image, base_volume_id: str | None, bandwidth: int) -> str:

@@ -146,3 +146,23 @@ def test_host_killed_with_its_daemon_another_host_finishes_offline(
     released = [e for name, _, e in events(repo) if name == "AttachmentReleased"]
     assert [e["of_host"] for e in released] == ["host-a"]
     assert Path(path).exists()
+
+
+def test_a_daemon_gone_on_its_own_releases_its_images_at_the_next_connect(
+    repo_paths: tuple[str, str], state_dirs: list[str]
+) -> None:
+    repo = repo_paths[0]
+    state_dir = new_state_dir(state_dirs)
+    disk, uri, _, _ = slow_commit_disk(repo, state_dir)
+    pid = StorageDaemon(state_dir).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    with StorageEngine("host-a", state_dir=state_dir, lease_timeout=1.0) as se:
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
+        assert se.list_attachments() == []
+        released = [e for name, _, e in events(repo) if name == "AttachmentReleased"]
+        assert [e["of_host"] for e in released] == ["host-a"]
+        again = se.attach_image("r1", disk)
+        assert again.nbd_uri == uri
+        qemu_io(again.nbd_uri, "raw", "read -P 9 0 48M", read_only=True)
+        se.detach_image("r1", disk)
