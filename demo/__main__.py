@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from demo.live import LiveChapter, daemon_stopped_at_the_end
 from demo.story import MiB, Story, say
 from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
@@ -26,14 +27,18 @@ from log_tools.verify import verify, write_text
 
 def main() -> int:
     qemu = QemuImg()
-    with tempfile.TemporaryDirectory(prefix="strata-demo-") as work:
+    # In /tmp whatever TMPDIR says: the daemon's Unix sockets live under the state dir, and a
+    # socket's path is at most 107 bytes (docs/adr/0027).
+    with tempfile.TemporaryDirectory(prefix="strata-demo-", dir="/tmp") as work:
         repo1, repo2 = os.path.join(work, "repo1"), os.path.join(work, "repo2")
         for path in (repo1, repo2):
             os.mkdir(path)
         say(f"Two repositories in {work}")
-        with StorageEngine(
-            "host-a", state_dir=os.path.join(work, "state"), poll_interval=0.1
-        ) as se:
+        state_dir = os.path.join(work, "state")
+        with (
+            daemon_stopped_at_the_end(state_dir),
+            StorageEngine("host-a", state_dir=state_dir, poll_interval=0.1) as se,
+        ):
             story = Story(se, qemu)
             for name, path in (("r1", repo1), ("r2", repo2)):
                 se.create_storage_repository("localfs-1.0", {"path": path})
@@ -98,6 +103,8 @@ def main() -> int:
                 time.sleep(0.3)
             say(f"    check now offers {len(se.check_storage_repository('r1'))} fixes")
 
+            checks = LiveChapter(se, story, qemu, work).run()
+
             say("\nFinal statuses")
             for repo in ("r1", "r2"):
                 for info in se.list_images(repo):
@@ -108,7 +115,7 @@ def main() -> int:
                         f"stage {status.stage:5} chain depth {info.chain_depth}"
                     )
 
-            checks = {
+            checks |= {
                 "web01 holds both writes": story.holds("r1", disk, 0, 16 * MiB, 0xA1)
                 and story.holds("r1", disk, 16 * MiB, 8 * MiB, 0xA2),
                 "clones hold the snapshot's data, merged in": all(
