@@ -3,8 +3,10 @@
 In a temporary directory: a virtual disk gets data, a snapshot, three clones (thin, fast and in
 the other repository), a full copy and an incremental copy to the second repository (the
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
-Every call returns once its events are durable; the executors do the work. At the end: every
-image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
+Then a disk in use by a running VM gets the same work live (:mod:`demo.live`; skipped without
+qemu-storage-daemon), and the host's storage daemon is stopped at the end. Every call returns
+once its events are durable; the executors do the work. At the end: every image's status, what
+the volumes hold (checked with qemu-img), and ``strata-log verify``.
 
 A client of the engine, outside it (docs/adr/0025-layers-and-the-import-rule.md).
 Imports: the engine's facade (``engine``), its QEMU adapter (:mod:`engine.formats`, to look

@@ -4,8 +4,9 @@ a removed snapshot, a block pull and an active commit, each followed in the job 
 disk is detached and every write the VM was told was done is read back from the volume on disk
 (docs/architecture.md §9, docs/adr/0028-live-operations-as-stages.md).
 
-Imports: the engine's facade (``engine``) and its QEMU adapter (:mod:`engine.formats`, to
-compare what the VM saw with the volume).
+Imports: the engine's facade (``engine``), its errors (``engine.errors``), and its QEMU adapter
+(:mod:`engine.formats`: the storage daemon, to stop it at the end; qemu-img, to compare what the
+VM saw with the volume).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class LiveChapter:
         say("\n6. A running VM: live snapshots, merge, pull and commit while it writes")
         missing = tools_missing()
         if missing:
-            say(f"    {' and '.join(missing)} not installed (Debian: qemu-system-common): skipped")
+            debian = "Debian: qemu-system-common, qemu-utils"
+            say(f"    {' and '.join(missing)} not installed ({debian}): skipped")
             return {}
         se, story = self.se, self.story
         disk = story.name(
