@@ -2,7 +2,7 @@
 writing to it over NBD the whole time, and the work done under it: live snapshots, the merge of
 a removed snapshot, a block pull and an active commit, each followed in the job view; then the
 disk is detached and every write the VM was told was done is read back from the volume on disk
-(docs/architecture.md §9, docs/adr/0028-live-operations-as-stages.md).
+(docs/architecture.md §8, docs/adr/0028-live-operations-as-stages.md).
 
 Imports: the engine's facade (``engine``), its errors (``engine.errors``), and its QEMU adapter
 (:mod:`engine.formats`: the storage daemon, to stop it at the end; qemu-img, to compare what the
