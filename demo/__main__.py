@@ -3,8 +3,10 @@
 In a temporary directory: a virtual disk gets data, a snapshot, three clones (thin, fast and in
 the other repository), a full copy and an incremental copy to the second repository (the
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
-Every call returns once its events are durable; the executors do the work. At the end: every
-image's status, what the volumes hold (checked with qemu-img), and ``strata-log verify``.
+Then a disk in use by a running VM gets the same work live (:mod:`demo.live`; skipped without
+qemu-storage-daemon), and the host's storage daemon is stopped at the end. Every call returns
+once its events are durable; the executors do the work. At the end: every image's status, what
+the volumes hold (checked with qemu-img), and ``strata-log verify``.
 
 A client of the engine, outside it (docs/adr/0025-layers-and-the-import-rule.md).
 Imports: the engine's facade (``engine``), its QEMU adapter (:mod:`engine.formats`, to look
@@ -18,62 +20,27 @@ import sys
 import tempfile
 import time
 
+from demo.live import LiveChapter, daemon_stopped_at_the_end
+from demo.story import MiB, Story, say
 from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
 from log_tools.verify import verify, write_text
 
-MiB = 2**20
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-
-
-class Story:
-    def __init__(self, se: StorageEngine, qemu: QemuImg) -> None:
-        self.se, self.qemu = se, qemu
-        self.names: dict[str, str] = {}
-
-    def name(self, image: str, label: str) -> str:
-        self.names[image] = label
-        return image
-
-    def done(self, repo: str, image: str) -> None:
-        started = time.monotonic()
-        status = self.se.wait_for_image(repo, image, timeout=120)
-        say(
-            f"    {self.names.get(image, image)} in {repo}: {status.status}, stage "
-            f"{status.stage}, by {status.host_id} ({time.monotonic() - started:.2f} s after)"
-        )
-
-    def write(self, repo: str, image: str, offset: int, length: int, pattern: int) -> None:
-        prepared = self.se.prepare_image(repo, image)
-        try:
-            self.qemu.write_pattern(prepared.path, prepared.format, offset, length, pattern)
-        finally:
-            self.se.teardown_image(repo, image)
-        say(f"    the VM wrote {length // MiB} MiB of 0x{pattern:02x} at {offset // MiB} MiB")
-
-    def holds(self, repo: str, image: str, offset: int, length: int, pattern: int) -> bool:
-        prepared = self.se.prepare_image(repo, image)
-        try:
-            return self.qemu.read_pattern_matches(
-                prepared.path, prepared.format, offset, length, pattern
-            )
-        finally:
-            self.se.teardown_image(repo, image)
-
 
 def main() -> int:
     qemu = QemuImg()
-    with tempfile.TemporaryDirectory(prefix="strata-demo-") as work:
+    # In /tmp whatever TMPDIR says: the daemon's Unix sockets live under the state dir, and a
+    # socket's path is at most 107 bytes (docs/adr/0027).
+    with tempfile.TemporaryDirectory(prefix="strata-demo-", dir="/tmp") as work:
         repo1, repo2 = os.path.join(work, "repo1"), os.path.join(work, "repo2")
         for path in (repo1, repo2):
             os.mkdir(path)
         say(f"Two repositories in {work}")
-        with StorageEngine(
-            "host-a", state_dir=os.path.join(work, "state"), poll_interval=0.1
-        ) as se:
+        state_dir = os.path.join(work, "state")
+        with (
+            daemon_stopped_at_the_end(state_dir),
+            StorageEngine("host-a", state_dir=state_dir, poll_interval=0.1) as se,
+        ):
             story = Story(se, qemu)
             for name, path in (("r1", repo1), ("r2", repo2)):
                 se.create_storage_repository("localfs-1.0", {"path": path})
@@ -138,6 +105,8 @@ def main() -> int:
                 time.sleep(0.3)
             say(f"    check now offers {len(se.check_storage_repository('r1'))} fixes")
 
+            checks = LiveChapter(se, story, qemu, work).run()
+
             say("\nFinal statuses")
             for repo in ("r1", "r2"):
                 for info in se.list_images(repo):
@@ -148,7 +117,7 @@ def main() -> int:
                         f"stage {status.stage:5} chain depth {info.chain_depth}"
                     )
 
-            checks = {
+            checks |= {
                 "web01 holds both writes": story.holds("r1", disk, 0, 16 * MiB, 0xA1)
                 and story.holds("r1", disk, 16 * MiB, 8 * MiB, 0xA2),
                 "clones hold the snapshot's data, merged in": all(
