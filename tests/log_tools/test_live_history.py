@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
+from eventsourcing.persistence import Mapper, StoredEvent
 
+from engine.log import OperationLog
+from engine.persistence.transcoder import default_transcoder
+from engine.projections.log_events import new_mapper, to_event
+from engine.projections.point_in_time import Until, replay
 from tests.log_tools.cli import strata_log
 from tests.log_tools.live_log import LiveLog, make_live_log
+from tests.replay.test_point_in_time_replay import folded
+
+LIVE_EVENTS = {
+    "ImageAttached", "AttachmentReleased", "OperationRequested", "StageReached", "OperationAborted"
+}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-storage-daemon") is None,
@@ -85,3 +98,38 @@ def test_the_json_keeps_the_fields_as_the_log_has_them(live_log: LiveLog) -> Non
     assert (plan["op_id"], plan["purpose"]) == (live_log.pivoting, "commit")
     assert plan["stages"][0]["do"] == "commit"
     assert by_event["ImageAttached"]["changed"]["attached_on"] == [None, "host-c"]
+
+
+def test_the_live_log_folds_the_same_with_or_without_the_overwritten_records(
+    live_log: LiveLog,
+) -> None:
+    """Replay leaves out claims and progress that later records overwrite; a StageReached
+    between a claim and its completion must keep its phase all the same."""
+    log_dir = str(Path(live_log.repo) / "log")
+    end = replay(log_dir, skip_superseded=False)
+    for position in range(1, end.position + 1):
+        assert folded(replay(log_dir, Until(seq=position))) == folded(
+            replay(log_dir, Until(seq=position), skip_superseded=False)
+        )
+    image = end.view.image(uuid.UUID(live_log.disk))
+    assert image is not None and image.attached_on is None
+    op = image.operation(live_log.pivoting)
+    assert op is not None and (op.phase, op.claim_host) == ("pivoting", "host-c")
+    (aborted,) = [o for o in image.operations if o.op_id.startswith(live_log.aborted)]
+    assert aborted.aborted and aborted.finished
+
+
+def test_replay_decodes_the_live_events_as_the_library_does(live_log: LiveLog) -> None:
+    library: Mapper[Any] = Mapper(default_transcoder())
+    mine = new_mapper()
+    with OperationLog.open(str(Path(live_log.repo) / "log"), "reader") as log:
+        records = [r for r in log.read() if str(r.originator_id) == live_log.disk]
+    topics = {r.topic.rsplit(".", 1)[1] for r in records}
+    assert topics >= LIVE_EVENTS
+    for record in records:
+        stored = StoredEvent(
+            record.originator_id, record.originator_version, record.topic, record.state
+        )
+        expected = library.to_domain_event(stored)
+        decoded = to_event(mine, record)
+        assert type(decoded) is type(expected) and vars(decoded) == vars(expected)
