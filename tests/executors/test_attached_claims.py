@@ -111,3 +111,36 @@ def test_which_stages_have_a_live_form() -> None:
     assert not has_live_form({"do": "create", "volume": volume, "size": MiB})
     assert not has_live_form({"do": "resize", "volume": volume, "size": MiB})
     assert not has_live_form({"do": "delete", "volumes": [volume]})
+
+
+def test_a_merge_stage_that_changes_a_volume_of_an_image_attached_elsewhere_waits(
+    repo: Repo,
+) -> None:
+    """A merge is queued on one user of the merged volume (an attached one if there was one
+    then) and rewrites the other users' volumes too; a user attached on another host since is
+    served by that host's daemon, so the stage that changes its volume is left until it is
+    detached (or its host dies), like the work of the attached image itself."""
+    base, merged, mine, theirs = (new_volume("qcow2") for _ in range(4))
+    qemu.create(repo.path(base), "qcow2", 4 * MiB)
+    qemu.create(repo.path(merged), "qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu.write_pattern(repo.path(merged), "qcow2", MiB, MiB, 0xB2)
+    for ref in (mine, theirs):
+        qemu.create(repo.path(ref), "qcow2", None, backing=merged, backing_fmt="qcow2")
+    other = repo.request(chain=[base, merged, theirs])
+    first: RebaseStage = {"do": "rebase", "volume": theirs, "backing": base, "old_backing": merged}
+    last: RebaseStage = {
+        "do": "rebase", "volume": mine, "backing": base, "old_backing": merged,
+        "set_chain": [base, mine], "drop_volume": merged,
+        "chain_changes": {str(other): [base, theirs]},
+    }  # fmt: skip
+    carrier = repo.request(first, last, chain=[base, merged, mine], purpose=ops.MERGE)
+    attach(repo, other, OTHER)
+
+    assert repo.executor(hosts=Hosts()).run_once() == 0
+
+    assert repo.topics(carrier) == ["ImageRequested"]
+    assert qemu.info(repo.path(theirs), fmt="qcow2")["backing-filename"] == merged
+
+    assert repo.executor(hosts=Hosts(OTHER)).run_once() == 2  # its host died with its daemon
+    assert repo.service.get(other).chain == [base, theirs]
+    assert qemu.read_pattern_matches(repo.path(theirs), "qcow2", MiB, MiB, 0xB2)
