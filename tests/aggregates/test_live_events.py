@@ -284,3 +284,20 @@ def test_a_clone_is_not_changed_by_live_events_applied_to_the_original() -> None
     assert live_fields(twin) == before
     assert twin.attached_on == "a" and twin.operations[-1].phase == "pivoting"
     assert image.attached_on is None and image.operations[-1].phase == ""
+
+
+def test_a_snapshot_is_refused_while_a_block_job_is_unfinished() -> None:
+    """A block job's completion sets the chain it planned: a snapshot taken meanwhile would
+    lose the disk's new top, and the disk would write into a volume the snapshot reads."""
+    image = ready_disk()
+    image.request_operation(operation=commit_job(), host_id="a", now=NOW)
+    with pytest.raises(ImageNotReady, match="block job job"):
+        image.take_snapshot(
+            snapshot_id=uuid.uuid4(), new_top=vol(4), operations=[], host_id="a", now=NOW
+        )
+    assert image.chain == [vol(1), vol(2), vol(3)]
+    run_all(image)
+    image.take_snapshot(
+        snapshot_id=uuid.uuid4(), new_top=vol(4), operations=[], host_id="a", now=NOW
+    )
+    assert image.chain == [vol(1), vol(4)]
