@@ -2,8 +2,11 @@
 
 Each event with its sequence number, time and host, its own fields (what it says happened), and
 how the image looked after its transaction compared with the image's previous event: status,
-stage, chain, size and so on, computed by the engine's own view over the whole log up to there
-(an image's status also depends on the images whose volumes it uses).
+stage, chain, size, the host it is attached on and so on, computed by the engine's own view over
+the whole log up to there (an image's status also depends on the images whose volumes it uses).
+
+The events of live work (docs/adr/0028-live-operations-as-stages.md) are said as a sentence in
+the text form: their fields (a block job's plan, above all) say little on one line.
 
 Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
 standard library.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from engine.errors import ImageNotFound, InvalidParameter
@@ -28,7 +31,7 @@ from log_tools.render import event_fields, iso_time, printable, short, to_json
 # How the image looked, compared between its events.
 _WATCHED = (
     "status", "stage", "percent_complete", "host_id", "last_error", "size", "chain", "removed",
-    "user_data",
+    "user_data", "attached_on",
 )  # fmt: skip
 
 
@@ -57,7 +60,9 @@ def history(log_dir: str, image_id: str) -> list[dict[str, Any]]:
     def seen(records: Sequence[Record], view: RepositoryView) -> None:
         nonlocal before
         image = view.image(key)
-        after = {} if image is None else image_summary(image, view)
+        after = {}
+        if image is not None:  # and the host it is attached on, which the summary leaves out
+            after = {**image_summary(image, view), "attached_on": image.attached_on}
         changed = {k: [before.get(k), after[k]] for k in _WATCHED if before.get(k) != after.get(k)}
         for record in records:
             if record.originator_key != key_of(key):
@@ -97,10 +102,14 @@ def run(args: argparse.Namespace) -> int:
 
 def write_text(entries: list[dict[str, Any]], out: TextIO) -> None:
     for entry in entries:
-        fields = ", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items())
+        sentence = describe(entry["event"], entry["fields"], entry["host_id"])
+        if sentence is None:
+            said = short(", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items()), 160)
+        else:
+            said = short(sentence, 240)  # names two volumes and an operation: longer
         out.write(
             f"{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
-            f"v{entry['version']}  {entry['event']}  {short(fields, 160)}\n"
+            f"v{entry['version']}  {entry['event']}  {said}\n"
         )
         for name, (old, new) in entry["changed"].items():
             out.write(f"{'':>10}{name}: {_value(old)} -> {_value(new)}\n")
@@ -111,3 +120,71 @@ def _value(value: Any) -> str:
         # Operation plans: their purposes say enough here; --json has every stage.
         return "[" + ", ".join(str(v.get("purpose", "?")) for v in value) + "]"
     return short(repr(value) if isinstance(value, str) else str(value), 100)
+
+
+def describe(event: str, fields: dict[str, Any], host_id: str) -> str | None:
+    """A sentence for an event of live work or of use by a host (None for the others, shown
+    as their fields); ``host_id`` appended it."""
+    text = _text(fields)
+    host = printable(host_id)
+    if event == "ImagePrepared":
+        return f"prepared on {host}, for a virtual machine that opens its file itself"
+    if event == "ImageTornDown":
+        return f"torn down on {host}: no longer prepared or attached there"
+    if event == "ImageAttached":
+        return f"attached on {host}: its storage daemon serves the image"
+    if event == "AttachmentReleased":
+        return f"attachment of {text('of_host')} released: {text('reason') or 'no reason given'}"
+    if event == "OperationRequested":
+        plan = fields.get("operation")
+        if not isinstance(plan, dict):
+            return None
+        stages = plan.get("stages")
+        said = "; ".join(_stage(s) for s in stages) if isinstance(stages, list) else "no stages"
+        return f"block job {_text(plan)('purpose')} {_text(plan)('op_id')} requested: {said}"
+    if event == "StageReached":
+        stage = fields.get("stage")
+        number = stage + 1 if isinstance(stage, int) else "?"
+        return (
+            f"stage {number} of operation {text('op_id')} reached {text('phase')!r} "
+            f"(epoch {text('epoch')}), recorded before that step"
+        )
+    if event == "OperationAborted":
+        return (
+            f"operation {text('op_id')} aborted, the chain left as it was: "
+            f"{text('reason') or 'no reason given'}"
+        )
+    return None
+
+
+def _stage(stage: Any) -> str:
+    """One stage of a block job as words: what it writes where."""
+    if not isinstance(stage, dict):
+        return "?"
+    text = _text(stage)
+    kind = text("do")
+    if kind == "commit":
+        said = f"commit {text('top')} down into {text('volume')}"
+        if stage.get("child"):
+            said += f", then {text('child')} reads {text('volume')}"
+        else:
+            said += ", then the image pivots onto it"
+    elif kind == "rebase":
+        below = f"down to {text('backing')}" if stage.get("backing") else "all of it"
+        said = f"pull the volumes below {text('volume')} into it, {below}"
+    else:
+        said = f"{kind} {text('volume')}"
+    bandwidth = stage.get("bandwidth")
+    if isinstance(bandwidth, int) and bandwidth:
+        said += f" at {bandwidth} bytes/s"
+    return said
+
+
+def _text(fields: dict[str, Any]) -> Callable[[str], str]:
+    """``text(key)``: the field as printable text, '' if absent (the log is read as it is)."""
+
+    def text(key: str) -> str:
+        value = fields.get(key)
+        return "" if value is None else printable(str(value))
+
+    return text

@@ -278,6 +278,15 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
         self._require_not_opened("snapshots of a running disk are taken while it is attached")
+        busy = self.current_operation()
+        if busy is not None and busy.purpose in ops.BLOCK_JOBS:
+            # Its completion sets the chain it planned, which would lose the new top.
+            raise ImageNotReady(
+                f"block job {busy.op_id} ({busy.purpose}) is {busy.state}; it sets the chain "
+                "when it ends: wait for it, or abort it",
+                image_id=self.id,
+                status="busy",
+            )
         frozen = list(self.chain)
         self._trigger(
             self.SnapshotTaken,

@@ -15,7 +15,8 @@ hosts, the log lets exactly one win) when
 * the image is attached to no host, or to this one (its stages then run live, through this
   host's storage daemon: engine/executors/live_stages.py), or to a host that may be taken over:
   that host died with its daemon, so the image is no longer attached (``AttachmentReleased``,
-  appended with the claim) and the stage runs offline (docs/adr/0028).
+  appended with the claim) and the stage runs offline (docs/adr/0028); and a merge's stage
+  rewrites no volume of another image attached on another host that may not be taken over.
 
 A host whose own lease lapsed (it could not renew its heartbeat for ``lease_timeout``: storage
 hung, or the process was stopped and resumed) may have been counted dead: it cancels the stages
@@ -50,7 +51,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import changed_by, is_known
+from engine.aggregates.stage_kinds import Stage, changed_by, is_known
 from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
@@ -358,6 +359,8 @@ class Executor:
             self.hosts is not None and self.hosts.may_take_over(attached)
         ):
             return None  # live work, for the host that serves the image
+        if op.purpose == ops.MERGE and self._served_elsewhere(image, op.stages[op.done]):
+            return None  # it rewrites a volume of another image, served by another host
         if op.claim_host not in (None, self.host_id) and not self.may_take_over(image, op):
             if self.hosts is not None:
                 expiry = self.hosts.expires_in(op.claim_host)
@@ -365,6 +368,24 @@ class Executor:
                     self._next_expiry = expiry
             return None
         return op
+
+    def _served_elsewhere(self, image: Image, stage: Stage) -> bool:
+        """Whether the stage rewrites a volume in the chain of another image that a host alive
+        serves. A merge rewrites the volumes of every chain through the merged one, and is
+        queued on an attached one when it is planned; another may be attached since."""
+        ref = changed_by(stage)
+        if ref is None:
+            return False
+        for other in self.view.images():
+            host = other.attached_on
+            if (
+                host not in (None, self.host_id)
+                and other.id != image.id
+                and ref in other.chain
+                and not (self.hosts is not None and self.hosts.may_take_over(host))
+            ):
+                return True
+        return False
 
     def may_take_over(self, image: Image, op: Operation) -> bool:
         """Whether another host's claim on ``op`` may be taken over: that host's heartbeat
