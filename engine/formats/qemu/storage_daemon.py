@@ -32,6 +32,7 @@ from engine.formats.qemu import daemon_process
 from engine.formats.qemu.args import check_image_format
 from engine.formats.qemu.block_jobs import BlockJobs, Job
 from engine.formats.qemu.daemon_process import DaemonPaths
+from engine.formats.qemu.direct_io import accepts_direct_io
 from engine.formats.qemu.qmp import QmpConnection
 
 FILE_SUFFIX = "-file"
@@ -284,6 +285,10 @@ def _node_options(volume: ChainVolume, below: str | None, read_only: bool) -> di
             "node-name": volume.node + FILE_SUFFIX,
             "filename": os.path.abspath(volume.path),
             "read-only": read_only,
+            # cache=none, as virtual machines on shared storage run: what the guest was told is
+            # written is not waiting in this host's page cache, which would also make a large
+            # job's writes throttle the guest's (docs/adr/0027).
+            "cache": {"direct": accepts_direct_io(volume.path, create=False)},
         },
     }
     if fmt == "qcow2":
