@@ -24,7 +24,7 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation, Purpose, split_ref
 from engine.aggregates.stage_kinds import CommitStage, RebaseStage
-from engine.errors import DaemonError, ImageInUse, InvalidParameter, StaleFix
+from engine.errors import DaemonError, ImageInUse, InvalidParameter, StaleFix, WrongImageKind
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import Job, StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
@@ -150,6 +150,7 @@ class LiveHandlers:
     def pull(self, image: Image, base_volume_id: str | None, bandwidth: int) -> str:
         """Queue the pull of everything between the top and ``base_volume_id`` (all of it
         when None) into the top; return the job's id."""
+        _require_disk(image)
         chain = image.chain
         if len(chain) < 2:
             raise InvalidParameter(
@@ -174,6 +175,7 @@ class LiveHandlers:
     def commit(self, image: Image, top_volume_id: str, base_volume_id: str, bandwidth: int) -> str:
         """Queue the commit of ``top`` (and what lies between) into ``base``; return its id.
         Refused (ImageInUse) when a volume it writes or drops is read by another image."""
+        _require_disk(image)
         chain = image.chain
         top_at = _index(chain, top_volume_id, "top_volume_id")
         base_at = _index(chain, base_volume_id, "base_volume_id")
@@ -332,6 +334,12 @@ class LiveHandlers:
     def _daemon_job(self, name: str) -> Job | None:
         daemon = self.daemon()
         return None if daemon.pid is None else daemon.find_job(name)
+
+
+def _require_disk(image: Image) -> None:
+    """Block jobs rewrite a chain: a snapshot's never changes (WrongImageKind)."""
+    if image.kind != ops.VIRTUAL_DISK:
+        raise WrongImageKind(image_id=image.id, kind=image.kind, expected=ops.VIRTUAL_DISK)
 
 
 def _index(chain: list[str], volume_id: str, name: str) -> int:

@@ -13,11 +13,13 @@ import pytest
 
 from engine import StorageEngine
 from engine.errors import (
+    ImageInUse,
     ImageNotFound,
     InvalidParameter,
     RepositoryAlreadyConnected,
     RepositoryNotConnected,
     RepositoryNotEmpty,
+    StaleFix,
     StrataError,
     UnknownRepositoryFormat,
     WrongImageKind,
@@ -85,7 +87,33 @@ BAD_CALLS: list[tuple[str, type[StrataError], Callable[[StorageEngine, dict[str,
                                                 {"path": se.describe_repository("r1")["path"]})),
     ("wait with a negative timeout", InvalidParameter,
      lambda se, w: se.wait_for_image("r1", w["disk"], timeout=-1)),
+    ("pull onto what is not a volume id", InvalidParameter,
+     lambda se, w: se.block_pull("r1", w["disk"], base_volume_id="../../etc")),
+    ("pull onto a volume of no chain", InvalidParameter,
+     lambda se, w: se.block_pull("r1", w["disk"], base_volume_id=uuid.uuid4().hex)),
+    ("pull a snapshot", WrongImageKind, lambda se, w: se.block_pull("r1", w["snap"])),
+    ("pull with a negative bandwidth", InvalidParameter,
+     lambda se, w: se.block_pull("r1", w["disk"], bandwidth=-1)),
+    ("pull with a bandwidth as text", InvalidParameter,
+     lambda se, w: se.block_pull("r1", w["disk"], bandwidth="1M")),  # type: ignore[arg-type]
+    ("commit into a base a snapshot reads", ImageInUse,
+     lambda se, w: se.block_commit("r1", w["disk"], *volume_pair(se, w["disk"], -1, 0))),
+    ("commit down onto a higher volume", InvalidParameter,
+     lambda se, w: se.block_commit("r1", w["disk"], *volume_pair(se, w["disk"], 0, -1))),
+    ("abort with no job", StaleFix, lambda se, w: se.abort_block_job("r1", w["disk"])),
+    ("abort with a pivot that is not a bool", InvalidParameter,
+     lambda se, w: se.abort_block_job("r1", w["disk"], pivot="yes")),  # type: ignore[arg-type]
+    ("bandwidth of no job", StaleFix,
+     lambda se, w: se.set_block_job_bandwidth("r1", w["disk"], 1024)),
+    ("chain of an unknown image", ImageNotFound,
+     lambda se, w: se.get_volume_chain("r1", str(uuid.uuid4()))),
 ]  # fmt: skip
+
+
+def volume_pair(se: StorageEngine, image: str, top: int, base: int) -> tuple[str, str]:
+    """The ids of the image's volumes at ``top`` and ``base`` in its chain (base first)."""
+    chain = se.get_volume_chain("r1", image)
+    return chain[top].volume_id, chain[base].volume_id
 
 
 @pytest.mark.parametrize(("name", "error", "call"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
