@@ -1,7 +1,8 @@
 """The storage daemon's block jobs: stream (pull), commit, and what is done to a running job.
 
 :class:`BlockJobs` is the part of :class:`~engine.formats.qemu.storage_daemon.StorageDaemon` that
-starts and drives QEMU block jobs (docs/adr/0027, "Jobs"); it only needs the daemon's ``_execute``.
+starts and drives QEMU block jobs (docs/adr/0028, "The adapter's jobs"); it only needs the
+daemon's ``_execute``.
 
 Every job is started with ``auto-dismiss: false``, so that an outcome reached while the engine was
 down is still there to read (``query-jobs`` shows it ``concluded``, with its ``error``) until the

@@ -287,7 +287,7 @@ def _node_options(volume: ChainVolume, below: str | None, read_only: bool) -> di
             "read-only": read_only,
             # cache=none, as virtual machines on shared storage run: what the guest was told is
             # written is not waiting in this host's page cache, which would also make a large
-            # job's writes throttle the guest's (docs/adr/0027).
+            # job's writes throttle the guest's (docs/adr/0028).
             "cache": {"direct": accepts_direct_io(volume.path, create=False)},
         },
     }
