@@ -236,9 +236,11 @@ def live_pull(se: StorageEngine, qemu: QemuImg, size: int) -> float:
         se.detach_image(REPO, disk)
 
 
-def throughput_during_commit(se: StorageEngine, qemu: QemuImg, size: int) -> None:
+def throughput_during_commit(
+    se: StorageEngine, qemu: QemuImg, size: int, bandwidth: int | None = None
+) -> None:
     """One writer on one disk: first alone for a few seconds, then while the disk's top (holding
-    ``size`` bytes of data) is committed into its base."""
+    ``size`` bytes of data) is committed into its base (at most ``bandwidth`` bytes/s)."""
     disk, _ = chain_with_data(se, qemu, size, "top")
     uri = se.attach_image(REPO, disk).nbd_uri
     try:
@@ -252,7 +254,7 @@ def throughput_during_commit(se: StorageEngine, qemu: QemuImg, size: int) -> Non
             require(se, "block_commit", "get_block_job", "get_volume_chain")
             chain = se.get_volume_chain(REPO, disk)
             t1 = time.perf_counter()
-            se.block_commit(REPO, disk, chain[-1].volume_id, chain[0].volume_id)
+            se.block_commit(REPO, disk, chain[-1].volume_id, chain[0].volume_id, bandwidth)
             wait_for_job(se, disk)
             t2 = time.perf_counter()
             writer.verify(uri, "raw")
@@ -260,6 +262,7 @@ def throughput_during_commit(se: StorageEngine, qemu: QemuImg, size: int) -> Non
         se.detach_image(REPO, disk)
     during = mib_per_s(writer.writes, t1, t2)
     print(f"guest_write_mib_per_s_during_commit: {during:.1f}")
+    print(f"commit_seconds_during_writes: {t2 - t1:.3f}")
     print(f"guest_write_throughput_during_commit_ratio: {during / alone:.2f}")
 
 
@@ -274,7 +277,19 @@ def main() -> int:
         default=3,
         help="live snapshots under writes, and runs of each side of the job comparisons",
     )
+    parser.add_argument(
+        "--figures",
+        default="snapshot,commit,pull,throughput",
+        help="which figures to measure, comma-separated",
+    )
+    parser.add_argument(
+        "--commit-bandwidth-mib",
+        type=int,
+        default=None,
+        help="the limit of the commit that the writer's throughput is measured during",
+    )
     args = parser.parse_args()
+    wanted = set(args.figures.split(","))
     size = (64 if args.quick else args.size_mib) * MiB
     # Short: the daemon's Unix sockets live under the state directory (108 bytes at most).
     work = tempfile.mkdtemp(prefix="sbl-", dir=args.dir)
@@ -300,7 +315,11 @@ def main() -> int:
             se.create_storage_repository("localfs-1.0", {"path": repo})
             se.connect_storage_repository(REPO, "localfs-1.0", {"path": repo})
 
-            figure("live_snapshot_write_stall_ratio", lambda: write_latency(se, size, args.rounds))
+            if "snapshot" in wanted:
+                figure(
+                    "live_snapshot_write_stall_ratio",
+                    lambda: write_latency(se, size, args.rounds),
+                )
 
             commit_calls = ("block_commit", "get_block_job", "get_volume_chain")
             pull_calls = ("block_pull", "get_block_job")
@@ -323,12 +342,16 @@ def main() -> int:
                 print(f"live_pull_seconds: {ours:.3f}")
                 print(f"pull_ratio_vs_qemu_img_rebase: {ours / baseline:.2f}")
 
-            figure("live_commit_ratio_vs_qemu_img_commit", commit)
-            figure("pull_ratio_vs_qemu_img_rebase", pull)
-            figure(
-                "guest_write_throughput_during_commit_ratio",
-                lambda: throughput_during_commit(se, qemu, size),
-            )
+            if "commit" in wanted:
+                figure("live_commit_ratio_vs_qemu_img_commit", commit)
+            if "pull" in wanted:
+                figure("pull_ratio_vs_qemu_img_rebase", pull)
+            limit = None if args.commit_bandwidth_mib is None else args.commit_bandwidth_mib * MiB
+            if "throughput" in wanted:
+                figure(
+                    "guest_write_throughput_during_commit_ratio",
+                    lambda: throughput_during_commit(se, qemu, size, limit),
+                )
         finally:
             se.close()  # lets go of the daemon, which keeps serving by design (docs/adr/0027)
     finally:
