@@ -44,15 +44,7 @@ def __getattr__(name: str) -> Any:
         from engine.facade import StorageEngine
 
         return StorageEngine
-    if name in (
-        "Attachment",
-        "BlockJob",
-        "Fix",
-        "ImageInfo",
-        "ImageStatus",
-        "PreparedImage",
-        "Volume",
-    ):
+    if name in __all__ and name != "StorageEngine":
         from engine import types
 
         return getattr(types, name)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.log import read_ahead, scan
+from tests.facade.images import Engines
 from tests.faults.smallfs import SmallFs, skip_reason
 
 
@@ -67,3 +72,36 @@ def pytest_configure(config: pytest.Config) -> None:
         read_ahead.compiled_read_frames = read_ahead.compiled_hash_frames = None
     elif chosen == "compiled" and scan.compiled_scan_frames is None:
         raise pytest.UsageError("--scanner=compiled: engine/log/_fastscan is not built")
+
+
+@pytest.fixture
+def engines(repo_paths: tuple[str, str]) -> Iterator[Engines]:
+    """``engines(host_id, state_dir=None, **kwargs)``: an engine connected to r1 (formatted
+    once); each state dir's daemon is stopped and the dir removed at the end, even on failure."""
+    state_dirs: list[str] = []
+    opened: list[StorageEngine] = []
+
+    def make(host_id: str, state_dir: str | None = None, **kwargs: object) -> StorageEngine:
+        if state_dir is None:
+            state_dir = tempfile.mkdtemp(prefix="strata-e-")
+            state_dirs.append(state_dir)
+        kwargs.setdefault("poll_interval", 0.1)
+        se = StorageEngine(host_id, state_dir=state_dir, **kwargs)  # type: ignore[arg-type]
+        opened.append(se)
+        if len(opened) == 1:
+            se.create_storage_repository("localfs-1.0", {"path": repo_paths[0]})
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo_paths[0]})
+        return se
+
+    try:
+        yield make
+    finally:
+        try:
+            for se in opened:
+                se.close()
+        finally:
+            for state_dir in state_dirs:
+                try:
+                    StorageDaemon(state_dir).stop()
+                finally:
+                    shutil.rmtree(state_dir, ignore_errors=True)

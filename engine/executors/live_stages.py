@@ -164,12 +164,7 @@ def commit(run: StageRun, stage: CommitStage, live: Live) -> None:
             _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
             return  # completed by an earlier attempt
         if active_node is None:
-            raise DaemonError(
-                command="query-block-exports",
-                error_class=None,
-                desc=f"image {image.id} is not exported here any more",
-                socket=daemon.paths.qmp_socket,
-            )
+            raise _said(daemon, "query-block-exports", f"image {image.id} is not exported here")
         run.confirm()
         daemon.reopen(
             ChainVolume(base_node, base.path, base.fmt),
@@ -201,12 +196,7 @@ def _follow(run: StageRun, daemon: StorageDaemon, job: str, *, pivot: bool = Fal
     while True:
         found = daemon.find_job(job)
         if found is None:
-            raise DaemonError(
-                command="query-jobs",
-                error_class=None,
-                desc=f"job {job} vanished before this host read how it ended",
-                socket=daemon.paths.qmp_socket,
-            )
+            raise _said(daemon, "query-jobs", f"job {job} vanished before this host read its end")
         if found.total_progress and run.progress is not None:
             run.progress(100.0 * found.current_progress / found.total_progress)
         if found.status == "concluded":
@@ -226,9 +216,7 @@ def _conclude(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
     if job.error is not None:
         if run.moved_on():
             raise run.cancelled(f"job {job.id} was cancelled: {job.error}")
-        raise DaemonError(
-            command=job.type, error_class=None, desc=job.error, socket=daemon.paths.qmp_socket
-        )
+        raise _said(daemon, job.type, job.error)
 
 
 def _cancelled(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
@@ -244,6 +232,11 @@ def _cancelled(run: StageRun, daemon: StorageDaemon, job: Job) -> None:
             ended = daemon.wait_job(job.id, ("concluded",), timeout=30.0)
             daemon.dismiss_job(ended.id)
     raise run.cancelled("cancelled while its block job ran")
+
+
+def _said(daemon: StorageDaemon, command: str, desc: str) -> DaemonError:
+    """What the daemon's state says went wrong with ``command``, as its typed error."""
+    return DaemonError(command=command, error_class=None, desc=desc, socket=daemon.paths.qmp_socket)
 
 
 # --- the graph ------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
 from engine.log.follow import LogFollower
+from engine.service.attachments import dead_host
 from engine.service.unit_of_work import ImageService
 
 logger = logging.getLogger("engine.executors")
@@ -418,7 +419,7 @@ class Executor:
             if attached not in (None, self.host_id):
                 image.release_attachment(
                     of_host=attached,
-                    reason=f"host {attached} is dead (its heartbeat expired), its daemon too",
+                    reason=dead_host(attached),
                     host_id=self.host_id,
                     now=now,
                 )

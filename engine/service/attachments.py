@@ -42,6 +42,11 @@ def job_name(op_id: str, index: int) -> str:
     return f"j{_NOT_ALNUM.sub('', op_id)[:24]}-{index}"
 
 
+def dead_host(host_id: str) -> str:
+    """Why an image attached on ``host_id`` is not any more (``AttachmentReleased``)."""
+    return f"host {host_id} is dead (its heartbeat expired), its daemon too"
+
+
 def chain_volumes(image: Image, storage: RepositoryStorage) -> list[ChainVolume]:
     """The image's chain, base first, as the daemon opens it."""
     volumes = []

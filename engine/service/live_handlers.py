@@ -28,7 +28,7 @@ from engine.errors import DaemonError, ImageInUse, InvalidParameter, StaleFix, W
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import Job, StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
-from engine.service.attachments import chain_volumes, export_name, job_name
+from engine.service.attachments import chain_volumes, dead_host, export_name, job_name
 from engine.service.unit_of_work import ImageService
 from engine.types import Attachment, BlockJob, Volume
 
@@ -80,7 +80,7 @@ class LiveHandlers:
             if other is not None and other != host and dead:
                 current.release_attachment(
                     of_host=other,
-                    reason=f"host {other} is dead (its heartbeat expired), its daemon too",
+                    reason=dead_host(other),
                     host_id=host,
                     now=now,
                 )

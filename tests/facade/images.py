@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from engine import PreparedImage, StorageEngine
@@ -14,6 +14,9 @@ from engine.errors import ImageNotFound
 from engine.formats.qemu.image_tools import QemuImg
 
 MiB = 2**20
+
+# The ``engines`` fixture (tests/conftest.py): ``engines(host_id, state_dir=None, **kwargs)``.
+Engines = Callable[..., StorageEngine]
 
 
 @contextmanager

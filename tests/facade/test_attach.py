@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator
 
 import pytest
 
 from engine import Attachment, StorageEngine
 from engine.errors import ImageInUse, ImageNotFound, InvalidParameter, StrataError
 from engine.formats.qemu.storage_daemon import StorageDaemon
-from tests.facade.images import MiB, prepared, tree_digest
+from tests.facade.images import Engines, MiB, prepared, tree_digest
 from tests.vm import qemu_io
 
 pytestmark = pytest.mark.skipif(
@@ -26,38 +24,6 @@ pytestmark = pytest.mark.skipif(
     reason="qemu-storage-daemon and qemu-io are not installed (Debian: qemu-system-common, "
     "qemu-utils)",
 )
-
-Engines = Callable[[str], StorageEngine]
-
-
-@pytest.fixture
-def engines(repo_paths: tuple[str, str]) -> Iterator[Engines]:
-    """``engines(host_id)``: an engine on its own state dir connected to r1 (formatted once)."""
-    state_dirs: list[str] = []
-    opened: list[StorageEngine] = []
-
-    def make(host_id: str) -> StorageEngine:
-        state_dir = tempfile.mkdtemp(prefix="strata-at-")
-        state_dirs.append(state_dir)
-        se = StorageEngine(host_id, state_dir=state_dir, poll_interval=0.1)
-        opened.append(se)
-        if len(opened) == 1:
-            se.create_storage_repository("localfs-1.0", {"path": repo_paths[0]})
-        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo_paths[0]})
-        return se
-
-    try:
-        yield make
-    finally:
-        try:
-            for se in opened:
-                se.close()
-        finally:
-            for state_dir in state_dirs:
-                try:
-                    StorageDaemon(state_dir).stop()
-                finally:
-                    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import pytest
 
 from engine import BlockJob, StorageEngine
 from engine.errors import ImageInUse, InvalidParameter
-from tests.facade.images import MiB, run_fixes
-from tests.live.conftest import Engines
+from tests.facade.images import Engines, MiB, run_fixes
 from tests.vm import GuestWriter, qemu_io
 
 pytestmark = pytest.mark.skipif(

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from engine import StorageEngine
-from tests.facade.images import MiB
-from tests.live.conftest import Engines
+from tests.facade.images import Engines, MiB
 from tests.live.content import allowed_at, block_patterns
 from tests.vm import GuestWriter
 
