@@ -19,6 +19,7 @@ from typing import Any
 import engine.projections.check as fix_rules
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import has_live_form
 from engine.connections import ConnectedRepository
 from engine.errors import ForeignFile, ImageNotReady
 from engine.opaque import value_of
@@ -150,5 +151,10 @@ def settled(view: RepositoryView, image: Image) -> bool:
 
 
 def _blocked_or_done(image: Image) -> bool:
+    """No stage to wait for: none left, one waiting for a fix, or one that waits for the
+    image's detach (a kind with no live form, on an attached image: docs/adr/0028)."""
     op = image.current_operation()
-    return op is None or op.state in (ops.FAILED, ops.STOPPED, ops.HELD)
+    if op is None or op.state in (ops.FAILED, ops.STOPPED, ops.HELD):
+        return True
+    stage = op.current_stage
+    return image.attached_on is not None and stage is not None and not has_live_form(stage)

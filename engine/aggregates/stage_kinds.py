@@ -181,6 +181,13 @@ def produced_by(stage: Stage) -> str | None:
     return volume if isinstance(volume, str) else None
 
 
+def has_live_form(stage: Stage) -> bool:
+    """Whether the stage can run on an attached image, through the host's storage daemon
+    (docs/adr/0028): the other kinds wait for its detach."""
+    kind = stage.get("do")
+    return kind in ("rebase", "commit") or (kind == "create" and bool(stage.get("backing")))
+
+
 def changed_by(stage: Stage) -> str | None:
     """The volume a stage makes or rewrites in place, if any: what a live stage works on."""
     rules = RULES.get(stage["do"])

@@ -34,7 +34,7 @@ import threading
 import uuid
 from contextlib import suppress
 
-from engine.aggregates.stage_kinds import CommitStage, CreateStage, RebaseStage, Stage
+from engine.aggregates.stage_kinds import CommitStage, CreateStage, RebaseStage
 from engine.errors import DaemonError, VolumeMismatch
 from engine.executors import stages
 from engine.executors.stage_run import Live, StageRun, expect_backing, field, local
@@ -43,12 +43,6 @@ from engine.service.attachments import export_name, job_name, node_name
 
 logger = logging.getLogger("engine.executors")
 POLL = 0.05  # seconds between looks at a running job
-
-
-def has_live_form(stage: Stage) -> bool:
-    """Whether the stage can run on an attached image: the other kinds wait for its detach."""
-    kind = stage.get("do")
-    return kind in ("rebase", "commit") or (kind == "create" and bool(stage.get("backing")))
 
 
 def execute(run: StageRun) -> None:

@@ -51,7 +51,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import Stage, changed_by, is_known
+from engine.aggregates.stage_kinds import Stage, changed_by, has_live_form, is_known
 from engine.aggregates.work_rules import needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
@@ -354,7 +354,7 @@ class Executor:
         if not is_known(op.stages[op.done]):
             return None
         attached = image.attached_on
-        if attached == self.host_id and not live_stages.has_live_form(op.stages[op.done]):
+        if attached == self.host_id and not has_live_form(op.stages[op.done]):
             return None  # it would change what the daemon serves behind its back: after detach
         if attached not in (None, self.host_id) and not (
             self.hosts is not None and self.hosts.may_take_over(attached)

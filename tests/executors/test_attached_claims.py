@@ -7,8 +7,7 @@ from __future__ import annotations
 import uuid
 
 from engine.aggregates import operations as ops
-from engine.aggregates.stage_kinds import CopyStage, RebaseStage
-from engine.executors.live_stages import has_live_form
+from engine.aggregates.stage_kinds import CopyStage, RebaseStage, has_live_form
 from tests.executors.executor_repos import HOST, MiB, Repo, new_volume, qemu
 
 OTHER = "host-b"

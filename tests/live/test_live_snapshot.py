@@ -51,3 +51,23 @@ def test_live_snapshot_under_writes(engines: Engines) -> None:
         writer.verify(uri, "raw")
     se.detach_image("r1", disk)
     writer.verify(se.prepare_image("r1", disk).path, "qcow2")
+
+
+def test_work_with_no_live_form_waits_for_the_detach(engines: Engines) -> None:
+    """A performance-strategy disk wants its chain flattened after a snapshot: a copy that
+    would switch the volume the daemon serves, so it waits until the disk is detached."""
+    se = engines("host-a")
+    disk = se.create_virtual_disk("r1", 16 * MiB, options={"strategy": "performance"})
+    se.wait_for_image("r1", disk, timeout=30)
+    uri = se.attach_image("r1", disk).nbd_uri
+    with GuestWriter(uri, length=4 * MiB) as writer:
+        writer.wait_for_writes(20)
+        se.create_snapshot("r1", disk)
+        status = se.wait_for_image("r1", disk, timeout=30)  # settled: it waits for the detach
+        assert status.status == "degraded", status
+        assert len(se.get_volume_chain("r1", disk)) == 2
+        writer.verify(uri, "raw")
+    se.detach_image("r1", disk)
+    assert se.wait_for_image("r1", disk, timeout=60).status == "optimized"
+    assert len(se.get_volume_chain("r1", disk)) == 1
+    writer.verify(se.prepare_image("r1", disk).path, "raw")
