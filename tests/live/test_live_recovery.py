@@ -65,27 +65,19 @@ def slow_commit_disk(repo: str, state_dir: str) -> tuple[str, str, str, str]:
 
 
 def start_commit_and_kill(repo: str, state_dir: str, disk: str, top: str, base: str) -> HostProcess:
-    """host-a in a process of its own starts a throttled active commit; it is SIGKILLed once
-    the job has made progress (the daemon, in a session of its own, lives on)."""
-    host = HostProcess(
-        host_spec(
-            "host-a",
-            state_dir,
-            {"r1": repo},
-            steps=[
-                {
-                    "call": "block_commit",
-                    "args": ["r1", disk, top, base],
-                    "kwargs": {"bandwidth": 2 * MiB},
-                    "save": "job",
-                }
-            ],
-        )
-    )
+    """host-a starts a throttled active commit and is SIGKILLed (:func:`start_job_and_kill`)."""
+    return start_job_and_kill(repo, state_dir, "block_commit", [disk, top, base])
+
+
+def start_job_and_kill(repo: str, state_dir: str, call: str, args: list[str]) -> HostProcess:
+    """host-a in a process of its own starts a block job limited to 2 MiB/s; it is SIGKILLed
+    once the job has made progress (the daemon, in a session of its own, lives on)."""
+    step = {"call": call, "args": ["r1", *args], "kwargs": {"bandwidth": 2 * MiB}, "save": "job"}
+    host = HostProcess(host_spec("host-a", state_dir, {"r1": repo}, steps=[step]))
     host.saved("job")
     deadline = time.monotonic() + 30
     while not any(name == "StageProgressed" for name, _, _ in events(repo)):
-        assert time.monotonic() < deadline, "the commit never progressed"
+        assert time.monotonic() < deadline, "the job never progressed"
         time.sleep(0.05)
     host.kill()
     return host
@@ -166,3 +158,35 @@ def test_a_daemon_gone_on_its_own_releases_its_images_at_the_next_connect(
         assert again.nbd_uri == uri
         qemu_io(again.nbd_uri, "raw", "read -P 9 0 48M", read_only=True)
         se.detach_image("r1", disk)
+
+
+def test_host_killed_during_a_pull_another_host_folds_the_rest_offline(
+    repo_paths: tuple[str, str], state_dirs: list[str]
+) -> None:
+    repo = repo_paths[0]
+    state_a, state_b = new_state_dir(state_dirs), new_state_dir(state_dirs)
+    with StorageEngine("host-a", state_dir=state_a, lease_timeout=1.0) as se:
+        se.create_storage_repository("localfs-1.0", {"path": repo})
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
+        disk = se.create_virtual_disk("r1", 64 * MiB)
+        se.wait_for_image("r1", disk, timeout=30)
+        uri = se.attach_image("r1", disk).nbd_uri
+        qemu_io(uri, "raw", "write -P 7 0 48M")
+        se.remove_image("r1", se.create_snapshot("r1", disk))
+        (_, top) = chain_of(se, disk)
+    with GuestWriter(uri, start=48 * MiB, length=8 * MiB, pause=0.005) as writer:
+        writer.wait_for_writes(20)
+        start_job_and_kill(repo, state_a, "block_pull", [disk])
+        pid = StorageDaemon(state_a).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        writer.stop()
+    acknowledged = writer.last_patterns()
+    with StorageEngine("host-b", state_dir=state_b, lease_timeout=1.0) as se:
+        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
+        assert job_end(se, disk, timeout=120).state == "completed"
+        assert chain_of(se, disk) == [top]
+        path = se.prepare_image("r1", disk).path
+    qemu_io(path, "qcow2", "read -P 7 0 48M", read_only=True)
+    for offset, pattern in acknowledged.items():
+        qemu_io(path, "qcow2", f"read -P {pattern} {offset} 64K", read_only=True)
