@@ -22,6 +22,7 @@ from engine.errors import (
     VolumeFileNotFound,
 )
 from engine.formats.qemu.image_tools import QemuImg
+from engine.formats.repository import localfs
 from engine.formats.repository.driver import RepositoryFormat, RepositoryStorage
 from engine.formats.repository.registry import FORMATS, get_format
 from engine.log import NewEvent, OperationLog
@@ -454,4 +455,29 @@ def test_a_repository_reached_through_a_link_opens(
     repo = driver.open({"path": str(tmp_path / "link")})
     final = new_volume(repo)
     assert [f.foreign for f in repo.list_volume_files()] == [None]
+    repo.check_own_file(final)
+
+
+def test_a_volume_whose_publish_ends_while_it_is_checked_is_its_own(
+    driver: type[RepositoryFormat], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader in another repository checks a volume right as its publish drops the temporary
+    name: the file had two names when stat'ed, and one when they were counted (localfs counts
+    a file's names to tell a hard link)."""
+    if driver is not localfs.LocalFS:
+        pytest.skip("localfs's own way of telling a hard link")
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp, final = repo.temp_path(volume_id, "raw", "copy"), repo.volume_path(volume_id, "raw")
+    qemu.create(temp, "raw", MiB)
+    os.link(temp, final)  # the publish's first step
+    counted = localfs._names
+
+    def publish_ends_first(directory: int, st: os.stat_result, volume: str) -> int:
+        if os.path.exists(temp):
+            os.unlink(temp)  # the publish's second step, between the stat and the count
+        return counted(directory, st, volume)
+
+    monkeypatch.setattr(localfs, "_names", publish_ends_first)
+
     repo.check_own_file(final)

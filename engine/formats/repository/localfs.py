@@ -349,16 +349,20 @@ def _own_stat(directory: int, path: str) -> os.stat_result | None:
     """The file of ``path`` (a name in the volume directory ``directory``), or None if there is
     none; :class:`ForeignFile` if it is not the repository's own."""
     name = os.path.basename(path)
-    try:
-        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
     parsed = _parse(name)
     volume_id = parsed[0] if parsed is not None else ""
-    foreign = _foreign(directory, name, st, _names(directory, st, volume_id))
-    if foreign is not None:
-        raise ForeignFile(path=path, what=foreign)
-    return st
+    foreign = None
+    # Twice: a publish that ends between the stat and the count of names (its temporary name
+    # unlinked) leaves a file of two names of which one is found; the second look finds one.
+    for _ in range(2):
+        try:
+            st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        foreign = _foreign(directory, name, st, _names(directory, st, volume_id))
+        if foreign is None:
+            return st
+    raise ForeignFile(path=path, what=str(foreign))
 
 
 def _names(directory: int, st: os.stat_result, volume_id: str) -> int:
