@@ -28,6 +28,9 @@ class StrataError(Exception):
 
     code: ClassVar[str] = "strata_error"
     template: ClassVar[str] = "{self.detail}"
+    # The number VDSM's storage API gives the same refusal (seed 003), for callers that speak
+    # it; None where VDSM has no such error.
+    vdsm_code: ClassVar[int | None] = None
 
     def __init__(self, detail: str = "") -> None:
         self.detail = detail
@@ -47,7 +50,10 @@ class StrataError(Exception):
             for name, value in vars(self).items()
             if name != "detail" and not name.startswith("_")
         }
-        return {"code": self.code, "message": self.message, **_plain(fields)}
+        said = {"code": self.code, "message": self.message, **_plain(fields)}
+        if self.vdsm_code is not None:
+            said["vdsm_code"] = self.vdsm_code
+        return said
 
 
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
@@ -524,6 +530,7 @@ class ImageNotFound(StrataError):
     """``image_id`` is ``None`` when the caller named no image (a lookup by volume path)."""
 
     code = "image_not_found"
+    vdsm_code = 13  # imageErr
     template = "Image {self.image_id} not found {self.detail}"
 
     def __init__(self, detail: str, *, image_id: ImageId | None) -> None:
@@ -703,4 +710,59 @@ class ToolFailed(StrataError):
     code = "tool_failed"
 
     def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+
+
+# --- live storage migration (seed 003's errors, with its numbers) ----------------------------
+
+
+class NotAttached(StrataError):
+    """The call needs the image attached on this host (VDSM's noVM)."""
+
+    code = "not_attached"
+    vdsm_code = 1
+    template = "Image {self.image_id} is not attached on host {self.host_id}: {self.detail}"
+
+    def __init__(self, detail: str, *, image_id: ImageId, host_id: str) -> None:
+        self.image_id = image_id
+        self.host_id = host_id
+        super().__init__(detail)
+
+
+class ReplicationNotReady(StrataError):
+    """The copy has not converged yet: retry later (VDSM's unavail)."""
+
+    code = "replication_not_ready"
+    vdsm_code = 40
+    template = "The replication of image {self.image_id} is not ready: {self.detail}; retry later"
+
+    def __init__(self, detail: str, *, image_id: ImageId) -> None:
+        self.image_id = image_id
+        super().__init__(detail)
+
+
+class ReplicationSwitchFailed(StrataError):
+    """The switch to the replica failed; the image stays on the source (VDSM's changeDisk)."""
+
+    code = "replication_switch_failed"
+    vdsm_code = 41
+    template = (
+        "Image {self.image_id} could not switch to its replica ({self.detail}); it stays on "
+        "the source"
+    )
+
+    def __init__(self, detail: str, *, image_id: ImageId) -> None:
+        self.image_id = image_id
+        super().__init__(detail)
+
+
+class ReplicationError(StrataError):
+    """Another replication runs, or there is none to finish (VDSM's replicaErr)."""
+
+    code = "replication_error"
+    vdsm_code = 55
+    template = "Replication of image {self.image_id}: {self.detail}"
+
+    def __init__(self, detail: str, *, image_id: ImageId) -> None:
+        self.image_id = image_id
         super().__init__(detail)

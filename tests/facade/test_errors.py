@@ -35,12 +35,16 @@ from engine.errors import (
     LogMissing,
     NotARepository,
     NotAStrataLog,
+    NotAttached,
     NotSupported,
     PermissionDenied,
     PivotUnknown,
     QemuCancelled,
     QemuError,
     QemuTimeout,
+    ReplicationError,
+    ReplicationNotReady,
+    ReplicationSwitchFailed,
     RepositoryAlreadyConnected,
     RepositoryAlreadyFormatted,
     RepositoryBusy,
@@ -349,6 +353,27 @@ EXAMPLES: list[tuple[StrataError, str, str]] = [
         ),
     ),
     (
+        NotAttached("a replication mirrors what this host serves", image_id=IMAGE, host_id="h1"),
+        "not_attached",
+        f"Image {IMAGE} is not attached on host h1: a replication mirrors what this host serves",
+    ),
+    (
+        ReplicationNotReady("the mirror has not converged", image_id=IMAGE),
+        "replication_not_ready",
+        f"The replication of image {IMAGE} is not ready: the mirror has not converged; retry later",
+    ),
+    (
+        ReplicationSwitchFailed("job-complete failed", image_id=IMAGE),
+        "replication_switch_failed",
+        f"Image {IMAGE} could not switch to its replica (job-complete failed); it stays on the "
+        "source",
+    ),
+    (
+        ReplicationError("another replication runs", image_id=IMAGE),
+        "replication_error",
+        f"Replication of image {IMAGE}: another replication runs",
+    ),
+    (
         PivotUnknown(image_id=IMAGE, top="/r/volumes/t.qcow2", base="/r/volumes/b.qcow2"),
         "pivot_unknown",
         (
@@ -426,10 +451,23 @@ def test_to_dict_holds_the_typed_fields_as_json_values(
 ) -> None:
     as_json = json.loads(json.dumps(error.to_dict()))
     fields = {name: value for name, value in vars(error).items() if name != "detail"}
+    vdsm = {} if error.vdsm_code is None else {"vdsm_code": error.vdsm_code}
     assert as_json == {
         "code": code,
         "message": message,
         **{name: str(v) if isinstance(v, uuid.UUID) else v for name, v in fields.items()},
+        **vdsm,
+    }
+
+
+def test_seed_003s_errors_carry_vdsms_numbers() -> None:
+    numbers = {cls.__name__: cls.vdsm_code for cls in all_error_classes() if cls.vdsm_code}
+    assert numbers == {
+        "NotAttached": 1,
+        "ImageNotFound": 13,
+        "ReplicationNotReady": 40,
+        "ReplicationSwitchFailed": 41,
+        "ReplicationError": 55,
     }
 
 
