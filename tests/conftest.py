@@ -75,18 +75,35 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def engines(repo_paths: tuple[str, str]) -> Iterator[Engines]:
-    """``engines(host_id, state_dir=None, **kwargs)``: an engine connected to r1 (formatted
-    once); each state dir's daemon is stopped and the dir removed at the end, even on failure."""
-    state_dirs: list[str] = []
+def state_dir() -> Iterator[Callable[[], str]]:
+    """``state_dir()``: a new short state dir (a daemon's Unix socket paths hold 108 bytes);
+    at the end, each one's storage daemon is stopped (QMP quit, then its pid killed) and the
+    dir removed, even when the test failed."""
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(tempfile.mkdtemp(prefix="strata-s-"))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for directory in made:
+            try:
+                StorageDaemon(directory).stop()
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def engines(repo_paths: tuple[str, str], state_dir: Callable[[], str]) -> Iterator[Engines]:
+    """``engines(host_id, directory=None, **kwargs)``: an engine connected to r1 (formatted
+    once), on a state dir of the ``state_dir`` fixture unless given; closed at the end."""
     opened: list[StorageEngine] = []
 
-    def make(host_id: str, state_dir: str | None = None, **kwargs: object) -> StorageEngine:
-        if state_dir is None:
-            state_dir = tempfile.mkdtemp(prefix="strata-e-")
-            state_dirs.append(state_dir)
+    def make(host_id: str, directory: str | None = None, **kwargs: object) -> StorageEngine:
         kwargs.setdefault("poll_interval", 0.1)
-        se = StorageEngine(host_id, state_dir=state_dir, **kwargs)  # type: ignore[arg-type]
+        se = StorageEngine(host_id, state_dir=directory or state_dir(), **kwargs)  # type: ignore[arg-type]
         opened.append(se)
         if len(opened) == 1:
             se.create_storage_repository("localfs-1.0", {"path": repo_paths[0]})
@@ -96,12 +113,5 @@ def engines(repo_paths: tuple[str, str]) -> Iterator[Engines]:
     try:
         yield make
     finally:
-        try:
-            for se in opened:
-                se.close()
-        finally:
-            for state_dir in state_dirs:
-                try:
-                    StorageDaemon(state_dir).stop()
-                finally:
-                    shutil.rmtree(state_dir, ignore_errors=True)
+        for se in opened:
+            se.close()

@@ -15,7 +15,7 @@ from engine.formats.qemu.image_tools import QemuImg
 
 MiB = 2**20
 
-# The ``engines`` fixture (tests/conftest.py): ``engines(host_id, state_dir=None, **kwargs)``.
+# The ``engines`` fixture (tests/conftest.py): ``engines(host_id, directory=None, **kwargs)``.
 Engines = Callable[..., StorageEngine]
 
 

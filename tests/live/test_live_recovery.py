@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,37 +28,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def state_dirs() -> Iterator[list[str]]:
-    """Short state dirs (Unix socket paths) whose daemons are killed at the end."""
-    made: list[str] = []
-    try:
-        yield made
-    finally:
-        for state_dir in made:
-            try:
-                StorageDaemon(state_dir).stop()
-            finally:
-                shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def new_state_dir(made: list[str]) -> str:
-    made.append(tempfile.mkdtemp(prefix="strata-rc-"))
-    return made[-1]
-
-
 def slow_commit_disk(repo: str, state_dir: str) -> tuple[str, str, str, str]:
-    """On host-a (closed again, its daemon serving on): an attached 64 MiB disk whose top holds
-    48 MiB over a base no other image reads. Returns the disk, its URI, base and top ids."""
+    """:func:`slow_disk` whose top holds 48 MiB (pattern 9) over 16 MiB in the base."""
+    return slow_disk(repo, state_dir, base_mib=16, top_mib=48)
+
+
+def slow_disk(
+    repo: str, state_dir: str, *, base_mib: int, top_mib: int
+) -> tuple[str, str, str, str]:
+    """On host-a (closed again, its daemon serving on): an attached 64 MiB disk whose base,
+    which no other image reads, holds ``base_mib`` (pattern 7) and its top ``top_mib`` (pattern
+    9) from offset 0. Returns the disk, its URI, base and top ids."""
     with StorageEngine("host-a", state_dir=state_dir, lease_timeout=1.0) as se:
         se.create_storage_repository("localfs-1.0", {"path": repo})
         se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
         disk = se.create_virtual_disk("r1", 64 * MiB)
         se.wait_for_image("r1", disk, timeout=30)
         uri = se.attach_image("r1", disk).nbd_uri
-        qemu_io(uri, "raw", "write -P 7 0 16M")
+        qemu_io(uri, "raw", f"write -P 7 0 {base_mib}M")
         se.remove_image("r1", se.create_snapshot("r1", disk))
-        qemu_io(uri, "raw", "write -P 9 0 48M")
+        if top_mib:
+            qemu_io(uri, "raw", f"write -P 9 0 {top_mib}M")
         base, top = chain_of(se, disk)
     return disk, uri, base, top
 
@@ -84,18 +73,18 @@ def start_job_and_kill(repo: str, state_dir: str, call: str, args: list[str]) ->
 
 
 def test_engine_killed_while_the_daemon_lives_finds_its_job(
-    repo_paths: tuple[str, str], state_dirs: list[str]
+    repo_paths: tuple[str, str], state_dir: Callable[[], str]
 ) -> None:
     repo = repo_paths[0]
-    state_dir = new_state_dir(state_dirs)
-    disk, uri, base, top = slow_commit_disk(repo, state_dir)
+    directory = state_dir()
+    disk, uri, base, top = slow_commit_disk(repo, directory)
     with GuestWriter(uri, start=48 * MiB, length=8 * MiB, pause=0.005) as writer:
-        start_commit_and_kill(repo, state_dir, disk, top, base)
-        daemon = StorageDaemon(state_dir)
+        start_commit_and_kill(repo, directory, disk, top, base)
+        daemon = StorageDaemon(directory)
         assert daemon.pid is not None
         assert [j.status for j in daemon.query_jobs()] in (["running"], ["ready"])
         daemon.close()
-        with StorageEngine("host-a", state_dir=state_dir, lease_timeout=1.0) as se:
+        with StorageEngine("host-a", state_dir=directory, lease_timeout=1.0) as se:
             se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
             # At 2 MiB/s the commit never catches up with the writer: lift the limit.
             se.set_block_job_bandwidth("r1", disk, 0)
@@ -105,16 +94,16 @@ def test_engine_killed_while_the_daemon_lives_finds_its_job(
             writer.wait_for_writes(len(writer.writes) + 20)
             writer.verify(uri, "raw")
             qemu_io(uri, "raw", "read -P 9 0 48M", read_only=True)
-    daemon = StorageDaemon(state_dir)  # the engine let go of the monitor (one client at a time)
+    daemon = StorageDaemon(directory)  # the engine let go of the monitor (one client at a time)
     assert daemon.query_jobs() == []
     daemon.close()
 
 
 def test_host_killed_with_its_daemon_another_host_finishes_offline(
-    repo_paths: tuple[str, str], state_dirs: list[str]
+    repo_paths: tuple[str, str], state_dir: Callable[[], str]
 ) -> None:
     repo = repo_paths[0]
-    state_a, state_b = new_state_dir(state_dirs), new_state_dir(state_dirs)
+    state_a, state_b = state_dir(), state_dir()
     disk, uri, base, top = slow_commit_disk(repo, state_a)
     with GuestWriter(uri, start=48 * MiB, length=8 * MiB, pause=0.005) as writer:
         writer.wait_for_writes(20)
@@ -141,15 +130,15 @@ def test_host_killed_with_its_daemon_another_host_finishes_offline(
 
 
 def test_a_daemon_gone_on_its_own_releases_its_images_at_the_next_connect(
-    repo_paths: tuple[str, str], state_dirs: list[str]
+    repo_paths: tuple[str, str], state_dir: Callable[[], str]
 ) -> None:
     repo = repo_paths[0]
-    state_dir = new_state_dir(state_dirs)
-    disk, uri, _, _ = slow_commit_disk(repo, state_dir)
-    pid = StorageDaemon(state_dir).pid
+    directory = state_dir()
+    disk, uri, _, _ = slow_commit_disk(repo, directory)
+    pid = StorageDaemon(directory).pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    with StorageEngine("host-a", state_dir=state_dir, lease_timeout=1.0) as se:
+    with StorageEngine("host-a", state_dir=directory, lease_timeout=1.0) as se:
         se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
         assert se.list_attachments() == []
         released = [e for name, _, e in events(repo) if name == "AttachmentReleased"]
@@ -161,19 +150,11 @@ def test_a_daemon_gone_on_its_own_releases_its_images_at_the_next_connect(
 
 
 def test_host_killed_during_a_pull_another_host_folds_the_rest_offline(
-    repo_paths: tuple[str, str], state_dirs: list[str]
+    repo_paths: tuple[str, str], state_dir: Callable[[], str]
 ) -> None:
     repo = repo_paths[0]
-    state_a, state_b = new_state_dir(state_dirs), new_state_dir(state_dirs)
-    with StorageEngine("host-a", state_dir=state_a, lease_timeout=1.0) as se:
-        se.create_storage_repository("localfs-1.0", {"path": repo})
-        se.connect_storage_repository("r1", "localfs-1.0", {"path": repo})
-        disk = se.create_virtual_disk("r1", 64 * MiB)
-        se.wait_for_image("r1", disk, timeout=30)
-        uri = se.attach_image("r1", disk).nbd_uri
-        qemu_io(uri, "raw", "write -P 7 0 48M")
-        se.remove_image("r1", se.create_snapshot("r1", disk))
-        (_, top) = chain_of(se, disk)
+    state_a, state_b = state_dir(), state_dir()
+    disk, uri, _, top = slow_disk(repo, state_a, base_mib=48, top_mib=0)
     with GuestWriter(uri, start=48 * MiB, length=8 * MiB, pause=0.005) as writer:
         writer.wait_for_writes(20)
         start_job_and_kill(repo, state_a, "block_pull", [disk])
