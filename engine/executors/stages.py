@@ -367,10 +367,18 @@ def commit(run: StageRun, stage: CommitStage) -> None:
             return
         raise PivotUnknown(image_id=run.image_id, top=top.path, base=base.path)
     progress = run.progress
+    bandwidth = stage.get("bandwidth")
+    limit = bandwidth if isinstance(bandwidth, int) and not isinstance(bandwidth, bool) else 0
 
     def write_down() -> None:
         run.qemu.commit(
-            top.path, base=base.path, fmt=top.fmt, keep=True, progress=progress, cancel=run.cancel
+            top.path,
+            base=base.path,
+            fmt=top.fmt,
+            keep=True,
+            rate_limit=max(0, limit),
+            progress=progress,
+            cancel=run.cancel,
         )
 
     _in_place(run, base, write_down, reads=(top, child))

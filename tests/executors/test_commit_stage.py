@@ -23,9 +23,11 @@ class CountingQemu(QemuImg):
     def __init__(self) -> None:
         super().__init__()
         self.commits = 0
+        self.rate_limits: list[int] = []
 
     def commit(self, path: str, **kwargs: Any) -> None:
         self.commits += 1
+        self.rate_limits.append(kwargs.get("rate_limit", 0))
         super().commit(path, **kwargs)
 
 
@@ -82,6 +84,21 @@ def test_an_active_commit_writes_the_top_down_into_the_base(repo: Repo, tmp_path
     assert qemu.compare(repo.path(base), before, a_fmt="qcow2", b_fmt="raw")
     # -d: the top keeps its clusters, so a re-run after a crash reads the same data again.
     assert qemu.compare(repo.path(top), before, a_fmt="qcow2", b_fmt="raw")
+
+
+def test_an_offline_commit_keeps_to_the_jobs_bandwidth(repo: Repo, tmp_path: Path) -> None:
+    base, middle, top = three_volume_chain(repo)
+    before = flat(repo, top, tmp_path)
+    stage: CommitStage = {
+        "do": "commit", "volume": base, "top": top, "set_chain": [base], "bandwidth": 64 * 2**20
+    }  # fmt: skip
+    commit_job(repo, [base, middle, top], stage)
+    counting = CountingQemu()
+
+    assert repo.executor(qemu_img=counting).run_once() == 1
+
+    assert counting.rate_limits == [64 * 2**20]  # qemu-img commit -r
+    assert qemu.compare(repo.path(base), before, a_fmt="qcow2", b_fmt="raw")
 
 
 def pivoting(repo: Repo, disk: uuid.UUID) -> None:

@@ -297,6 +297,7 @@ class QemuImg:
         base: str | None = None,
         fmt: str | None = None,
         keep: bool = False,
+        rate_limit: int = 0,
         progress: Progress | None = None,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
@@ -306,12 +307,15 @@ class QemuImg:
         ``base`` is named as the chain names it (absolute, or relative to ``path``'s directory).
         ``keep`` (``-d``) leaves ``path``'s clusters as they are instead of emptying it, so
         the commit can simply run again after a crash: it reads the same data again.
+        ``rate_limit`` (``-r``) is bytes per second, 0 for none.
         """
         args = [self.qemu_img, "commit", *checked.format_flag("-f", fmt)]
         if base is not None:
             args += ["-b", base]
         if keep:
             args.append("-d")
+        if rate_limit:
+            args += ["-r", str(checked.size(rate_limit))]
         args.append(checked.existing(path))
         self._run(
             checked.with_progress(args, progress), timeout=timeout, progress=progress, cancel=cancel
