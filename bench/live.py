@@ -24,7 +24,7 @@ attached. Prints ``name: value`` lines:
   before and during a live active commit of the same disk;
   ``guest_write_throughput_during_commit_ratio``: the second over the first (target >= 0.5).
 
-A figure whose engine call is missing or refused is printed as ``skipped (why)`` and the script
+A figure whose engine call is refused is printed as ``skipped (why)`` and the script
 then exits 1. Every storage daemon it started is stopped at the end.
 """
 
@@ -106,12 +106,6 @@ def prepared_path(se: StorageEngine, disk: str) -> str:
     return path
 
 
-def require(se: StorageEngine, *calls: str) -> None:
-    missing = [c for c in calls if not hasattr(se, c)]
-    if missing:
-        raise Skipped(f"the engine has no {', '.join(missing)}")
-
-
 def wait_for_job(se: StorageEngine, disk: str, timeout: float = 3600) -> None:
     """Until the image's block job is over (its state final, or gone) and its operation done."""
     deadline = time.monotonic() + timeout
@@ -170,8 +164,6 @@ def write_latency(se: StorageEngine, size: int, rounds: int) -> None:
 
 
 def alternate(
-    se: StorageEngine,
-    calls: tuple[str, ...],
     rounds: int,
     baseline: Callable[[], float],
     ours: Callable[[], float],
@@ -179,18 +171,16 @@ def alternate(
 ) -> tuple[float, float]:
     """Medians of ``rounds`` runs of each side, taking turns at going first (the one after
     a run finds the page cache and the disk's writeback as that run left them). The baseline is
-    printed even when the engine lacks ``calls`` for our side."""
-    missing = [c for c in calls if not hasattr(se, c)]
+    printed first."""
     theirs: list[float] = []
     mine: list[float] = []
-    sides = [lambda: theirs.append(baseline())]
-    if not missing:
-        sides.append(lambda: mine.append(ours()))
     for round_ in range(rounds):
-        for side in sides if round_ % 2 == 0 else reversed(sides):
-            side()
+        if round_ % 2:
+            mine.append(ours())
+        theirs.append(baseline())
+        if not round_ % 2:
+            mine.append(ours())
     print(f"{baseline_name}: {statistics.median(theirs):.3f}")
-    require(se, *calls)
     return statistics.median(mine), statistics.median(theirs)
 
 
@@ -251,7 +241,6 @@ def throughput_during_commit(
             t1 = time.perf_counter()
             alone = mib_per_s(writer.writes, t0, t1)
             print(f"guest_write_mib_per_s: {alone:.1f}")
-            require(se, "block_commit", "get_block_job", "get_volume_chain")
             chain = se.get_volume_chain(REPO, disk)
             t1 = time.perf_counter()
             se.block_commit(REPO, disk, chain[-1].volume_id, chain[0].volume_id, bandwidth)
@@ -321,31 +310,48 @@ def main() -> int:
                     lambda: write_latency(se, size, args.rounds),
                 )
 
-            commit_calls = ("block_commit", "get_block_job", "get_volume_chain")
-            pull_calls = ("block_pull", "get_block_job")
+            def job_ratio(
+                baseline: Callable[[], float],
+                ours: Callable[[], float],
+                names: tuple[str, str, str],
+            ) -> Callable[[], None]:
+                """The job through the engine against its qemu-img baseline, alternating;
+                ``names``: the baseline's seconds, ours, and the ratio."""
 
-            def commit() -> None:
-                ours, baseline = alternate(
-                    se, commit_calls, args.rounds,
-                    lambda: commit_baseline(se, qemu, size), lambda: live_commit(se, qemu, size),
-                    "qemu_img_commit_seconds",
-                )  # fmt: skip
-                print(f"live_commit_seconds: {ours:.3f}")
-                print(f"live_commit_ratio_vs_qemu_img_commit: {ours / baseline:.2f}")
+                def measure() -> None:
+                    theirs_name, ours_name, ratio_name = names
+                    mine, theirs = alternate(args.rounds, baseline, ours, theirs_name)
+                    print(f"{ours_name}: {mine:.3f}")
+                    print(f"{ratio_name}: {mine / theirs:.2f}")
 
-            def pull() -> None:
-                ours, baseline = alternate(
-                    se, pull_calls, args.rounds,
-                    lambda: rebase_baseline(se, qemu, size), lambda: live_pull(se, qemu, size),
-                    "qemu_img_rebase_seconds",
-                )  # fmt: skip
-                print(f"live_pull_seconds: {ours:.3f}")
-                print(f"pull_ratio_vs_qemu_img_rebase: {ours / baseline:.2f}")
+                return measure
 
             if "commit" in wanted:
-                figure("live_commit_ratio_vs_qemu_img_commit", commit)
+                figure(
+                    "live_commit_ratio_vs_qemu_img_commit",
+                    job_ratio(
+                        lambda: commit_baseline(se, qemu, size),
+                        lambda: live_commit(se, qemu, size),
+                        (
+                            "qemu_img_commit_seconds",
+                            "live_commit_seconds",
+                            "live_commit_ratio_vs_qemu_img_commit",
+                        ),
+                    ),
+                )
             if "pull" in wanted:
-                figure("pull_ratio_vs_qemu_img_rebase", pull)
+                figure(
+                    "pull_ratio_vs_qemu_img_rebase",
+                    job_ratio(
+                        lambda: rebase_baseline(se, qemu, size),
+                        lambda: live_pull(se, qemu, size),
+                        (
+                            "qemu_img_rebase_seconds",
+                            "live_pull_seconds",
+                            "pull_ratio_vs_qemu_img_rebase",
+                        ),
+                    ),
+                )
             limit = None if args.commit_bandwidth_mib is None else args.commit_bandwidth_mib * MiB
             if "throughput" in wanted:
                 figure(

@@ -188,6 +188,12 @@ def has_live_form(stage: Stage) -> bool:
     return kind in ("rebase", "commit") or (kind == "create" and bool(stage.get("backing")))
 
 
+def bandwidth_of(stage: Stage) -> int:
+    """The bytes per second a block job's stage may use; 0, no limit, when it names none."""
+    value = stage.get("bandwidth")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def changed_by(stage: Stage) -> str | None:
     """The volume a stage makes or rewrites in place, if any: what a live stage works on."""
     rules = RULES.get(stage["do"])

@@ -134,3 +134,16 @@ def chains_without(images: Iterable[Image], volume: str) -> Iterator[tuple[Image
     for i in images:
         if not i.removed and volume in i.chain:
             yield i, [ref for ref in i.chain if ref != volume]
+
+
+def attached_holders(images: Iterable[Image | None], volume: str) -> Iterator[Image]:
+    """The live images attached on some host whose chain holds ``volume``: whose daemon a
+    stage changing that volume must go through (docs/adr/0028)."""
+    for image in images:
+        if (
+            image is not None
+            and image.attached_on is not None
+            and not image.removed
+            and volume in image.chain
+        ):
+            yield image

@@ -34,12 +34,12 @@ import threading
 import uuid
 from contextlib import suppress
 
-from engine.aggregates.stage_kinds import CommitStage, CreateStage, RebaseStage
+from engine.aggregates.stage_kinds import CommitStage, CreateStage, RebaseStage, bandwidth_of
 from engine.errors import DaemonError, VolumeMismatch
 from engine.executors import stages
-from engine.executors.stage_run import Live, StageRun, expect_backing, field, local
+from engine.executors.stage_run import Live, StageRun, Volume, expect_backing, field, local
 from engine.formats.qemu.storage_daemon import ChainVolume, Job, StorageDaemon
-from engine.service.attachments import export_name, job_name, node_name
+from engine.service.attachments import export_name, job_name, node_name, volume_of
 
 logger = logging.getLogger("engine.executors")
 POLL = 0.05  # seconds between looks at a running job
@@ -65,8 +65,8 @@ def snapshot(run: StageRun, stage: CreateStage, live: Live) -> None:
     volume = local(run, field(stage, "volume"))
     backing = local(run, stage.get("backing"))
     image, daemon = live.image, live.daemon
-    new_node = node_name(image.id, volume.ref)
-    if daemon.export_node(export_name(image.id)) == new_node:
+    new, old = _node(live, volume), _node(live, backing)
+    if daemon.export_node(export_name(image.id)) == new.node:
         return  # switched by an earlier attempt
     size = stage.get("size") or image.size
     relative = run.storage.relative_backing(volume.path, backing.path)
@@ -88,14 +88,12 @@ def snapshot(run: StageRun, stage: CreateStage, live: Live) -> None:
         expect_backing(run, final, dict(info), backing)
 
     stages.produce(run, volume, make, verify, reads=(backing,))
-    old_node = node_name(image.id, backing.ref)
-    if not _has_node(daemon, new_node):
-        daemon.add_overlay(ChainVolume(new_node, volume.path, "qcow2"))
+    if not _has_node(daemon, new.node):
+        daemon.add_overlay(new)
     run.confirm()
-    daemon.snapshot([(old_node, new_node)])
-    # Read-only from now on: the snapshot's volume. The reopen flushes what QEMU still held.
-    below = _below(daemon, old_node)
-    daemon.reopen(ChainVolume(old_node, backing.path, backing.fmt), below=below, read_only=True)
+    daemon.snapshot([(old.node, new.node)])
+    # Read-only from now on: the snapshot's volume.
+    daemon.reopen(old, below=_below(daemon, old.node), read_only=True)
     logger.info(
         "live snapshot of image %s: %s now writes to %s (backing %s)",
         image.id, export_name(image.id), volume.path, relative,
@@ -110,14 +108,14 @@ def stream(run: StageRun, stage: RebaseStage, live: Live) -> None:
         return
     backing = local(run, stage["backing"]) if stage.get("backing") else None
     image, daemon = live.image, live.daemon
-    node = node_name(image.id, volume.ref)
-    base_node = None if backing is None else node_name(image.id, backing.ref)
+    chain_volume = _node(live, volume)
+    node = chain_volume.node
+    base_node = None if backing is None else _node(live, backing).node
     job = job_name(run.op_id, run.index)
     folded = _between(daemon, node, base_node)
     # A volume below the top (a merge's child) is read-only in the daemon: QEMU streams into
     # it once it is reopened read-write, and it goes back to read-only after.
     inner = daemon.export_node(export_name(image.id)) != node
-    chain_volume = ChainVolume(node, volume.path, volume.fmt)
     if daemon.find_job(job) is None:
         if _below(daemon, node) == base_node:
             _drop_nodes(daemon, folded)
@@ -132,7 +130,7 @@ def stream(run: StageRun, stage: RebaseStage, live: Live) -> None:
             backing_file=None
             if backing is None
             else run.storage.relative_backing(volume.path, backing.path),
-            speed=_bandwidth(stage),
+            speed=bandwidth_of(stage),
         )
     _follow(run, daemon, job)
     _drop_nodes(daemon, folded)
@@ -146,37 +144,34 @@ def commit(run: StageRun, stage: CommitStage, live: Live) -> None:
     top = local(run, field(stage, "top"))
     child = local(run, stage["child"]) if stage.get("child") else None
     image, daemon = live.image, live.daemon
-    base_node, top_node = node_name(image.id, base.ref), node_name(image.id, top.ref)
-    export = export_name(image.id)
+    base_volume = _node(live, base)
+    base_node = base_volume.node
+    committed = _committed(image.chain, base.ref, top.ref, image.id)
     job = job_name(run.op_id, run.index)
     if daemon.find_job(job) is None:
-        active_node = daemon.export_node(export)
+        active_node = daemon.export_node(export_name(image.id))
         if child is None and active_node == base_node:
-            _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+            _drop_nodes(daemon, committed)
             return  # pivoted by an earlier attempt
-        if child is not None and _below(daemon, node_name(image.id, child.ref)) == base_node:
-            _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+        if child is not None and _below(daemon, _node(live, child).node) == base_node:
+            _drop_nodes(daemon, committed)
             return  # completed by an earlier attempt
         if active_node is None:
             raise _said(daemon, "query-block-exports", f"image {image.id} is not exported here")
         run.confirm()
-        daemon.reopen(
-            ChainVolume(base_node, base.path, base.fmt),
-            below=_below(daemon, base_node),
-            read_only=False,
-        )
+        daemon.reopen(base_volume, below=_below(daemon, base_node), read_only=False)
         daemon.commit(
             job,
             active_node,
-            top_node=top_node,
+            top_node=_node(live, top).node,
             base_node=base_node,
             backing_file=None
             if child is None
             else run.storage.relative_backing(child.path, base.path),
-            speed=_bandwidth(stage),
+            speed=bandwidth_of(stage),
         )
     _follow(run, daemon, job, pivot=child is None)
-    _drop_nodes(daemon, _committed(image.chain, base.ref, top.ref, image.id))
+    _drop_nodes(daemon, committed)
 
 
 # --- following a job ------------------------------------------------------------------------
@@ -236,6 +231,11 @@ def _said(daemon: StorageDaemon, command: str, desc: str) -> DaemonError:
 # --- the graph ------------------------------------------------------------------------------
 
 
+def _node(live: Live, volume: Volume) -> ChainVolume:
+    """``volume`` as the node of the attached image's chain in the daemon."""
+    return volume_of(live.image, volume.ref, volume.path)
+
+
 def _has_node(daemon: StorageDaemon, node: str) -> bool:
     try:
         daemon.backing_chain(node)
@@ -270,8 +270,3 @@ def _drop_nodes(daemon: StorageDaemon, nodes: list[str]) -> None:
     for node in nodes:
         with suppress(DaemonError):
             daemon.remove_nodes([node])
-
-
-def _bandwidth(stage: RebaseStage | CommitStage) -> int:
-    value = stage.get("bandwidth") or 0
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

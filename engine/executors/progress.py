@@ -35,7 +35,7 @@ from typing import Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Stage
+from engine.aggregates.operations import Operation, Stage
 from engine.aggregates.work_rules import merge_chain_changes
 from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
@@ -112,12 +112,7 @@ class Claim:
         if self.cancel.is_set():
             raise self.cancelled("this host cancelled it")
         op = self.service.get(self.image_id).operation(self.op_id)
-        if (
-            op is None
-            or op.state != ops.PENDING
-            or op.done != self.index
-            or (op.claim_host, op.claim_epoch) != (self.host_id, self.epoch)
-        ):
+        if not self._holds(op):
             self.cancel.set()
             where = "gone" if op is None else f"{op.state}, claimed by {op.claim_host}"
             raise self.cancelled(f"the claim moved on: the operation is {where}")
@@ -131,12 +126,15 @@ class Claim:
     def moved_on(self) -> bool:
         """Whether the log ended this claim: the operation was stopped, aborted or is done,
         or another claim holds the stage. (A host that only stops its engine has not.)"""
-        op = self.service.get(self.image_id).operation(self.op_id)
+        return not self._holds(self.service.get(self.image_id).operation(self.op_id))
+
+    def _holds(self, op: Operation | None) -> bool:
+        """Whether ``op``, as the log has it, is still at this attempt's stage under its claim."""
         return (
-            op is None
-            or op.state != ops.PENDING
-            or op.done != self.index
-            or (op.claim_host, op.claim_epoch) != (self.host_id, self.epoch)
+            op is not None
+            and op.state == ops.PENDING
+            and op.done == self.index
+            and (op.claim_host, op.claim_epoch) == (self.host_id, self.epoch)
         )
 
     def superseded(self) -> bool:

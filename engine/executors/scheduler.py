@@ -52,7 +52,7 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import Stage, changed_by, has_live_form, is_known
-from engine.aggregates.work_rules import needed_volumes, will_run
+from engine.aggregates.work_rules import attached_holders, needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
     ConcurrencyConflict,
@@ -356,9 +356,7 @@ class Executor:
         attached = image.attached_on
         if attached == self.host_id and not has_live_form(op.stages[op.done]):
             return None  # it would change what the daemon serves behind its back: after detach
-        if attached not in (None, self.host_id) and not (
-            self.hosts is not None and self.hosts.may_take_over(attached)
-        ):
+        if attached not in (None, self.host_id) and not self._dead(image):
             return None  # live work, for the host that serves the image
         if op.purpose == ops.MERGE and self._served_elsewhere(image, op.stages[op.done]):
             return None  # it rewrites a volume of another image, served by another host
@@ -375,18 +373,15 @@ class Executor:
         serves. A merge rewrites the volumes of every chain through the merged one, and is
         queued on an attached one when it is planned; another may be attached since."""
         ref = changed_by(stage)
-        if ref is None:
-            return False
-        for other in self.view.images():
-            host = other.attached_on
-            if (
-                host not in (None, self.host_id)
-                and other.id != image.id
-                and ref in other.chain
-                and not (self.hosts is not None and self.hosts.may_take_over(host))
-            ):
-                return True
-        return False
+        return ref is not None and any(
+            other.id != image.id and other.attached_on != self.host_id and not self._dead(other)
+            for other in attached_holders(self.view.images(), ref)
+        )
+
+    def _dead(self, image: Image) -> bool:
+        """Whether the host serving ``image`` may be taken over (its daemon died with it)."""
+        host = image.attached_on
+        return host is not None and self.hosts is not None and self.hosts.may_take_over(host)
 
     def may_take_over(self, image: Image, op: Operation) -> bool:
         """Whether another host's claim on ``op`` may be taken over: that host's heartbeat
@@ -516,14 +511,9 @@ class Executor:
         ref = changed_by(claim.stage)
         if ref is None or self.daemon is None:
             return None
-        own = self.view.image(claim.image_id)
-        for image in (own, *self.view.images()):
-            if (
-                image is not None
-                and image.attached_on == self.host_id
-                and not image.removed
-                and ref in image.chain
-            ):
+        images = (self.view.image(claim.image_id), *self.view.images())
+        for image in attached_holders(images, ref):
+            if image.attached_on == self.host_id:
                 return Live(self.daemon(), image, claim.reach)
         return None
 

@@ -367,8 +367,6 @@ def commit(run: StageRun, stage: CommitStage) -> None:
             return
         raise PivotUnknown(image_id=run.image_id, top=top.path, base=base.path)
     progress = run.progress
-    bandwidth = stage.get("bandwidth")
-    limit = bandwidth if isinstance(bandwidth, int) and not isinstance(bandwidth, bool) else 0
 
     def write_down() -> None:
         run.qemu.commit(
@@ -376,7 +374,7 @@ def commit(run: StageRun, stage: CommitStage) -> None:
             base=base.path,
             fmt=top.fmt,
             keep=True,
-            rate_limit=max(0, limit),
+            rate_limit=stage_kinds.bandwidth_of(stage),
             progress=progress,
             cancel=run.cancel,
         )

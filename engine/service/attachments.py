@@ -49,15 +49,9 @@ def dead_host(host_id: str) -> str:
 
 def chain_volumes(image: Image, storage: RepositoryStorage) -> list[ChainVolume]:
     """The image's chain, base first, as the daemon opens it."""
-    volumes = []
-    for ref in image.chain:
-        volume_id, fmt = split_ref(ref)
-        volumes.append(
-            ChainVolume(node_name(image.id, ref), storage.volume_path(volume_id, fmt), fmt)
-        )
-    return volumes
+    return [volume_of(image, ref, storage.volume_path(*split_ref(ref))) for ref in image.chain]
 
 
-def volume_of(image: Image, storage: RepositoryStorage, ref: str) -> ChainVolume:
-    volume_id, fmt = split_ref(ref)
-    return ChainVolume(node_name(image.id, ref), storage.volume_path(volume_id, fmt), fmt)
+def volume_of(image: Image, ref: str, path: str) -> ChainVolume:
+    """Volume ``ref`` (its file at ``path``) as a node of ``image``'s chain in the daemon."""
+    return ChainVolume(node_name(image.id, ref), path, split_ref(ref)[1])

@@ -23,7 +23,7 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation, Purpose, split_ref
-from engine.aggregates.stage_kinds import CommitStage, RebaseStage
+from engine.aggregates.stage_kinds import CommitStage, RebaseStage, bandwidth_of
 from engine.errors import DaemonError, ImageInUse, InvalidParameter, StaleFix, WrongImageKind
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import Job, StorageDaemon
@@ -212,8 +212,7 @@ class LiveHandlers:
         kind = "pull" if op.purpose == Purpose.PULL else "commit"
         name = job_name(op.op_id, 0)
         stage = op.stages[0]
-        planned = stage.get("bandwidth")
-        bandwidth = planned if isinstance(planned, int) else 0
+        bandwidth = bandwidth_of(stage)
         if not op.finished and image.attached_on == self.service.host_id:
             job = self._daemon_job(name)
             if job is not None:
@@ -350,8 +349,4 @@ def _index(chain: list[str], volume_id: str, name: str) -> int:
 
 
 def _last_job(image: Image) -> Operation | None:
-    jobs: Iterable[Operation] = (op for op in image.operations if op.purpose in ops.BLOCK_JOBS)
-    last = None
-    for op in jobs:
-        last = op
-    return last
+    return next((op for op in reversed(image.operations) if op.purpose in ops.BLOCK_JOBS), None)
