@@ -249,6 +249,7 @@ class Wiring:
             needed_elsewhere=lambda: repositories.needed_elsewhere(storage.root),
             foreign_ready=repositories.foreign_ready,
             daemon=self.daemon,
+            repository_at=repositories.at_root,
         )
 
     def _make_state_dir(self) -> None:

@@ -25,20 +25,31 @@ from typing import Any
 import engine.projections.check as fix_rules
 from engine import queries, validation
 from engine.aggregates import operations as ops
+from engine.aggregates.operations import Operation
 from engine.bootstrap import EngineConfig, Wiring
 from engine.boundary import typed_errors
 from engine.connections import ConnectedRepository
-from engine.errors import ImageNotFound, InvalidParameter, WaitTimeout
+from engine.errors import (
+    ImageNotFound,
+    InvalidParameter,
+    ReplicationError,
+    ReplicationSwitchFailed,
+    WaitTimeout,
+)
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.repository.registry import get_format
 from engine.service import fix_handlers, repository_handlers
 from engine.service.attachments import export_name
+from engine.service.migration_handlers import SYNC_TYPES, MigrationHandlers, Side
 from engine.service.unit_of_work import utc_now
 from engine.types import Attachment, BlockJob, Fix, ImageInfo, ImageStatus, PreparedImage, Volume
 
 # Seconds create_snapshot waits for the daemon to switch an attached disk to its new overlay.
 LIVE_SWITCH_TIMEOUT = 60.0
+# Seconds disk_replicate_start and disk_replicate_finish wait for their operation (behind the
+# clone, when it still runs).
+REPLICATION_TIMEOUT = 600.0
 
 
 @typed_errors
@@ -70,6 +81,7 @@ class StorageEngine:
         self.host_id = self.config.host_id
         self._wiring = Wiring(self.config, qemu)
         self._repos = self._wiring.repositories
+        self._migration = MigrationHandlers(self.host_id, self._wiring.qemu, self._wiring.daemon)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -204,7 +216,8 @@ class StorageEngine:
 
     def list_images(self, repo_id: str) -> list[ImageInfo]:
         repo = self._repos[repo_id]
-        return [queries.info_of(repo, i) for i in repo.view.live_images()]
+        # A replica being filled by a migration is not an image of this repository yet.
+        return [queries.info_of(repo, i) for i in repo.view.live_images() if i.replica_of is None]
 
     def get_image_info(self, repo_id: str, image_id: str | uuid.UUID) -> ImageInfo:
         repo, image = self._repos.image_in(repo_id, image_id)
@@ -271,8 +284,17 @@ class StorageEngine:
         while True:
             self._repos.still_connected(repo)
             repo.follower.check()
+            moved = queries.migrated_to(repo.view, image.id)
+            if moved is not None and (there := self._repos.at(moved)) is not None:
+                repo = there  # the image lives there now: its work there is waited for
+                repo.follower.caught_up()
             image = self._repos.live(repo, image.id)
-            if queries.settled(repo.view, image):
+            # A migration's replica, or the image it became: waited for until the source is
+            # done with it too (it removes itself right after the switch).
+            moving = image.origin.get("how") == "replica"
+            if moving and not queries.migration_ended(self._repos.all(), repo, image):
+                pass
+            elif image.replica_of is not None or queries.settled(repo.view, image):
                 return queries.status_of(repo, image)
             remaining = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and remaining is not None and remaining <= 0:
@@ -395,6 +417,83 @@ class StorageEngine:
         repo.live.abort(image, pivot)
         self._written(repo)
 
+    # --- live storage migration (architecture §8, seed 003) -------------------------------------
+
+    def migrate_image(self, repo_id: str, image_id: str | uuid.UUID, dst_repo_id: str) -> str:
+        """Move the image into ``dst_repo_id``, keeping its id (and, attached, its NBD
+        address): one durable operation of seed 003's flow (docs/adr/0029). Returns its id;
+        ``wait_for_image(dst_repo_id, image_id)`` waits for the end."""
+        src, image = self._repos.image_in(repo_id, image_id)
+        dst = self._destination(dst_repo_id)
+        op_id = self._migration.migrate(_side(src), _side(dst), image)
+        self._written(dst)
+        self._written(src)
+        return op_id
+
+    def clone_image_structure(
+        self, repo_id: str, image_id: str | uuid.UUID, dst_repo_id: str
+    ) -> str:
+        """Make the image's chain, empty, in ``dst_repo_id`` (same ids, formats, sizes and
+        relative backing names); the replication starts. Returns the operation's id."""
+        src, image = self._repos.image_in(repo_id, image_id)
+        dst = self._destination(dst_repo_id)
+        op_id = self._migration.clone_structure(_side(src), _side(dst), image)
+        self._written(dst)
+        self._written(src)
+        return op_id
+
+    def sync_image_data(
+        self, repo_id: str, image_id: str | uuid.UUID, dst_repo_id: str, sync_type: str
+    ) -> str:
+        """Copy ``ALL`` volumes, the ``INTERNAL`` ones (all but the top) or the ``LEAF`` (the
+        top) into the cloned structure. Returns the operation's id."""
+        if sync_type not in SYNC_TYPES:
+            raise InvalidParameter(
+                f"one of {list(SYNC_TYPES)}, not {sync_type!r}", name="sync_type"
+            )
+        src, image = self._repos.image_in(repo_id, image_id)
+        dst = self._destination(dst_repo_id)
+        op_id = self._migration.sync_data(_side(src), _side(dst), image, sync_type)
+        self._written(src)
+        return op_id
+
+    def disk_replicate_start(
+        self, repo_id: str, image_id: str | uuid.UUID, dst_repo_id: str
+    ) -> None:
+        """Mirror the attached image's top into its clone in ``dst_repo_id``: from when this
+        returns, every write goes to both."""
+        src, image = self._repos.image_in(repo_id, image_id)
+        dst = self._destination(dst_repo_id)
+        op_id = self._migration.replicate_start(_side(src), _side(dst), image)
+        self._written(src)
+        op = self._await_operation(src, image.id, op_id, REPLICATION_TIMEOUT)
+        if op is not None and not op.finished:
+            raise ReplicationError(f"the mirror did not start: {op.error}", image_id=image.id)
+
+    def disk_replicate_finish(
+        self, repo_id: str, image_id: str | uuid.UUID, dst_repo_id: str
+    ) -> None:
+        """Switch the attached image to its replica in ``dst_repo_id`` (ReplicationNotReady
+        until the mirror is ready and the volumes below the top are synced); with
+        ``dst_repo_id == repo_id``, abort instead: the image stays here."""
+        dst_name = validation.repo_id(dst_repo_id)
+        src, image = self._repos.image_in(repo_id, image_id)
+        if dst_name == src.repo_id:
+            target = image.replicating_to
+            dst = None if target is None else self._repos.at(target)
+            self._migration.abort(_side(src), None if dst is None else _side(dst), image)
+            self._written(src)
+            if dst is not None:
+                self._written(dst)
+            return
+        dst = self._destination(dst_name)
+        op_id = self._migration.replicate_finish(_side(src), _side(dst), image)
+        self._written(src)
+        op = self._await_operation(src, image.id, op_id, REPLICATION_TIMEOUT)
+        if op is not None and not op.finished:
+            raise ReplicationSwitchFailed(op.error or "stopped", image_id=image.id)
+        self._written(dst)
+
     def lookup_image_by_path(self, path: str) -> ImageInfo:
         """The image whose top volume is ``path`` (what a virtual machine has open)."""
         self._repos.check_open()
@@ -422,7 +521,37 @@ class StorageEngine:
                 return
             repo.follower.wait_for_change(0.05)
 
+    def _destination(self, dst_repo_id: str) -> ConnectedRepository:
+        dst = self._repos[dst_repo_id]
+        dst.follower.caught_up()
+        return dst
+
+    def _await_operation(
+        self, repo: ConnectedRepository, image_id: uuid.UUID, op_id: str, timeout: float
+    ) -> Operation | None:
+        """Wait until the operation is done, failed or stopped; None if it never got there
+        (WaitTimeout after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            repo.follower.check()
+            image = repo.view.image(image_id)
+            op = None if image is None else image.operation(op_id)
+            if op is None or op.finished or op.state in (ops.FAILED, ops.STOPPED):
+                return op
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"operation {op_id} is at stage {op.stage_label()}",
+                    image_id=image_id,
+                    timeout=timeout,
+                )
+            repo.follower.wait_for_change(min(0.05, remaining))
+
     @staticmethod
     def _written(repo: ConnectedRepository) -> None:
         """Read your writes: the view shows what the call committed before it returns."""
         repo.follower.caught_up()
+
+
+def _side(repo: ConnectedRepository) -> Side:
+    return Side(repo.repo_id, repo.service, repo.storage, repo.view)

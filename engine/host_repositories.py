@@ -15,6 +15,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 
 from engine import validation
 from engine.aggregates import operations as ops
@@ -212,6 +213,17 @@ class HostRepositories:
                             needed.update(found.chain)
         return needed
 
+    def at(self, root: str) -> ConnectedRepository | None:
+        """The connected repository at ``root``, if any."""
+        return next((r for r in self.all() if r.storage.root == root), None)
+
+    def at_root(self, root: str) -> OtherRepository | None:
+        """The connected repository at ``root``, as a migration's stage reaches it."""
+        for repo in self.all():
+            if repo.storage.root == root:
+                return OtherRepository(repo)
+        return None
+
     def foreign_ready(self, storage: RepositoryStorage, ref: str) -> bool:
         """Whether a volume of another connected repository is made: its file is there, or no
         unfinished stage there will make it (then it is lost, and a stage reading it fails)."""
@@ -221,3 +233,25 @@ class HostRepositories:
             if repo.storage.root == storage.root:
                 return repo.view.is_ready(ref)
         return False
+
+
+class OtherRepository:
+    """A connected repository as a stage of another one reaches it (a migration's destination,
+    engine/executors/migration_stages.py): its files, its images, and appends to its log."""
+
+    def __init__(self, repo: ConnectedRepository) -> None:
+        self._repo = repo
+
+    @property
+    def storage(self) -> RepositoryStorage:
+        return self._repo.storage
+
+    def image(self, image_id: uuid.UUID, /) -> Image | None:
+        self._repo.follower.caught_up()
+        return self._repo.view.image(image_id)
+
+    def update(
+        self, image_id: uuid.UUID, command: Callable[[Image, str, datetime], object], /
+    ) -> None:
+        service = self._repo.service
+        service.update(image_id, lambda image: command(image, service.host_id, service.now()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -35,11 +36,50 @@ def status_of(repo: ConnectedRepository, image: Image) -> ImageStatus:
     (ADR 0017)."""
     faults = volume_faults(repo.storage, repo.view, image, repo.lost)
     status = image_status(image, repo.view, (), faults)
+    if image.replica_of is not None:
+        return replica_status(image, status)
     if status.status == BROKEN and status.last_error is None:
         why = blocker(image, repo.view)
         if why is not None:
             return dataclasses.replace(status, last_error=why)
     return status
+
+
+def replica_status(image: Image, status: ImageStatus) -> ImageStatus:
+    """A replica being filled by a migration is not usable yet: broken, saying why."""
+    why = f"a replica being filled by a migration from {image.replica_of}"
+    return dataclasses.replace(status, status=BROKEN, last_error=why)
+
+
+def migrated_to(view: RepositoryView, image_id: uuid.UUID) -> str | None:
+    """The root of the repository the image was migrated to, if it was (removed here by the
+    switch of a migration: docs/adr/0029)."""
+    image = view.image(image_id)
+    if image is None or not image.removed:
+        return None
+    for op in reversed(image.operations):
+        last = op.stages[-1] if op.stages else None
+        if op.finished and not op.aborted and last is not None and last.get("do") == "switch":
+            target = last.get("target")
+            return target if isinstance(target, str) else None
+    return None
+
+
+def migration_ended(
+    repos: list[ConnectedRepository], here: ConnectedRepository, replica: Image
+) -> bool:
+    """Whether the source is done with ``replica`` (a migration's, or the image it became): it
+    runs no replication to it any more (switched and removed, or aborted), or its migration
+    failed or was stopped. Unknown without the source connected: done once switched."""
+    source = next((r for r in repos if r.storage.root == replica.origin.get("of")), None)
+    if source is None:
+        return replica.replica_of is None  # switched; the source is not known here
+    source.follower.caught_up()
+    image = source.view.image(replica.id)
+    if image is None or image.removed or image.replicating_to != here.storage.root:
+        return True
+    op = image.current_operation()
+    return op is not None and op.state in (ops.FAILED, ops.STOPPED)
 
 
 def info_of(repo: ConnectedRepository, image: Image) -> ImageInfo:

@@ -24,6 +24,7 @@ from engine.errors import (
     ImageNotFound,
     ImageNotReady,
     InvalidParameter,
+    ReplicationError,
     StaleFix,
     WrongImageKind,
 )
@@ -201,6 +202,51 @@ class Image(Aggregate["Image.Event"], StableTopic):
         reason: str
 
     @dataclass(frozen=True, kw_only=True)
+    class ReplicationStarted(Event):
+        """The image is being copied into the repository at ``target`` (its root), where a
+        replica of the same id waits (docs/adr/0029): no other change until it ends."""
+
+        TOPIC = "strata.image.ReplicationStarted"
+
+        target: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class ReplicationEnded(Event):
+        """``outcome``: ``switched`` (the image lives in ``target`` now, and is removed here in
+        the same transaction) or ``aborted`` (it stays here)."""
+
+        TOPIC = "strata.image.ReplicationEnded"
+
+        target: str
+        outcome: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class ReplicaSwitched(Event):
+        """In the destination: the replica is the image from now on (the source's copy is
+        removed next); ``attached``: the appending host's daemon serves it, through the export
+        it served the source with. ``operations``: what it needs now (the automatic snapshot
+        merged away)."""
+
+        TOPIC = "strata.image.ReplicaSwitched"
+
+        source: str
+        attached: bool
+        operations: list[OperationPlan]
+
+    @dataclass(frozen=True, kw_only=True)
+    class ReplicaRenewed(Event):
+        """In the destination: a new migration's replica, under the id of an image removed
+        there (an aborted migration's replica, or the image, migrated away before): the image
+        starts over with this chain."""
+
+        TOPIC = "strata.image.ReplicaRenewed"
+
+        size: int
+        chain: list[str]
+        user_data: object
+        origin: dict[str, str]
+
+    @dataclass(frozen=True, kw_only=True)
     class ImageResized(Event):
         TOPIC = "strata.image.ImageResized"
 
@@ -225,6 +271,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
     removed: bool
     prepared_on: set[str]
     attached_on: str | None  # the host whose storage daemon serves it, if any
+    # Live storage migration (docs/adr/0029): in the destination, the source repository's
+    # root while this is a replica being filled; in the source, the destination's root while
+    # a replication runs.
+    replica_of: str | None
+    replicating_to: str | None
     last_host: str
     last_error: str | None
 
@@ -278,6 +329,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
         self._require_not_opened("snapshots of a running disk are taken while it is attached")
+        self._require_not_replicating()
         busy = self.current_operation()
         if busy is not None and busy.purpose in ops.BLOCK_JOBS:
             # Its completion sets the chain it planned, which would lose the new top.
@@ -365,8 +417,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         )
 
     def complete(self, *, op_id: str, stage: int, epoch: int, host_id: str, now: datetime) -> None:
-        self._holding(op_id, stage, epoch, host_id)
+        op = self._holding(op_id, stage, epoch, host_id)
         self._trigger(self.StageCompleted, host_id, now, op_id=op_id, stage=stage, epoch=epoch)
+        if op.stages[stage].get("do") == "switch" and self.replicating_to is not None:
+            # The replica is the image now (its log says so first): this copy goes.
+            self.end_replication(outcome="switched", host_id=host_id, now=now)
 
     def fail(
         self, *, op_id: str, stage: int, epoch: int, error: str, host_id: str, now: datetime
@@ -390,6 +445,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
 
     def remove(self, *, host_id: str, now: datetime, reason: str = "") -> None:
         self._require_live()
+        if self.replicating_to is not None:
+            raise ImageInUse(
+                f"being migrated to {self.replicating_to}; finish or abort that first",
+                image_id=self.id,
+            )
         if self.prepared_on:
             what = "attached" if self.attached_on else "prepared"
             raise ImageInUse(f"{what} on {sorted(self.prepared_on)}", image_id=self.id)
@@ -433,14 +493,8 @@ class Image(Aggregate["Image.Event"], StableTopic):
         refused while other work is unfinished (ImageNotReady)."""
         self._require_live()
         self._require_kind(ops.VIRTUAL_DISK)
-        busy = self.current_operation()
-        if busy is not None:
-            raise ImageNotReady(
-                f"operation {busy.op_id} ({busy.purpose}) is {busy.state}; a block job plans "
-                "from the chain that work leaves: wait for it, or stop it",
-                image_id=self.id,
-                status="busy",
-            )
+        self._require_not_replicating()
+        self._require_idle("a block job plans from the chain that work leaves")
         self._trigger(self.OperationRequested, host_id, now, operation=operation)
 
     def reach(
@@ -454,9 +508,103 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def abort_operation(self, *, op_id: str, reason: str, host_id: str, now: datetime) -> None:
         """End a block job where it is: its stages' work so far changed no content."""
         op = self.operation(op_id)
-        if op is None or op.finished or op.purpose not in ops.BLOCK_JOBS:
+        if op is None or op.finished or op.purpose not in (*ops.BLOCK_JOBS, *ops.MIGRATION):
             raise StaleFix(f"no block job {op_id} runs on image {self.id}")
         self._trigger(self.OperationAborted, host_id, now, op_id=op_id, reason=reason)
+
+    def start_replication(
+        self, *, target: str, operation: OperationPlan | None, host_id: str, now: datetime
+    ) -> None:
+        """Begin copying the image into the repository at ``target`` (where its replica was
+        requested), queueing ``operation`` if given. Refused while another replication runs
+        (ReplicationError) or other work is unfinished (ImageNotReady)."""
+        self._require_live()
+        if self.replicating_to is not None:
+            raise ReplicationError(
+                f"a replication to {self.replicating_to} runs already", image_id=self.id
+            )
+        self._require_not_opened("a migration moves the files it has open")
+        if operation is not None:
+            self._require_idle("a migration copies the chain that work leaves")
+        self._trigger(self.ReplicationStarted, host_id, now, target=target)
+        if operation is not None:
+            self._trigger(self.OperationRequested, host_id, now, operation=operation)
+
+    def request_migration_step(
+        self, *, operation: OperationPlan, host_id: str, now: datetime
+    ) -> None:
+        """Queue a step of a running replication (sync, switch): refused if none runs
+        (ReplicationError)."""
+        self._require_live()
+        if self.replicating_to is None:
+            raise ReplicationError("no replication runs", image_id=self.id)
+        self._trigger(self.OperationRequested, host_id, now, operation=operation)
+
+    def end_replication(
+        self, *, outcome: str, host_id: str, now: datetime, reason: str = ""
+    ) -> None:
+        """The replication ended: ``switched`` removes the image here (it lives in the
+        destination now, docs/adr/0029), ``aborted`` leaves it as it is."""
+        target = self.replicating_to
+        if target is None:
+            raise ReplicationError("no replication runs", image_id=self.id)
+        self._trigger(self.ReplicationEnded, host_id, now, target=target, outcome=outcome)
+        if outcome == "switched":
+            if self.attached_on == host_id:  # its daemon serves the replica now
+                self._trigger(self.ImageTornDown, host_id, now)
+            self._trigger(self.ImageRemoved, host_id, now, reason=reason or f"migrated to {target}")
+
+    def switch_replica(
+        self,
+        *,
+        attached: bool,
+        operations: list[OperationPlan],
+        host_id: str,
+        now: datetime,
+    ) -> bool:
+        """Make this replica the image; False if it is one no longer (an earlier attempt)."""
+        if self.replica_of is None or self.removed:
+            return False
+        self._trigger(
+            self.ReplicaSwitched,
+            host_id,
+            now,
+            source=self.replica_of,
+            attached=attached,
+            operations=operations,
+        )
+        return True
+
+    def renew_replica(
+        self,
+        *,
+        size: int,
+        chain: list[str],
+        user_data: object,
+        origin: dict[str, str],
+        host_id: str,
+        now: datetime,
+    ) -> None:
+        """Start a replica over under the id of an image removed here (an aborted migration's
+        replica, or the image itself, migrated away before); ReplicationError if it is live."""
+        if not self.removed:
+            raise ReplicationError(
+                "the destination holds an image of this id already", image_id=self.id
+            )
+        self._trigger(
+            self.ReplicaRenewed,
+            host_id,
+            now,
+            size=size,
+            chain=list(chain),
+            user_data=user_data,
+            origin=dict(origin),
+        )
+
+    def discard_replica(self, *, reason: str, host_id: str, now: datetime) -> None:
+        """The migration that made this replica was aborted: it goes, the source stays."""
+        if self.replica_of is not None and not self.removed:
+            self._trigger(self.ImageRemoved, host_id, now, reason=reason)
 
     def resize(self, *, size: int, op: OperationPlan, host_id: str, now: datetime) -> None:
         self._require_live()
@@ -501,6 +649,31 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def _require_live(self, *, allow_removed: bool = False) -> None:
         if self.removed and not allow_removed:
             raise ImageNotFound("(it was removed)", image_id=self.id)
+        if self.replica_of is not None:
+            raise ImageNotReady(
+                f"a replica being filled by a migration from {self.replica_of}; it is the "
+                "image once the migration switches to it",
+                image_id=self.id,
+                status="broken",
+            )
+
+    def _require_not_replicating(self) -> None:
+        if self.replicating_to is not None:
+            raise ImageNotReady(
+                f"being migrated to {self.replicating_to}: wait for the migration, or abort it",
+                image_id=self.id,
+                status="busy",
+            )
+
+    def _require_idle(self, why: str) -> None:
+        busy = self.current_operation()
+        if busy is not None:
+            raise ImageNotReady(
+                f"operation {busy.op_id} ({busy.purpose}) is {busy.state}; {why}: wait for it, "
+                "or stop it",
+                image_id=self.id,
+                status="busy",
+            )
 
     def _require_not_opened(self, why: str) -> None:
         """ImageInUse if a virtual machine has the image's files open itself (prepared, not
@@ -582,6 +755,8 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.removed = False
         self.prepared_on = set()
         self.attached_on = None
+        self.replica_of = event.origin.get("of") if event.origin.get("how") == "replica" else None
+        self.replicating_to = None
         self.last_error = None
         self._advance(event)
 
@@ -713,6 +888,39 @@ class Image(Aggregate["Image.Event"], StableTopic):
         op = self._op(event.op_id)
         op.state, op.claim_host, op.aborted, op.phase = ops.DONE, None, True, ""
         op.history.append(f"aborted by {event.host_id}: {event.reason or 'no reason given'}")
+        self._advance(event)
+
+    @_appliers.register(ReplicationStarted)
+    def _(self, event: Image.ReplicationStarted) -> None:
+        self.replicating_to = event.target
+        self._advance(event)
+
+    @_appliers.register(ReplicationEnded)
+    def _(self, event: Image.ReplicationEnded) -> None:
+        self.replicating_to = None
+        self._advance(event)
+
+    @_appliers.register(ReplicaSwitched)
+    def _(self, event: Image.ReplicaSwitched) -> None:
+        self.replica_of = None
+        if event.attached:
+            self.prepared_on.add(event.host_id)
+            self.attached_on = event.host_id
+        self.operations.extend(Operation.from_plan(p) for p in event.operations)
+        self.last_error = None
+        self._advance(event)
+
+    @_appliers.register(ReplicaRenewed)
+    def _(self, event: Image.ReplicaRenewed) -> None:
+        self.size = event.size
+        self.chain = list(event.chain)
+        self.user_data = event.user_data
+        self.origin = dict(event.origin)
+        self.replica_of = event.origin.get("of")
+        self.removed = False
+        self.prepared_on = set()
+        self.attached_on = None
+        self.last_error = None
         self._advance(event)
 
     @_appliers.register(ImageResized)

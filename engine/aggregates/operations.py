@@ -46,6 +46,13 @@ class Purpose(StrEnum):
     MEND = "mend"  # repair a broken image
     PULL = "pull"  # a block job: fold backing volumes into the top (block_pull)
     COMMIT = "commit"  # a block job: write volumes down into a base (block_commit)
+    # Live storage migration (architecture §8, docs/adr/0029): the whole flow, and the
+    # operations of its granular verbs.
+    MIGRATE = "migrate"  # migrate_image
+    CLONE = "clone"  # clone_image_structure
+    SYNC = "sync"  # sync_image_data
+    REPLICATE = "replicate"  # disk_replicate_start
+    SWITCH = "switch"  # disk_replicate_finish
 
 
 class OpState(StrEnum):
@@ -65,6 +72,8 @@ FIX_TYPES = (CLEAN, OPTIMIZE, MERGE, MEND)
 PENDING, HELD, DONE = OpState.PENDING, OpState.HELD, OpState.DONE
 FAILED, STOPPED = OpState.FAILED, OpState.STOPPED
 BLOCK_JOBS = (Purpose.PULL, Purpose.COMMIT)  # operations the block-job calls report on
+# Operations that run while a replication is on (a migration's own work).
+MIGRATION = (Purpose.MIGRATE, Purpose.CLONE, Purpose.SYNC, Purpose.REPLICATE, Purpose.SWITCH)
 
 _VOLUME = re.compile(r"[0-9a-f]{32}\.(raw|qcow2)")
 

@@ -50,6 +50,12 @@ class StageKind(StrEnum):
     RESIZE = "resize"  # grow ``volume`` to ``size``
     DELETE = "delete"  # remove the files ``volumes`` (and ``temporaries``)
     COMMIT = "commit"  # write ``top`` and what lies between it and ``volume`` down into ``volume``
+    # Live storage migration (docs/adr/0029): the image's chain copied into the repository
+    # at ``target`` (its root), where a replica of the image, same id, waits for it.
+    CLONE = "clone"  # make the chain ``volumes`` empty in ``target`` (ids, formats, sizes, backing)
+    SYNC = "sync"  # copy the immutable ``volumes`` into ``target``, checked, over their clones
+    MIRROR = "mirror"  # start mirroring the top ``volume`` into its clone (live only)
+    SWITCH = "switch"  # make the replica the image: the top in sync, then the replica switched
 
 
 class Completion(TypedDict, total=False):
@@ -114,7 +120,49 @@ class CommitStage(Completion):
     bandwidth: NotRequired[int]
 
 
-Stage = CreateStage | CopyStage | DiffStage | RebaseStage | ResizeStage | DeleteStage | CommitStage
+class CloneStage(Completion):
+    """``volumes``: ``[ref, virtual size, backing ref or None]`` base first."""
+
+    do: Literal["clone"]
+    target: str
+    volumes: list[list[object]]
+
+
+class SyncStage(Completion):
+    do: Literal["sync"]
+    target: str
+    volumes: list[str]
+
+
+class MirrorStage(Completion):
+    do: Literal["mirror"]
+    target: str
+    volume: str  # the top, mirrored into the volume of the same ref in ``target``
+
+
+class SwitchStage(Completion):
+    """Its completion ends the replication and removes the image here: it lives in ``target``.
+    ``merge``: the operation the replica then runs (the automatic snapshot merged away)."""
+
+    do: Literal["switch"]
+    target: str
+    volume: str  # the top
+    merge: NotRequired[list[str]]  # [base, top] of the commit the replica runs once switched
+
+
+Stage = (
+    CreateStage
+    | CopyStage
+    | DiffStage
+    | RebaseStage
+    | ResizeStage
+    | DeleteStage
+    | CommitStage
+    | CloneStage
+    | SyncStage
+    | MirrorStage
+    | SwitchStage
+)
 
 # The keys of a stage that name one volume of the stage's repository.
 VolumeKey = Literal["volume", "backing", "old_backing", "base", "drop_volume", "top", "child"]
@@ -149,6 +197,14 @@ def _declare(kind: StageKind) -> KindRules:
             return KindRules(DeleteStage, deletes=True)
         case StageKind.COMMIT:
             return KindRules(CommitStage, works_on="volume", reads=("top", "child"))
+        case StageKind.CLONE:
+            return KindRules(CloneStage)
+        case StageKind.SYNC:
+            return KindRules(SyncStage)
+        case StageKind.MIRROR:
+            return KindRules(MirrorStage, reads=("volume",))
+        case StageKind.SWITCH:
+            return KindRules(SwitchStage, reads=("volume",))
     assert_never(kind)  # mypy: a kind without its declaration
 
 
@@ -185,7 +241,17 @@ def has_live_form(stage: Stage) -> bool:
     """Whether the stage can run on an attached image, through the host's storage daemon
     (docs/adr/0028): the other kinds wait for its detach."""
     kind = stage.get("do")
-    return kind in ("rebase", "commit") or (kind == "create" and bool(stage.get("backing")))
+    return kind in _LIVE_KINDS or (kind == "create" and bool(stage.get("backing")))
+
+
+# Kinds that run while the image is attached: block jobs, and a migration's stages (which
+# write only into the replica's repository, or work through the daemon).
+_LIVE_KINDS = frozenset(("rebase", "commit", "clone", "sync", "mirror", "switch"))
+
+
+def is_migration(stage: Stage) -> bool:
+    """Whether the stage is a migration's: it runs live on the image itself, attached here."""
+    return stage.get("do") in ("mirror", "switch")
 
 
 def bandwidth_of(stage: Stage) -> int:

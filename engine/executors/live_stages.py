@@ -146,7 +146,7 @@ def commit(run: StageRun, stage: CommitStage, live: Live) -> None:
     image, daemon = live.image, live.daemon
     base_volume = _node(live, base)
     base_node = base_volume.node
-    committed = _committed(image.chain, base.ref, top.ref, image.id)
+    committed = _committed(run, image.chain, base.ref, top.ref, image.id)
     job = job_name(run.op_id, run.index)
     if daemon.find_job(job) is None:
         active_node = daemon.export_node(export_name(image.id))
@@ -257,12 +257,14 @@ def _between(daemon: StorageDaemon, node: str, base_node: str | None) -> list[st
     return chain
 
 
-def _committed(chain: list[str], base: str, top: str, image_id: uuid.UUID) -> list[str]:
+def _committed(
+    run: StageRun, chain: list[str], base: str, top: str, image_id: uuid.UUID
+) -> list[str]:
     """The nodes a commit of ``top`` into ``base`` leaves without a parent, top first."""
     if base not in chain or top not in chain:
         return []
     refs = chain[chain.index(base) + 1 : chain.index(top) + 1]
-    return [node_name(image_id, ref) for ref in reversed(refs)]
+    return [node_name(image_id, ref, local(run, ref).path) for ref in reversed(refs)]
 
 
 def _drop_nodes(daemon: StorageDaemon, nodes: list[str]) -> None:

@@ -51,7 +51,13 @@ from typing import Protocol
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import Stage, changed_by, has_live_form, is_known
+from engine.aggregates.stage_kinds import (
+    Stage,
+    changed_by,
+    has_live_form,
+    is_known,
+    is_migration,
+)
 from engine.aggregates.work_rules import attached_holders, needed_volumes, will_run
 from engine.errors import (
     ClaimLost,
@@ -65,10 +71,18 @@ from engine.errors import (
     storage_error,
 )
 from engine.executors import crashpoints as points
-from engine.executors import live_stages
+from engine.executors import migration_stages
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.progress import Claim, Lease
-from engine.executors.stage_run import DEFAULT_LOCK_WAIT, FindImage, ForeignReady, Live, StageRun
+from engine.executors.stage_run import (
+    DEFAULT_LOCK_WAIT,
+    FindImage,
+    ForeignReady,
+    Live,
+    RepositoryAt,
+    StageRun,
+    nowhere,
+)
 from engine.executors.stages import (
     chain_changes,
     inputs_ready,
@@ -121,6 +135,7 @@ class Executor:
         needed_elsewhere: Callable[[], Collection[str]] | None = None,
         foreign_ready: ForeignReady | None = None,
         daemon: Callable[[], StorageDaemon] | None = None,
+        repository_at: RepositoryAt | None = None,
     ) -> None:
         """``follower`` (made here if None) belongs to the executor, which starts and stops it.
         ``lease`` is this host's liveness in the repository and ``hosts`` what it knows of the
@@ -153,6 +168,7 @@ class Executor:
         self.needed_elsewhere = needed_elsewhere
         self.foreign_ready = foreign_ready
         self.daemon = daemon
+        self.repository_at: RepositoryAt = repository_at or nowhere
         self.errors: list[BaseException] = []
         self.fault: StrataError | None = None  # the last storage fault a pass or stage met
         self._follower = follower or LogFollower(
@@ -478,10 +494,11 @@ class Executor:
             lock_wait=self.lock_wait,
             phase=claim.phase,
             live=self._live(claim),
+            repository_at=self.repository_at,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
-            run_stage(run, live_stages.execute)
+            run_stage(run, migration_stages.execute)
             changes = chain_changes(claim.stage)
         except (StageCancelled, QemuCancelled):
             return  # stopped, or claimed elsewhere: there is no outcome of ours to record
@@ -508,13 +525,32 @@ class Executor:
     def _live(self, claim: Claim) -> Live | None:
         """How the stage runs live, if the volume it changes is in the chain of an image that
         this host's daemon serves: its own image first, else (a merge) another one's."""
-        ref = changed_by(claim.stage)
-        if ref is None or self.daemon is None:
+        if self.daemon is None:
             return None
-        images = (self.view.image(claim.image_id), *self.view.images())
+        if is_migration(claim.stage):
+            # It works through the export of the image itself (docs/adr/0029).
+            own = self.view.image(claim.image_id)
+            if own is not None and own.attached_on == self.host_id:
+                return Live(self.daemon(), own, claim.reach)
+            return None
+        ref = changed_by(claim.stage)
+        if ref is None:
+            return None
+        own = self.view.image(claim.image_id)
+        images = (own, *self.view.images())
         for image in attached_holders(images, ref):
             if image.attached_on == self.host_id:
                 return Live(self.daemon(), image, claim.reach)
+        stage = claim.stage
+        if (
+            own is not None
+            and own.attached_on == self.host_id
+            and stage["do"] == "create"
+            and stage.get("backing") == own.chain[-1]
+        ):
+            # A new top that only the stage's completion puts in the chain (a migration's
+            # live snapshot, docs/adr/0029): a live snapshot of the image all the same.
+            return Live(self.daemon(), own, claim.reach)
         return None
 
     # --- bookkeeping ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from engine.aggregates.image import Image
 from engine.aggregates.operations import split_ref
@@ -39,11 +40,37 @@ FindImage = Callable[[uuid.UUID], tuple[Image, RepositoryStorage] | None]
 # Whether a volume of another repository is made: no unfinished stage there will produce it.
 ForeignReady = Callable[[RepositoryStorage, str], bool]
 
+
+class Elsewhere(Protocol):
+    """Another repository connected on this host, as a migration's stage reaches it: the
+    destination, where the image's replica is (docs/adr/0029)."""
+
+    @property
+    def storage(self) -> RepositoryStorage: ...
+
+    def image(self, image_id: uuid.UUID, /) -> Image | None:
+        """The image as that repository's log holds it now (its view caught up first)."""
+
+    def update(
+        self, image_id: uuid.UUID, command: Callable[[Image, str, datetime], object], /
+    ) -> None:
+        """Let ``command`` decide on the image, given this host's id and the time, and save
+        what it recorded in that repository's log."""
+
+
+# The connected repository whose root is the path given; None if this host has none there.
+RepositoryAt = Callable[[str], Elsewhere | None]
+
 _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
 
 
 def _no_check() -> None:
+    return None
+
+
+def nowhere(root: str) -> Elsewhere | None:
+    """No other repository: what a stage reaches when none was given."""
     return None
 
 
@@ -82,6 +109,7 @@ class StageRun:
     lock_wait: float = DEFAULT_LOCK_WAIT  # how long in-place work waits for a locked volume
     phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
     live: Live | None = None  # set when the stage runs through this host's storage daemon
+    repository_at: RepositoryAt = nowhere  # other connected repositories (a migration's)
 
     @property
     def tag(self) -> str:

@@ -195,8 +195,22 @@ def execute(run: StageRun) -> None:
         delete(run, stage)
     elif stage["do"] == "commit":
         commit(run, stage)
+    elif (
+        stage["do"] == "clone"
+        or stage["do"] == "sync"
+        or stage["do"] == "mirror"
+        or stage["do"] == "switch"
+    ):
+        _migration(stage)
     else:
         _no_executor(stage)
+
+
+def _migration(stage: Stage) -> NoReturn:
+    # A migration's stages reach another repository: engine/executors/migration_stages.py.
+    raise InvalidParameter(
+        f"a {stage['do']!r} stage runs through migration_stages.execute", name="stage"
+    )
 
 
 def _no_executor(stage: Never) -> NoReturn:

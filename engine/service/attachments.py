@@ -7,7 +7,8 @@ open it as two nodes. A job is named after its operation and stage, so a restart
 the job its predecessor started (docs/adr/0028-live-operations-as-stages.md).
 
 QEMU wants names that start with a letter, node names of at most 31 characters with the
-adapter's ``-file`` suffix; 12 + 13 hex digits of two random ids keep them apart on one host.
+adapter's ``-file`` suffix; 8 + 13 hex digits of two random ids and 4 of the volume's directory
+keep them apart on one host.
 
 Imports: ``engine.aggregates``; of ``engine.formats``, the storage daemon adapter and the
 repository driver.
@@ -15,6 +16,8 @@ repository driver.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import uuid
 
@@ -31,10 +34,19 @@ def export_name(image_id: uuid.UUID) -> str:
     return f"i{image_id.hex}"
 
 
-def node_name(image_id: uuid.UUID, ref: str) -> str:
-    """The block node of volume ``ref`` in the attached chain of image ``image_id``."""
+def node_name(image_id: uuid.UUID, ref: str, path: str) -> str:
+    """The block node of volume ``ref`` (its file at ``path``) in the attached chain of image
+    ``image_id``. A migration opens the image's volumes of two repositories at once, under the
+    same ids (docs/adr/0029): 4 hex digits of the directory's hash keep them apart."""
     volume_id, _ = split_ref(ref)
-    return f"n{image_id.hex[:12]}{volume_id[:13]}"
+    where = hashlib.blake2b(os.path.dirname(path).encode(), digest_size=2).hexdigest()
+    return f"n{image_id.hex[:8]}{volume_id[:13]}{where}"
+
+
+def mirror_job_name(image_id: uuid.UUID) -> str:
+    """The mirror of a migration: one per image at a time, found by every stage after the one
+    that started it (docs/adr/0029)."""
+    return f"m{image_id.hex[:24]}"
 
 
 def job_name(op_id: str, index: int) -> str:
@@ -54,4 +66,4 @@ def chain_volumes(image: Image, storage: RepositoryStorage) -> list[ChainVolume]
 
 def volume_of(image: Image, ref: str, path: str) -> ChainVolume:
     """Volume ``ref`` (its file at ``path``) as a node of ``image``'s chain in the daemon."""
-    return ChainVolume(node_name(image.id, ref), path, split_ref(ref)[1])
+    return ChainVolume(node_name(image.id, ref, path), path, split_ref(ref)[1])

@@ -1,5 +1,6 @@
-"""Every kind of stage has its executor (engine/executors/stages.py): ``execute`` hands a stage
-to the function of its kind, typed as that kind (docs/adr/0021-typed-stages-and-enums.md)."""
+"""Every kind of stage has its executor (engine/executors/stages.py, and a migration's in
+engine/executors/migration_stages.py): ``execute`` hands a stage to the function of its kind,
+typed as that kind (docs/adr/0021-typed-stages-and-enums.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 
 from engine.aggregates.stage_kinds import RULES, Stage, StageKind
 from engine.errors import InvalidParameter
-from engine.executors import stages
+from engine.executors import migration_stages, stages
 from engine.executors.stage_run import StageRun
+
+MIGRATION_KINDS = ("clone", "sync", "mirror", "switch")
 
 
 def run_of(stage: Mapping[str, object]) -> StageRun:
@@ -26,17 +29,24 @@ def test_every_kind_of_stage_runs_with_the_executor_of_its_kind(
 ) -> None:
     ran: list[tuple[str, Mapping[str, object]]] = []
     for other in StageKind:
-        executor = getattr(stages, other.value)  # each executor is named after its kind
+        module = migration_stages if other.value in MIGRATION_KINDS else stages
+        executor = getattr(module, other.value)  # each executor is named after its kind
         assert callable(executor)
         monkeypatch.setattr(
-            stages, other.value, lambda run, stage, name=other.value: ran.append((name, stage))
+            module, other.value, lambda run, stage, name=other.value: ran.append((name, stage))
         )
     stage = {"do": kind.value}
 
-    stages.execute(run_of(stage))
+    migration_stages.execute(run_of(stage))  # what the scheduler calls, with no daemon here
 
     assert ran == [(kind.value, stage)]
     assert kind in RULES
+
+
+@pytest.mark.parametrize("kind", MIGRATION_KINDS)
+def test_a_migration_stage_is_not_run_by_the_offline_executors(kind: str) -> None:
+    with pytest.raises(InvalidParameter, match=r"runs through migration_stages\.execute"):
+        stages.execute(run_of({"do": kind}))
 
 
 def test_a_stage_of_an_unknown_kind_has_no_executor() -> None:

@@ -113,6 +113,22 @@ class BlockJobs:
             arguments["backing-file"] = backing_file
         self._execute("block-commit", arguments)
 
+    def mirror(self, job_id: str, device: str, *, target_node: str, speed: int = 0) -> None:
+        """Copy what ``device`` holds above its backing into ``target_node`` (``sync: top``)
+        and from then on every write to both (``copy-mode: write-blocking``: a write completes
+        once it is on both sides), until :meth:`complete_job` switches ``device``'s users to
+        the target or :meth:`cancel_job` stops it (docs/adr/0029).
+
+        The target is opened by the caller; QEMU leaves its backing link as it is
+        (``blockdev-mirror`` does not set it): the caller links the target's backing before
+        the switch, or the target reads zeros below what it holds.
+        """
+        arguments = _job_arguments(job_id, speed)
+        arguments.update(
+            {"device": device, "target": target_node, "sync": "top", "copy-mode": "write-blocking"}
+        )
+        self._execute("blockdev-mirror", arguments)
+
     # --- driving them ----------------------------------------------------------------------
     def complete_job(self, job_id: str) -> None:
         """Finish a ``ready`` job: an active commit pivots its chain's users to the base."""

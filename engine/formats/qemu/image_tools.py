@@ -342,6 +342,24 @@ class QemuImg:
         )[0]
         return code == 0
 
+    def compare_volumes(self, a: str, b: str, fmt: str, *, timeout: float | None = None) -> bool:
+        """Whether two volumes hold the same data of their own: each opened alone (no backing,
+        so what it leaves to a backing reads as zeros) and shared with a writer that may hold
+        ``a`` open (the storage daemon serving it). For copies of one immutable volume."""
+        fmt = check_image_format(fmt)
+
+        def alone(path: str) -> str:
+            options: dict[str, Any] = {
+                "driver": fmt,
+                "file": {"driver": "file", "filename": os.path.abspath(checked.existing(path))},
+            }
+            if fmt == "qcow2":
+                options["backing"] = None
+            return "json:" + json.dumps(options)
+
+        args = [self.qemu_img, "compare", "-q", "-U", alone(a), alone(b)]
+        return self._run(args, timeout=timeout, ok=(0, 1))[0] == 0
+
     def check(self, path: str, *, fmt: str | None = None) -> CheckResult:
         """``qemu-img check``: corruptions and leaks are a result, not an exception."""
         args = [

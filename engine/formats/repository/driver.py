@@ -12,8 +12,9 @@ Imports: only :mod:`engine.errors`. Drivers import this module; it imports no dr
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +121,26 @@ class RepositoryStorage(ABC):
         Raises :class:`~engine.errors.VolumeAlreadyExists` rather than replace another file;
         publishing again after a crash between the two names is a no-op.
         """
+
+    @abstractmethod
+    def replace(self, temp_path: str, final_path: str) -> None:
+        """Durably and atomically put a finished temporary file in place of the volume
+        ``final_path`` (which must exist): how a migration's sync puts a copied volume over
+        its empty clone in a replica (docs/adr/0029), and nothing else may."""
+
+    @abstractmethod
+    def copy_in(
+        self,
+        source_path: str,
+        temp_path: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Copy the file ``source_path`` (another repository's volume) byte for byte into the
+        temporary file ``temp_path``, leaving holes where the source has them, durably.
+        ``progress`` is told the bytes done so far; a set ``cancel`` stops the copy
+        (:class:`~engine.errors.StageCancelled` is for the caller to raise)."""
 
     @abstractmethod
     def remove(self, path: str) -> None:

@@ -20,7 +20,8 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from operator import attrgetter
@@ -247,6 +248,49 @@ class LocalStorage(RepositoryStorage):
             os.unlink(temp, dir_fd=directory)
             os.fsync(directory)
 
+    def replace(self, temp_path: str, final_path: str) -> None:
+        temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
+        final_id, final_fmt, final_tag = self._own(final_path, "final_path")
+        if tag is None or final_tag is not None or (temp_id, temp_fmt) != (final_id, final_fmt):
+            raise InvalidParameter(
+                f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
+            )
+        with self._volumes() as directory:
+            if _own_stat(directory, temp_path) is None:
+                raise VolumeFileNotFound(path=temp_path)
+            if _own_stat(directory, final_path) is None:
+                raise VolumeFileNotFound(path=final_path)
+            _fsync_file(directory, os.path.basename(temp_path))
+            os.rename(
+                os.path.basename(temp_path),
+                os.path.basename(final_path),
+                src_dir_fd=directory,
+                dst_dir_fd=directory,
+            )
+            os.fsync(directory)
+
+    def copy_in(
+        self,
+        source_path: str,
+        temp_path: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self._own(temp_path, "temp_path")
+        with self._volumes() as directory:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            out = os.open(os.path.basename(temp_path), flags, 0o644, dir_fd=directory)
+        try:
+            src = os.open(source_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _copy_data(src, out, progress, cancel)
+            finally:
+                os.close(src)
+            os.fsync(out)
+        finally:
+            os.close(out)
+
     def remove(self, path: str) -> None:
         self._own(path, "path")
         with self._volumes() as directory:
@@ -449,6 +493,45 @@ def _write_marker(root: str, content: dict[str, str]) -> None:
     finally:
         os.unlink(temp)
     _fsync_directory(root)
+
+
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+def _copy_data(
+    src: int,
+    out: int,
+    progress: Callable[[int], None] | None,
+    cancel: threading.Event | None,
+) -> None:
+    """Copy the data extents of ``src`` (SEEK_DATA/SEEK_HOLE) with ``copy_file_range``: the
+    holes stay holes, and the kernel moves the bytes (a reflink where the filesystem can)."""
+    size = os.fstat(src).st_size
+    offset = done = 0
+    while offset < size:
+        if cancel is not None and cancel.is_set():
+            return
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                raise
+            break
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        position = start
+        while position < end:
+            if cancel is not None and cancel.is_set():
+                return
+            count = min(_COPY_CHUNK, end - position)
+            copied = os.copy_file_range(src, out, count, position, position)
+            if copied == 0:
+                raise OSError(errno.EIO, f"the source ended at {position}, not {end}")
+            position += copied
+            done += copied
+            if progress is not None:
+                progress(done)
+        offset = end
+    os.ftruncate(out, size)
 
 
 def _fsync_file(directory: int, name: str) -> None:
