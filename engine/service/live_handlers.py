@@ -28,7 +28,13 @@ from engine.errors import DaemonError, ImageInUse, InvalidParameter, StaleFix, W
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.storage_daemon import Job, StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
-from engine.service.attachments import chain_volumes, dead_host, export_name, job_name
+from engine.service.attachments import (
+    chain_volumes,
+    dead_host,
+    export_name,
+    job_name,
+    mirror_job_name,
+)
 from engine.service.unit_of_work import ImageService
 from engine.types import Attachment, BlockJob, Volume
 
@@ -106,7 +112,14 @@ class LiveHandlers:
 
     def detach(self, image: Image) -> None:
         """Stop serving the image (the daemon flushes what it holds as it closes the nodes)
-        and record that it is no longer in use."""
+        and record that it is no longer in use. Refused while a replication runs: its
+        mirror holds the nodes (ImageInUse)."""
+        if image.replicating_to is not None and self._served_here(image):
+            raise ImageInUse(
+                f"being migrated to {image.replicating_to}: wait for the migration, or abort "
+                "it (disk_replicate_finish onto its own repository)",
+                image_id=image.id,
+            )
         daemon = self.daemon()
         name = export_name(image.id)
         if daemon.pid is not None:
@@ -206,6 +219,9 @@ class LiveHandlers:
     def block_job(self, image: Image) -> BlockJob | None:
         """The image's last block job as QEMU reports it while it runs here, else as the log
         has it; None if the image never had one."""
+        mirror = self._mirror_job(image)
+        if mirror is not None:
+            return mirror
         op = _last_job(image)
         if op is None:
             return None
@@ -320,6 +336,25 @@ class LiveHandlers:
                     if ref in mine:
                         readers.setdefault(ref, other.id)
         return readers
+
+    def _mirror_job(self, image: Image) -> BlockJob | None:
+        """A migration's mirror while it runs here (docs/adr/0029); bandwidth 0: a migration
+        converges as fast as it can, and its job takes no limit."""
+        if image.replicating_to is None or not self._served_here(image):
+            return None
+        job = self._daemon_job(mirror_job_name(image.id))
+        if job is None:
+            return None
+        state = {"ready": "ready", "concluded": "failed" if job.error else "completed"}
+        return BlockJob(
+            job.id,
+            "mirror",
+            job.current_progress,
+            job.total_progress,
+            job.speed,
+            state.get(job.status, "running"),
+            job.error,
+        )
 
     def _running_job(self, image: Image) -> Operation:
         op = _last_job(image)
