@@ -414,6 +414,13 @@ class StorageEngine:
         if not isinstance(pivot, bool):
             raise InvalidParameter("True or False", name="pivot")
         repo, image = self._repos.image_in(repo_id, image_id)
+        target = image.replicating_to
+        dst = None if target is None else self._repos.at(target)
+        job = None if dst is None else repo.live.block_job(image)
+        if dst is not None and job is not None and job.kind == "mirror":
+            # libvirt's semantics for a copy job: pivot switches to the copy, else it is dropped.
+            self.disk_replicate_finish(repo_id, image.id, dst.repo_id if pivot else repo.repo_id)
+            return
         repo.live.abort(image, pivot)
         self._written(repo)
 

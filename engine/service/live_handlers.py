@@ -257,6 +257,10 @@ class LiveHandlers:
     def set_bandwidth(self, image: Image, bandwidth: int) -> None:
         """Change the running job's limit (QEMU's ``block-job-set-speed``). An offline job
         runs at qemu-img's pace, which has no limit to change: refused."""
+        mirror = self._mirror_job(image)
+        if mirror is not None:
+            self.daemon().set_speed(mirror.job_id, bandwidth)
+            return
         op = self._running_job(image)
         name = job_name(op.op_id, op.done)
         if image.attached_on != self.service.host_id or self._daemon_job(name) is None:
@@ -338,8 +342,7 @@ class LiveHandlers:
         return readers
 
     def _mirror_job(self, image: Image) -> BlockJob | None:
-        """A migration's mirror while it runs here (docs/adr/0029); bandwidth 0: a migration
-        converges as fast as it can, and its job takes no limit."""
+        """A migration's mirror while it runs here (docs/adr/0029)."""
         if image.replicating_to is None or not self._served_here(image):
             return None
         job = self._daemon_job(mirror_job_name(image.id))

@@ -205,10 +205,15 @@ class MigrationHandlers:
                 )
         if image.attached_on is not None:
             self._attached_here(image)
-            self._stop_mirror(image, dst)
 
         def command(current: Image) -> None:
+            # Decided again on the log as it is now: the switch may have been asked for since.
             now = src.service.now()
+            for op in current.operations:
+                if not op.finished and op.phase == SWITCH_REQUESTED:
+                    raise ReplicationError(
+                        "its switch is under way: wait for it to end", image_id=image.id
+                    )
             for op in current.operations:
                 if not op.finished and op.purpose in ops.MIGRATION:
                     current.abort_operation(
@@ -216,7 +221,11 @@ class MigrationHandlers:
                     )
             current.end_replication(outcome="aborted", host_id=self.host_id, now=now)
 
+        # The log first: the executor running the migration sees its claim end and stops, and
+        # no switch can be asked for after this.
         src.service.update(image.id, command)
+        if image.attached_on is not None:
+            self._stop_mirror(image, dst)
         if dst is not None:
             with suppress(ImageNotFound):
                 dst.service.update(
