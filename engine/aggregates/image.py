@@ -586,8 +586,9 @@ class Image(Aggregate["Image.Event"], StableTopic):
         now: datetime,
     ) -> None:
         """Start a replica over under the id of an image removed here (an aborted migration's
-        replica, or the image itself, migrated away before); ReplicationError if it is live."""
-        if not self.removed:
+        replica, or the image itself, migrated away before) or of a replica nothing fills (an
+        orphan: the caller checked); ReplicationError if it is a live image."""
+        if not (self.removed or self.replica_of is not None):
             raise ReplicationError(
                 "the destination holds an image of this id already", image_id=self.id
             )

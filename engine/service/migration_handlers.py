@@ -57,6 +57,8 @@ _STARTS = (Purpose.CLONE, Purpose.MIGRATE)  # the operations that begin a replic
 class Images(Protocol):
     def image(self, image_id: uuid.UUID | str, /) -> Image | None: ...
 
+    def live_images(self) -> list[Image]: ...
+
 
 @dataclass(frozen=True)
 class Side:
@@ -252,16 +254,25 @@ class MigrationHandlers:
             raise ReplicationError(
                 f"a replication to {image.replicating_to} runs already", image_id=image.id
             )
+        if image.attached_on is not None and image.kind != ops.VIRTUAL_DISK:
+            raise ImageInUse(
+                "a snapshot attached read-only has nothing to mirror: detach it, then migrate",
+                image_id=image.id,
+            )
         there = dst.images.image(image.id)
-        if there is not None and not there.removed:
-            what = "a replica of it" if there.replica_of is not None else "an image of this id"
-            raise ReplicationError(f"{dst.repo_id!r} holds {what} already", image_id=image.id)
+        # A replica whose source runs no replication is an orphan (a crash right after it was
+        # requested): a new migration takes it over.
+        orphan = there is not None and there.replica_of is not None
+        if there is not None and not there.removed and not orphan:
+            raise ReplicationError(
+                f"{dst.repo_id!r} holds an image of this id already", image_id=image.id
+            )
         for ref in image.chain:
-            path = dst.storage.volume_path(*split_ref(ref))
-            if os.path.lexists(path):
+            users = [i.id for i in dst.images.live_images() if i.id != image.id and ref in i.chain]
+            if users:
                 raise ReplicationError(
-                    f"{dst.repo_id!r} holds a volume {ref} already (of a removed image: clean "
-                    "it first)",
+                    f"{dst.repo_id!r} holds its volume {ref} already, in the chain of image "
+                    f"{users[0]}",
                     image_id=image.id,
                 )
 
