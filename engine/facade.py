@@ -50,6 +50,8 @@ LIVE_SWITCH_TIMEOUT = 60.0
 # Seconds disk_replicate_start and disk_replicate_finish wait for their operation (behind the
 # clone, when it still runs).
 REPLICATION_TIMEOUT = 600.0
+# Seconds between looks at the source's log while a wait follows a migration.
+MIGRATION_POLL = 0.1
 
 
 @typed_errors
@@ -304,7 +306,9 @@ class StorageEngine:
                     image_id=image.id,
                     timeout=timeout,
                 )
-            repo.follower.wait_for_change(min(poll_interval, remaining or poll_interval))
+            # The source's log does not wake this wait: it looks again soon.
+            interval = min(poll_interval, MIGRATION_POLL) if moving else poll_interval
+            repo.follower.wait_for_change(min(interval, remaining or interval))
 
     # --- virtual machines -----------------------------------------------------------------
 
