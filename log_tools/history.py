@@ -5,8 +5,9 @@ how the image looked after its transaction compared with the image's previous ev
 stage, chain, size, the host it is attached on and so on, computed by the engine's own view over
 the whole log up to there (an image's status also depends on the images whose volumes it uses).
 
-The events of live work (docs/adr/0028-live-operations-as-stages.md) are said as a sentence in
-the text form: their fields (a block job's plan, above all) say little on one line.
+The events of live work (docs/adr/0028-live-operations-as-stages.md) and of a migration
+(docs/adr/0029) are said as a sentence in the text form: their fields (a block job's plan, above
+all) say little on one line.
 
 Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
 standard library.
@@ -27,6 +28,9 @@ from engine.projections.point_in_time import image_summary, replay
 from engine.projections.view import RepositoryView
 from log_tools.paths import find_log_dir
 from log_tools.render import event_fields, iso_time, printable, short, to_json
+
+# The reason of a migrated image's removal in the source: "migrated to <destination root>".
+MIGRATED_TO = "migrated to "
 
 # How the image looked, compared between its events.
 _WATCHED = (
@@ -139,9 +143,7 @@ def describe(event: str, fields: dict[str, Any], host_id: str) -> str | None:
         plan = fields.get("operation")
         if not isinstance(plan, dict):
             return None
-        stages = plan.get("stages")
-        said = "; ".join(_stage(s) for s in stages) if isinstance(stages, list) else "no stages"
-        return f"block job {_text(plan)('purpose')} {_text(plan)('op_id')} requested: {said}"
+        return _plan(plan, "requested")
     if event == "StageReached":
         stage = fields.get("stage")
         number = stage + 1 if isinstance(stage, int) else "?"
@@ -154,7 +156,57 @@ def describe(event: str, fields: dict[str, Any], host_id: str) -> str | None:
             f"operation {text('op_id')} aborted, the chain left as it was: "
             f"{text('reason') or 'no reason given'}"
         )
+    return _migration_sentence(event, fields, host)
+
+
+def _migration_sentence(event: str, fields: dict[str, Any], host: str) -> str | None:
+    """A migration's events (docs/adr/0029), in the source's log and in the destination's."""
+    text = _text(fields)
+    if event == "ReplicationStarted":
+        return f"replication to {text('target')} started"
+    if event == "ReplicationEnded":
+        outcome = fields.get("outcome")
+        if outcome == "switched":
+            return f"replication to {text('target')} ended: switched, the image lives there now"
+        if outcome == "aborted":
+            return f"replication to {text('target')} ended: aborted, the image stays here"
+        return f"replication to {text('target')} ended: {text('outcome')}"
+    if event == "ReplicaSwitched":
+        said = (
+            f"became the image here, in place of the one in {text('source')}; the source's copy "
+            f"is removed next; "
+        )
+        if fields.get("attached") is True:
+            said += f"attached on {host}: its daemon serves it through the same export"
+        else:
+            said += "not attached"
+        plans = fields.get("operations")
+        for plan in plans if isinstance(plans, list) else []:
+            said += f"; {_plan(plan, 'queued')}" if isinstance(plan, dict) else ""
+        return said
+    if event in ("ImageRequested", "ReplicaRenewed"):
+        origin = fields.get("origin")
+        if not isinstance(origin, dict) or origin.get("how") != "replica":
+            return None
+        made = _text(origin)
+        said = f"replica of the image in {made('of')}, made by migration {made('op')}"
+        return (
+            said
+            if event == "ImageRequested"
+            else f"{said}, over the image of this id removed here: it starts over"
+        )
+    if event == "ImageRemoved":
+        reason = fields.get("reason")
+        if isinstance(reason, str) and reason.startswith(MIGRATED_TO):
+            return f"{text('reason')}: removed here, it lives there now"
     return None
+
+
+def _plan(plan: dict[str, Any], done: str) -> str:
+    """An operation's plan as words: its purpose, id, what was ``done`` with it, its stages."""
+    stages = plan.get("stages")
+    said = "; ".join(_stage(s) for s in stages) if isinstance(stages, list) else "no stages"
+    return f"block job {_text(plan)('purpose')} {_text(plan)('op_id')} {done}: {said}"
 
 
 def _stage(stage: Any) -> str:
@@ -173,11 +225,32 @@ def _stage(stage: Any) -> str:
         below = f"down to {text('backing')}" if stage.get("backing") else "all of it"
         said = f"pull the volumes below {text('volume')} into it, {below}"
     else:
-        said = f"{kind} {text('volume')}"
+        said = _migration_stage(kind, stage) or f"{kind} {text('volume')}"
     bandwidth = stage.get("bandwidth")
     if isinstance(bandwidth, int) and bandwidth:
         said += f" at {bandwidth} bytes/s"
     return said
+
+
+def _migration_stage(kind: str, stage: dict[str, Any]) -> str | None:
+    """A migration's stage as words (docs/adr/0029): what it makes or copies in the target."""
+    text = _text(stage)
+    volumes = stage.get("volumes")
+    count = len(volumes) if isinstance(volumes, list) else "?"
+    if kind == "clone":
+        return f"clone the chain's {count} volume(s) empty into {text('target')}"
+    if kind == "sync":
+        return f"copy {count} immutable volume(s) into {text('target')}"
+    if kind == "mirror":
+        return f"mirror {text('volume')} into {text('target')}"
+    if kind == "switch":
+        said = f"switch to the replica in {text('target')}"
+        merge = stage.get("merge")
+        if isinstance(merge, list) and len(merge) == 2:
+            base, top = (printable(str(ref)) for ref in merge)
+            said += f", where {top} is then merged down into {base}"
+        return said
+    return None
 
 
 def _text(fields: dict[str, Any]) -> Callable[[str], str]:
