@@ -26,11 +26,9 @@ from engine.log.framing import Record, key_of
 from engine.projections.log_events import new_mapper, to_event
 from engine.projections.point_in_time import image_summary, replay
 from engine.projections.view import RepositoryView
+from log_tools.migrations import MIGRATED_TO, trace
 from log_tools.paths import find_log_dir
 from log_tools.render import event_fields, iso_time, printable, short, to_json
-
-# The reason of a migrated image's removal in the source: "migrated to <destination root>".
-MIGRATED_TO = "migrated to "
 
 # How the image looked, compared between its events.
 _WATCHED = (
@@ -49,6 +47,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
     command.add_argument("path", metavar="PATH", help=path_help)
     command.add_argument("image_id", metavar="IMAGE_ID", help="the image's id (a UUID)")
     command.add_argument("--json", action="store_true", help="one JSON object per event")
+    command.add_argument(
+        "--this-log-only",
+        action="store_true",
+        help="only PATH's log, not the logs of the repositories the image migrated from or to",
+    )
     command.set_defaults(command=run)
 
 
@@ -95,28 +98,41 @@ def history(log_dir: str, image_id: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    entries = history(find_log_dir(args.path), args.image_id)
+    if args.this_log_only:
+        entries, notes = history(find_log_dir(args.path), args.image_id), []
+    else:
+        traced = trace(args.path, args.image_id, history)
+        entries, notes = traced.entries, traced.notes
     if args.json:
         for entry in entries:
             print(to_json(entry, indent=None))
     else:
         write_text(entries, sys.stdout)
+    if notes:
+        sys.stdout.flush()  # the history first, then what it leaves out
+        for note in notes:
+            print(f"strata-log: note: {printable(note)}", file=sys.stderr)
     return 0
 
 
 def write_text(entries: list[dict[str, Any]], out: TextIO) -> None:
+    """One line per event (and one per change it made); each line starts with the repository
+    when the entries come from more than one."""
+    repositories = {entry.get("repository", "") for entry in entries}
+    width = max(map(len, repositories)) if len(repositories) > 1 else 0
     for entry in entries:
+        where = f"{printable(entry['repository']):<{width}}" if width else ""
         sentence = describe(entry["event"], entry["fields"], entry["host_id"])
         if sentence is None:
             said = short(", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items()), 160)
         else:
             said = short(sentence, 240)  # names two volumes and an operation: longer
         out.write(
-            f"{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
+            f"{where}{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
             f"v{entry['version']}  {entry['event']}  {said}\n"
         )
         for name, (old, new) in entry["changed"].items():
-            out.write(f"{'':>10}{name}: {_value(old)} -> {_value(new)}\n")
+            out.write(f"{'':>{width + 10}}{name}: {_value(old)} -> {_value(new)}\n")
 
 
 def _value(value: Any) -> str:
