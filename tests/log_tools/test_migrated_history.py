@@ -240,3 +240,28 @@ def test_a_chain_of_migrations_is_followed_to_its_end_within_a_bound(
         f"the repository at {chain.r3} (named by event {started['seq']} of {chain.r2}) is not "
         f"read: the history stops at 2 repositories"
     ]
+
+
+def test_an_aborted_migration_is_said_in_both_logs(state_dir: Callable[[], str]) -> None:
+    base = state_dir()
+    r1, r2 = os.path.join(base, "r1"), os.path.join(base, "r2")
+    with StorageEngine("host-a", state_dir=state_dir(), poll_interval=0.1) as se:
+        for repo_id, root in (("r1", r1), ("r2", r2)):
+            os.mkdir(root)
+            se.create_storage_repository("localfs-1.0", {"path": root})
+            se.connect_storage_repository(repo_id, "localfs-1.0", {"path": root})
+        disk = se.create_virtual_disk("r1", MiB)
+        se.wait_for_image("r1", disk, timeout=30)
+        se.clone_image_structure("r1", disk, "r2")
+        se.wait_for_image("r1", disk, timeout=30)
+        se.disk_replicate_finish("r1", disk, "r1")  # to where it is: abort
+        se.wait_for_image("r1", disk, timeout=30)
+    said = events(text(r1, disk))
+    assert {r for r, *_ in said} == {r1, r2}
+    assert sentence(said, r1, "ReplicationEnded") == (
+        f"replication to {r2} ended: aborted, the image stays here"
+    )
+    assert sentence(said, r2, "ImageRemoved") == f"reason='its migration from {r1} was aborted'"
+    assert [(r, e) for r, _, _, e, _ in said][-2:] == [
+        (r1, "ReplicationEnded"), (r2, "ImageRemoved")
+    ]  # fmt: skip
