@@ -78,6 +78,9 @@ def trace(path: str, image_id: str, read: ReadLog) -> Traced:
 def _read_other(
     root: str, image_id: str, read: ReadLog, named_by: str, notes: list[str]
 ) -> list[dict[str, Any]] | None:
+    if not os.path.isabs(root):  # the engine names roots absolute: not a log it wrote
+        notes.append(f"{root!r} ({named_by}) is not an absolute path: not followed")
+        return None
     if not os.path.isdir(root):
         notes.append(f"the repository at {root} ({named_by}) is gone: its part is not shown")
         return None
@@ -105,7 +108,7 @@ def _named(entries: list[dict[str, Any]], repository: str) -> Iterator[tuple[str
     for entry in entries:
         root = other_root(entry["event"], entry["fields"])
         if root:
-            yield os.path.abspath(root), f"named by event {entry['seq']} of {repository}"
+            yield os.path.normpath(root), f"named by event {entry['seq']} of {repository}"
 
 
 def other_root(event: str, fields: dict[str, Any]) -> str | None:

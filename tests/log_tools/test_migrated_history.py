@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from engine import StorageEngine
 from log_tools import history, migrations
-from tests.log_tools.cli import strata_log
+from tests.log_tools.cli import Story, strata_log
 
 MiB = 2**20
 
@@ -265,3 +266,21 @@ def test_an_aborted_migration_is_said_in_both_logs(state_dir: Callable[[], str])
     assert [(r, e) for r, _, _, e, _ in said][-2:] == [
         (r1, "ReplicationEnded"), (r2, "ImageRemoved")
     ]  # fmt: skip
+
+
+def test_roots_a_log_names_are_followed_only_to_repositories(story: Story) -> None:
+    """What a log says is read as it is: a root that is not absolute, or not a repository, is
+    a note, and the history of PATH's log stays whole."""
+    named = [
+        {"seq": 7, "time_ns": 1, "event": "ReplicationStarted", "fields": {"target": "r2"}},
+        {"seq": 8, "time_ns": 2, "event": "ImageRemoved", "fields": {"reason": "migrated to /"}},
+        {"seq": 9, "time_ns": 3, "event": "ReplicaSwitched", "fields": {"source": str(story.repo)}},
+    ]
+    traced = migrations.trace(str(story.log), str(uuid.uuid4()), lambda log_dir, image: named)
+    assert traced.repositories == [str(story.repo)]  # itself, not read again
+    assert [{k: v for k, v in e.items() if k != "repository"} for e in traced.entries] == named
+    assert traced.notes == [
+        f"'r2' (named by event 7 of {story.repo}) is not an absolute path: not followed",
+        f"/ (named by event 8 of {story.repo}) is not a repository (no STRATA-REPOSITORY): its "
+        f"part is not shown",
+    ]
