@@ -7,7 +7,8 @@ the whole log up to there (an image's status also depends on the images whose vo
 
 The events of live work (docs/adr/0028-live-operations-as-stages.md) and of a migration
 (docs/adr/0029) are said as a sentence in the text form: their fields (a block job's plan, above
-all) say little on one line.
+all) say little on one line. A migrated image's history also holds the events of the other
+repositories' logs (:mod:`log_tools.migrations`).
 
 Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
 standard library.
@@ -42,7 +43,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
         "history",
         help="every event of one image, with time, host and what changed",
         description="The life of one image: each of its events with sequence number, time, "
-        "host and fields, and what changed in the image after it.",
+        "host and fields, and what changed in the image after it. A migrated image's events "
+        "in the logs of the repositories it came from or went to come too, merged by time, "
+        "each with its repository.",
     )
     command.add_argument("path", metavar="PATH", help=path_help)
     command.add_argument("image_id", metavar="IMAGE_ID", help="the image's id (a UUID)")

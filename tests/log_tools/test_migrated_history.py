@@ -284,3 +284,27 @@ def test_roots_a_log_names_are_followed_only_to_repositories(story: Story) -> No
         f"/ (named by event 8 of {story.repo}) is not a repository (no STRATA-REPOSITORY): its "
         f"part is not shown",
     ]
+
+
+def test_an_attached_replica_switched_says_its_host_and_the_merge_it_queued() -> None:
+    merge = {
+        "op_id": "abc-merge",
+        "purpose": "commit",
+        "stages": [{"do": "commit", "volume": "base.qcow2", "top": "new.qcow2"}],
+    }
+    fields = {"source": "/srv/r1", "attached": True, "operations": [merge]}
+    assert history.describe("ReplicaSwitched", fields, "host-a") == (
+        "became the image here, in place of the one in /srv/r1; the source's copy is removed "
+        "next; attached on host-a: its daemon serves it through the same export; block job "
+        "commit abc-merge queued: commit new.qcow2 down into base.qcow2, then the image pivots "
+        "onto it"
+    )
+    switch = {"do": "switch", "target": "/srv/r2", "volume": "new.qcow2"}
+    plan = {"op_id": "abc", "purpose": "migrate", "stages": [
+        {"do": "mirror", "target": "/srv/r2", "volume": "new.qcow2"},
+        {**switch, "merge": ["base.qcow2", "new.qcow2"]},
+    ]}  # fmt: skip
+    assert history.describe("OperationRequested", {"operation": plan}, "host-a") == (
+        "block job migrate abc requested: mirror new.qcow2 into /srv/r2; switch to the replica "
+        "in /srv/r2, where new.qcow2 is then merged down into base.qcow2"
+    )
