@@ -5,8 +5,10 @@ how the image looked after its transaction compared with the image's previous ev
 stage, chain, size, the host it is attached on and so on, computed by the engine's own view over
 the whole log up to there (an image's status also depends on the images whose volumes it uses).
 
-The events of live work (docs/adr/0028-live-operations-as-stages.md) are said as a sentence in
-the text form: their fields (a block job's plan, above all) say little on one line.
+The events of live work (docs/adr/0028-live-operations-as-stages.md) and of a migration
+(docs/adr/0029) are said as a sentence in the text form: their fields (a block job's plan, above
+all) say little on one line. A migrated image's history also holds the events of the other
+repositories' logs (:mod:`log_tools.migrations`).
 
 Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
 standard library.
@@ -25,6 +27,7 @@ from engine.log.framing import Record, key_of
 from engine.projections.log_events import new_mapper, to_event
 from engine.projections.point_in_time import image_summary, replay
 from engine.projections.view import RepositoryView
+from log_tools.migrations import MIGRATED_TO, trace
 from log_tools.paths import find_log_dir
 from log_tools.render import event_fields, iso_time, printable, short, to_json
 
@@ -40,11 +43,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser], path
         "history",
         help="every event of one image, with time, host and what changed",
         description="The life of one image: each of its events with sequence number, time, "
-        "host and fields, and what changed in the image after it.",
+        "host and fields, and what changed in the image after it. A migrated image's events "
+        "in the logs of the repositories it came from or went to come too, merged by time, "
+        "each with its repository.",
     )
     command.add_argument("path", metavar="PATH", help=path_help)
     command.add_argument("image_id", metavar="IMAGE_ID", help="the image's id (a UUID)")
     command.add_argument("--json", action="store_true", help="one JSON object per event")
+    command.add_argument(
+        "--this-log-only",
+        action="store_true",
+        help="only PATH's log, not the logs of the repositories the image migrated from or to",
+    )
     command.set_defaults(command=run)
 
 
@@ -91,28 +101,41 @@ def history(log_dir: str, image_id: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    entries = history(find_log_dir(args.path), args.image_id)
+    if args.this_log_only:
+        entries, notes = history(find_log_dir(args.path), args.image_id), []
+    else:
+        traced = trace(args.path, args.image_id, history)
+        entries, notes = traced.entries, traced.notes
     if args.json:
         for entry in entries:
             print(to_json(entry, indent=None))
     else:
         write_text(entries, sys.stdout)
+    if notes:
+        sys.stdout.flush()  # the history first, then what it leaves out
+        for note in notes:
+            print(f"strata-log: note: {printable(note)}", file=sys.stderr)
     return 0
 
 
 def write_text(entries: list[dict[str, Any]], out: TextIO) -> None:
+    """One line per event (and one per change it made); each line starts with the repository
+    when the entries come from more than one."""
+    repositories = {entry.get("repository", "") for entry in entries}
+    width = max(map(len, repositories)) if len(repositories) > 1 else 0
     for entry in entries:
+        where = f"{printable(entry['repository']):<{width}}" if width else ""
         sentence = describe(entry["event"], entry["fields"], entry["host_id"])
         if sentence is None:
             said = short(", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items()), 160)
         else:
             said = short(sentence, 240)  # names two volumes and an operation: longer
         out.write(
-            f"{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
+            f"{where}{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
             f"v{entry['version']}  {entry['event']}  {said}\n"
         )
         for name, (old, new) in entry["changed"].items():
-            out.write(f"{'':>10}{name}: {_value(old)} -> {_value(new)}\n")
+            out.write(f"{'':>{width + 10}}{name}: {_value(old)} -> {_value(new)}\n")
 
 
 def _value(value: Any) -> str:
@@ -139,9 +162,7 @@ def describe(event: str, fields: dict[str, Any], host_id: str) -> str | None:
         plan = fields.get("operation")
         if not isinstance(plan, dict):
             return None
-        stages = plan.get("stages")
-        said = "; ".join(_stage(s) for s in stages) if isinstance(stages, list) else "no stages"
-        return f"block job {_text(plan)('purpose')} {_text(plan)('op_id')} requested: {said}"
+        return _plan(plan, "requested")
     if event == "StageReached":
         stage = fields.get("stage")
         number = stage + 1 if isinstance(stage, int) else "?"
@@ -154,7 +175,57 @@ def describe(event: str, fields: dict[str, Any], host_id: str) -> str | None:
             f"operation {text('op_id')} aborted, the chain left as it was: "
             f"{text('reason') or 'no reason given'}"
         )
+    return _migration_sentence(event, fields, host)
+
+
+def _migration_sentence(event: str, fields: dict[str, Any], host: str) -> str | None:
+    """A migration's events (docs/adr/0029), in the source's log and in the destination's."""
+    text = _text(fields)
+    if event == "ReplicationStarted":
+        return f"replication to {text('target')} started"
+    if event == "ReplicationEnded":
+        outcome = fields.get("outcome")
+        if outcome == "switched":
+            return f"replication to {text('target')} ended: switched, the image lives there now"
+        if outcome == "aborted":
+            return f"replication to {text('target')} ended: aborted, the image stays here"
+        return f"replication to {text('target')} ended: {text('outcome')}"
+    if event == "ReplicaSwitched":
+        said = (
+            f"became the image here, in place of the one in {text('source')}; the source's copy "
+            f"is removed next; "
+        )
+        if fields.get("attached") is True:
+            said += f"attached on {host}: its daemon serves it through the same export"
+        else:
+            said += "not attached"
+        plans = fields.get("operations")
+        for plan in plans if isinstance(plans, list) else []:
+            said += f"; {_plan(plan, 'queued')}" if isinstance(plan, dict) else ""
+        return said
+    if event in ("ImageRequested", "ReplicaRenewed"):
+        origin = fields.get("origin")
+        if not isinstance(origin, dict) or origin.get("how") != "replica":
+            return None
+        made = _text(origin)
+        said = f"replica of the image in {made('of')}, made by migration {made('op')}"
+        return (
+            said
+            if event == "ImageRequested"
+            else f"{said}, over the image of this id removed here: it starts over"
+        )
+    if event == "ImageRemoved":
+        reason = fields.get("reason")
+        if isinstance(reason, str) and reason.startswith(MIGRATED_TO):
+            return f"{text('reason')}: removed here, it lives there now"
     return None
+
+
+def _plan(plan: dict[str, Any], done: str) -> str:
+    """An operation's plan as words: its purpose, id, what was ``done`` with it, its stages."""
+    stages = plan.get("stages")
+    said = "; ".join(_stage(s) for s in stages) if isinstance(stages, list) else "no stages"
+    return f"block job {_text(plan)('purpose')} {_text(plan)('op_id')} {done}: {said}"
 
 
 def _stage(stage: Any) -> str:
@@ -173,11 +244,32 @@ def _stage(stage: Any) -> str:
         below = f"down to {text('backing')}" if stage.get("backing") else "all of it"
         said = f"pull the volumes below {text('volume')} into it, {below}"
     else:
-        said = f"{kind} {text('volume')}"
+        said = _migration_stage(kind, stage) or f"{kind} {text('volume')}"
     bandwidth = stage.get("bandwidth")
     if isinstance(bandwidth, int) and bandwidth:
         said += f" at {bandwidth} bytes/s"
     return said
+
+
+def _migration_stage(kind: str, stage: dict[str, Any]) -> str | None:
+    """A migration's stage as words (docs/adr/0029): what it makes or copies in the target."""
+    text = _text(stage)
+    volumes = stage.get("volumes")
+    count = len(volumes) if isinstance(volumes, list) else "?"
+    if kind == "clone":
+        return f"clone the chain's {count} volume(s) empty into {text('target')}"
+    if kind == "sync":
+        return f"copy {count} immutable volume(s) into {text('target')}"
+    if kind == "mirror":
+        return f"mirror {text('volume')} into {text('target')}"
+    if kind == "switch":
+        said = f"switch to the replica in {text('target')}"
+        merge = stage.get("merge")
+        if isinstance(merge, list) and len(merge) == 2:
+            base, top = (printable(str(ref)) for ref in merge)
+            said += f", where {top} is then merged down into {base}"
+        return said
+    return None
 
 
 def _text(fields: dict[str, Any]) -> Callable[[str], str]:
