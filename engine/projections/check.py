@@ -18,6 +18,11 @@ person must put it right: starting it is refused with :class:`~engine.errors.For
 work Strata could do would not write, delete or read through it (docs/adr/0016-links-inside-a-
 repository.md).
 
+A migration's replica (an image whose ``replica_of`` is set: docs/adr/0029) is offered no fix:
+its volumes are needed, but missing or partial until the migration syncs them, which is expected,
+not damage. A replica that was discarded (its migration aborted) is a removed image like any other,
+whose files clean frees, though on a new carrier: it takes no work.
+
 Every fix is an operation queued on a *carrier* image. ``optimize`` and ``mend`` run on their
 image. A ``merge`` runs on the first (by id) live image whose chain goes through the volume: it
 rewrites that image's volumes, so it belongs in its queue, ordered with its other work, visible
@@ -154,7 +159,9 @@ def _problems(
     lost = frozenset(
         ref
         for ref in index.live_users
-        if ref not in index.pending and (ref not in published or ref in damaged)
+        if ref not in index.pending
+        and (ref not in published or ref in damaged)
+        and ref not in index.replica_only
     )
     # A volume behind a foreign file, or in a volume directory that could not be listed, may
     # well be whole where a person put it: making it again, or declaring it lost, is not ours
@@ -172,7 +179,7 @@ def _problems(
 def _releases(index: VolumeIndex) -> Iterable[Fix]:
     for image in index.images:
         op = image.current_operation()
-        if op is None or op.state not in BLOCKED:
+        if op is None or op.state not in BLOCKED or _replica(image):
             continue
         kind = release_type(image, op, index.needed)
         if kind is None:
@@ -197,7 +204,7 @@ def _restorations(
     if not lost:
         return
     for image in index.images:
-        if image.removed or image.current_operation() is not None:
+        if image.removed or image.current_operation() is not None or _replica(image):
             continue
         ref = next((r for r in image.chain if r in lost), None)
         if ref is None:
@@ -264,12 +271,19 @@ def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[st
                 source is not None
                 and not source.removed
                 and source.kind == ops.SNAPSHOT
+                and source.replica_of is None
                 and source.id != image.id
                 and source.chain
                 and not any(r in lost or r in index.pending for r in source.chain)
             ):
                 return source
     return None
+
+
+def _replica(image: Image) -> bool:
+    """A migration's replica: no fix is offered for it, its files are the migration's to make
+    (docs/adr/0029)."""
+    return image.replica_of is not None and not image.removed
 
 
 def _uuid(value: object) -> uuid.UUID | None:

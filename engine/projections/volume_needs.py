@@ -60,14 +60,20 @@ class Merge(NamedTuple):
 
 
 def can_optimize(image: Image, lost: Collection[str]) -> bool:
-    """Whether an optimize may be queued now: idle, unused, whole, and not flat yet."""
+    """Whether an optimize may be queued now: idle, unused, whole, not flat yet, and not a
+    migration's replica (its files are the source's, made by the migration: ADR 0029)."""
     return (
         not image.removed
+        and image.replica_of is None
         and wants_optimizing(image)
         and image.current_operation() is None
         and not image.prepared_on
         and not any(ref in lost for ref in image.chain)
     )
+
+
+def _is_replica(image: Image) -> bool:
+    return image.replica_of is not None and not image.removed
 
 
 class VolumeIndex:
@@ -89,7 +95,10 @@ class VolumeIndex:
         self.queued: set[str] = set()  # to be deleted by a queued clean
         self._ops: dict[str, Operation] | None = None  # by id, made when first asked
         merges: list[tuple[Image, Operation]] = []
+        replicas: list[Image] = []
         for image in self.images:
+            if image.replica_of is not None and not image.removed:
+                replicas.append(image)
             by_ref = self.removed_users if image.removed else self.live_users
             for ref in image.chain:
                 by_ref.setdefault(ref, []).append(image)
@@ -101,6 +110,14 @@ class VolumeIndex:
         for users in (*self.live_users.values(), *self.removed_users.values()):
             if len(users) > 1:
                 users.sort(key=by_id)
+        # Volumes only migrations' replicas read: missing or partial until their sync, which
+        # is expected, not damage (docs/adr/0029). Still needed: a live chain holds them.
+        self.replica_only = frozenset(
+            ref
+            for replica in replicas
+            for ref in replica.chain
+            if all(_is_replica(user) for user in self.live_users[ref])
+        )
         done = ops.DONE
         # Only removed images' work asks what is needed: most repositories have none unfinished.
         self.needed: Collection[str] = self.live_users
@@ -184,8 +201,11 @@ class VolumeIndex:
 
     def clean_owner(self, ref: str) -> Image | None:
         """The removed image to carry the clean of ``ref``: one whose chain holds it and whose
-        queue is not blocked by work waiting for a fix; None for a new carrier."""
+        queue is not blocked by work waiting for a fix; None for a new carrier. Never a
+        migration's discarded replica: it takes no work (docs/adr/0029)."""
         for image in self.removed_users.get(ref, ()):
+            if image.replica_of is not None:
+                continue
             op = image.current_operation()
             if op is None or op.state == ops.PENDING:
                 return image
@@ -237,6 +257,8 @@ class VolumeIndex:
         if len(hosts) > 1:
             return f"the chains are attached on several hosts ({sorted(hosts)}); detach all but one"
         for user in merge.users:
+            if _is_replica(user):
+                return f"image {user.id} is a replica being filled by a migration"
             # An attached image is merged live by the host that serves it (docs/adr/0028); one
             # a virtual machine opens itself (prepared) cannot be.
             if user.prepared_on - {user.attached_on}:
