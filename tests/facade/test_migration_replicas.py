@@ -6,15 +6,17 @@ and the source's copy, once migrated away, is cleaned like any removed image's."
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from engine import StorageEngine
+from engine import Attachment, StorageEngine
 from engine.errors import ImageNotFound, ImageNotReady
 from engine.formats.qemu.image_tools import QemuImg
 from tests.facade.images import holds, run_fixes, write
+from tests.vm import qemu_io
 
 MiB = 2**20
 Open = Callable[..., StorageEngine]
@@ -257,3 +259,36 @@ def test_a_source_migrated_away_is_cleaned_once_nothing_needs_it(
     assert holds(engine, qemu, "r1", snap, 0, MiB, 0x5A)
     assert holds(engine, qemu, "r2", disk, 0, MiB, 0x5A)
     assert holds(engine, qemu, "r2", disk, MiB, MiB, 0x5B)
+
+
+# --- attached images ------------------------------------------------------------------------
+
+needs_daemon = pytest.mark.skipif(
+    shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-io") is None,
+    reason="qemu-storage-daemon and qemu-io are not installed",
+)
+
+
+@needs_daemon
+def test_the_attachment_of_an_image_being_migrated_is_the_source_s_then_the_destination_s(
+    engine: StorageEngine,
+) -> None:
+    disk = engine.create_virtual_disk("r1", 8 * MiB)
+    engine.wait_for_image("r1", disk, timeout=30)
+    attached = engine.attach_image("r1", disk)
+    qemu_io(attached.nbd_uri, "raw", "write -P 0x5c 0 1M")
+    cloned(engine, disk)
+
+    assert engine.list_attachments() == [attached]  # never the replica's as well
+    engine.disk_replicate_finish("r1", disk, "r1")  # abort: the image stays where it is
+    assert engine.list_attachments() == [attached]
+
+    run_fixes(engine, "r2", "clean")
+    until(lambda: volumes(engine, "r2") == [])
+    engine.migrate_image("r1", disk, "r2")
+    engine.wait_for_image("r2", disk, timeout=120)
+
+    moved = Attachment(disk, "r2", attached.nbd_uri, readonly=False)
+    assert engine.list_attachments() == [moved]
+    qemu_io(attached.nbd_uri, "raw", "read -P 0x5c 0 1M", read_only=True)
+    engine.detach_image("r2", disk)
