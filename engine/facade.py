@@ -251,7 +251,10 @@ class StorageEngine:
         if options not in (None, {}):
             raise InvalidParameter("check takes no options yet", name="options")
         repo.follower.caught_up()
-        return queries.check(repo, self._repos.needed_elsewhere(repo.storage.root))
+        root = repo.storage.root
+        return queries.check(
+            repo, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+        )
 
     def fix_storage_repository(
         self, repo_id: str, fix: Fix, options: dict[str, Any] | None = None
@@ -263,8 +266,11 @@ class StorageEngine:
         if options not in (None, {}):
             raise InvalidParameter("fix takes no options yet", name="options")
         repo.follower.caught_up()
-        elsewhere = self._repos.needed_elsewhere(repo.storage.root)
-        fix_handlers.start_fix(repo.service, fix_rules.decode_fix(repo.view, fix, elsewhere))
+        root = repo.storage.root
+        plan = fix_rules.decode_fix(
+            repo.view, fix, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+        )
+        fix_handlers.start_fix(repo.service, plan)
         self._written(repo)
 
     def stop_fix(self, repo_id: str, image_id: str | uuid.UUID, reason: str = "") -> None:

@@ -20,6 +20,7 @@ from datetime import datetime
 from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.connections import ConnectedRepository
 from engine.errors import (
     EngineClosed,
@@ -227,6 +228,22 @@ class HostRepositories:
                         if found is not None:
                             needed.update(found.chain)
         return needed
+
+    def writing_into(self, root: str) -> dict[str, Operation]:
+        """The operations of the other connected repositories whose stages write into the
+        repository at ``root`` (a migration's, docs/adr/0029), by id: whether one of their
+        temporary files there is a leftover is their state's to say."""
+        found: dict[str, Operation] = {}
+        for other in self.all():
+            if other.storage.root == root:
+                continue
+            for image in other.view.images():
+                for op in image.operations:
+                    if op.purpose in ops.MIGRATION and any(
+                        stage.get("target") == root for stage in op.stages
+                    ):
+                        found[op.op_id] = op
+        return found
 
     def at(self, root: str) -> ConnectedRepository | None:
         """The connected repository at ``root``, if any."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import engine.projections.check as fix_rules
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import has_live_form
 from engine.connections import ConnectedRepository
 from engine.errors import ForeignFile, ImageNotReady
@@ -121,9 +122,14 @@ def describe(repo: ConnectedRepository) -> dict[str, Any]:
     }
 
 
-def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
+def check(
+    repo: ConnectedRepository,
+    elsewhere: Collection[str],
+    writers: Mapping[str, Operation] | None = None,
+) -> list[Fix]:
     """Compare the view with the files; the fixes that would help. ``elsewhere``: volumes here
-    that unfinished work in other connected repositories reads."""
+    that unfinished work in other connected repositories reads; ``writers``: their operations
+    that write temporary files here (a migration's), by id."""
     unlisted: ForeignFile | None = None
     try:
         files = repo.storage.list_volume_files()
@@ -138,6 +144,7 @@ def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
         ),
         elsewhere=elsewhere,
         unlisted=unlisted,
+        writers=writers,
     )
     repo.lost = identities(repo.storage, problems.lost)
     return list(problems.fixes)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
@@ -83,11 +84,14 @@ def find_problems(
     damaged: Collection[str] = (),
     elsewhere: Collection[str] = (),
     unlisted: ForeignFile | None = None,
+    writers: Mapping[str, Operation] | None = None,
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
     corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
     reads (a copy of an image of this one): never offered to clean. ``unlisted``: why the
-    files could not be listed at all (the volume directory is foreign), when they could not."""
+    files could not be listed at all (the volume directory is foreign), when they could not.
+    ``writers``: operations of other repositories that write temporary files here (a
+    migration's), by id: whether such a file is a leftover is their state's to say."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     foreign: list[_Foreign] = []
@@ -101,7 +105,9 @@ def find_problems(
             published.add(ref)
     if unlisted is not None:
         foreign.append(_Foreign(unlisted.path, unlisted.what, None))
-    return _problems(view, on_disk, published, damaged, elsewhere, foreign, unlisted is None)
+    return _problems(
+        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers
+    )
 
 
 def find_fixes(
@@ -154,8 +160,9 @@ def _problems(
     elsewhere: Collection[str] = (),
     foreign: Collection[_Foreign] = (),
     listed: bool = True,
+    writers: Mapping[str, Operation] | None = None,
 ) -> Problems:
-    index = VolumeIndex(view.images(), elsewhere)
+    index = VolumeIndex(view.images(), elsewhere, writers)
     lost = frozenset(
         ref
         for ref in index.live_users

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
 from engine.aggregates import operations as ops
@@ -81,9 +81,17 @@ class VolumeIndex:
     memory. Going through a large repository's images in id order instead visits memory at
     random, twice as slow; the lists of users are sorted by id once built."""
 
-    def __init__(self, images: Iterable[Image], elsewhere: Collection[str] = ()) -> None:
-        """``elsewhere``: volumes of this repository that work in other repositories reads."""
+    def __init__(
+        self,
+        images: Iterable[Image],
+        elsewhere: Collection[str] = (),
+        writers: Mapping[str, Operation] | None = None,
+    ) -> None:
+        """``elsewhere``: volumes of this repository that work in other repositories reads.
+        ``writers``: operations of other repositories whose stages write temporary files here
+        (a migration's: docs/adr/0029), by id."""
         self.images = list(images)
+        self.writers: Mapping[str, Operation] = writers or {}
         self.by_id = {i.id: i for i in self.images}
         self.live_users: dict[str, list[Image]] = {}  # each list by id
         self.removed_users: dict[str, list[Image]] = {}  # each list by id
@@ -189,9 +197,11 @@ class VolumeIndex:
             return False  # not a stage's: not ours to judge
         if self._ops is None:
             self._ops = {op.op_id: op for i in self.images for op in i.operations}
-        op = self._ops.get(match["op"])
+        op = self._ops.get(match["op"]) or self.writers.get(match["op"])
         if op is None:
-            return False  # an operation this view does not know yet
+            # One this view does not know yet, or another repository's that is not connected
+            # here (a migration's source): not ours to judge.
+            return False
         return not (
             op.state == ops.PENDING
             and op.claim_host is not None

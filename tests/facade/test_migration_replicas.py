@@ -202,22 +202,44 @@ def test_a_replica_whose_files_are_not_made_yet_is_offered_no_fix(
     assert appender.get_image_status("r2", disk).status == "broken"
 
 
-def test_a_replica_s_files_and_the_temporaries_copied_into_them_are_never_cleaned(
+def test_a_replica_s_files_are_never_cleaned_nor_mended_when_one_is_missing(
     engine: StorageEngine, qemu: QemuImg
 ) -> None:
     disk, _ = disk_with_snapshot(engine, qemu)
-    op = cloned(engine, disk)
+    cloned(engine, disk)
     made = volumes(engine, "r2")
-    directory = os.path.join(engine.describe_repository("r2")["path"], "volumes")
-    # What the source's sync writes while it runs, under the source's operation's tag.
-    volume = made[0]
-    temporary = os.path.join(directory, f".tmp-{volume}.{op}-1-e1")
-    with open(temporary, "wb") as f:
-        f.write(b"partial copy")
-    os.unlink(os.path.join(directory, made[1]))  # a clone not made again yet: expected
+    os.unlink(os.path.join(engine.describe_repository("r2")["path"], "volumes", made[1]))
 
+    assert engine.check_storage_repository("r2") == []  # its sync makes it: expected
+    assert volumes(engine, "r2") == made[:1]
+
+
+def test_a_migration_s_temporary_file_in_the_destination_is_cleaned_once_its_source_says_so(
+    engine: StorageEngine, qemu: QemuImg
+) -> None:
+    """Whether an attempt of the source's operation still writes the file is the source's log
+    to say: unknown while the source is not connected, a leftover once the operation is
+    over (its attempts are tagged ``<operation>-<stage>-e<epoch>``)."""
+    disk, _ = disk_with_snapshot(engine, qemu)
+    op = cloned(engine, disk)  # over, once the clone is made
+    made = volumes(engine, "r2")
+    r2 = engine.describe_repository("r2")["path"]
+    temporary = os.path.join(r2, "volumes", f".tmp-{made[0]}.{op}-0-e1")
+    with open(temporary, "wb") as f:
+        f.write(b"what a killed attempt left")
+    r1 = engine.describe_repository("r1")["path"]
+
+    engine.disconnect_storage_repository("r1")
     assert engine.check_storage_repository("r2") == []
-    assert os.path.exists(temporary)
+    engine.connect_storage_repository("r1", "localfs-1.0", {"path": r1})
+
+    [clean] = engine.check_storage_repository("r2")
+    assert (clean.type, clean.image_ids) == ("clean", ())
+    assert "1 temporary file(s)" in clean.description
+    run_fixes(engine, "r2", "clean")
+    until(lambda: not os.path.exists(temporary))
+    assert volumes(engine, "r2") == made  # the replica's own files stay
+    assert engine.check_storage_repository("r2") == []
 
 
 def test_an_aborted_replica_s_files_are_cleaned_and_the_migration_can_start_again(

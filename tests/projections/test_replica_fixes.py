@@ -5,10 +5,16 @@ migration is aborted, its files are cleaned like any removed image's."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+
+import pytest
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.projections.check import find_problems
+from engine.aggregates.operations import Operation
+from engine.errors import StaleFix
+from engine.projections.check import decode_fix, find_problems
+from engine.service.fix_handlers import start_fix
 from tests.projections.projection_log import GiB, Repo, new_ref
 from tests.projections.test_fix_rules import apply, data, made, of_type, published, temporary
 
@@ -34,6 +40,12 @@ def replica(
     )
     repo.service.add(image)
     return image.id
+
+
+def operation(repo: Repo, image_id: uuid.UUID, op_id: str) -> Operation:
+    op = repo.get(image_id).operation(op_id)
+    assert op is not None
+    return op
 
 
 def discard(repo: Repo, image_id: uuid.UUID) -> None:
@@ -132,3 +144,35 @@ def test_an_aborted_replica_s_files_are_cleaned_through_a_new_carrier(repo: Repo
     assert clean.type == ops.CLEAN and clean.image_ids == ()
     assert data(clean)["op"]["stages"] == [{"do": "delete", "volumes": sorted(chain)}]
     assert apply(repo, clean) is True
+
+
+def test_a_migration_s_temporary_file_is_a_leftover_once_its_attempt_is_over_at_the_source(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """The source's operation, known through ``writers``, says whether the attempt that
+    wrote a temporary file into the replica still runs (architecture §5, epochs)."""
+    chain = [new_ref(), new_ref()]
+    replica(repo, chain)
+    source = Repo(tmp_path / "source")
+    try:
+        work = source.disk()  # its create stands for the migration's stage, as the tag names it
+        op_id, stage, epoch = source.claim(work)
+        writers = {op_id: operation(source, work, op_id)}
+        current = temporary(chain[1], f"{op_id}-{stage}-e{epoch}")
+        earlier = temporary(chain[0], f"{op_id}-{stage}-e{epoch - 1}")  # a dead attempt's
+        view = repo.view()
+
+        [clean] = find_problems(view, [*published(*chain), current, earlier], writers=writers).fixes
+        assert data(clean)["op"]["stages"][0]["temporaries"] == [[chain[0], earlier.tag]]
+        with pytest.raises(StaleFix):  # started where the source is not known: not ours
+            decode_fix(repo.view(), clean)
+        assert start_fix(repo.service, decode_fix(repo.view(), clean, (), writers)) is True
+
+        source.complete(work)  # over: the last attempt's file is a leftover too
+        writers = {op_id: operation(source, work, op_id)}
+        fixes = find_problems(repo.view(), [*published(*chain), current], writers=writers).fixes
+        assert [data(f)["op"]["stages"][0]["temporaries"] for f in fixes] == [
+            [[chain[1], current.tag]]
+        ]
+    finally:
+        source.app.close()
