@@ -39,6 +39,7 @@ from engine.errors import (
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.repository.registry import get_format
+from engine.host_repositories import replica_not_ready
 from engine.service import fix_handlers, repository_handlers
 from engine.service.attachments import export_name
 from engine.service.migration_handlers import SYNC_TYPES, MigrationHandlers, Side
@@ -195,6 +196,8 @@ class StorageEngine:
         )
         found_in, source = self._repos.find(source_id, opts)
         base = None if base_id is None else self._repos.live(target, base_id)
+        if base is not None and base.replica_of is not None:
+            raise replica_not_ready(base)  # no incremental copy onto a migration's replica
         new_id = target.images.copy_image(
             source,
             source.user_data if data is None else data,
@@ -250,7 +253,10 @@ class StorageEngine:
         if options not in (None, {}):
             raise InvalidParameter("check takes no options yet", name="options")
         repo.follower.caught_up()
-        return queries.check(repo, self._repos.needed_elsewhere(repo.storage.root))
+        root = repo.storage.root
+        return queries.check(
+            repo, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+        )
 
     def fix_storage_repository(
         self, repo_id: str, fix: Fix, options: dict[str, Any] | None = None
@@ -262,8 +268,11 @@ class StorageEngine:
         if options not in (None, {}):
             raise InvalidParameter("fix takes no options yet", name="options")
         repo.follower.caught_up()
-        elsewhere = self._repos.needed_elsewhere(repo.storage.root)
-        fix_handlers.start_fix(repo.service, fix_rules.decode_fix(repo.view, fix, elsewhere))
+        root = repo.storage.root
+        plan = fix_rules.decode_fix(
+            repo.view, fix, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+        )
+        fix_handlers.start_fix(repo.service, plan)
         self._written(repo)
 
     def stop_fix(self, repo_id: str, image_id: str | uuid.UUID, reason: str = "") -> None:
@@ -354,15 +363,21 @@ class StorageEngine:
         if daemon.pid is None:  # none runs: nothing is served, and none is started to say so
             return []
         names = {e.id for e in daemon.query_exports() if not e.shutting_down}
-        found: list[Attachment] = []
+        found: dict[str, Attachment] = {}
         for repo in self._repos.all():
             for image in repo.view.images():
                 name = export_name(image.id)
-                if name in names and not image.removed:
-                    readonly = image.kind == ops.SNAPSHOT
-                    uri = daemon.nbd_uri(name)
-                    found.append(Attachment(str(image.id), repo.repo_id, uri, readonly))
-        return found
+                # A migration's replica is served only once it is the image (docs/adr/0029).
+                if name not in names or image.removed or image.replica_of is not None:
+                    continue
+                # Switched, the image is live in both logs until the source removes its copy:
+                # the export is the destination's, the one not replicating.
+                if name in found and image.replicating_to is not None:
+                    continue
+                readonly = image.kind == ops.SNAPSHOT
+                uri = daemon.nbd_uri(name)
+                found[name] = Attachment(str(image.id), repo.repo_id, uri, readonly)
+        return list(found.values())
 
     # --- block jobs (architecture §8) ---------------------------------------------------------
 

@@ -20,10 +20,12 @@ from datetime import datetime
 from engine import validation
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.connections import ConnectedRepository
 from engine.errors import (
     EngineClosed,
     ImageNotFound,
+    ImageNotReady,
     RepositoryAlreadyConnected,
     RepositoryBusy,
     RepositoryNotConnected,
@@ -146,22 +148,33 @@ class HostRepositories:
     def find(
         self, image_id: uuid.UUID, opts: validation.Options
     ) -> tuple[ConnectedRepository, Image]:
-        """Look for a live image where the options allow (architecture §1), else everywhere."""
+        """Look for a live image where the options allow (architecture §1), else everywhere.
+
+        Never a migration's replica (docs/adr/0029): it has the image's id but not yet its
+        data, so nothing copies from it or is based on it; ImageNotReady if it is all there is.
+        """
         hint = opts.image_hints.get(image_id)
         if hint is not None:
             repo = self[hint]
-            return repo, self.live(repo, image_id)
+            hinted = self.live(repo, image_id)
+            if hinted.replica_of is not None:
+                raise replica_not_ready(hinted)
+            return repo, hinted
         names = opts.participating_repositories
         repos = [self[n] for n in names] if names else self.all()
-        for repo in repos:
-            image = repo.view.image(image_id)
-            if image is not None and not image.removed:
-                return repo, image
-        for repo in repos:
-            repo.follower.caught_up()
-            image = repo.view.image(image_id)
-            if image is not None and not image.removed:
-                return repo, image
+        replica: Image | None = None
+        for caught_up in (False, True):
+            for repo in repos:
+                if caught_up:
+                    repo.follower.caught_up()
+                found = repo.view.image(image_id)
+                if found is None or found.removed:
+                    continue
+                if found.replica_of is None:
+                    return repo, found
+                replica = found
+        if replica is not None:
+            raise replica_not_ready(replica)
         where = f"in {[r.repo_id for r in repos]}" if names else "in any connected repository"
         raise ImageNotFound(where, image_id=image_id)
 
@@ -170,17 +183,18 @@ class HostRepositories:
     def find_for_executor(self, image_id: uuid.UUID) -> tuple[Image, RepositoryStorage] | None:
         """Where executors read an image from. A snapshot's copy keeps its id (architecture §1), so
         one id can live in two repositories: a copy whose own volumes are still to be made is
-        read from only if no other is there, or its copy stage would wait for itself."""
-        # A source removed after the copy was asked for is still read, the last choice: its
+        read from only if no other is there, or its copy stage would wait for itself. A
+        migration's replica keeps the id too, and comes last: its files are being made."""
+        # A source removed after the copy was asked for is still read, before a replica: its
         # data is freed only once nothing depends on it (ADR 0017).
-        best: tuple[tuple[bool, bool], Image, RepositoryStorage] | None = None
+        best: tuple[tuple[bool, bool, bool], Image, RepositoryStorage] | None = None
         for repo in self.all():
             image = repo.view.image(image_id)
             if image is None:
                 continue
             unfinished = bool(set(image.chain) & image.pending_volumes())
-            rank = (unfinished, image.removed)
-            if rank == (False, False):
+            rank = (image.replica_of is not None, unfinished, image.removed)
+            if rank == (False, False, False):
                 return image, repo.storage
             if best is None or rank < best[0]:
                 best = (rank, image, repo.storage)
@@ -206,12 +220,30 @@ class HostRepositories:
                         continue
                     for stage in op.stages[op.done :]:
                         source = stage.get("source_image")
-                        if source is None:
+                        if source is None or (source == image.id_text and made(image)):
+                            # An image that reads itself where it is whole (the optimize of
+                            # one migrated there) reads nothing here, where it was before.
                             continue
                         found = here.view.image(str(source))
                         if found is not None:
                             needed.update(found.chain)
         return needed
+
+    def writing_into(self, root: str) -> dict[str, Operation]:
+        """The operations of the other connected repositories whose stages write into the
+        repository at ``root`` (a migration's, docs/adr/0029), by id: whether one of their
+        temporary files there is a leftover is their state's to say."""
+        found: dict[str, Operation] = {}
+        for other in self.all():
+            if other.storage.root == root:
+                continue
+            for image in other.view.images():
+                for op in image.operations:
+                    if op.purpose in ops.MIGRATION and any(
+                        stage.get("target") == root for stage in op.stages
+                    ):
+                        found[op.op_id] = op
+        return found
 
     def at(self, root: str) -> ConnectedRepository | None:
         """The connected repository at ``root``, if any."""
@@ -233,6 +265,20 @@ class HostRepositories:
             if repo.storage.root == storage.root:
                 return repo.view.is_ready(ref)
         return False
+
+
+def made(image: Image) -> bool:
+    """Whether none of the image's chain is still to be made (by a copy of it)."""
+    return not (set(image.chain) & image.pending_volumes())
+
+
+def replica_not_ready(image: Image) -> ImageNotReady:
+    return ImageNotReady(
+        f"a replica being filled by a migration from {image.replica_of}: nothing is copied "
+        "from it or based on it until the migration switches to it (use the source)",
+        image_id=image.id,
+        status="broken",
+    )
 
 
 class OtherRepository:

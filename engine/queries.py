@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import engine.projections.check as fix_rules
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import has_live_form
 from engine.connections import ConnectedRepository
 from engine.errors import ForeignFile, ImageNotReady
@@ -95,8 +96,15 @@ def info_of(repo: ConnectedRepository, image: Image) -> ImageInfo:
 
 
 def describe(repo: ConnectedRepository) -> dict[str, Any]:
-    """The repository's format and free space, and its images counted by kind and status."""
-    live = repo.view.live_images()
+    """The repository's format and free space, and its images counted by kind and status.
+    A migration's replica is not an image of the repository yet (``list_images`` leaves it
+    out too): it is counted apart, under ``replicas``."""
+    live, replicas = [], 0
+    for image in repo.view.live_images():
+        if image.replica_of is None:
+            live.append(image)
+        else:
+            replicas += 1
     by_status: dict[str, int] = {}
     for image in live:
         status = status_of(repo, image).status
@@ -108,14 +116,20 @@ def describe(repo: ConnectedRepository) -> dict[str, Any]:
         "virtual_disks": sum(1 for i in live if i.kind == ops.VIRTUAL_DISK),
         "snapshots": sum(1 for i in live if i.kind == ops.SNAPSHOT),
         "removed_images": sum(1 for i in repo.view.images() if i.removed),
+        "replicas": replicas,
         "by_status": by_status,
         "log_position": repo.view.position,
     }
 
 
-def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
+def check(
+    repo: ConnectedRepository,
+    elsewhere: Collection[str],
+    writers: Mapping[str, Operation] | None = None,
+) -> list[Fix]:
     """Compare the view with the files; the fixes that would help. ``elsewhere``: volumes here
-    that unfinished work in other connected repositories reads."""
+    that unfinished work in other connected repositories reads; ``writers``: their operations
+    that write temporary files here (a migration's), by id."""
     unlisted: ForeignFile | None = None
     try:
         files = repo.storage.list_volume_files()
@@ -130,6 +144,7 @@ def check(repo: ConnectedRepository, elsewhere: Collection[str]) -> list[Fix]:
         ),
         elsewhere=elsewhere,
         unlisted=unlisted,
+        writers=writers,
     )
     repo.lost = identities(repo.storage, problems.lost)
     return list(problems.fixes)
@@ -171,6 +186,8 @@ def image_at_path(
         root = repo.storage.root
         real_root = os.path.realpath(root)
         for image in repo.view.live_images():
+            if image.replica_of is not None:
+                continue  # not the image yet: its source's file is what a machine has open
             volume_id, fmt = ops.split_ref(image.chain[-1])
             own = os.path.relpath(repo.storage.volume_path(volume_id, fmt), root)
             if os.path.join(real_root, own) == wanted:

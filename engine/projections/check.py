@@ -18,6 +18,11 @@ person must put it right: starting it is refused with :class:`~engine.errors.For
 work Strata could do would not write, delete or read through it (docs/adr/0016-links-inside-a-
 repository.md).
 
+A migration's replica (an image whose ``replica_of`` is set: docs/adr/0029) is offered no fix:
+its volumes are needed, but missing or partial until the migration syncs them, which is expected,
+not damage. A replica that was discarded (its migration aborted) is a removed image like any other,
+whose files clean frees, though on a new carrier: it takes no work.
+
 Every fix is an operation queued on a *carrier* image. ``optimize`` and ``mend`` run on their
 image. A ``merge`` runs on the first (by id) live image whose chain goes through the volume: it
 rewrites that image's volumes, so it belongs in its queue, ordered with its other work, visible
@@ -41,6 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
@@ -78,11 +84,14 @@ def find_problems(
     damaged: Collection[str] = (),
     elsewhere: Collection[str] = (),
     unlisted: ForeignFile | None = None,
+    writers: Mapping[str, Operation] | None = None,
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
     corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
     reads (a copy of an image of this one): never offered to clean. ``unlisted``: why the
-    files could not be listed at all (the volume directory is foreign), when they could not."""
+    files could not be listed at all (the volume directory is foreign), when they could not.
+    ``writers``: operations of other repositories that write temporary files here (a
+    migration's), by id: whether such a file is a leftover is their state's to say."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     foreign: list[_Foreign] = []
@@ -96,7 +105,9 @@ def find_problems(
             published.add(ref)
     if unlisted is not None:
         foreign.append(_Foreign(unlisted.path, unlisted.what, None))
-    return _problems(view, on_disk, published, damaged, elsewhere, foreign, unlisted is None)
+    return _problems(
+        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers
+    )
 
 
 def find_fixes(
@@ -149,12 +160,15 @@ def _problems(
     elsewhere: Collection[str] = (),
     foreign: Collection[_Foreign] = (),
     listed: bool = True,
+    writers: Mapping[str, Operation] | None = None,
 ) -> Problems:
-    index = VolumeIndex(view.images(), elsewhere)
+    index = VolumeIndex(view.images(), elsewhere, writers)
     lost = frozenset(
         ref
         for ref in index.live_users
-        if ref not in index.pending and (ref not in published or ref in damaged)
+        if ref not in index.pending
+        and (ref not in published or ref in damaged)
+        and ref not in index.replica_only
     )
     # A volume behind a foreign file, or in a volume directory that could not be listed, may
     # well be whole where a person put it: making it again, or declaring it lost, is not ours
@@ -172,7 +186,7 @@ def _problems(
 def _releases(index: VolumeIndex) -> Iterable[Fix]:
     for image in index.images:
         op = image.current_operation()
-        if op is None or op.state not in BLOCKED:
+        if op is None or op.state not in BLOCKED or _replica(image):
             continue
         kind = release_type(image, op, index.needed)
         if kind is None:
@@ -197,7 +211,7 @@ def _restorations(
     if not lost:
         return
     for image in index.images:
-        if image.removed or image.current_operation() is not None:
+        if image.removed or image.current_operation() is not None or _replica(image):
             continue
         ref = next((r for r in image.chain if r in lost), None)
         if ref is None:
@@ -264,12 +278,19 @@ def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[st
                 source is not None
                 and not source.removed
                 and source.kind == ops.SNAPSHOT
+                and source.replica_of is None
                 and source.id != image.id
                 and source.chain
                 and not any(r in lost or r in index.pending for r in source.chain)
             ):
                 return source
     return None
+
+
+def _replica(image: Image) -> bool:
+    """A migration's replica: no fix is offered for it, its files are the migration's to make
+    (docs/adr/0029)."""
+    return image.replica_of is not None and not image.removed
 
 
 def _uuid(value: object) -> uuid.UUID | None:

@@ -24,7 +24,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ import msgpack
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Purpose
+from engine.aggregates.operations import Operation, Purpose
 from engine.aggregates.stage_kinds import DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, release_type
 from engine.errors import ForeignFile, InvalidParameter, StaleFix
@@ -134,10 +134,16 @@ def _encode(data: dict[str, object]) -> str:
 # --- starting --------------------------------------------------------------------------------
 
 
-def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) -> FixPlan:
+def decode_fix(
+    view: RepositoryView,
+    fix: Fix,
+    elsewhere: Collection[str] = (),
+    writers: Mapping[str, Operation] | None = None,
+) -> FixPlan:
     """Check a fix against the current state. InvalidParameter for data that no check made,
     StaleFix when it no longer applies; ``already_queued`` when its work is already queued.
-    ``elsewhere``: volumes here that work in other repositories reads."""
+    ``elsewhere``: volumes here that work in other repositories reads; ``writers``: their
+    operations that write temporary files here, by id."""
     data = _decode(fix)
     if data.get("foreign") is not None:
         # Only a person can put it right: whatever Strata did would go through the link.
@@ -156,7 +162,7 @@ def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) 
     if plan.new_carrier:
         if image is not None:
             return _queued(plan)  # the carrier exists: this very fix was started
-        _check_clean(VolumeIndex(view.images(), elsewhere), None, data["op"]["stages"])
+        _check_clean(VolumeIndex(view.images(), elsewhere, writers), None, data["op"]["stages"])
         return plan
     if image is None:
         raise StaleFix(f"image {plan.target} is not in this repository")
@@ -172,7 +178,7 @@ def decode_fix(view: RepositoryView, fix: Fix, elsewhere: Collection[str] = ()) 
     if image.operation(plan.op_id) is not None:
         return _queued(plan)
     stages = data["op"]["stages"]
-    index = VolumeIndex(view.images(), elsewhere)
+    index = VolumeIndex(view.images(), elsewhere, writers)
     if plan.type == ops.OPTIMIZE:
         if not can_optimize(image, ()) or stages[0].get("source_image") != image.id_text:
             raise StaleFix(f"virtual disk {image.id} is busy, in use or optimized already")

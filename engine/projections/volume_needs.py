@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
 from engine.aggregates import operations as ops
@@ -60,9 +60,11 @@ class Merge(NamedTuple):
 
 
 def can_optimize(image: Image, lost: Collection[str]) -> bool:
-    """Whether an optimize may be queued now: idle, unused, whole, and not flat yet."""
+    """Whether an optimize may be queued now: idle, unused, whole, not flat yet, and not a
+    migration's replica (its files are the source's, made by the migration: ADR 0029)."""
     return (
         not image.removed
+        and image.replica_of is None
         and wants_optimizing(image)
         and image.current_operation() is None
         and not image.prepared_on
@@ -70,14 +72,26 @@ def can_optimize(image: Image, lost: Collection[str]) -> bool:
     )
 
 
+def _is_replica(image: Image) -> bool:
+    return image.replica_of is not None and not image.removed
+
+
 class VolumeIndex:
     """Built in one pass over the images in the order given, the view's: the order they lie in
     memory. Going through a large repository's images in id order instead visits memory at
     random, twice as slow; the lists of users are sorted by id once built."""
 
-    def __init__(self, images: Iterable[Image], elsewhere: Collection[str] = ()) -> None:
-        """``elsewhere``: volumes of this repository that work in other repositories reads."""
+    def __init__(
+        self,
+        images: Iterable[Image],
+        elsewhere: Collection[str] = (),
+        writers: Mapping[str, Operation] | None = None,
+    ) -> None:
+        """``elsewhere``: volumes of this repository that work in other repositories reads.
+        ``writers``: operations of other repositories whose stages write temporary files here
+        (a migration's: docs/adr/0029), by id."""
         self.images = list(images)
+        self.writers: Mapping[str, Operation] = writers or {}
         self.by_id = {i.id: i for i in self.images}
         self.live_users: dict[str, list[Image]] = {}  # each list by id
         self.removed_users: dict[str, list[Image]] = {}  # each list by id
@@ -89,7 +103,10 @@ class VolumeIndex:
         self.queued: set[str] = set()  # to be deleted by a queued clean
         self._ops: dict[str, Operation] | None = None  # by id, made when first asked
         merges: list[tuple[Image, Operation]] = []
+        replicas: list[Image] = []
         for image in self.images:
+            if image.replica_of is not None and not image.removed:
+                replicas.append(image)
             by_ref = self.removed_users if image.removed else self.live_users
             for ref in image.chain:
                 by_ref.setdefault(ref, []).append(image)
@@ -101,6 +118,14 @@ class VolumeIndex:
         for users in (*self.live_users.values(), *self.removed_users.values()):
             if len(users) > 1:
                 users.sort(key=by_id)
+        # Volumes only migrations' replicas read: missing or partial until their sync, which
+        # is expected, not damage (docs/adr/0029). Still needed: a live chain holds them.
+        self.replica_only = frozenset(
+            ref
+            for replica in replicas
+            for ref in replica.chain
+            if all(_is_replica(user) for user in self.live_users[ref])
+        )
         done = ops.DONE
         # Only removed images' work asks what is needed: most repositories have none unfinished.
         self.needed: Collection[str] = self.live_users
@@ -172,9 +197,11 @@ class VolumeIndex:
             return False  # not a stage's: not ours to judge
         if self._ops is None:
             self._ops = {op.op_id: op for i in self.images for op in i.operations}
-        op = self._ops.get(match["op"])
+        op = self._ops.get(match["op"]) or self.writers.get(match["op"])
         if op is None:
-            return False  # an operation this view does not know yet
+            # One this view does not know yet, or another repository's that is not connected
+            # here (a migration's source): not ours to judge.
+            return False
         return not (
             op.state == ops.PENDING
             and op.claim_host is not None
@@ -184,8 +211,11 @@ class VolumeIndex:
 
     def clean_owner(self, ref: str) -> Image | None:
         """The removed image to carry the clean of ``ref``: one whose chain holds it and whose
-        queue is not blocked by work waiting for a fix; None for a new carrier."""
+        queue is not blocked by work waiting for a fix; None for a new carrier. Never a
+        migration's discarded replica: it takes no work (docs/adr/0029)."""
         for image in self.removed_users.get(ref, ()):
+            if image.replica_of is not None:
+                continue
             op = image.current_operation()
             if op is None or op.state == ops.PENDING:
                 return image
@@ -237,6 +267,8 @@ class VolumeIndex:
         if len(hosts) > 1:
             return f"the chains are attached on several hosts ({sorted(hosts)}); detach all but one"
         for user in merge.users:
+            if _is_replica(user):
+                return f"image {user.id} is a replica being filled by a migration"
             # An attached image is merged live by the host that serves it (docs/adr/0028); one
             # a virtual machine opens itself (prepared) cannot be.
             if user.prepared_on - {user.attached_on}:

@@ -82,10 +82,12 @@ class ImageHandlers:
                 # Chains stay inside a repository (ADR 0004): build on a local copy of the
                 # snapshot, under the snapshot's own id (or a new one, if a removed copy still
                 # holds that id here), made first if it is not there yet.
+                # A migration's replica of the snapshot holds its id here but not yet its data
+                # (docs/adr/0029): like a removed copy, it is no base.
                 local = self.view.image(snapshot.id)
-                if local is not None and local.removed:
+                if local is not None and (local.removed or local.replica_of is not None):
                     local = self._live_copy_of(snapshot.id) or local
-                if local is None or local.removed:
+                if local is None or local.removed or local.replica_of is not None:
                     copy_id = snapshot.id if local is None else uuid.uuid4()
                     base_chain, copy_work = planning.full_copy(snapshot.id, ops.SPACE)
                     also.append(self._request(
@@ -151,8 +153,9 @@ class ImageHandlers:
         if base is None:
             if source.kind == ops.SNAPSHOT and source_elsewhere:
                 existing = self.view.image(source.id)
-                if existing is not None and not existing.removed:
+                if existing is not None and not existing.removed and existing.replica_of is None:
                     return source.id  # the same immutable content is already there
+                # A migration's replica holds the id here, its data not yet: a copy of its own.
                 if existing is None:
                     new_id = source.id  # a copy of a snapshot keeps its id (architecture §1)
             chain, work = planning.full_copy(source.id, opts.strategy)

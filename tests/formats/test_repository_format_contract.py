@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
+import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -479,3 +482,347 @@ def test_a_localfs_volume_whose_publish_ends_while_it_is_checked_is_its_own(
     monkeypatch.setattr(localfs, "_names", publish_ends_first)
 
     repo.check_own_file(final)
+
+
+# --- replace and copy_in: a migration's sync (docs/adr/0029) -----------------------------------
+
+
+def volume_of(path: str) -> str:
+    return os.path.basename(path).split(".")[0]
+
+
+def test_replace_puts_a_finished_temporary_file_in_place_of_its_volume(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    final = new_volume(repo, "raw", pattern=0x11)
+    temp = repo.temp_path(volume_of(final), "raw", "sync-2-e1")
+    qemu.create(temp, "raw", 4 * MiB)
+    qemu.write_pattern(temp, "raw", 0, MiB, 0x22)
+    inode = os.stat(temp).st_ino
+
+    repo.replace(temp, final)
+
+    assert [(f.path, f.is_temporary) for f in repo.list_volume_files()] == [(final, False)]
+    assert os.stat(final).st_ino == inode  # the finished file itself: never half written
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x22)
+
+
+def test_replace_refuses_a_volume_that_does_not_exist_and_leaves_the_temporary_file(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp, final = repo.temp_path(volume_id, "raw", "sync"), repo.volume_path(volume_id, "raw")
+    qemu.create(temp, "raw", MiB)
+
+    with pytest.raises(VolumeFileNotFound):
+        repo.replace(temp, final)
+
+    assert not os.path.lexists(final)
+    assert [f.path for f in repo.list_volume_files()] == [temp]
+
+
+def test_replace_refuses_a_missing_temporary_file_and_leaves_the_volume(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    final = new_volume(repo, "raw", pattern=0x11)
+
+    with pytest.raises(VolumeFileNotFound):
+        repo.replace(repo.temp_path(volume_of(final), "raw", "sync"), final)
+
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x11)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        lambda repo, final: (repo.temp_path(uuid.uuid4().hex, "raw", "sync"), final),
+        lambda repo, final: (repo.temp_path(volume_of(final), "qcow2", "sync"), final),
+        lambda repo, final: (final, final),
+        lambda repo, final: (
+            repo.temp_path(volume_of(final), "raw", "a"),
+            repo.temp_path(volume_of(final), "raw", "b"),
+        ),
+        lambda repo, final: ("/etc/passwd", final),
+        lambda repo, final: (repo.temp_path(volume_of(final), "raw", "sync"), "/etc/passwd"),
+    ],
+    ids=["another volume's", "another format's", "not a temporary", "onto a temporary",
+         "outside", "onto a file outside"],
+)  # fmt: skip
+def test_replace_only_puts_a_temporary_file_in_place_of_its_own_volume(
+    driver: type[RepositoryFormat],
+    tmp_path: Path,
+    pair: Callable[[RepositoryStorage, str], tuple[str, str]],
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    final = new_volume(repo, "raw", pattern=0x11)
+    temp, target = pair(repo, final)
+    if temp.startswith(repo.root) and not os.path.exists(temp):
+        qemu.create(temp, temp.split(".")[-2], MiB)
+    before = sorted(os.listdir(os.path.dirname(final)))
+
+    with pytest.raises(InvalidParameter):
+        repo.replace(temp, target)
+
+    assert sorted(os.listdir(os.path.dirname(final))) == before
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x11)
+
+
+@pytest.mark.parametrize("linked", ["temporary", "volume"])
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_replace_refuses_a_temporary_file_or_volume_that_is_a_link(
+    driver: type[RepositoryFormat], tmp_path: Path, linked: str, link: str
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    outside, content = outside_image(tmp_path, 0x45)
+    volume_id = uuid.uuid4().hex
+    temp = repo.temp_path(volume_id, "qcow2", "sync-1-e1")
+    final = repo.volume_path(volume_id, "qcow2")
+    make_link = os.symlink if link == "symbolic" else os.link
+    if linked == "temporary":
+        make_link(outside, temp)
+        qemu.create(final, "qcow2", MiB)
+    else:
+        qemu.create(temp, "qcow2", MiB)
+        make_link(outside, final)
+
+    with pytest.raises(ForeignFile):
+        repo.replace(temp, final)
+
+    assert os.path.lexists(temp) and os.path.lexists(final)
+    assert os.path.samefile(temp if linked == "temporary" else final, outside)
+    assert outside.read_bytes() == content
+
+
+def test_replace_of_a_volume_with_its_temporary_name_too_leaves_the_volume(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    temp, final = repo.temp_path(volume_id, "raw", "sync"), repo.volume_path(volume_id, "raw")
+    qemu.create(temp, "raw", MiB)
+    qemu.write_pattern(temp, "raw", 0, MiB, 0x33)
+    os.link(temp, final)  # a publish killed between its two steps
+
+    repo.replace(temp, final)
+
+    assert [f.path for f in repo.list_volume_files()] == [final]
+    assert qemu.read_pattern_matches(final, "raw", 0, MiB, 0x33)
+
+
+def test_a_localfs_replace_makes_the_data_durable_before_the_name_and_the_name_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order a crash must not undo: the temporary file's data on storage, then the rename,
+    then the directory (localfs's way; another driver keeps the promise its own way)."""
+    repo = new_repository(localfs.LocalFS, tmp_path / "repo")
+    final = new_volume(repo, "raw", pattern=0x11)
+    temp = repo.temp_path(volume_of(final), "raw", "sync")
+    qemu.create(temp, "raw", MiB)
+    steps: list[str] = []
+    fsync, rename = os.fsync, os.rename
+    named = {
+        os.stat(temp).st_ino: "fsync file",
+        os.stat(repo.root + "/volumes").st_ino: "fsync directory",
+    }
+
+    def recorded_fsync(fd: int) -> None:
+        steps.append(named.get(os.fstat(fd).st_ino, "fsync of another file"))
+        fsync(fd)
+
+    def recorded_rename(*args: object, **kwargs: object) -> None:
+        steps.append("rename")
+        rename(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "rename", recorded_rename)
+
+    repo.replace(temp, final)
+
+    assert steps == ["fsync file", "rename", "fsync directory"]
+
+
+def sparse_source(repo: RepositoryStorage) -> str:
+    """A 64 MiB raw volume holding 1 MiB at 0 and 1 MiB at 32 MiB, holes elsewhere."""
+    path = new_volume(repo, "raw")
+    os.truncate(path, 64 * MiB)
+    qemu.write_pattern(path, "raw", 0, MiB, 0x61)
+    qemu.write_pattern(path, "raw", 32 * MiB, MiB, 0x62)
+    return path
+
+
+def test_copy_in_copies_another_repositorys_volume_byte_for_byte_into_a_temporary_file(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    base = new_volume(source, pattern=0x51)
+    top = new_volume(source, backing=base)
+    qemu.write_pattern(top, "qcow2", 2 * MiB, MiB, 0x52)
+    temp = target.temp_path(volume_of(top), "qcow2", "sync-3-e1")
+
+    target.copy_in(top, temp)
+
+    assert filecmp.cmp(top, temp, shallow=False)
+    [listed] = target.list_volume_files()
+    assert (listed.path, listed.is_temporary, listed.foreign) == (temp, True, None)
+
+
+def test_copy_in_keeps_the_holes_of_a_sparse_volume(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    volume = sparse_source(source)
+    temp = target.temp_path(volume_of(volume), "raw", "sync")
+
+    target.copy_in(volume, temp)
+
+    assert filecmp.cmp(volume, temp, shallow=False)
+    assert os.path.getsize(temp) == 64 * MiB
+    assert os.stat(temp).st_blocks * 512 <= 4 * MiB
+
+
+def test_copy_in_of_a_volume_ending_in_a_hole_keeps_its_length(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    empty = new_volume(source, "raw")
+    os.truncate(empty, 16 * MiB)  # a hole after what qemu-img wrote (its first block, if any)
+    temp = target.temp_path(volume_of(empty), "raw", "sync")
+
+    target.copy_in(empty, temp)
+
+    assert os.path.getsize(temp) == 16 * MiB
+    assert os.stat(temp).st_blocks <= os.stat(empty).st_blocks
+    assert filecmp.cmp(empty, temp, shallow=False)
+
+
+def test_copy_in_reports_the_bytes_copied_as_it_goes(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    volume = sparse_source(source)
+    told: list[int] = []
+
+    target.copy_in(volume, target.temp_path(volume_of(volume), "raw", "sync"), progress=told.append)
+
+    assert told == sorted(told) and len(told) >= 2  # once per data extent at least
+    assert 2 * MiB <= told[-1] <= 64 * MiB  # the data, never the holes' bytes
+
+
+def test_copy_in_stops_when_cancelled(driver: type[RepositoryFormat], tmp_path: Path) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    volume = sparse_source(source)
+    cancel = threading.Event()
+    temp = target.temp_path(volume_of(volume), "raw", "sync")
+
+    target.copy_in(volume, temp, progress=lambda done: cancel.set(), cancel=cancel)
+
+    # The first extent, and nothing after the cancel: the second extent was never copied.
+    assert os.stat(temp).st_blocks * 512 < 2 * MiB
+    with open(temp, "rb") as copied:
+        copied.seek(32 * MiB)
+        assert b"\x62" not in copied.read(MiB)
+    target.remove(temp)
+    already = threading.Event()
+    already.set()
+    target.copy_in(volume, temp, cancel=already)
+    assert os.stat(temp).st_blocks == 0
+
+
+@pytest.mark.parametrize(
+    "place",
+    [
+        lambda source, target, volume_id: "/tmp/copied.raw",
+        lambda source, target, volume_id: target.root + "/volumes/../log/x.raw",
+        lambda source, target, volume_id: source.temp_path(volume_id, "raw", "sync"),
+        lambda source, target, volume_id: target.volume_path(volume_id, "raw"),
+    ],
+    ids=["outside", "dot-dot", "another repository's", "a volume, not a temporary file"],
+)
+def test_copy_in_writes_only_a_temporary_file_of_its_repository(
+    driver: type[RepositoryFormat],
+    tmp_path: Path,
+    place: Callable[[RepositoryStorage, RepositoryStorage, str], str],
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    volume = new_volume(source, "raw", pattern=0x71)
+    temp = place(source, target, volume_of(volume))
+
+    with pytest.raises(InvalidParameter):
+        target.copy_in(volume, temp)
+
+    assert not os.path.lexists(temp)
+    assert target.list_volume_files() == []
+    assert [f.path for f in source.list_volume_files()] == [volume]
+
+
+def test_copy_in_never_writes_through_an_existing_temporary_file(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    outside, content = outside_image(tmp_path, 0x46)
+    volume = new_volume(source, "raw", pattern=0x71)
+    linked = target.temp_path(volume_of(volume), "raw", "sync")
+    os.symlink(outside, linked)
+    left = target.temp_path(volume_of(volume), "raw", "earlier")
+    qemu.create(left, "raw", MiB)
+
+    for temp in (linked, left):
+        with pytest.raises(VolumeAlreadyExists):
+            target.copy_in(volume, temp)
+
+    assert outside.read_bytes() == content
+    assert os.path.getsize(left) == MiB
+    assert not qemu.read_pattern_matches(left, "raw", 0, MiB, 0x71)
+
+
+def test_copy_in_does_not_follow_a_source_that_is_a_link(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    source = new_repository(driver, tmp_path / "source")
+    target = new_repository(driver, tmp_path / "target")
+    outside, _ = outside_image(tmp_path, 0x47)
+    linked = source.volume_path(uuid.uuid4().hex, "qcow2")
+    os.symlink(outside, linked)
+    temp = target.temp_path(volume_of(linked), "qcow2", "sync")
+
+    with pytest.raises(ForeignFile):
+        target.copy_in(linked, temp)
+    with pytest.raises(VolumeFileNotFound):
+        target.copy_in(source.volume_path(uuid.uuid4().hex, "raw"), temp)
+
+    assert target.list_volume_files() == []
+
+
+def test_a_localfs_copy_in_between_two_filesystems_copies_through_the_process(
+    tmp_path: Path,
+) -> None:
+    """Linux's copy_file_range refuses two filesystems of different types (EXDEV): a copy from
+    a repository in memory (tmpfs) to one on disk must still be made."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    place = Path(tempfile.mkdtemp(prefix="strata-", dir=shm))
+    try:
+        source = new_repository(localfs.LocalFS, place / "source")
+        target = new_repository(localfs.LocalFS, tmp_path / "target")
+        volume = sparse_source(source)
+        temp = target.temp_path(volume_of(volume), "raw", "sync")
+        told: list[int] = []
+
+        target.copy_in(volume, temp, progress=told.append)
+
+        assert filecmp.cmp(volume, temp, shallow=False)
+        assert os.stat(temp).st_blocks * 512 <= 4 * MiB
+        assert told[-1] == 2 * MiB
+    finally:
+        shutil.rmtree(place)

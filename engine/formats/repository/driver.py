@@ -126,7 +126,13 @@ class RepositoryStorage(ABC):
     def replace(self, temp_path: str, final_path: str) -> None:
         """Durably and atomically put a finished temporary file in place of the volume
         ``final_path`` (which must exist): how a migration's sync puts a copied volume over
-        its empty clone in a replica (docs/adr/0029), and nothing else may."""
+        its empty clone in a replica (docs/adr/0029), and nothing else may.
+
+        Raises :class:`~engine.errors.VolumeFileNotFound` if either file is missing, and
+        InvalidParameter if ``temp_path`` is not a temporary file of ``final_path``'s volume
+        and format; a temporary file that is the volume already (a publish killed between
+        its two names) loses its temporary name.
+        """
 
     @abstractmethod
     def copy_in(
@@ -140,7 +146,14 @@ class RepositoryStorage(ABC):
         """Copy the file ``source_path`` (another repository's volume) byte for byte into the
         temporary file ``temp_path``, leaving holes where the source has them, durably.
         ``progress`` is told the bytes done so far; a set ``cancel`` stops the copy
-        (:class:`~engine.errors.StageCancelled` is for the caller to raise)."""
+        (:class:`~engine.errors.StageCancelled` is for the caller to raise).
+
+        ``temp_path`` must be a temporary file of this repository that does not exist yet
+        (:class:`~engine.errors.VolumeAlreadyExists` otherwise: never written through); a
+        source that is a link is not followed (:class:`~engine.errors.ForeignFile`), a missing
+        one is :class:`~engine.errors.VolumeFileNotFound`. The two repositories may be on
+        different filesystems.
+        """
 
     @abstractmethod
     def remove(self, path: str) -> None:

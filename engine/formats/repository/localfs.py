@@ -255,18 +255,22 @@ class LocalStorage(RepositoryStorage):
             raise InvalidParameter(
                 f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
             )
+        temp, final = os.path.basename(temp_path), os.path.basename(final_path)
         with self._volumes() as directory:
-            if _own_stat(directory, temp_path) is None:
+            temp_stat = _own_stat(directory, temp_path)
+            if temp_stat is None:
                 raise VolumeFileNotFound(path=temp_path)
-            if _own_stat(directory, final_path) is None:
+            final_stat = _own_stat(directory, final_path)
+            if final_stat is None:
                 raise VolumeFileNotFound(path=final_path)
-            _fsync_file(directory, os.path.basename(temp_path))
-            os.rename(
-                os.path.basename(temp_path),
-                os.path.basename(final_path),
-                src_dir_fd=directory,
-                dst_dir_fd=directory,
-            )
+            if os.path.samestat(temp_stat, final_stat):
+                # Two names of one file (a publish killed between its steps): rename() would
+                # do nothing and leave the temporary name; the volume is the file already.
+                os.unlink(temp, dir_fd=directory)
+                os.fsync(directory)
+                return
+            _fsync_file(directory, temp)  # the data is durable before the name says so
+            os.rename(temp, final, src_dir_fd=directory, dst_dir_fd=directory)
             os.fsync(directory)
 
     def copy_in(
@@ -277,19 +281,39 @@ class LocalStorage(RepositoryStorage):
         progress: Callable[[int], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> None:
-        self._own(temp_path, "temp_path")
-        with self._volumes() as directory:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(os.path.basename(temp_path), flags, 0o644, dir_fd=directory)
+        if self._own(temp_path, "temp_path")[2] is None:
+            raise InvalidParameter(
+                f"a temporary file of the repository {self.root}, not the volume {temp_path}",
+                name="temp_path",
+            )
+        if not isinstance(source_path, str) or not os.path.isabs(source_path):
+            raise InvalidParameter(f"an absolute path, not {source_path!r}", name="source_path")
         try:
-            src = os.open(source_path, os.O_RDONLY | os.O_CLOEXEC)
+            # Another repository's volume: a link there is not followed either (ADR 0016).
+            src = os.open(source_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VolumeFileNotFound(path=source_path) from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ForeignFile(path=source_path, what="a symbolic link") from None
+        try:
+            if not stat.S_ISREG(os.fstat(src).st_mode):
+                raise ForeignFile(path=source_path, what="not a regular file")
+            with self._volumes() as directory:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                try:
+                    out = os.open(os.path.basename(temp_path), flags, 0o644, dir_fd=directory)
+                except FileExistsError:
+                    # An earlier attempt's: the caller removes it first (never written through).
+                    raise VolumeAlreadyExists(path=temp_path) from None
             try:
-                _copy_data(src, out, progress, cancel)
+                if _copy_data(src, out, progress, cancel):
+                    os.fsync(out)
             finally:
-                os.close(src)
-            os.fsync(out)
+                os.close(out)
         finally:
-            os.close(out)
+            os.close(src)
 
     def remove(self, path: str) -> None:
         self._own(path, "path")
@@ -503,27 +527,39 @@ def _copy_data(
     out: int,
     progress: Callable[[int], None] | None,
     cancel: threading.Event | None,
-) -> None:
+) -> bool:
     """Copy the data extents of ``src`` (SEEK_DATA/SEEK_HOLE) with ``copy_file_range``: the
-    holes stay holes, and the kernel moves the bytes (a reflink where the filesystem can)."""
+    holes stay holes, and the kernel moves the bytes (a reflink where the filesystem can).
+    False if ``cancel`` stopped it."""
     size = os.fstat(src).st_size
     offset = done = 0
+    copy = _copy_range
     while offset < size:
         if cancel is not None and cancel.is_set():
-            return
+            return False
         try:
             start = os.lseek(src, offset, os.SEEK_DATA)
+            end = os.lseek(src, start, os.SEEK_HOLE)
         except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            if e.errno != errno.EINVAL:
                 raise
-            break
-        end = os.lseek(src, start, os.SEEK_HOLE)
+            start, end = offset, size  # no SEEK_DATA here: all of it is data
         position = start
         while position < end:
             if cancel is not None and cancel.is_set():
-                return
+                return False
             count = min(_COPY_CHUNK, end - position)
-            copied = os.copy_file_range(src, out, count, position, position)
+            try:
+                copied = copy(src, out, count, position)
+            except OSError as e:
+                # Linux copies between two filesystems only if both are of one type that
+                # can (EXDEV otherwise, since 5.19): two repositories often are not.
+                if copy is _write_range or e.errno not in _NO_COPY_RANGE:
+                    raise
+                copy = _write_range
+                continue
             if copied == 0:
                 raise OSError(errno.EIO, f"the source ended at {position}, not {end}")
             position += copied
@@ -532,6 +568,27 @@ def _copy_data(
                 progress(done)
         offset = end
     os.ftruncate(out, size)
+    return True
+
+
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def _copy_range(src: int, out: int, count: int, position: int) -> int:
+    return os.copy_file_range(src, out, count, position, position)
+
+
+def _write_range(src: int, out: int, count: int, position: int) -> int:
+    """What copy_file_range does, through this process: for a copy between filesystems."""
+    data = os.pread(src, min(count, _WRITE_CHUNK), position)
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.pwrite(out, view[written:], position + written)
+    return len(data)
+
+
+_WRITE_CHUNK = 4 * 1024 * 1024
 
 
 def _fsync_file(directory: int, name: str) -> None:
