@@ -358,7 +358,8 @@ class StorageEngine:
         for repo in self._repos.all():
             for image in repo.view.images():
                 name = export_name(image.id)
-                if name in names and not image.removed:
+                # A replica being filled shares the export's name, not the export.
+                if name in names and not image.removed and image.replica_of is None:
                     readonly = image.kind == ops.SNAPSHOT
                     uri = daemon.nbd_uri(name)
                     found.append(Attachment(str(image.id), repo.repo_id, uri, readonly))
