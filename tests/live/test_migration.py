@@ -189,6 +189,10 @@ def test_an_attached_disk_moves_in_one_call_while_the_vm_writes(
         writer.wait_for_writes(50)
         called = time.perf_counter()
         se.migrate_image("r1", disk, "r2")
+        for again in (se.migrate_image, se.clone_image_structure):
+            with pytest.raises(ReplicationError) as busy:  # one replication at a time
+                again("r1", disk, "r2")
+            assert busy.value.vdsm_code == 55
         status = se.wait_for_image("r2", disk, timeout=60)
         ended = time.perf_counter()
         writer.wait_for_writes(len(writer.writes) + 50)  # and it writes on, to r2
