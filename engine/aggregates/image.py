@@ -650,6 +650,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
     def _require_live(self, *, allow_removed: bool = False) -> None:
         if self.removed and not allow_removed:
             raise ImageNotFound("(it was removed)", image_id=self.id)
+        # A discarded replica is a removed image: clean frees its volumes (docs/adr/0029).
         if self.replica_of is not None and not self.removed:
             raise ImageNotReady(
                 f"a replica being filled by a migration from {self.replica_of}; it is the "

@@ -10,7 +10,7 @@ import pytest
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.stage_kinds import CopyStage, RebaseStage
-from engine.errors import ClaimLost, ImageInUse, ImageNotFound, WrongImageKind
+from engine.errors import ClaimLost, ImageInUse, ImageNotFound, ImageNotReady, WrongImageKind
 
 NOW = datetime(2026, 11, 21, tzinfo=UTC)
 
@@ -147,3 +147,22 @@ def test_replaying_the_recorded_events_gives_the_same_image() -> None:
 def test_a_volume_reference_with_a_trailing_newline_is_not_one() -> None:
     with pytest.raises(ValueError, match="not a volume reference"):
         ops.split_ref(vol(1) + "\n")
+
+
+def test_a_discarded_replica_takes_the_clean_that_frees_its_volumes() -> None:
+    replica = Image.request(
+        image_id=uuid.uuid4(), kind=ops.VIRTUAL_DISK, size=512, chain=[vol(1)], user_data=None,
+        strategy=ops.SPACE, auto_fix=True, origin={"how": "replica", "of": "/srv/r1"},
+        operations=[], host_id="a", now=NOW,
+    )  # fmt: skip
+    clean = ops.plan("clean", ops.CLEAN, {"do": "delete", "volumes": [vol(1)]})
+    with pytest.raises(ImageNotReady):  # the migration fills it
+        replica.request_fix(
+            fix_type=ops.CLEAN, op_id="clean", operation=clean, host_id="a", now=NOW
+        )
+    replica.discard_replica(reason="aborted", host_id="a", now=NOW)
+    assert replica.request_fix(
+        fix_type=ops.CLEAN, op_id="clean", operation=clean, host_id="a", now=NOW
+    )
+    run_all(replica)
+    assert replica.current_operation() is None
