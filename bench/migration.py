@@ -32,7 +32,8 @@ Repositories ``r1`` and ``r2`` share one filesystem. Prints ``name: value`` line
   during the sync stage and during the rest of the migration.
 
 The writer is :class:`tests.vm.GuestWriter`; every write it was told was done is read back from the
-destination at the end of each round. A figure whose engine call is refused is printed as
+destination (its export, then its volume) at the end of each round: ``rounds_with_acknowledged_
+writes_lost`` counts the rounds where one did not, each then told, and the script exits 1. A figure whose engine call is refused is printed as
 ``skipped (why)`` and the script then exits 1. Every storage daemon it started is stopped at the
 end.
 """
@@ -63,7 +64,8 @@ from tests.vm import GuestWriter, Write
 
 KiB, MiB = 2**10, 2**20
 SRC, DST = "r1", "r2"
-STEPS = ("snapshot", "clone", "mirror", "sync", "switch")  # the stages of an attached migration
+STEPS = ("snapshot", "clone", "mirror", "sync", "switch")  # an attached migration's stages
+STEP_NAMES = {"create": "snapshot"}  # its live snapshot is a "create" stage
 
 
 class Skipped(Exception):
@@ -83,6 +85,7 @@ class Bench:
         self.se, self.qemu, self.roots, self.data = se, qemu, roots, data
         # Log records carry wall-clock times, the writer perf_counter's: one offset joins them.
         self.wall_minus_perf = time.time() - time.perf_counter()
+        self.lost: list[str] = []  # what a round's writer found lost, if anything
 
     # --- disks -----------------------------------------------------------------------------------
     def disk_with_data(self) -> tuple[str, str]:
@@ -146,9 +149,14 @@ class Bench:
         claimed: dict[tuple[str, int], float] = {}
         spans: dict[str, tuple[float, float]] = {}
         asked = None
+        steps: list[str] = []
         for repo, name, at, fields in self.records(disk):
             if name == "ReplicaSwitched" and repo == DST and asked is not None:
                 spans["switching"] = (asked, at)
+            operation = fields.get("operation")
+            if isinstance(operation, dict) and operation.get("op_id") == op_id:
+                # The order of its stages, as planned.
+                steps = [STEP_NAMES.get(st["do"], st["do"]) for st in operation["stages"]]
             if fields.get("op_id") not in (op_id, f"{op_id}-merge"):
                 continue
             key = (repo, int(fields["stage"]))
@@ -157,7 +165,8 @@ class Bench:
             elif name == "StageReached" and fields.get("phase") == "switch requested":
                 asked = at
             elif name == "StageCompleted" and key in claimed:
-                step = STEPS[key[1]] if fields["op_id"] == op_id else "merge"
+                mine = fields["op_id"] == op_id and key[1] < len(steps)
+                step = steps[key[1]] if mine else "merge"
                 spans[step] = (claimed.pop(key), at)
         return spans
 
@@ -211,14 +220,17 @@ class Bench:
                 quiet = [w.latency for w in writer.writes[calm:]]
                 op_id, t0, t1 = self.migrate(disk)
                 writer.wait_for_writes(len(writer.writes) + 50)
-                writer.verify(uri, "raw")  # the export is the destination's now
+                lost = read_back(writer, uri, "raw")  # the export is the destination's now
         finally:
             with_retry_detach(se, disk)
         prepared = se.prepare_image(DST, disk)
         try:
-            writer.verify(prepared.path, prepared.format)  # and so is the volume on disk
+            # And so is the volume on disk.
+            lost = lost or read_back(writer, prepared.path, prepared.format)
         finally:
             se.teardown_image(DST, disk)
+        if lost is not None:
+            self.lost.append(lost)
         spans = self.spans(disk, op_id)
         if "switching" not in spans or "sync" not in spans:
             raise Skipped(f"no switch or no sync in the logs: {sorted(spans)}")
@@ -240,6 +252,16 @@ class Bench:
             "during_rest": (during * (t1 - t0) - during_sync * (sync_end - sync_start)) / rest,
             "seconds": t1 - t0,
         }
+
+
+def read_back(writer: GuestWriter, target: str, fmt: str) -> str | None:
+    """None if every write the writer was told was done reads back from ``target``; else
+    what does not."""
+    try:
+        writer.verify(target, fmt)
+    except AssertionError as e:
+        return str(e)
+    return None
 
 
 def with_retry_detach(se: StorageEngine, disk: str) -> None:
@@ -370,12 +392,15 @@ def main() -> int:
                 figure("migration_ratio_vs_qemu_img_convert", migration)
             if "writes" in wanted:
                 figure("switch_write_stall_ratio", writes)
+                print(f"rounds_with_acknowledged_writes_lost: {len(bench.lost)}")
+                for lost in bench.lost:
+                    print(f"  {lost[:300]}")
         finally:
             se.close()  # lets go of the daemon, which keeps serving by design (docs/adr/0027)
     finally:
         StorageDaemon(state_dir).stop()
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if skipped else 0
+    return 1 if skipped or bench.lost else 0
 
 
 if __name__ == "__main__":
