@@ -32,10 +32,10 @@ Repositories ``r1`` and ``r2`` share one filesystem. Prints ``name: value`` line
   during the sync stage and during the rest of the migration.
 
 The writer is :class:`tests.vm.GuestWriter`; every write it was told was done is read back from the
-destination (its export, then its volume) at the end of each round: ``rounds_with_acknowledged_
-writes_lost`` counts the rounds where one did not, each then told, and the script exits 1. A figure whose engine call is refused is printed as
-``skipped (why)`` and the script then exits 1. Every storage daemon it started is stopped at the
-end.
+destination (its export, then its volume) at the end of each round:
+``rounds_with_acknowledged_writes_lost`` counts the rounds where one did not, each then told, and
+the script exits 1. A figure whose engine call is refused is printed as ``skipped (why)`` and the
+script then exits 1. Every storage daemon it started is stopped at the end.
 """
 
 from __future__ import annotations
