@@ -4,7 +4,8 @@ In a temporary directory: a virtual disk gets data, a snapshot, three clones (th
 the other repository), a full copy and an incremental copy to the second repository (the
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
 Then a disk in use by a running VM gets the same work live (:mod:`demo.live`; skipped without
-qemu-storage-daemon), and the host's storage daemon is stopped at the end. Every call returns
+qemu-storage-daemon), disks in use move from r1 to r2 while their VMs write
+(:mod:`demo.migration`), and the host's storage daemon is stopped at the end. Every call returns
 once its events are durable; the executors do the work. At the end: every image's status, what
 the volumes hold (checked with qemu-img), and ``strata-log verify``.
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 from demo.live import LiveChapter, daemon_stopped_at_the_end
+from demo.migration import MigrationChapter
 from demo.story import MiB, Story, say
 from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
@@ -106,6 +108,8 @@ def main() -> int:
             say(f"    check now offers {len(se.check_storage_repository('r1'))} fixes")
 
             checks = LiveChapter(se, story, qemu, work).run()
+            roots = {"r1": repo1, "r2": repo2}
+            checks |= MigrationChapter(se, story, qemu, roots, work).run()
 
             say("\nFinal statuses")
             for repo in ("r1", "r2"):
