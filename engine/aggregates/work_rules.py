@@ -147,3 +147,21 @@ def attached_holders(images: Iterable[Image | None], volume: str) -> Iterator[Im
             and volume in image.chain
         ):
             yield image
+
+
+def synced_volumes(image: Image) -> set[str]:
+    """The volumes a migration's finished sync stages copied into the image's current replica
+    (those since the operation that began the replication: docs/adr/0029)."""
+    starts = [i for i, op in enumerate(image.operations) if op.purpose in _REPLICATION_STARTS]
+    done: set[str] = set()
+    for op in image.operations[starts[-1] if starts else 0 :]:
+        if op.purpose not in (ops.Purpose.SYNC, ops.Purpose.MIGRATE) or op.aborted:
+            continue
+        for stage in op.stages[: op.done]:
+            volumes = stage.get("volumes") if stage.get("do") == "sync" else None
+            if isinstance(volumes, list):
+                done.update(v for v in volumes if isinstance(v, str))
+    return done
+
+
+_REPLICATION_STARTS = (ops.Purpose.CLONE, ops.Purpose.MIGRATE)

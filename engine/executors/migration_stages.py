@@ -6,15 +6,18 @@ a replica of the same id waits, and the switch to it (docs/adr/0029-live-storage
 * ``sync`` copies immutable volumes byte for byte (holes kept) into temporary files there,
   checks each against its source with ``qemu-img compare`` (each volume alone), and puts it in
   place of its empty clone.
-* ``mirror`` (live only) opens the replica's top in this host's daemon with no backing and
+* ``mirror`` (live only) makes the replica's top an empty clone, opens it in this host's
+  daemon on the replica's volumes below (read-only) when they are synced, alone otherwise, and
   starts ``blockdev-mirror`` (``sync: top``, write-blocking) from the image's top into it. The
-  job outlives the stage: the volumes below are synced meanwhile, which replaces their files.
-* ``switch``, live: starts the mirror again if no job runs (a new daemon), links the replica's
-  synced volumes below its top, waits for ``ready``, records ``StageReached("switch
-  requested")``, asks for ``job-complete``; once QEMU reports the job complete the replica's
-  log records ``ReplicaSwitched`` and the stage's completion removes the image here. Offline
-  (the image detached, or its host dead): before "switch requested" the source is what the
-  virtual machine wrote, and the top is copied like any volume; after it, see :func:`settle`.
+  job is named after the image and outlives the stage.
+* ``switch``, live: a mirror whose target was opened alone (started before the sync, in seed
+  003's order) is cancelled gently and started again on the synced chain, since QEMU cannot
+  safely take a backing under a target the guest writes through; then it waits for ``ready``,
+  records ``StageReached("switch requested")``, asks for ``job-complete``; once QEMU reports the
+  job complete the replica's log records ``ReplicaSwitched`` and the stage's completion removes
+  the image here. Offline (the image detached, or its host dead): before "switch requested"
+  the source is what the virtual machine wrote, and the top is copied like any volume; after
+  it, see :func:`settle`.
 
 Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``, the
 attachment names of ``engine.service``; the standard library.
@@ -32,6 +35,7 @@ from datetime import datetime
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.stage_kinds import CloneStage, MirrorStage, Stage, SwitchStage, SyncStage
+from engine.aggregates.work_rules import synced_volumes
 from engine.errors import (
     DaemonError,
     InvalidParameter,
@@ -222,9 +226,16 @@ def _switch_live(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> N
         if daemon_job is not None:
             daemon.dismiss_job(daemon_job.id)
         return  # QEMU switched for an earlier attempt
-    if daemon.find_job(job) is None:
+    running = daemon.find_job(job)
+    if running is not None and run.phase != SWITCH_REQUESTED and not _on_its_chain(live, target):
+        # Started before the volumes below were synced (seed 003's order), so opened with no
+        # backing; QEMU cannot take a backing under a mirror's target safely while the guest
+        # writes through it (a write landing during the reopen was lost): a new mirror, into
+        # a top opened on the synced volumes, replaces it.
+        _stop(daemon, running.id)
+        running = None
+    if running is None:
         _start_mirror(run, live, target, top)
-    _link_backing(run, live, target.storage)
     _follow(run, daemon, job, replica_top.node)
 
 
@@ -236,15 +247,26 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
     replica_top = _node_there(image, target.storage, top.ref)
     if source_node == replica_top.node:
         return
-    if live_stages._has_node(daemon, replica_top.node):
-        daemon.remove_nodes([replica_top.node])  # an earlier attempt's, its job gone
+    chain = image.chain
+    below = chain[: chain.index(top.ref)] if top.ref in chain else []
+    # The volumes below, if synced, are opened read-only under the top: the export reads
+    # them once it switches. Not synced yet, the top is opened alone and the switch starts a
+    # mirror again once they are (never a backing linked under a running mirror's target).
+    lower = (
+        [_node_there(image, target.storage, ref) for ref in below]
+        if below and set(below) <= synced_volumes(image)
+        else []
+    )
+    for node in (replica_top, *reversed(lower)):  # what an earlier attempt opened
+        if live_stages._has_node(daemon, node.node):
+            with suppress(DaemonError):
+                daemon.remove_nodes([node.node])
     # What an earlier mirror (of a daemon that died) left in the replica's top may be data the
     # source's top no longer holds there: the mirror starts from an empty clone.
-    chain = image.chain
-    backing = chain[chain.index(top.ref) - 1] if top.ref in chain[1:] else None
     replica = _there(target.storage, top.ref)
     temp = target.storage.temp_path(top.volume_id, top.fmt, run.tag)
     target.storage.remove(temp)
+    backing = below[-1] if below else None
     _create(run, target.storage, Volume(top.ref, top.volume_id, top.fmt, temp), image.size, backing)
     run.confirm()
     if os.path.exists(replica.path):
@@ -252,38 +274,40 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
     else:
         target.storage.publish(temp, replica.path)
     live.reach(MIRRORING)
-    daemon.add_chain([replica_top], read_only=False)
+    daemon.add_chain([*lower, replica_top], read_only=False)
     daemon.mirror(mirror_job_name(image.id), source_node, target_node=replica_top.node)
     logger.info(
-        "image %s: mirroring %s into %s", image.id, top.path, replica.path,
+        "image %s: mirroring %s into %s%s", image.id, top.path, replica.path,
+        "" if lower or not below else " (opened alone: the volumes below are not synced yet)",
         extra={"image": str(image.id), "operation": run.op_id, "stage": run.index + 1},
     )  # fmt: skip
 
 
-def _link_backing(run: StageRun, live: Live, storage: RepositoryStorage) -> None:
-    """Open the replica's synced volumes below its top (read-only) and link them: opened with
-    no backing, the top would read zeros there once the export switches to it."""
-    daemon, image = live.daemon, live.image
+def _on_its_chain(live: Live, target: Elsewhere) -> bool:
+    """Whether the replica's top is open on its synced volumes below (or has none)."""
+    image = live.image
     below = image.chain[:-1]
-    if not below:
-        return
-    top = _node_there(image, storage, image.chain[-1])
-    nodes = [_node_there(image, storage, ref) for ref in below]
-    if daemon.backing_chain(top.node)[1:] == [n.node for n in reversed(nodes)]:
-        return
-    for node in reversed(nodes):  # what an earlier attempt opened, maybe half
-        if live_stages._has_node(daemon, node.node):
-            with suppress(DaemonError):
-                daemon.remove_nodes([node.node])
-    daemon.add_chain(nodes, read_only=True)
-    daemon.reopen(top, below=nodes[-1].node, read_only=False)
+    top = _node_there(image, target.storage, image.chain[-1])
+    wanted = [_node_there(image, target.storage, ref).node for ref in reversed(below)]
+    return live.daemon.backing_chain(top.node)[1:] == wanted
+
+
+def _stop(daemon: StorageDaemon, job: str) -> None:
+    """Cancel a mirror gently: a forced cancel of a write-blocking mirror failed guest writes
+    in flight (EIO); a gentle one of a ready mirror ends it with the source still in use."""
+    with suppress(DaemonError):
+        daemon.cancel_job(job)
+    with suppress(DaemonError):
+        daemon.wait_job(job, ("concluded",), timeout=60.0)
+    with suppress(DaemonError):
+        daemon.dismiss_job(job)
 
 
 def _follow(run: StageRun, daemon: StorageDaemon, job: str, replica_top: str) -> None:
     """Wait for ``ready``, record the request and ask for the switch; return once QEMU says
     the job completed with the export on the replica's top."""
     cancel = run.cancel or threading.Event()
-    asked = run.phase == SWITCH_REQUESTED
+    asked = False
     while True:
         found = daemon.find_job(job)
         if found is None:
@@ -302,13 +326,15 @@ def _follow(run: StageRun, daemon: StorageDaemon, job: str, replica_top: str) ->
         if found.status == "ready" and not asked:
             if run.phase != SWITCH_REQUESTED and run.live is not None:
                 run.live.reach(SWITCH_REQUESTED)
+            # Asked again by an attempt after "switch requested": the one before may have
+            # died between the record and the request, and a ready job waits for it.
             daemon.complete_job(found.id)
             asked = True
         if cancel.wait(POLL):
-            if asked:
-                # Switching: it ends in QEMU's time, not ours; the next attempt reads how.
-                raise run.cancelled("stopped while the switch was under way")
-            live_stages._cancelled(run, daemon, found)
+            # The job is left as it is: an abort stops it gently (engine/service/
+            # migration_handlers.py), a stop or a stopping engine leaves it for the next
+            # attempt, which finds it by name.
+            raise run.cancelled("stopped while its mirror ran")
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Purpose, split_ref
 from engine.aggregates.stage_kinds import Stage, SwitchStage
+from engine.aggregates.work_rules import synced_volumes
 from engine.errors import (
     DaemonError,
     ImageInUse,
@@ -51,7 +52,6 @@ from engine.service.unit_of_work import ImageService
 
 SYNC_TYPES = ("ALL", "INTERNAL", "LEAF")
 SWITCH_REQUESTED = "switch requested"  # the phase engine/executors/migration_stages.py records
-_STARTS = (Purpose.CLONE, Purpose.MIGRATE)  # the operations that begin a replication
 
 
 class Images(Protocol):
@@ -115,8 +115,10 @@ class MigrationHandlers:
         target = dst.root
         stages.append({"do": "clone", "target": target, "volumes": self._layout(src, chain)})
         if attached:
-            stages.append({"do": "mirror", "target": target, "volume": chain[-1]})
+            # The volumes below first, then the mirror into a top opened on them: a mirror's
+            # target is never reopened while it takes the guest's writes (docs/adr/0029).
             stages.append({"do": "sync", "target": target, "volumes": chain[:-1]})
+            stages.append({"do": "mirror", "target": target, "volume": chain[-1]})
         else:
             stages.append({"do": "sync", "target": target, "volumes": chain})
         switch: SwitchStage = {"do": "switch", "target": target, "volume": chain[-1]}
@@ -184,7 +186,7 @@ class MigrationHandlers:
             raise ReplicationNotReady(
                 f"operation {busy.op_id} ({busy.purpose}) is {busy.state}", image_id=image.id
             )
-        missing = [ref for ref in image.chain[:-1] if ref not in synced(image)]
+        missing = [ref for ref in image.chain[:-1] if ref not in synced_volumes(image)]
         if missing:
             raise ReplicationNotReady(
                 f"{len(missing)} volume(s) below the top are not synced: sync_image_data "
@@ -422,18 +424,3 @@ class _JobState:
     status: str
     current_progress: int
     total_progress: int
-
-
-def synced(image: Image) -> set[str]:
-    """The volumes the image's finished sync stages copied into the current replica: those
-    since the replication's clone."""
-    starts = [i for i, op in enumerate(image.operations) if op.purpose in _STARTS]
-    done: set[str] = set()
-    for op in image.operations[starts[-1] if starts else 0 :]:
-        if op.purpose not in (Purpose.SYNC, Purpose.MIGRATE) or op.aborted:
-            continue
-        for stage in op.stages[: op.done]:
-            volumes = stage.get("volumes") if stage.get("do") == "sync" else None
-            if isinstance(volumes, list):
-                done.update(v for v in volumes if isinstance(v, str))
-    return done

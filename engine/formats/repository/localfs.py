@@ -532,7 +532,7 @@ def _copy_data(
     holes stay holes, and the kernel moves the bytes (a reflink where the filesystem can).
     False if ``cancel`` stopped it."""
     size = os.fstat(src).st_size
-    offset = done = 0
+    offset = done = flushed = 0
     copy = _copy_range
     while offset < size:
         if cancel is not None and cancel.is_set():
@@ -564,11 +564,19 @@ def _copy_data(
                 raise OSError(errno.EIO, f"the source ended at {position}, not {end}")
             position += copied
             done += copied
+            if done - flushed >= _FLUSH_EVERY:
+                # Written back as it goes: one fsync of a GiB of dirty pages at the end held a
+                # virtual machine's direct writes on the same disk for half a second.
+                os.fdatasync(out)
+                flushed = done
             if progress is not None:
                 progress(done)
         offset = end
     os.ftruncate(out, size)
     return True
+
+
+_FLUSH_EVERY = 64 * 1024 * 1024
 
 
 _NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
