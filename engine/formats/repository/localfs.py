@@ -220,13 +220,7 @@ class LocalStorage(RepositoryStorage):
             _own_stat(directory, path)
 
     def publish(self, temp_path: str, final_path: str) -> None:
-        temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
-        final_id, final_fmt, final_tag = self._own(final_path, "final_path")
-        if tag is None or final_tag is not None or (temp_id, temp_fmt) != (final_id, final_fmt):
-            raise InvalidParameter(
-                f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
-            )
-        temp, final = os.path.basename(temp_path), os.path.basename(final_path)
+        temp, final = self._temporary_of(temp_path, final_path)
         with self._volumes() as directory:
             temp_stat = _own_stat(directory, temp_path)
             if temp_stat is None:
@@ -249,13 +243,7 @@ class LocalStorage(RepositoryStorage):
             os.fsync(directory)
 
     def replace(self, temp_path: str, final_path: str) -> None:
-        temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
-        final_id, final_fmt, final_tag = self._own(final_path, "final_path")
-        if tag is None or final_tag is not None or (temp_id, temp_fmt) != (final_id, final_fmt):
-            raise InvalidParameter(
-                f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
-            )
-        temp, final = os.path.basename(temp_path), os.path.basename(final_path)
+        temp, final = self._temporary_of(temp_path, final_path)
         with self._volumes() as directory:
             temp_stat = _own_stat(directory, temp_path)
             if temp_stat is None:
@@ -351,6 +339,17 @@ class LocalStorage(RepositoryStorage):
             "free_bytes": st.f_bavail * st.f_frsize,
             "total_bytes": st.f_blocks * st.f_frsize,
         }
+
+    def _temporary_of(self, temp_path: str, final_path: str) -> tuple[str, str]:
+        """The names of ``temp_path`` and ``final_path``, if the first is a temporary file of
+        the volume the second names; else InvalidParameter."""
+        temp_id, temp_fmt, tag = self._own(temp_path, "temp_path")
+        final_id, final_fmt, final_tag = self._own(final_path, "final_path")
+        if tag is None or final_tag is not None or (temp_id, temp_fmt) != (final_id, final_fmt):
+            raise InvalidParameter(
+                f"{temp_path} is not the temporary file of {final_path}", name="temp_path"
+            )
+        return os.path.basename(temp_path), os.path.basename(final_path)
 
     def _own(self, path: object, name: str) -> tuple[str, str, str | None]:
         """Id, format and tag of one of this repository's files, else InvalidParameter."""
