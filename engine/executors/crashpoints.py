@@ -49,6 +49,29 @@ MORE_NAMES = (
 )
 ALL_NAMES = NAMES + MORE_NAMES
 
+# A live storage migration's states (engine/executors/migration_stages.py, docs/adr/0029), in
+# the order an attached image's migration passes them; tried by tests/live/
+# test_migration_recovery.py with the engine alone killed and with its daemon.
+MIGRATION_AFTER_CLONE = "migration.after-clone"  # the chain is made, empty, in the destination
+MIGRATION_MID_SYNC = "migration.mid-sync"  # a volume below the top is being copied
+MIGRATION_AFTER_SYNC = "migration.after-sync"  # every volume below the top is in place
+MIGRATION_MIRRORING = "migration.after-mirroring"  # "mirroring" is recorded, the job started
+MIGRATION_BEFORE_COMPLETE = "migration.before-job-complete"  # "switch requested" is recorded
+MIGRATION_AFTER_COMPLETE = "migration.after-job-complete"  # job-complete was asked for
+MIGRATION_BEFORE_SWITCHED = "migration.before-switched"  # QEMU switched; no ReplicaSwitched
+MIGRATION_AFTER_SWITCHED = "migration.after-switched"  # ReplicaSwitched is durable
+MIGRATION_NAMES = (
+    MIGRATION_AFTER_CLONE,
+    MIGRATION_MID_SYNC,
+    MIGRATION_AFTER_SYNC,
+    MIGRATION_MIRRORING,
+    MIGRATION_BEFORE_COMPLETE,
+    MIGRATION_AFTER_COMPLETE,
+    MIGRATION_BEFORE_SWITCHED,
+    MIGRATION_AFTER_SWITCHED,
+)
+ARMABLE = ALL_NAMES + MIGRATION_NAMES
+
 _ARMED = re.compile(r"(?P<name>[a-z.-]+)(?:@(?P<occurrence>[1-9][0-9]{0,3}))?")
 
 
@@ -58,7 +81,7 @@ def _kill_this_process() -> None:
 
 class CrashPoints:
     """Crash points of one process; disarmed unless given ``name`` or ``name@N`` of one of
-    :data:`ALL_NAMES`."""
+    :data:`ARMABLE`."""
 
     def __init__(
         self, armed: str | None = None, *, crash: Callable[[], None] = _kill_this_process
@@ -67,9 +90,9 @@ class CrashPoints:
         self.occurrence = 1
         if armed is not None:
             match = _ARMED.fullmatch(armed) if isinstance(armed, str) else None
-            if match is None or match["name"] not in ALL_NAMES:
+            if match is None or match["name"] not in ARMABLE:
                 raise InvalidParameter(
-                    f"one of {', '.join(ALL_NAMES)} (optionally @N), not {armed!r}",
+                    f"one of {', '.join(ARMABLE)} (optionally @N), not {armed!r}",
                     name=ENVIRONMENT_SWITCH,
                 )
             self.armed = match["name"]

@@ -44,6 +44,7 @@ from engine.errors import (
     VolumeFileNotFound,
     VolumeMismatch,
 )
+from engine.executors import crashpoints as points
 from engine.executors import live_stages
 from engine.executors.stage_run import Elsewhere, Live, StageRun, Volume, field, local
 from engine.formats.qemu.storage_daemon import ChainVolume, StorageDaemon
@@ -86,6 +87,7 @@ def clone(run: StageRun, stage: CloneStage) -> None:
         if os.path.exists(volume.path):
             continue
         _make_empty(run, storage, volume, size, backing)
+    run.crashpoints(points.MIGRATION_AFTER_CLONE)
 
 
 def sync(run: StageRun, stage: SyncStage) -> None:
@@ -100,6 +102,7 @@ def sync(run: StageRun, stage: SyncStage) -> None:
     for source, size in zip(sources, sizes, strict=True):
         copy_volume(run, storage, source, _progress_from(run, before, total))
         before += size
+    run.crashpoints(points.MIGRATION_AFTER_SYNC)
 
 
 def copy_volume(
@@ -158,6 +161,8 @@ def switch(run: StageRun, stage: SwitchStage) -> None:
         # The source holds every write: the replica's top, a mirror's partial copy, goes.
         copy_volume(run, target.storage, top, lambda done: _report(run, done, _size(top)))
     run.confirm()
+    if live is not None:
+        run.crashpoints(points.MIGRATION_BEFORE_SWITCHED)
     merge = stage.get("merge")
     operations = [] if not merge else [_merge_plan(run.op_id, merge, replica.chain)]
 
@@ -167,6 +172,7 @@ def switch(run: StageRun, stage: SwitchStage) -> None:
         )
 
     target.update(run.image_id, switched)
+    run.crashpoints(points.MIGRATION_AFTER_SWITCHED)
     logger.info(
         "image %s switched to its replica in %s (%s)",
         run.image_id, target.storage.root, "live" if live is not None else "offline",
@@ -276,6 +282,7 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
     live.reach(MIRRORING)
     daemon.add_chain([*lower, replica_top], read_only=False)
     daemon.mirror(mirror_job_name(image.id), source_node, target_node=replica_top.node)
+    run.crashpoints(points.MIGRATION_MIRRORING)
     logger.info(
         "image %s: mirroring %s into %s%s", image.id, top.path, replica.path,
         "" if lower or not below else " (opened alone: the volumes below are not synced yet)",
@@ -328,7 +335,9 @@ def _follow(run: StageRun, daemon: StorageDaemon, job: str, replica_top: str) ->
                 run.live.reach(SWITCH_REQUESTED)
             # Asked again by an attempt after "switch requested": the one before may have
             # died between the record and the request, and a ready job waits for it.
+            run.crashpoints(points.MIGRATION_BEFORE_COMPLETE)
             daemon.complete_job(found.id)
+            run.crashpoints(points.MIGRATION_AFTER_COMPLETE)
             asked = True
         if cancel.wait(POLL):
             # The job is left as it is: an abort stops it gently (engine/service/
@@ -425,7 +434,12 @@ def _size(volume: Volume) -> int:
 
 
 def _progress_from(run: StageRun, before: int, total: int) -> Callable[[int], None]:
-    return lambda done: _report(run, before + done, total)
+    def report(done: int) -> None:
+        if done > 0:
+            run.crashpoints(points.MIGRATION_MID_SYNC)
+        _report(run, before + done, total)
+
+    return report
 
 
 def _report(run: StageRun, done: int, total: int) -> None:
