@@ -141,20 +141,29 @@ def top_path(repo: str, disk: str) -> str:
 
 def daemon_at(point: str, repos: dict[str, str], state_dir: str, disk: str) -> None:
     """The daemon the dead engine left is in the state ``point`` names: the mirror job's
-    status, and whether the export serves the replica's top already."""
+    status, and whether the export serves the replica's top already. While the job runs, its
+    target reads the replica's synced volumes below it, linked when the mirror started: it is
+    never reopened under the guest's writes (migration_stages._synced_below)."""
     image = image_in(repos["r1"], disk)
+
+    def replica_node(ref: str) -> str:
+        volume_id, fmt = split_ref(ref)
+        return volume_of(
+            image, ref, os.path.join(repos["r2"], "volumes", f"{volume_id}.{fmt}")
+        ).node
+
     top = image.chain[-1]
-    volume_id, fmt = split_ref(top)
-    replica_top = volume_of(image, top, os.path.join(repos["r2"], "volumes", f"{volume_id}.{fmt}"))
+    replica_top = replica_node(top)
     daemon = StorageDaemon(state_dir)
     try:
         if point == cp.MIGRATION_AFTER_COMPLETE:  # QEMU switches in its own time
             deadline = time.monotonic() + 30
-            while daemon.export_node(export_name(image.id)) != replica_top.node:
+            while daemon.export_node(export_name(image.id)) != replica_top:
                 assert time.monotonic() < deadline, "QEMU never switched"
                 time.sleep(0.05)
         statuses = [job.status for job in daemon.query_jobs()]
-        on_replica = daemon.export_node(export_name(image.id)) == replica_top.node
+        on_replica = daemon.export_node(export_name(image.id)) == replica_top
+        linked = daemon.backing_chain(replica_top)[1:] if statuses else None
     finally:
         daemon.close()
     expected: dict[str, tuple[set[str], bool]] = {
@@ -170,6 +179,8 @@ def daemon_at(point: str, repos: dict[str, str], state_dir: str, disk: str) -> N
     jobs, switched = expected[point]
     assert len(statuses) == (1 if jobs else 0) and set(statuses) <= jobs, (point, statuses)
     assert on_replica == switched, point
+    if statuses and statuses != ["concluded"]:
+        assert linked == [replica_node(ref) for ref in reversed(image.chain[:-1])], linked
 
 
 def in_flight(writer: GuestWriter) -> tuple[int, int]:
