@@ -51,9 +51,9 @@ WRITES_AT, WRITES_LENGTH = 48 * MiB, 8 * MiB
 # The states in which the source is still what the guest wrote (no "switch requested" yet).
 BEFORE_REQUEST = (
     cp.MIGRATION_AFTER_CLONE,
-    cp.MIGRATION_MIRRORING,
     cp.MIGRATION_MID_SYNC,
     cp.MIGRATION_AFTER_SYNC,
+    cp.MIGRATION_MIRRORING,
 )
 # "switch requested" is recorded; whether QEMU switched only the dead daemon knew.
 IN_SWITCH = (
@@ -143,7 +143,7 @@ def daemon_at(point: str, repos: dict[str, str], state_dir: str, disk: str) -> N
     """The daemon the dead engine left is in the state ``point`` names: the mirror job's
     status, and whether the export serves the replica's top already. While the job runs, its
     target reads the replica's synced volumes below it, linked when the mirror started: it is
-    never reopened under the guest's writes (migration_stages._synced_below)."""
+    never reopened under the guest's writes (migration_stages._start_mirror)."""
     image = image_in(repos["r1"], disk)
 
     def replica_node(ref: str) -> str:
@@ -169,8 +169,8 @@ def daemon_at(point: str, repos: dict[str, str], state_dir: str, disk: str) -> N
     expected: dict[str, tuple[set[str], bool]] = {
         cp.MIGRATION_AFTER_CLONE: (set(), False),
         cp.MIGRATION_MIRRORING: ({"running", "ready"}, False),
-        cp.MIGRATION_MID_SYNC: ({"running", "ready"}, False),
-        cp.MIGRATION_AFTER_SYNC: ({"running", "ready"}, False),
+        cp.MIGRATION_MID_SYNC: (set(), False),  # migrate_image syncs before it mirrors
+        cp.MIGRATION_AFTER_SYNC: (set(), False),
         cp.MIGRATION_BEFORE_COMPLETE: ({"ready"}, False),
         cp.MIGRATION_AFTER_COMPLETE: ({"concluded"}, True),
         cp.MIGRATION_BEFORE_SWITCHED: (set(), True),  # the job dismissed
