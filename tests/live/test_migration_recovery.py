@@ -37,7 +37,7 @@ from engine.executors import crashpoints as cp
 from engine.formats.qemu.storage_daemon import StorageDaemon
 from engine.service.attachments import export_name, volume_of
 from tests.facade.images import MiB
-from tests.hosts.hostlib import Auditor, HostProcess, events, host_spec
+from tests.hosts.hostlib import Auditor, HostProcess, events, host_spec, settle, temporaries
 from tests.vm import GuestWriter, qemu_io
 
 pytestmark = pytest.mark.skipif(
@@ -248,6 +248,22 @@ def first_bytes(path: str, fmt: str, offsets: list[int]) -> dict[int, int]:
             return found
 
 
+def nothing_left(se: StorageEngine, repos: dict[str, str]) -> None:
+    """After check and fix (cleans only), no temporary file of a dead attempt is left in
+    either repository: a dead sync's lies in the destination, judged by the source's log."""
+    for _ in range(4):
+        fixes = [(name, fix) for name in repos for fix in se.check_storage_repository(name)]
+        if not fixes:
+            break
+        assert {fix.type for _, fix in fixes} == {"clean"}, fixes
+        for name, fix in fixes:
+            se.fix_storage_repository(name, fix)
+        settle(list(repos.values()))
+    else:
+        raise AssertionError(f"fixes still offered after four rounds: {fixes}")
+    assert [temporaries(path) for path in repos.values()] == [[], []]
+
+
 def the_data_before(path: str, fmt: str) -> None:
     """What the disk held before the migration reads the same there."""
     qemu_io(path, fmt, "read -P 7 0 16M", "read -P 9 16M 8M", read_only=True)
@@ -298,6 +314,7 @@ def test_engine_killed_while_its_daemon_lives_the_restarted_engine_goes_on(
             read_back(path, "qcow2", writer.last_patterns())
             the_data_before(path, "qcow2")
             se.teardown_image("r2", disk)
+            nothing_left(se, repos)
 
 
 @pytest.mark.parametrize("point", cp.MIGRATION_NAMES)
@@ -358,6 +375,7 @@ def test_host_killed_with_its_daemon_another_host_finishes(
             )
             assert compared.returncode == 0, compared.stdout + compared.stderr
         se.teardown_image("r2", disk)
+        nothing_left(se, repos)
     released = [f for name, _, f in events(repos["r1"]) if name == "AttachmentReleased"]
     if point not in SWITCHED:
         assert [f["of_host"] for f in released] == ["host-a"]
