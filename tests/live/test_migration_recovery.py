@@ -11,7 +11,9 @@ migration in a process of its own that dies at the armed point, then:
   "switch requested" to "switched" the finisher decides by content
   (migration_stages.settle); after "switched" it only removes the source.
 
-Either way every write acknowledged before the kill must read back from the image in r2.
+Each test first checks that the daemon is in the state the point names (the mirror job's
+status, the export's node). Either way every write acknowledged before the kill must read back
+from the image in r2, and check + fix must leave no temporary file of a dead attempt behind.
 Every host process is killed and every daemon stopped at the end, whatever happened.
 """
 
