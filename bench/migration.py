@@ -16,7 +16,7 @@ Repositories ``r1`` and ``r2`` share one filesystem. Prints ``name: value`` line
   the same way into ``r2``'s filesystem, fsync'd; ``migration_ratio_vs_qemu_img_convert`` (target
   <= 1.3);
 * ``migration_<step>_seconds``: where a migration's time went, medians, read from the two logs'
-  records (``snapshot``, ``clone``, ``mirror``, ``sync``, ``switch`` stages of the source's
+  records (``snapshot``, ``clone``, ``sync``, ``mirror``, ``switch`` stages of the source's
   operation, then the ``merge`` in the destination, and ``other``: the call, the executors'
   pick-up between stages, the wait's polling);
 * ``median_write_ms``: a writer's median write latency with nothing else going on;
@@ -65,7 +65,7 @@ from tests.vm import GuestWriter, Write
 
 KiB, MiB = 2**10, 2**20
 SRC, DST = "r1", "r2"
-STEPS = ("snapshot", "clone", "mirror", "sync", "switch")  # an attached migration's stages
+STEPS = ("snapshot", "clone", "sync", "mirror", "switch")  # an attached migration's stages
 STEP_NAMES = {"create": "snapshot"}  # its live snapshot is a "create" stage
 
 

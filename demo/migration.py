@@ -23,7 +23,7 @@ from engine.errors import ImageNotFound, ReplicationNotReady
 from engine.formats.qemu.image_tools import QemuImg
 
 # The stages of migrate_image on an attached disk, in the order its operation runs them.
-STEPS = ("live snapshot", "clone", "mirror", "sync", "switch")
+STEPS = ("live snapshot", "clone", "sync", "mirror", "switch")
 
 
 class MigrationChapter:

@@ -9,7 +9,7 @@ work as an operation of the image. A crash between the two leaves a replica that
 fills, never a source whose log names a destination that knows nothing.
 
 Every verb queues an operation of the source image: ``migrate_image`` all of the flow
-(a live snapshot when attached, ``clone``, ``mirror``, ``sync``, ``switch``), the granular verbs
+(a live snapshot when attached, ``clone``, ``sync``, ``mirror``, ``switch``), the granular verbs
 one step each. The switch's completion removes the image from the source; the replica's
 ``ReplicaSwitched`` (written by the switch before) makes it the image in the destination.
 
