@@ -239,6 +239,7 @@ def _switch_live(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> N
         # writes through it (a write landing during the reopen was lost): a new mirror, into
         # a top opened on the synced volumes, replaces it.
         _stop(daemon, running.id)
+        run.crashpoints(points.MIGRATION_AFTER_CANCEL)
         running = None
     if running is None:
         _start_mirror(run, live, target, top)
