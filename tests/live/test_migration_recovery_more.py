@@ -102,6 +102,15 @@ def jobs_and_nodes(state: str, path: str) -> tuple[list[str], list[str]]:
     return jobs, files
 
 
+def mirrorings(repo: str) -> list[str]:
+    """The hosts that started a mirror of the migration recorded in ``repo``'s log, in order."""
+    return [
+        host
+        for name, host, f in events(repo)
+        if name == "StageReached" and f.get("phase") == "mirroring"
+    ]
+
+
 # --- attached again on another host ---------------------------------------------------------
 
 
@@ -138,6 +147,7 @@ def test_attached_again_on_another_host_the_migration_ends_live_there(
             moved(repos, disk)
             switched = [f for name, _, f in events(repos["r2"]) if name == "ReplicaSwitched"]
             assert [(f["attached"], f["host_id"]) for f in switched] == [(True, "host-b")]
+            assert mirrorings(repos["r1"]) == ["host-a", "host-b"]  # a new mirror on host B
             read_back(uri_b, "raw", after.last_patterns())  # through the export, on r2 now
             read_back(uri_b, "raw", before, unacknowledged=unacknowledged)
             se.detach_image("r2", disk)
@@ -216,6 +226,8 @@ def test_granular_engine_killed_as_the_switch_restarts_the_mirror_goes_on(
             assert writer.error is None, writer.error
             read_back(uri, "raw", writer.last_patterns())
             moved(repos, disk)
+            # disk_replicate_start's mirror, then the restarted engine's on the synced chain.
+            assert mirrorings(repos["r1"]) == ["host-a", "host-a"]
             se.detach_image("r2", disk)
             path = se.prepare_image("r2", disk).path
             assert path.startswith(repos["r2"])
@@ -245,6 +257,7 @@ def test_granular_host_killed_as_the_switch_restarts_the_mirror_another_host_fin
         status = se.wait_for_image("r2", disk, timeout=120)
         assert status.status == "optimized", status
         moved(repos, disk)
+        assert mirrorings(repos["r1"]) == ["host-a"]  # host B copied the top offline
         assert image_in(repos["r2"], disk).attached_on is None  # its host died
         path = se.prepare_image("r2", disk).path
         assert path.startswith(repos["r2"])
