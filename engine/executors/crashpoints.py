@@ -70,7 +70,12 @@ MIGRATION_NAMES = (
     MIGRATION_BEFORE_SWITCHED,
     MIGRATION_AFTER_SWITCHED,
 )
-ARMABLE = ALL_NAMES + MIGRATION_NAMES
+# Reached only in seed 003's granular order (disk_replicate_start before the sync): the switch
+# cancelled the mirror whose target was opened alone; the new one is not started yet. Tried by
+# tests/live/test_migration_recovery_more.py.
+MIGRATION_AFTER_CANCEL = "migration.after-cancel"
+MIGRATION_GRANULAR_NAMES = (MIGRATION_AFTER_CANCEL,)
+ARMABLE = ALL_NAMES + MIGRATION_NAMES + MIGRATION_GRANULAR_NAMES
 
 _ARMED = re.compile(r"(?P<name>[a-z.-]+)(?:@(?P<occurrence>[1-9][0-9]{0,3}))?")
 

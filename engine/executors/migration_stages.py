@@ -239,6 +239,7 @@ def _switch_live(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> N
         # writes through it (a write landing during the reopen was lost): a new mirror, into
         # a top opened on the synced volumes, replaces it.
         _stop(daemon, running.id)
+        run.crashpoints(points.MIGRATION_AFTER_CANCEL)
         running = None
     if running is None:
         _start_mirror(run, live, target, top)
@@ -280,8 +281,22 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
     else:
         target.storage.publish(temp, replica.path)
     live.reach(MIRRORING)
-    daemon.add_chain([*lower, replica_top], read_only=False)
-    daemon.mirror(mirror_job_name(image.id), source_node, target_node=replica_top.node)
+    try:
+        daemon.add_chain([*lower, replica_top], read_only=False)
+        daemon.mirror(mirror_job_name(image.id), source_node, target_node=replica_top.node)
+    except DaemonError:
+        if not run.moved_on():
+            raise  # else an abort closed the nodes under it: cleaned below
+    if run.moved_on():
+        # An abort ended the claim meanwhile: it records first, then stops the mirror and
+        # closes the replica's nodes it finds (engine/service/migration_handlers.py), maybe
+        # before this one began. Seen here, so undone here; after this check the abort finds
+        # the job itself.
+        _stop(daemon, mirror_job_name(image.id))
+        for node in (replica_top, *reversed(lower)):
+            with suppress(DaemonError):
+                daemon.remove_nodes([node.node])
+        raise run.cancelled("the claim moved on (an abort) as its mirror started")
     run.crashpoints(points.MIGRATION_MIRRORING)
     logger.info(
         "image %s: mirroring %s into %s%s", image.id, top.path, replica.path,
