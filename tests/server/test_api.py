@@ -1,0 +1,298 @@
+"""The API of ``strata serve`` through a real uvicorn on a Unix socket: every endpoint, with
+real localfs repositories and real qemu-img.
+
+Imports: :mod:`tests.server.conftest`; the standard library, pytest and httpx.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server.conftest import Daemon, Place
+
+MiB = 1024 * 1024
+
+
+def ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def running(daemon: Callable[..., Daemon], place: Place, create: bool = True) -> Daemon:
+    """A daemon with repository ``r1`` connected from its config."""
+    path = place.repo("r1")
+    if create:
+        d = daemon()
+        ok(
+            d.client().post(
+                "/repositories",
+                json={"format": "localfs-1.0", "connection_parameters": {"path": path}},
+            ),
+            201,
+        )
+        d.stop()
+    return daemon(repositories=[{"id": "r1", "format": "localfs-1.0", "path": path}])
+
+
+def position(c: httpx.Client, repo: str = "r1") -> int:
+    return int(ok(c.get(f"/repositories/{repo}"))["log_position"])
+
+
+def test_the_socket_is_made_0660_and_a_stale_one_replaced(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    first = daemon()
+    first.kill()  # leaves its socket file behind
+    assert os.path.exists(first.socket)
+    second = daemon()
+    assert stat.S_IMODE(os.stat(second.socket).st_mode) == 0o660
+    assert ok(second.client().get("/health")) == {"host_id": "host-a"}
+
+
+def test_a_disk_is_created_waited_for_snapshotted_copied_and_removed(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    d = running(daemon, place)
+    c = d.client()
+    assert [r["repo_id"] for r in ok(c.get("/repositories"))] == ["r1"]
+    assert ok(c.get("/repositories/r1"))["images"] == 0
+
+    disk = ok(
+        c.post("/repositories/r1/images", json={"size": 4 * MiB, "user_data": {"vm": "a"}}), 201
+    )["image_id"]
+    status = ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
+    assert status["status"] == "optimized"
+    assert ok(c.get(f"/repositories/r1/images/{disk}/status"))["image_id"] == disk
+
+    info = ok(c.get(f"/repositories/r1/images/{disk}"))
+    assert (info["kind"], info["size"], info["user_data"]) == ("virtual-disk", 4 * MiB, {"vm": "a"})
+
+    ok(c.put(f"/repositories/r1/images/{disk}/user-data", json={"user_data": [1, 2]}))
+    ok(c.post(f"/repositories/r1/images/{disk}/resize", json={"new_size": 8 * MiB}))
+    ok(c.post(f"/repositories/r1/images/{disk}/wait", json={}))
+    info = ok(c.get(f"/repositories/r1/images/{disk}"))
+    assert (info["size"], info["user_data"]) == (8 * MiB, [1, 2])
+
+    snap = ok(c.post(f"/repositories/r1/images/{disk}/snapshots"), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{snap}/wait"))
+    copy = ok(c.post("/repositories/r1/copies", json={"image_id": snap}), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{copy}/wait", json={"timeout": 60}))
+    listed = {i["image_id"]: i["kind"] for i in ok(c.get("/repositories/r1/images"))}
+    assert listed == {disk: "virtual-disk", snap: "snapshot", copy: "snapshot"}
+
+    chain = ok(c.get(f"/repositories/r1/images/{disk}/volumes"))
+    assert chain and chain[-1]["path"].startswith(place.repo("r1"))
+    by_path = ok(c.get("/images/by-path", params={"path": chain[-1]["path"]}))
+    assert by_path["image_id"] == disk
+    assert ok(c.get(f"/repositories/r1/images/{disk}/job")) is None
+
+    ok(c.delete(f"/repositories/r1/images/{copy}"))
+    assert ok(c.get(f"/repositories/r1/images/{copy}"), 404)["code"] == "image_not_found"
+
+
+def test_a_disk_is_prepared_and_torn_down(daemon: Callable[..., Daemon], place: Place) -> None:
+    c = running(daemon, place).client()
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{disk}/wait"))
+    prepared = ok(c.post(f"/repositories/r1/images/{disk}/prepare"))
+    assert prepared["image_id"] == disk and os.path.exists(prepared["path"])
+    assert prepared["readonly"] is False
+    removing = c.delete(f"/repositories/r1/images/{disk}")
+    assert ok(removing, 409)["code"] == "image_in_use"
+    ok(c.post(f"/repositories/r1/images/{disk}/teardown"))
+    ok(c.delete(f"/repositories/r1/images/{disk}"))
+
+
+def test_check_fix_and_stop(daemon: Callable[..., Daemon], place: Place) -> None:
+    c = running(daemon, place).client()
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{disk}/wait"))
+    # A file the repository does not know: the check offers to clean it.
+    open(os.path.join(place.repo("r1"), "images", "stray.tmp"), "wb").close() if os.path.isdir(
+        os.path.join(place.repo("r1"), "images")
+    ) else None
+    fixes = ok(c.post("/repositories/r1/check"))
+    assert isinstance(fixes, list)
+    for fix in fixes:
+        assert set(fix) == {"type", "image_ids", "description", "data"}
+    if fixes:
+        ok(c.post("/repositories/r1/fixes", json={"fix": fixes[0]}))
+    stale = {"type": "clean", "image_ids": [disk], "description": "x", "data": "not-a-fix"}
+    refused = c.post("/repositories/r1/fixes", json={"fix": stale})
+    assert refused.status_code in (409, 422), refused.text
+    # No fix runs on the disk: stop says so with a typed error, not a 500.
+    stopped = c.post(f"/repositories/r1/images/{disk}/stop", json={"reason": "operator"})
+    assert stopped.status_code in (200, 409), stopped.text
+
+
+def test_a_repository_is_created_connected_disconnected_over_the_api(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    c = daemon().client()
+    path = place.repo("r2")
+    ok(
+        c.post(
+            "/repositories", json={"format": "localfs-1.0", "connection_parameters": {"path": path}}
+        ),
+        201,
+    )
+    again = c.post(
+        "/repositories", json={"format": "localfs-1.0", "connection_parameters": {"path": path}}
+    )
+    assert ok(again, 409)["code"] == "repository_already_formatted"
+    ok(
+        c.post(
+            "/repositories/r2/connect",
+            json={"format": "localfs-1.0", "connection_parameters": {"path": path}},
+        )
+    )
+    assert [r["repo_id"] for r in ok(c.get("/repositories"))] == ["r2"]
+    ok(c.post("/repositories/r2/disconnect", json={"force": False}))
+    assert ok(c.get("/repositories")) == []
+    assert ok(c.get("/repositories/r2"), 404)["code"] == "repository_not_connected"
+    unknown = c.post(
+        "/repositories/r3/connect",
+        json={"format": "nope-9", "connection_parameters": {"path": path}},
+    )
+    assert ok(unknown, 422)["code"] == "unknown_repository_format"
+
+
+def test_errors_are_json_with_their_status(daemon: Callable[..., Daemon], place: Place) -> None:
+    c = running(daemon, place).client()
+    missing = "00000000-0000-4000-8000-000000000000"
+    answer = ok(c.get(f"/repositories/r1/images/{missing}"), 404)
+    assert answer["code"] == "image_not_found" and answer["vdsm_code"] == 13 and answer["message"]
+    assert ok(c.get("/repositories/nope/images"), 404)["code"] == "repository_not_connected"
+    negative = ok(c.post("/repositories/r1/images", json={"size": -1}), 422)
+    assert (negative["code"], negative["name"]) == ("invalid_parameter", "size")
+    disk = ok(c.post("/repositories/r1/images", json={"size": 64 * MiB}), 201)["image_id"]
+    timeout = ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 0.001}), 504)
+    assert timeout["code"] == "wait_timeout"
+    assert ok(c.get("/no/such/route"), 404)["code"] == "not_found"
+
+
+def test_bad_json_and_wrong_types_are_422_naming_the_field_and_append_nothing(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    c = running(daemon, place).client()
+    before = position(c)
+    bad_json = c.post(
+        "/repositories/r1/images",
+        content=b'{"size": ',
+        headers={"content-type": "application/json"},
+    )
+    assert ok(bad_json, 422)["code"] == "invalid_parameter"
+    assert bad_json.json()["name"] == "body"
+    wrong_type = ok(c.post("/repositories/r1/images", json={"size": "big"}), 422)
+    assert (wrong_type["code"], wrong_type["name"]) == ("invalid_parameter", "size")
+    as_string = ok(c.post("/repositories/r1/images", json={"size": "1024"}), 422)
+    assert as_string["name"] == "size"
+    unknown_key = ok(c.post("/repositories/r1/images", json={"size": MiB, "colour": 1}), 422)
+    assert unknown_key["name"] == "colour"
+    not_an_object = ok(c.post("/repositories/r1/images", json=[1, 2]), 422)
+    assert not_an_object["name"] == "body"
+    nested = ok(
+        c.post("/repositories/r1/fixes", json={"fix": {"type": "clean", "image_ids": "x"}}), 422
+    )
+    assert nested["name"].startswith("fix.")
+    assert ok(c.get("/images/by-path"), 422)["name"] == "path"
+    assert position(c) == before
+
+
+def test_a_client_that_disconnects_mid_request_does_not_break_the_server(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    d = running(daemon, place)
+    c = d.client()
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    before = position(c)
+    # One client goes away halfway through its body, another right after sending a whole
+    # request, before the answer.
+    half = socket.socket(socket.AF_UNIX)
+    half.connect(d.socket)
+    half.sendall(
+        b"POST /repositories/r1/images HTTP/1.1\r\nhost: strata\r\n"
+        b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"size": 10'
+    )
+    half.close()
+    body = b'{"timeout": 5}'
+    gone = socket.socket(socket.AF_UNIX)
+    gone.connect(d.socket)
+    gone.sendall(
+        f"POST /repositories/r1/images/{disk}/wait HTTP/1.1\r\nhost: strata\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    gone.close()
+    assert ok(c.get("/health"))["host_id"] == "host-a"
+    status = ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
+    assert status["status"] == "optimized"
+    assert position(c) == before
+    assert d.proc is not None and d.proc.poll() is None
+
+
+def test_openapi_lists_every_route(daemon: Callable[..., Daemon]) -> None:
+    spec = ok(daemon().client().get("/openapi.json"))
+    paths = spec["paths"]
+    img = "/repositories/{repo}/images/{image_id}"
+    expected = {
+        "/health": {"get"},
+        "/repositories": {"get", "post"},
+        "/repositories/{repo}": {"get"},
+        "/repositories/{repo}/connect": {"post"},
+        "/repositories/{repo}/disconnect": {"post"},
+        "/repositories/{repo}/images": {"get", "post"},
+        "/repositories/{repo}/copies": {"post"},
+        "/repositories/{repo}/check": {"post"},
+        "/repositories/{repo}/fixes": {"post"},
+        img: {"get", "delete"},
+        img + "/snapshots": {"post"},
+        img + "/user-data": {"put"},
+        img + "/resize": {"post"},
+        img + "/status": {"get"},
+        img + "/wait": {"post"},
+        img + "/stop": {"post"},
+        img + "/prepare": {"post"},
+        img + "/teardown": {"post"},
+        img + "/attach": {"post"},
+        img + "/detach": {"post"},
+        img + "/volumes": {"get"},
+        img + "/pull": {"post"},
+        img + "/commit": {"post"},
+        img + "/job": {"get"},
+        img + "/job/bandwidth": {"put"},
+        img + "/job/abort": {"post"},
+        img + "/migrate": {"post"},
+        img + "/clone-structure": {"post"},
+        img + "/sync": {"post"},
+        img + "/replicate-start": {"post"},
+        img + "/replicate-finish": {"post"},
+        "/attachments": {"get"},
+        "/images/by-path": {"get"},
+    }
+    for path, methods in expected.items():
+        assert path in paths, path
+        assert methods <= set(paths[path]), (path, set(paths[path]))
+    create = paths["/repositories/{repo}/images"]["post"]
+    assert "requestBody" in create and "201" in create["responses"]
+    assert "CreateDiskRequest" in spec["components"]["schemas"]
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="no qemu-storage-daemon")
+def test_a_disk_is_attached_and_detached(daemon: Callable[..., Daemon], place: Place) -> None:
+    c = running(daemon, place).client()
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{disk}/wait"))
+    attachment = ok(c.post(f"/repositories/r1/images/{disk}/attach"))
+    assert attachment["image_id"] == disk and attachment["nbd_uri"]
+    assert [a["image_id"] for a in ok(c.get("/attachments"))] == [disk]
+    ok(c.post(f"/repositories/r1/images/{disk}/detach"))
+    assert ok(c.get("/attachments")) == []
