@@ -213,6 +213,7 @@ def test_a_client_that_disconnects_mid_request_does_not_break_the_server(
     d = running(daemon, place)
     c = d.client()
     disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
     before = position(c)
     # One client goes away halfway through its body, another right after sending a whole
     # request, before the answer.
