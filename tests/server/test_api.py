@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.conftest import Daemon, Place
+from tests.server.conftest import Daemon, Place, wait_until
 
 MiB = 1024 * 1024
 
@@ -111,26 +111,45 @@ def test_a_disk_is_prepared_and_torn_down(daemon: Callable[..., Daemon], place: 
     ok(c.delete(f"/repositories/r1/images/{disk}"))
 
 
-def test_check_fix_and_stop(daemon: Callable[..., Daemon], place: Place) -> None:
+def test_stop_then_check_offers_a_mend_that_the_fix_endpoint_runs(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    c = running(daemon, place).client()
+    new = {"size": MiB, "options": {"auto_fix": False}}
+    disk = ok(c.post("/repositories/r1/images", json=new), 201)["image_id"]
+    ok(c.post(f"/repositories/r1/images/{disk}/stop", json={"reason": "host overloaded"}))
+    status = ok(c.get(f"/repositories/r1/images/{disk}/status"))
+    assert status["status"] == "broken" and "host overloaded" in status["last_error"]
+    (mend,) = [f for f in ok(c.post("/repositories/r1/check")) if f["type"] == "mend"]
+    assert mend["image_ids"] == [disk]
+    ok(c.post("/repositories/r1/fixes", json={"fix": mend}))
+    done = ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
+    assert done["status"] == "optimized"
+
+
+def test_a_fix_that_no_longer_applies_is_409(daemon: Callable[..., Daemon], place: Place) -> None:
+    c = running(daemon, place).client()
+    new = {"size": MiB, "options": {"auto_fix": False}}
+    disk = ok(c.post("/repositories/r1/images", json=new), 201)["image_id"]
+    (mend,) = [f for f in ok(c.post("/repositories/r1/check")) if f["type"] == "mend"]
+    ok(c.delete(f"/repositories/r1/images/{disk}"))
+    assert ok(c.post("/repositories/r1/fixes", json={"fix": mend}), 409)["code"] == "stale_fix"
+
+
+def test_a_removed_disk_s_volume_is_cleaned_through_the_api(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
     c = running(daemon, place).client()
     disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
     ok(c.post(f"/repositories/r1/images/{disk}/wait"))
-    # A file the repository does not know: the check offers to clean it.
-    open(os.path.join(place.repo("r1"), "images", "stray.tmp"), "wb").close() if os.path.isdir(
-        os.path.join(place.repo("r1"), "images")
-    ) else None
-    fixes = ok(c.post("/repositories/r1/check"))
-    assert isinstance(fixes, list)
-    for fix in fixes:
-        assert set(fix) == {"type", "image_ids", "description", "data"}
-    if fixes:
-        ok(c.post("/repositories/r1/fixes", json={"fix": fixes[0]}))
-    stale = {"type": "clean", "image_ids": [disk], "description": "x", "data": "not-a-fix"}
-    refused = c.post("/repositories/r1/fixes", json={"fix": stale})
-    assert refused.status_code in (409, 422), refused.text
-    # No fix runs on the disk: stop says so with a typed error, not a 500.
-    stopped = c.post(f"/repositories/r1/images/{disk}/stop", json={"reason": "operator"})
-    assert stopped.status_code in (200, 409), stopped.text
+    ok(c.delete(f"/repositories/r1/images/{disk}"))
+    cleans = [f for f in ok(c.post("/repositories/r1/check", json={})) if f["type"] == "clean"]
+    assert cleans
+    for fix in cleans:
+        ok(c.post("/repositories/r1/fixes", json={"fix": fix}))
+    volumes = os.path.join(place.repo("r1"), "volumes")
+    wait_until(lambda: not os.listdir(volumes))
+    wait_until(lambda: ok(c.post("/repositories/r1/check")) == [])
 
 
 def test_a_repository_is_created_connected_disconnected_over_the_api(
