@@ -316,3 +316,67 @@ def test_a_disk_is_attached_and_detached(daemon: Callable[..., Daemon], place: P
     assert [a["image_id"] for a in ok(c.get("/attachments"))] == [disk]
     ok(c.post(f"/repositories/r1/images/{disk}/detach"))
     assert ok(c.get("/attachments")) == []
+
+
+def test_an_offline_pull_runs_as_a_block_job_and_a_commit_into_a_shared_volume_is_409(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    c = running(daemon, place).client()
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    for _ in range(2):
+        snap = ok(c.post(f"/repositories/r1/images/{disk}/snapshots"), 201)["image_id"]
+        ok(c.post(f"/repositories/r1/images/{snap}/wait", json={"timeout": 60}))
+    ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
+    base, middle, top = [
+        v["volume_id"] for v in ok(c.get(f"/repositories/r1/images/{disk}/volumes"))
+    ]
+    before = position(c)
+    shared = c.post(
+        f"/repositories/r1/images/{disk}/commit",
+        json={"top_volume_id": middle, "base_volume_id": base},
+    )
+    assert ok(shared, 409)["code"] == "image_in_use"
+    assert position(c) == before
+    job_id = ok(c.post(f"/repositories/r1/images/{disk}/pull", json={}))["job_id"]
+    assert job_id
+
+    def ended() -> bool:
+        job = ok(c.get(f"/repositories/r1/images/{disk}/job"))
+        return job is not None and job["state"] in ("completed", "failed")
+
+    wait_until(ended, timeout=60)
+    job = ok(c.get(f"/repositories/r1/images/{disk}/job"))
+    assert (job["kind"], job["state"]) == ("pull", "completed")
+    ok(c.post(f"/repositories/r1/images/{disk}/wait", json={"timeout": 60}))
+    assert [v["volume_id"] for v in ok(c.get(f"/repositories/r1/images/{disk}/volumes"))] == [top]
+    # No job runs now: changing its bandwidth or aborting it is refused with a typed error.
+    for refused in (
+        c.put(f"/repositories/r1/images/{disk}/job/bandwidth", json={"bandwidth": MiB}),
+        c.post(f"/repositories/r1/images/{disk}/job/abort", json={"pivot": False}),
+    ):
+        assert ok(refused, 409)["code"] == "stale_fix"
+    assert (
+        ok(c.put(f"/repositories/r1/images/{disk}/job/bandwidth", json={"bandwidth": "x"}), 422)[
+            "name"
+        ]
+        == "bandwidth"
+    )
+
+
+def test_the_migration_verbs_answer_typed_errors(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    c = running(daemon, place).client()
+    missing = "/repositories/r1/images/00000000-0000-4000-8000-000000000000"
+    for verb, body in (
+        ("migrate", {"dst_repo_id": "r1"}),
+        ("clone-structure", {"dst_repo_id": "r1"}),
+        ("sync", {"dst_repo_id": "r1", "sync_type": "INTERNAL"}),
+        ("replicate-start", {"dst_repo_id": "r1"}),
+        ("replicate-finish", {"dst_repo_id": "r1"}),
+    ):
+        assert ok(c.post(f"{missing}/{verb}", json=body), 404)["code"] == "image_not_found", verb
+        assert ok(c.post(f"{missing}/{verb}", json={}), 422)["name"] == "dst_repo_id", verb
+    disk = ok(c.post("/repositories/r1/images", json={"size": MiB}), 201)["image_id"]
+    nowhere = c.post(f"/repositories/r1/images/{disk}/migrate", json={"dst_repo_id": "r9"})
+    assert ok(nowhere, 404)["code"] == "repository_not_connected"
