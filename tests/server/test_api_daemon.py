@@ -209,7 +209,7 @@ def running_stage(c: httpx.Client, image_id: str) -> bool:
     """Whether a stage of ``image_id`` is claimed and has not finished."""
     status = ok(c.get(f"/repositories/r1/images/{image_id}/status"))
     assert status["status"] != "optimized", "the copy finished before the daemon was stopped"
-    return status["host_id"] == "host-a" and status["percent_complete"] >= 0
+    return bool(status["host_id"] == "host-a" and status["percent_complete"] >= 0)
 
 
 def test_sigterm_while_a_stage_runs_exits_0_and_a_restart_finishes_the_work(
