@@ -100,7 +100,9 @@ async def _serve(
     def stop(signum: int) -> None:
         log.info("host %s got %s: stopping", config.host_id, signal.Signals(signum).name)
         for server in servers:
-            server.should_exit = True
+            # uvicorn's own handler (which sse-starlette wraps to end the event streams at
+            # once): it sets should_exit, and force_exit on a second SIGINT.
+            server.handle_exit(signum, None)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

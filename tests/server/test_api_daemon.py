@@ -7,6 +7,8 @@ Imports: :mod:`strata_server.config`, :mod:`strata_server.errors`, :mod:`engine.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import inspect
 import shutil
 import signal
@@ -14,6 +16,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -262,3 +266,31 @@ def test_sigterm_while_a_stage_runs_exits_0_and_a_restart_finishes_the_work(
         timeout=120,
     )
     assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("strata_server.events") is None,
+    reason="strata_server.events (GET /events) is not in this build",
+)
+def test_sigterm_ends_open_event_streams_and_exits_0_at_once(
+    daemon: Callable[..., Daemon],
+) -> None:
+    d = daemon()
+    assert "/events" in ok(d.client().get("/openapi.json"))["paths"]
+    ended = threading.Event()
+
+    def follow() -> None:
+        with contextlib.suppress(httpx.HTTPError), d.client().stream("GET", "/events") as r:
+            assert r.status_code == 200
+            for _ in r.iter_lines():
+                pass
+        ended.set()
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 4  # not the 5 s a request in flight is given
+    reader.join(10)
+    assert ended.is_set()
