@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -52,18 +53,28 @@ def serve(config_path: str | Path) -> int:
     """Run the daemon the config at ``config_path`` describes until SIGTERM or SIGINT."""
     config = load_config(config_path)
     token = _token(config)
-    engine = StorageEngine(
-        config.host_id, state_dir=config.state_dir, lease_timeout=config.lease_timeout
-    )
+    # Bound first, so that a second daemon on this socket fails before it starts an engine;
+    # clients that connect meanwhile wait in the backlog until the repositories are connected.
+    listening = unix_socket(config.socket)
     try:
-        for repo in config.repositories:
-            engine.connect_storage_repository(repo.id, repo.format, repo.connection_parameters)
-            log.info("host %s connected repository %s (%s)", config.host_id, repo.id, repo.format)
-        connected = ConnectedNames(r.id for r in config.repositories)
-        asyncio.run(_serve(engine, config, token, connected))
+        engine = StorageEngine(
+            config.host_id, state_dir=config.state_dir, lease_timeout=config.lease_timeout
+        )
+        try:
+            for repo in config.repositories:
+                engine.connect_storage_repository(repo.id, repo.format, repo.connection_parameters)
+                log.info(
+                    "host %s connected repository %s (%s)", config.host_id, repo.id, repo.format
+                )
+            connected = ConnectedNames(r.id for r in config.repositories)
+            asyncio.run(_serve(engine, config, token, connected, listening))
+        finally:
+            log.info("host %s stopping its engine", config.host_id)
+            engine.close()
     finally:
-        log.info("host %s stopping its engine", config.host_id)
-        engine.close()
+        listening.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.socket)
     return 0
 
 
@@ -80,11 +91,15 @@ def _token(config: ServerConfig) -> str | None:
 
 
 async def _serve(
-    engine: StorageEngine, config: ServerConfig, token: str | None, connected: ConnectedNames
+    engine: StorageEngine,
+    config: ServerConfig,
+    token: str | None,
+    connected: ConnectedNames,
+    listening: socket.socket,
 ) -> None:
     unix_app = make_app(engine, None, connected)
     servers = [_Server(_uvicorn_config(unix_app))]
-    sockets = [[unix_socket(config.socket)]]
+    sockets = [[listening]]
     if config.tcp is not None:
         tcp_app = make_app(engine, token, connected)
         tls = _uvicorn_config(
@@ -107,13 +122,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signum)
-    try:
-        await asyncio.gather(
-            *(s.serve(sockets=socks or None) for s, socks in zip(servers, sockets, strict=True))
-        )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.socket)
+    await asyncio.gather(
+        *(s.serve(sockets=socks or None) for s, socks in zip(servers, sockets, strict=True))
+    )
 
 
 def _uvicorn_config(app: object, **kwargs: object) -> uvicorn.Config:
@@ -128,9 +139,11 @@ def _uvicorn_config(app: object, **kwargs: object) -> uvicorn.Config:
 
 def unix_socket(path: str) -> socket.socket:
     """A listening Unix socket at ``path`` with mode 0660, replacing a stale socket there (not
-    any other file)."""
+    any other file, and not the socket of a daemon that still answers)."""
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
+            if _answers(path):
+                raise OSError(errno.EADDRINUSE, "another process listens on this socket", path)
             os.unlink(path)
     except FileNotFoundError:
         pass
@@ -147,6 +160,16 @@ def unix_socket(path: str) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

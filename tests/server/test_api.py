@@ -10,13 +10,15 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.server.conftest import Daemon, Place, wait_until
+from tests.server.conftest import Daemon, Place, wait_until, write_config
 
 MiB = 1024 * 1024
 
@@ -55,6 +57,23 @@ def test_the_socket_is_made_0660_and_a_stale_one_replaced(
     second = daemon()
     assert stat.S_IMODE(os.stat(second.socket).st_mode) == 0o660
     assert ok(second.client().get("/health")) == {"host_id": "host-a"}
+
+
+def test_a_second_daemon_does_not_take_the_socket_of_one_that_runs(
+    daemon: Callable[..., Daemon], place: Place
+) -> None:
+    first = daemon()
+    config = place.root / "other.toml"
+    write_config(config, host_id="host-b", state_dir=place.state_dir, socket=first.socket)
+    second = subprocess.run(
+        [sys.executable, "-m", "strata_server.serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert "another process listens on this socket" in second.stderr
+    assert ok(first.client().get("/health")) == {"host_id": "host-a"}
 
 
 def test_a_disk_is_created_waited_for_snapshotted_copied_and_removed(
