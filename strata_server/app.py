@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from engine import StorageEngine
 
 
-class Request(BaseModel):
+class RequestBody(BaseModel):
     # Strict: "10" is not a size, and a key the endpoint does not know is a mistake to report.
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -44,56 +44,56 @@ class Answer(BaseModel):
 # --- requests -----------------------------------------------------------------------------------
 
 
-class CreateRepositoryRequest(Request):
+class CreateRepositoryRequest(RequestBody):
     format: str
     connection_parameters: dict[str, Any]
 
 
-class ConnectRepositoryRequest(Request):
+class ConnectRepositoryRequest(RequestBody):
     format: str
     connection_parameters: dict[str, Any] | None = None
 
 
-class DisconnectRepositoryRequest(Request):
+class DisconnectRepositoryRequest(RequestBody):
     force: bool = False
 
 
-class CreateDiskRequest(Request):
+class CreateDiskRequest(RequestBody):
     size: int
     base_snapshot_id: str | None = None
     user_data: Any = None
     options: dict[str, Any] | None = None
 
 
-class CreateSnapshotRequest(Request):
+class CreateSnapshotRequest(RequestBody):
     user_data: Any = None
     options: dict[str, Any] | None = None
 
 
-class CopyImageRequest(Request):
+class CopyImageRequest(RequestBody):
     image_id: str
     base_image_id: str | None = None
     user_data: Any = None
     options: dict[str, Any] | None = None
 
 
-class SetUserDataRequest(Request):
+class SetUserDataRequest(RequestBody):
     user_data: Any
 
 
-class ResizeRequest(Request):
+class ResizeRequest(RequestBody):
     new_size: int
 
 
-class WaitRequest(Request):
+class WaitRequest(RequestBody):
     timeout: float | None = None
 
 
-class CheckRequest(Request):
+class CheckRequest(RequestBody):
     options: dict[str, Any] | None = None
 
 
-class FixModel(Request):
+class FixModel(RequestBody):
     """A fix exactly as ``POST /repositories/{repo}/check`` returned it."""
 
     type: str
@@ -102,39 +102,39 @@ class FixModel(Request):
     data: str
 
 
-class FixRequest(Request):
+class FixRequest(RequestBody):
     fix: FixModel
     options: dict[str, Any] | None = None
 
 
-class StopRequest(Request):
+class StopRequest(RequestBody):
     reason: str = ""
 
 
-class PullRequest(Request):
+class PullRequest(RequestBody):
     base_volume_id: str | None = None
     bandwidth: int | None = None
 
 
-class CommitRequest(Request):
+class CommitRequest(RequestBody):
     top_volume_id: str
     base_volume_id: str
     bandwidth: int | None = None
 
 
-class BandwidthRequest(Request):
+class BandwidthRequest(RequestBody):
     bandwidth: int
 
 
-class AbortRequest(Request):
+class AbortRequest(RequestBody):
     pivot: bool = False
 
 
-class DestinationRequest(Request):
+class DestinationRequest(RequestBody):
     dst_repo_id: str
 
 
-class SyncRequest(Request):
+class SyncRequest(RequestBody):
     dst_repo_id: str
     sync_type: str
 
