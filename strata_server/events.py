@@ -124,6 +124,9 @@ class StatusHub:
         self._lock = threading.Lock()
         self._clients: set[_Client] = set()
         self._thread: threading.Thread | None = None
+        # What was said of each image, kept while no client listens: a record that changes
+        # nothing it shows (an executor's bookkeeping) is not news to the next client.
+        self._said: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.errors = 0  # looks that failed (a closed engine, a view that stopped)
 
     @property
@@ -136,7 +139,12 @@ class StatusHub:
         with self._lock:
             self._clients.add(client)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="strata-events", daemon=True)
+                # Where the thread starts is fixed now, so that what is appended before its
+                # first look reaches this client: just the views' positions, no reading.
+                start = {r: pos for r, (pos, _) in self._engine.image_changes({}).items()}
+                self._thread = threading.Thread(
+                    target=self._run, args=(start,), name="strata-events", daemon=True
+                )
                 self._thread.start()
         return client
 
@@ -144,9 +152,13 @@ class StatusHub:
         with self._lock:
             self._clients.discard(client)
 
-    def _run(self) -> None:
-        positions: Positions = {}
-        last: dict[tuple[str, str], tuple[Any, ...]] = {}
+    @property
+    def clients(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def _run(self, positions: Positions) -> None:
+        last = self._said
         while True:
             with self._lock:
                 if not self._clients:
