@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from engine import StorageEngine
+from engine.errors import InvalidParameter
 from strata_server.events import StatusHub, events_router, parse_token
 from tests.hosts.hostlib import HostProcess, formatted_repositories, host_spec
 
@@ -238,3 +239,37 @@ def test_a_client_that_leaves_frees_its_resources_and_others_are_served(
         with stream(client, server) as events:
             disk = engine.create_virtual_disk("r1", 4 * MiB)
             events.until(optimized(disk))
+
+
+def test_a_quiet_stream_is_kept_alive_with_pings(
+    engines: Callable[..., StorageEngine], serve: Callable[[StorageEngine], Server]
+) -> None:
+    engine = engines("host-a")
+    server = serve(engine)  # pings every second
+    with server.client() as client, stream(client, server) as events:
+        started = time.monotonic()
+        line = next(line for line in events.lines if line)
+        assert line.startswith(":") and "ping" in line
+        assert 0.5 < time.monotonic() - started < 5
+
+
+def test_image_changes_says_what_the_log_recorded_since_a_point(
+    engines: Callable[..., StorageEngine],
+) -> None:
+    engine = engines("host-a", run_executors=False)
+    (position, touched) = engine.image_changes({})["r1"]
+    assert touched == {}
+    disk = engine.create_virtual_disk("r1", 4 * MiB)
+    after, touched = engine.image_changes({"r1": position})["r1"]
+    assert after > position and touched == {disk: after}
+    assert engine.image_changes({"r1": after})["r1"] == (after, {})
+    assert engine.image_changes({"elsewhere": 3}) == {"r1": (after, {})}
+    # Nothing new: it waits for the view to move, then says what it has.
+    started = time.monotonic()
+    assert engine.image_changes({"r1": after}, timeout=0.3)["r1"] == (after, {})
+    assert time.monotonic() - started >= 0.25
+    for bad in ({"r1": -1}, {"r1": "3"}, ["r1"]):
+        with pytest.raises(InvalidParameter):
+            engine.image_changes(bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameter):
+        engine.image_changes({}, timeout=-1)
