@@ -245,6 +245,49 @@ class StorageEngine:
         repo, image = self._repos.image_in(repo_id, image_id)
         return queries.status_of(repo, image)
 
+    def image_changes(
+        self, after: dict[str, int], timeout: float = 0.0
+    ) -> dict[str, tuple[int, dict[str, int]]]:
+        """What changed since a point of each connected repository's log, as its view has
+        folded it: ``{repo_id: (position, {image_id: seq})}``, ``position`` the sequence number
+        the view reached and each image touched by a record after ``after[repo_id]`` (up to
+        ``position``) with the sequence number of its last such record. A repository missing
+        from ``after`` is reported from its position now (nothing touched). Waits up to
+        ``timeout`` seconds for a view to move past ``after`` when none has; never appends.
+        For followers of the status (``strata serve``'s ``GET /events``)."""
+        if not isinstance(after, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in after.items()
+        ):
+            raise InvalidParameter("a dict of repository ids to sequence numbers", name="after")
+        if timeout:
+            timeout = validation.positive_seconds(timeout, "timeout")
+        deadline = time.monotonic() + timeout
+        while True:
+            repos = self._repos.all()
+            out: dict[str, tuple[int, dict[str, int]]] = {}
+            for repo in repos:
+                repo.follower.check()
+                position = repo.view.position
+                start = after.get(repo.repo_id, position)
+                touched: dict[str, int] = {}
+                while start < position:
+                    records = repo.app.operation_log.read(start + 1, position, 10_000)
+                    if not records:
+                        break
+                    for record in records:
+                        key = record.originator_id
+                        if isinstance(key, uuid.UUID) and repo.view.image(key) is not None:
+                            touched[str(key)] = record.seq
+                    start = records[-1].seq
+                out[repo.repo_id] = (position, touched)
+            left = deadline - time.monotonic()
+            moved = any(pos > after.get(r, pos) for r, (pos, _) in out.items())
+            if moved or left <= 0 or not repos:
+                return out
+            # Each view's follower wakes its waiters; several repositories share the wait.
+            repos[0].follower.wait_for_change(left if len(repos) == 1 else min(left, 0.05))
+
     def check_storage_repository(
         self, repo_id: str, options: dict[str, Any] | None = None
     ) -> list[Fix]:
