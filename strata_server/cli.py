@@ -13,6 +13,7 @@ Imports: its own package (``strata_server.client``; ``strata_server.serve`` lazi
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -171,11 +172,14 @@ def serve(
 ) -> None:
     """Run the host daemon (one StorageEngine and its HTTP/JSON API)."""
     try:
-        from strata_server.serve import serve as run_daemon  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as e:
+        daemon = importlib.import_module("strata_server.serve")
+    except ModuleNotFoundError as e:
+        if e.name != "strata_server.serve":
+            raise
         err.print(f"[bold red]error[/]: strata serve is not available in this build ({e})")
         raise typer.Exit(1) from e
-    run_daemon(config)
+    # serve.main sets up logging and turns a bad config into one line and exit status 1
+    raise typer.Exit(daemon.main(["--config", config]))
 
 
 # --- repositories -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ shapes, SIZE parsing, fix numbering, and ``--wait`` moved by the stream, not by 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import json
 import os
@@ -81,7 +82,7 @@ Infos = TypeAdapter(list[ImageInfo])
 
 
 @dataclass
-class Daemon:
+class FakeDaemon:
     """What the fake daemon was asked, and what it answers."""
 
     socket: str
@@ -142,7 +143,7 @@ def error(status: int, code: str, message: str, vdsm_code: int | None = None) ->
     return JSONResponse(body, status_code=status)
 
 
-def fake_api(d: Daemon) -> FastAPI:
+def fake_api(d: FakeDaemon) -> FastAPI:
     api = FastAPI()
 
     def not_found(image_id: str) -> JSONResponse:
@@ -258,9 +259,9 @@ def fake_api(d: Daemon) -> FastAPI:
 
 
 @pytest.fixture
-def daemon() -> Iterator[Daemon]:
+def fake() -> Iterator[FakeDaemon]:
     with tempfile.TemporaryDirectory(prefix="scli", dir="/tmp") as tmp:
-        d = Daemon(socket=f"{tmp}/s.sock")
+        d = FakeDaemon(socket=f"{tmp}/s.sock")
         for n in range(3):
             d.image(f"00000000-0000-0000-0000-00000000000{n}")
         server = uvicorn.Server(uvicorn.Config(fake_api(d), uds=d.socket, log_level="warning"))
@@ -290,7 +291,7 @@ class Run:
         return json.loads(self.out)
 
 
-def strata(d: Daemon | None, *args: str) -> Run:
+def strata(d: FakeDaemon | None, *args: str) -> Run:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     env.pop("STRATA_URL", None)
     socket = ["--socket", d.socket] if d is not None else []
@@ -310,22 +311,22 @@ DISK = "00000000-0000-0000-0000-000000000000"
 # --- tests --------------------------------------------------------------------------------------
 
 
-def test_lists_images_in_a_table_and_as_the_apis_json(daemon: Daemon) -> None:
-    table = strata(daemon, "image", "list", "r1")
+def test_lists_images_in_a_table_and_as_the_apis_json(fake: FakeDaemon) -> None:
+    table = strata(fake, "image", "list", "r1")
     assert table.code == 0, table.err
     assert DISK in table.out and "virtual-disk" in table.out
 
-    as_json = strata(daemon, "--json", "image", "list", "r1")
+    as_json = strata(fake, "--json", "image", "list", "r1")
     assert as_json.code == 0, as_json.err
-    assert {i.image_id for i in Infos.validate_python(as_json.json())} == set(daemon.images)
+    assert {i.image_id for i in Infos.validate_python(as_json.json())} == set(fake.images)
 
 
-def test_info_and_status_print_the_fields_of_imageinfo_and_imagestatus(daemon: Daemon) -> None:
-    info = ImageInfo.model_validate(strata(daemon, "--json", "image", "info", "r1", DISK).json())
+def test_info_and_status_print_the_fields_of_imageinfo_and_imagestatus(fake: FakeDaemon) -> None:
+    info = ImageInfo.model_validate(strata(fake, "--json", "image", "info", "r1", DISK).json())
     assert info.image_id == DISK and info.user_data == {"vm": "web-1"}
-    status = strata(daemon, "--json", "image", "status", "r1", DISK)
+    status = strata(fake, "--json", "image", "status", "r1", DISK)
     assert ImageStatus.model_validate(status.json()).status == "degraded"
-    people = strata(daemon, "image", "info", "r1", DISK)
+    people = strata(fake, "image", "info", "r1", DISK)
     assert people.code == 0 and "chain_depth" in people.out and "web-1" in people.out
 
 
@@ -334,36 +335,36 @@ def test_info_and_status_print_the_fields_of_imageinfo_and_imagestatus(daemon: D
     [("1G", 1 << 30), ("512M", 512 << 20), ("4096", 4096), ("2t", 2 << 40), ("64K", 64 << 10)],
 )
 def test_create_takes_a_size_in_bytes_or_with_a_unit(
-    daemon: Daemon, size: str, size_bytes: int
+    fake: FakeDaemon, size: str, size_bytes: int
 ) -> None:
-    done = strata(daemon, "--json", "image", "create", "r1", size)
+    done = strata(fake, "--json", "image", "create", "r1", size)
     assert done.code == 0, done.err
     made = ImageId.model_validate(done.json())
-    assert daemon.images[made.image_id]["size"] == size_bytes
-    assert daemon.bodies[-1] == ("create", {"size": size_bytes, "user_data": None})
+    assert fake.images[made.image_id]["size"] == size_bytes
+    assert fake.bodies[-1] == ("create", {"size": size_bytes, "user_data": None})
 
 
 @pytest.mark.parametrize("size", ["1.5G", "-1", "12Q", "G", "", "1 G B"])
-def test_a_size_that_is_not_a_size_is_a_usage_error(daemon: Daemon, size: str) -> None:
-    done = strata(daemon, "image", "create", "r1", size)
+def test_a_size_that_is_not_a_size_is_a_usage_error(fake: FakeDaemon, size: str) -> None:
+    done = strata(fake, "image", "create", "r1", size)
     assert done.code == 2
     assert "SIZE" in done.err
-    assert daemon.bodies == []  # nothing was asked of the daemon
+    assert fake.bodies == []  # nothing was asked of the daemon
 
 
-def test_a_size_the_engine_refuses_is_its_typed_error(daemon: Daemon) -> None:
-    done = strata(daemon, "image", "create", "r1", "0")
+def test_a_size_the_engine_refuses_is_its_typed_error(fake: FakeDaemon) -> None:
+    done = strata(fake, "image", "create", "r1", "0")
     assert done.code == 1
     assert "invalid_parameter" in done.err
 
 
-def test_create_passes_the_strategy_the_base_and_the_user_data(daemon: Daemon) -> None:
+def test_create_passes_the_strategy_the_base_and_the_user_data(fake: FakeDaemon) -> None:
     done = strata(
-        daemon, "image", "create", "r1", "1G", "--strategy", "performance",
+        fake, "image", "create", "r1", "1G", "--strategy", "performance",
         "--base", DISK, "--user-data", '{"vm": "db-2"}',
     )  # fmt: skip
     assert done.code == 0, done.err
-    assert daemon.bodies[-1] == (
+    assert fake.bodies[-1] == (
         "create",
         {
             "size": 1 << 30,
@@ -372,32 +373,32 @@ def test_create_passes_the_strategy_the_base_and_the_user_data(daemon: Daemon) -
             "options": {"strategy": "performance"},
         },
     )
-    assert done.out.strip() in daemon.images  # the new id, alone on its line
-    assert strata(daemon, "image", "create", "r1", "1G", "--strategy", "fast").code == 2
-    assert strata(daemon, "image", "create", "r1", "1G", "--user-data", "{bad").code == 2
+    assert done.out.strip() in fake.images  # the new id, alone on its line
+    assert strata(fake, "image", "create", "r1", "1G", "--strategy", "fast").code == 2
+    assert strata(fake, "image", "create", "r1", "1G", "--user-data", "{bad").code == 2
 
 
-def test_a_typed_error_exits_1_with_its_code(daemon: Daemon) -> None:
+def test_a_typed_error_exits_1_with_its_code(fake: FakeDaemon) -> None:
     missing = "11111111-1111-1111-1111-111111111111"
-    done = strata(daemon, "image", "info", "r1", missing)
+    done = strata(fake, "image", "info", "r1", missing)
     assert done.code == 1
     assert "image_not_found" in done.err and missing in done.err
     assert done.out == ""
 
-    as_json = strata(daemon, "--json", "image", "remove", "r1", missing)
+    as_json = strata(fake, "--json", "image", "remove", "r1", missing)
     assert as_json.code == 1
     assert Error.model_validate(as_json.json()) == Error(
         code="image_not_found", message=f"no image {missing} in r1", vdsm_code=201
     )
 
-    in_use = strata(daemon, "image", "attach", "r1", DISK)
+    in_use = strata(fake, "image", "attach", "r1", DISK)
     assert in_use.code == 1 and "image_in_use" in in_use.err
 
 
-def test_usage_errors_exit_2(daemon: Daemon) -> None:
-    assert strata(daemon, "image", "frobnicate", "r1").code == 2
-    assert strata(daemon, "image", "info", "r1").code == 2  # IMAGE_ID missing
-    assert strata(daemon, "image", "wait", "r1", DISK, "--timeout", "soon").code == 2
+def test_usage_errors_exit_2(fake: FakeDaemon) -> None:
+    assert strata(fake, "image", "frobnicate", "r1").code == 2
+    assert strata(fake, "image", "info", "r1").code == 2  # IMAGE_ID missing
+    assert strata(fake, "image", "wait", "r1", DISK, "--timeout", "soon").code == 2
 
 
 def test_a_daemon_that_is_not_there_is_a_typed_error(tmp_path: Path) -> None:
@@ -406,29 +407,29 @@ def test_a_daemon_that_is_not_there_is_a_typed_error(tmp_path: Path) -> None:
     assert Error.model_validate(done.json()).code == "server_unavailable"
 
 
-def test_check_numbers_the_fixes_from_1(daemon: Daemon) -> None:
-    table = strata(daemon, "check", "r1")
+def test_check_numbers_the_fixes_from_1(fake: FakeDaemon) -> None:
+    table = strata(fake, "check", "r1")
     assert table.code == 0, table.err
     lines = [line.split() for line in table.out.splitlines()]
     numbered = [cells[1] for cells in lines if len(cells) > 2 and cells[1] in {"1", "2", "3"}]
     assert numbered == ["1", "2", "3"]
-    fixes = Fixes.validate_python(strata(daemon, "--json", "check", "r1").json())
+    fixes = Fixes.validate_python(strata(fake, "--json", "check", "r1").json())
     assert [f.type for f in fixes] == ["clean", "merge", "clean"]
 
 
-def test_fix_2_runs_the_second_fix_of_a_fresh_check(daemon: Daemon) -> None:
-    strata(daemon, "check", "r1")
-    done = strata(daemon, "--json", "fix", "r1", "2")
+def test_fix_2_runs_the_second_fix_of_a_fresh_check(fake: FakeDaemon) -> None:
+    strata(fake, "check", "r1")
+    done = strata(fake, "--json", "fix", "r1", "2")
     assert done.code == 0, done.err
-    assert daemon.checks == 2  # the fix numbers come from a check made now, not the last one
-    assert [f["data"] for f in daemon.applied] == ["check-2-1"]
+    assert fake.checks == 2  # the fix numbers come from a check made now, not the last one
+    assert [f["data"] for f in fake.applied] == ["check-2-1"]
     assert [f.type for f in Fixes.validate_python(done.json())] == ["merge"]
 
 
-def test_fix_all_of_a_type_runs_only_those(daemon: Daemon) -> None:
-    done = strata(daemon, "fix", "r1", "--all", "--type", "clean")
+def test_fix_all_of_a_type_runs_only_those(fake: FakeDaemon) -> None:
+    done = strata(fake, "fix", "r1", "--all", "--type", "clean")
     assert done.code == 0, done.err
-    assert [f["data"] for f in daemon.applied] == ["check-1-0", "check-1-2"]
+    assert [f["data"] for f in fake.applied] == ["check-1-0", "check-1-2"]
     assert done.out.count("fixed: clean") == 2
 
 
@@ -444,47 +445,45 @@ def test_fix_all_of_a_type_runs_only_those(daemon: Daemon) -> None:
     ],
     ids=["nothing", "both", "type-without-all", "unknown-type", "zero", "beyond"],
 )
-def test_fix_refuses_what_it_cannot_run(daemon: Daemon, args: list[str], code: int) -> None:
-    done = strata(daemon, *args)
+def test_fix_refuses_what_it_cannot_run(fake: FakeDaemon, args: list[str], code: int) -> None:
+    done = strata(fake, *args)
     assert done.code == code, done.err
-    assert daemon.applied == []
+    assert fake.applied == []
 
 
-def test_wait_shows_progress_from_the_stream_until_optimized(daemon: Daemon) -> None:
-    done = strata(daemon, "image", "create", "r1", "1G", "--wait")
+def test_wait_shows_progress_from_the_stream_until_optimized(fake: FakeDaemon) -> None:
+    done = strata(fake, "image", "create", "r1", "1G", "--wait")
     assert done.code == 0, done.err
-    (new,) = set(daemon.images) - {f"00000000-0000-0000-0000-00000000000{n}" for n in range(3)}
+    (new,) = set(fake.images) - {f"00000000-0000-0000-0000-00000000000{n}" for n in range(3)}
     assert done.out.strip() == new
     assert "optimized" in done.err and "100%" in done.err and new[:8] in done.err
-    assert daemon.status_reads == 1  # one read to start from; then the stream, no polling
+    assert fake.status_reads == 1  # one read to start from; then the stream, no polling
 
 
 @pytest.mark.parametrize("verb", ["snapshot", "copy"])
-def test_snapshot_and_copy_wait_too(daemon: Daemon, verb: str) -> None:
-    done = strata(daemon, "--json", "image", verb, "r1", DISK, "--wait")
+def test_snapshot_and_copy_wait_too(fake: FakeDaemon, verb: str) -> None:
+    done = strata(fake, "--json", "image", verb, "r1", DISK, "--wait")
     assert done.code == 0, done.err
     made = ImageId.model_validate(done.json())  # stdout holds only the JSON
-    assert made.image_id in daemon.images
+    assert made.image_id in fake.images
 
 
-def test_wait_ends_with_the_error_of_a_broken_image(daemon: Daemon) -> None:
-    done = strata(daemon, "image", "create", "r1", "1G", "--user-data", '{"break": true}', "--wait")
+def test_wait_ends_with_the_error_of_a_broken_image(fake: FakeDaemon) -> None:
+    done = strata(fake, "image", "create", "r1", "1G", "--user-data", '{"break": true}', "--wait")
     assert done.code == 1
     assert "image_broken" in done.err and "No space left on device" in done.err
 
 
-def test_wait_without_a_stream_is_a_clear_error_and_makes_nothing(daemon: Daemon) -> None:
-    daemon.events_available = False
-    done = strata(daemon, "--json", "image", "create", "r1", "1G", "--wait")
+def test_wait_without_a_stream_is_a_clear_error_and_makes_nothing(fake: FakeDaemon) -> None:
+    fake.events_available = False
+    done = strata(fake, "--json", "image", "create", "r1", "1G", "--wait")
     assert done.code == 1
     assert Error.model_validate(done.json()).code == "events_unavailable"
-    assert daemon.bodies == []
+    assert fake.bodies == []
 
 
 def test_serve_without_the_daemon_in_this_build_says_so() -> None:
-    try:
-        import strata_server.serve  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("strata_server.serve") is None:
         done = strata(None, "serve", "--config", "/nonexistent.toml")
         assert done.code == 1 and "not available" in done.err
     else:
