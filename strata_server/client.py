@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,47 +152,76 @@ class StrataClient:
         return self.request("DELETE", path)
 
     @contextmanager
-    def events(self) -> Iterator[Iterator[dict[str, Any]]]:
+    def events(self, reconnects: int = 3) -> Iterator[Iterator[dict[str, Any]]]:
         """Open ``GET /events``; yields an iterator of each event's decoded ``data``.
 
         The stream is open (its headers read) when the context is entered, so a change made
-        afterwards is seen; a stream that cannot be opened raises ``events_unavailable``.
+        afterwards is seen; a stream that cannot be opened raises ``events_unavailable``. A
+        stream that ends or breaks off (the daemon drops a slow client) is opened again with
+        ``Last-Event-ID``, up to ``reconnects`` times, so no event is lost in between.
         """
+        with ExitStack() as stack:
+            lines = self._open_events(stack, None)
+            yield self._event_data(stack, lines, reconnects)
+
+    def _open_events(self, stack: ExitStack, last_event_id: str | None) -> Iterator[str]:
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
         try:
-            with self._http.stream(
-                "GET", "/events", headers={"Accept": "text/event-stream"}
-            ) as response:
-                if response.is_error:
-                    response.read()
-                    error = _error_from(response)
-                    raise ApiError(
-                        "events_unavailable",
-                        f"the event stream is unavailable ({error.message})",
-                        None,
-                        error.status,
-                    )
-                yield _sse_data(response.iter_lines())
+            response = stack.enter_context(self._http.stream("GET", "/events", headers=headers))
         except httpx.TransportError as e:
             raise ApiError(
                 "events_unavailable",
-                f"the event stream of {self.endpoint.describe()} broke off: {e}",
+                f"cannot open the event stream of {self.endpoint.describe()}: {e}",
             ) from e
+        if response.is_error:
+            response.read()
+            error = _error_from(response)
+            raise ApiError(
+                "events_unavailable",
+                f"the event stream is unavailable ({error.code}: {error.message})",
+                None,
+                error.status,
+            )
+        return response.iter_lines()
+
+    def _event_data(
+        self, stack: ExitStack, lines: Iterator[str], reconnects: int
+    ) -> Iterator[dict[str, Any]]:
+        last_id: str | None = None
+        while True:
+            try:
+                for event_id, data in _sse(lines):
+                    last_id = event_id if event_id is not None else last_id
+                    yield data
+            except httpx.TransportError:
+                pass  # broken off: resumed below like a stream that ended
+            if reconnects == 0 or last_id is None:
+                return
+            reconnects -= 1
+            lines = self._open_events(stack, last_id)
 
 
-def _sse_data(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+def _sse(lines: Iterator[str]) -> Iterator[tuple[str | None, dict[str, Any]]]:
     """The server-sent events protocol: ``field: value`` lines, a blank line ends an event,
-    ``:`` starts a comment (keep-alive pings). Only ``data`` matters here."""
+    ``:`` starts a comment (keep-alive pings). Yields each event's ``id`` (the last one seen, as
+    the protocol says) and its ``data`` decoded from JSON."""
     data: list[str] = []
+    event_id: str | None = None
     for line in lines:
         if line == "":
             if data:
                 payload = json.loads("\n".join(data))
                 if isinstance(payload, dict):
-                    yield payload
+                    yield event_id, payload
             data = []
             continue
         if line.startswith(":"):
             continue
         field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
         if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
+            data.append(value)
+        elif field == "id" and "\0" not in value:
+            event_id = value

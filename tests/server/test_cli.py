@@ -93,6 +93,8 @@ class FakeDaemon:
     status_reads: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     events_available: bool = True
+    events_per_stream: int | None = None  # a stream that ends early, as for a dropped client
+    last_event_ids: list[str | None] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def image(self, image_id: str, kind: str = "virtual-disk", size: int = 1 << 30) -> None:
@@ -245,10 +247,15 @@ def fake_api(d: FakeDaemon) -> FastAPI:
     async def events(request: Request) -> Any:
         if not d.events_available:
             return error(404, "not_found", "no such route")
-        start = len(d.events)  # like a live stream: what happens from now on
+        resume = request.headers.get("last-event-id")
+        d.last_event_ids.append(resume)
+        # Like a live stream: what happens from now on, or after the event the client last saw.
+        start = len(d.events) if resume is None else int(resume.split(":")[1]) + 1
 
         async def stream() -> AsyncIterator[dict[str, str]]:
-            for seq in itertools.count(start):
+            for sent, seq in enumerate(itertools.count(start)):
+                if sent == d.events_per_stream:
+                    return
                 while seq >= len(d.events):
                     await asyncio.sleep(0.01)
                 yield {"id": f"r1:{seq}", "event": "status", "data": json.dumps(d.events[seq])}
@@ -458,6 +465,15 @@ def test_wait_shows_progress_from_the_stream_until_optimized(fake: FakeDaemon) -
     assert done.out.strip() == new
     assert "optimized" in done.err and "100%" in done.err and new[:8] in done.err
     assert fake.status_reads == 1  # one read to start from; then the stream, no polling
+
+
+def test_wait_resumes_a_stream_that_ends_with_last_event_id(fake: FakeDaemon) -> None:
+    fake.events_per_stream = 3  # the work takes four events: the first stream misses the last
+    done = strata(fake, "image", "create", "r1", "1G", "--wait")
+    assert done.code == 0, done.err
+    assert "optimized" in done.err
+    first_event = len(fake.events) - 4
+    assert fake.last_event_ids == [None, f"r1:{first_event + 2}"]
 
 
 @pytest.mark.parametrize("verb", ["snapshot", "copy"])
