@@ -504,3 +504,92 @@ def test_serve_without_the_daemon_in_this_build_says_so() -> None:
         assert done.code == 1 and "not available" in done.err
     else:
         pytest.skip("strata_server.serve exists; the api tests run it")
+
+
+# --- end to end: the real daemon, when this build has it ----------------------------------------
+
+needs_the_daemon = pytest.mark.skipif(
+    importlib.util.find_spec("strata_server.serve") is None
+    or importlib.util.find_spec("strata_server.app") is None,
+    reason="strata_server.serve and strata_server.app are not in this build",
+)
+
+
+@dataclass(frozen=True)
+class RealDaemon:
+    socket: str
+    root: Path
+
+
+@pytest.fixture
+def real() -> Iterator[RealDaemon]:
+    """``strata serve`` started by ``strata`` itself, stopped by SIGTERM (killed if it lingers),
+    with its storage daemon."""
+    from engine.formats.qemu.storage_daemon import StorageDaemon
+
+    with tempfile.TemporaryDirectory(prefix="scli", dir="/tmp") as tmp:
+        root = Path(tmp)
+        (root / "state").mkdir()
+        (root / "repo").mkdir()
+        config = root / "strata.toml"
+        config.write_text(
+            f'host_id = "host-a"\nstate_dir = "{root}/state"\nsocket = "{root}/s.sock"\n'
+        )
+        log = (root / "serve.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "strata_server.cli", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (root / "s.sock").exists():
+                assert proc.poll() is None, (root / "serve.log").read_text()
+                assert time.monotonic() < deadline, "strata serve did not start"
+                time.sleep(0.05)
+            yield RealDaemon(str(root / "s.sock"), root)
+        finally:
+            proc.terminate()
+            try:
+                assert proc.wait(timeout=30) == 0, (root / "serve.log").read_text()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+                StorageDaemon(str(root / "state")).stop()
+
+
+def real_strata(d: RealDaemon, *args: str) -> Run:
+    return strata(FakeDaemon(socket=d.socket), *args)
+
+
+@needs_the_daemon
+def test_strata_drives_the_real_daemon_end_to_end(real: RealDaemon) -> None:
+    repo = str(real.root / "repo")
+    assert real_strata(real, "repo", "create", "localfs-1.0", "--param", f"path={repo}").code == 0
+    connected = real_strata(real, "repo", "connect", "r1", "localfs-1.0", "--param", f"path={repo}")
+    assert connected.code == 0, connected.err
+    listed = real_strata(real, "--json", "repo", "list")
+    assert [r["repo_id"] for r in listed.json()] == ["r1"]
+
+    wait = ["--wait"] if importlib.util.find_spec("strata_server.events") is not None else []
+    made = real_strata(real, "--json", "image", "create", "r1", "1M", *wait)
+    assert made.code == 0, made.err
+    disk = ImageId.model_validate(made.json()).image_id
+
+    info = ImageInfo.model_validate(real_strata(real, "--json", "image", "info", "r1", disk).json())
+    assert (info.size, info.kind) == (1 << 20, "virtual-disk")
+    waited = real_strata(real, "--json", "image", "wait", "r1", disk, "--timeout", "60")
+    assert ImageStatus.model_validate(waited.json()).status == "optimized", waited.out
+    assert Fixes.validate_python(real_strata(real, "--json", "check", "r1").json()) == []
+
+    missing = str(uuid.uuid4())
+    refused = real_strata(real, "--json", "image", "info", "r1", missing)
+    assert refused.code == 1
+    assert Error.model_validate(refused.json()).code == "image_not_found"
+    assert real_strata(real, "image", "create", "r1", "0").code == 1  # the engine's invalid size
+
+    assert real_strata(real, "image", "remove", "r1", disk).code == 0
+    assert real_strata(real, "--json", "image", "list", "r1").json() == []
