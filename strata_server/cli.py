@@ -3,8 +3,9 @@
 Exit status: 0 done, 1 a typed error from the daemon (its ``code`` printed on stderr, or the
 error object on stdout with ``--json``), 2 a usage error (typer's). Tables are for people;
 ``--json`` prints the API's JSON. ``--wait`` follows the event stream (``GET /events``) and
-draws a progress bar per image until it is optimized or broken. Anything that is not an
-:class:`~strata_server.client.ApiError` is a bug and keeps its traceback.
+draws a progress bar per image until it is optimized or has failed (has a ``last_error``).
+Anything that is not an :class:`~strata_server.client.ApiError` is a bug and keeps its
+traceback.
 
 Imports: its own package (``strata_server.client``; ``strata_server.serve`` lazily, for
 ``strata serve``); typer, rich, click; the standard library.
@@ -619,7 +620,12 @@ def stop(
 
 # --- --wait: progress from the event stream ---------------------------------------------------
 
-FINAL = ("optimized", "broken")
+
+def _ended(status: dict[str, Any]) -> bool:
+    """Optimized, or failed: a new image is ``broken`` (its data not yet in place) while a host
+    works on it, so what tells a failure is a ``last_error`` (architecture §6: an image that is
+    not optimized has a host working on it, or a last_error and a fix)."""
+    return status.get("status") == "optimized" or status.get("last_error") is not None
 
 
 def _follow_stream(
@@ -628,7 +634,7 @@ def _follow_stream(
     events: Iterator[dict[str, Any]],
     images: list[tuple[str, str]],
 ) -> None:
-    """One bar per image, moved by the stream's events until each is optimized or broken.
+    """One bar per image, moved by the stream's events until each is optimized or has failed.
 
     The stream is already open, so the status read once here is the starting point and every
     later change arrives as an event."""
@@ -658,11 +664,12 @@ def _follow_stream(
                 break
     if len(final) < len(images):
         raise ApiError("events_unavailable", "the event stream ended before the work did")
-    broken = [s for s in final.values() if s["status"] == "broken"]
-    if broken:
+    failed = [s for s in final.values() if s.get("status") != "optimized"]
+    if failed:
         raise ApiError(
-            "image_broken",
-            f"image {broken[0].get('image_id')} is broken: {broken[0].get('last_error')}",
+            "image_failed",
+            f"image {failed[0].get('image_id')} is {failed[0].get('status')}:"
+            f" {failed[0].get('last_error')} (see `strata check`)",
         )
 
 
@@ -677,7 +684,7 @@ def _show(
     percent = status.get("percent_complete")
     done = 100 if state == "optimized" else max(int(percent or 0), 0)
     progress.update(task, completed=done, stage=status.get("stage") or "", status=state)
-    if state in FINAL:
+    if _ended(status):
         final[key] = status
 
 

@@ -110,10 +110,11 @@ class FakeDaemon:
 
     def script(self, repo_id: str, image_id: str, broken: bool) -> None:
         """The work on a new image, as the stream will tell it."""
-        steps = [("1/2", 0), ("1/2", 50), ("2/2", 100)]
+        # As the engine says it: broken (no data yet, no error) while a host works on it.
+        steps = [("broken", "1/2", -1), ("degraded", "1/2", 100), ("degraded", "2/2", 50)]
         with self.lock:
-            for stage, percent in steps:
-                self.events.append(event(repo_id, image_id, "degraded", stage, percent))
+            for state, stage, percent in steps:
+                self.events.append(event(repo_id, image_id, state, stage, percent))
             last = "broken" if broken else "optimized"
             error = "qemu-img convert failed: No space left on device" if broken else None
             self.events.append(event(repo_id, image_id, last, "2/2", 100, error))
@@ -205,7 +206,7 @@ def fake_api(d: FakeDaemon) -> FastAPI:
         if image_id not in d.images:
             return not_found(image_id)
         # Never optimized here: only the stream can tell a --wait that the work is done.
-        status = event(repo, image_id, "degraded", "1/2", -1)
+        status = event(repo, image_id, "broken", "1/2", -1)
         del status["repo_id"]
         return status
 
@@ -332,7 +333,7 @@ def test_info_and_status_print_the_fields_of_imageinfo_and_imagestatus(fake: Fak
     info = ImageInfo.model_validate(strata(fake, "--json", "image", "info", "r1", DISK).json())
     assert info.image_id == DISK and info.user_data == {"vm": "web-1"}
     status = strata(fake, "--json", "image", "status", "r1", DISK)
-    assert ImageStatus.model_validate(status.json()).status == "degraded"
+    assert ImageStatus.model_validate(status.json()).status == "broken"
     people = strata(fake, "image", "info", "r1", DISK)
     assert people.code == 0 and "chain_depth" in people.out and "web-1" in people.out
 
@@ -487,7 +488,7 @@ def test_snapshot_and_copy_wait_too(fake: FakeDaemon, verb: str) -> None:
 def test_wait_ends_with_the_error_of_a_broken_image(fake: FakeDaemon) -> None:
     done = strata(fake, "image", "create", "r1", "1G", "--user-data", '{"break": true}', "--wait")
     assert done.code == 1
-    assert "image_broken" in done.err and "No space left on device" in done.err
+    assert "image_failed" in done.err and "No space left on device" in done.err
 
 
 def test_wait_without_a_stream_is_a_clear_error_and_makes_nothing(fake: FakeDaemon) -> None:
