@@ -154,7 +154,10 @@ def main_options(
 ) -> None:
     """Drive a Strata host daemon (strata serve)."""
     if socket is not None and url is not None:
-        raise typer.BadParameter("--socket or --url, not both")
+        given = {ctx.get_parameter_source(n) for n in ("socket", "url")}
+        if {getattr(source, "name", None) for source in given} == {"COMMANDLINE"}:
+            raise typer.BadParameter("--socket or --url, not both")
+        socket = None  # from the environment: --url (or STRATA_URL) is the more specific
     if url is not None and not url.startswith(("https://", "http://")):
         raise typer.BadParameter(f"{url!r} is not an https:// URL", param_hint="--url")
     try:

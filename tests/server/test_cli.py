@@ -409,6 +409,20 @@ def test_usage_errors_exit_2(fake: FakeDaemon) -> None:
     assert strata(fake, "image", "wait", "r1", DISK, "--timeout", "soon").code == 2
 
 
+def test_the_daemon_is_found_by_strata_socket_and_socket_or_url_not_both(
+    fake: FakeDaemon,
+) -> None:
+    env = {**os.environ, "STRATA_SOCKET": fake.socket}
+    by_env = subprocess.run(
+        [sys.executable, "-m", "strata_server.cli", "--json", "repo", "list"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert by_env.returncode == 0, by_env.stderr
+    assert json.loads(by_env.stdout)[0]["repo_id"] == "r1"
+    both = strata(fake, "--url", "https://localhost:8443", "repo", "list")
+    assert both.code == 2 and "not both" in both.err
+
+
 def test_a_daemon_that_is_not_there_is_a_typed_error(tmp_path: Path) -> None:
     done = strata(None, "--socket", "/tmp/strata-no-such.sock", "--json", "repo", "list")
     assert done.code == 1
