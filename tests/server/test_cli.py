@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,24 +267,65 @@ def fake_api(d: FakeDaemon) -> FastAPI:
     return api
 
 
+@contextmanager
+def serving(app: FastAPI, **config: Any) -> Iterator[uvicorn.Server]:
+    """``app`` served by uvicorn in a thread of the test, stopped when the test ends."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    try:
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the fake did not start"
+            time.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeDaemon]:
     with tempfile.TemporaryDirectory(prefix="scli", dir="/tmp") as tmp:
         d = FakeDaemon(socket=f"{tmp}/s.sock")
         for n in range(3):
             d.image(f"00000000-0000-0000-0000-00000000000{n}")
-        server = uvicorn.Server(uvicorn.Config(fake_api(d), uds=d.socket, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "the fake daemon did not start"
-            time.sleep(0.01)
-        try:
+        with serving(fake_api(d), uds=d.socket):
             yield d
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class Tls:
+    url: str
+    token_file: Path
+    cacert: Path
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Iterator[Tls]:
+    """The fake on TCP with TLS (a self-signed certificate) and a bearer token."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    d = FakeDaemon(socket="")
+    app = fake_api(d)
+
+    @app.middleware("http")
+    async def bearer(request: Request, call_next: Any) -> Any:
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return error(401, "unauthorized", "a bearer token is required")
+        return await call_next(request)
+
+    config = {"host": "127.0.0.1", "port": 0, "ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    with serving(app, **config) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield Tls(f"https://127.0.0.1:{port}", token_file, cert)
 
 
 # --- running the command line -----------------------------------------------------------------
@@ -421,6 +463,22 @@ def test_the_daemon_is_found_by_strata_socket_and_socket_or_url_not_both(
     assert json.loads(by_env.stdout)[0]["repo_id"] == "r1"
     both = strata(fake, "--url", "https://localhost:8443", "repo", "list")
     assert both.code == 2 and "not both" in both.err
+
+
+def test_over_tls_with_the_token_and_the_ca(tls: Tls, tmp_path: Path) -> None:
+    url = ["--url", tls.url, "--cacert", str(tls.cacert)]
+    done = strata(None, *url, "--token-file", str(tls.token_file), "--json", "repo", "list")
+    assert done.code == 0, done.err
+    assert done.json()[0]["repo_id"] == "r1"
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess")
+    refused = strata(None, *url, "--token-file", str(wrong), "--json", "repo", "list")
+    assert refused.code == 1
+    assert Error.model_validate(refused.json()).code == "unauthorized"
+
+    untrusted = strata(None, "--url", tls.url, "--token-file", str(tls.token_file), "repo", "list")
+    assert untrusted.code == 1 and "server_unavailable" in untrusted.err
 
 
 def test_a_daemon_that_is_not_there_is_a_typed_error(tmp_path: Path) -> None:
