@@ -1,0 +1,1 @@
+"""The daemon (``strata serve``), its event stream and the ``strata`` command line."""
