@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MADE_BY := $(VENV)/.made-by$(subst /,-,$(PYTHON))
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SOURCES := engine log_tools demo tests bench
+SOURCES := engine log_tools demo tests bench strata_server
 
 .PHONY: setup qemu-tools python-tools demo test test-pure lint format clean
 
@@ -55,7 +55,7 @@ test: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools demo tests
+	$(BIN)/mypy engine log_tools demo tests strata_server
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory test-pure
 
@@ -74,7 +74,7 @@ lint: setup
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff format --check $(SOURCES)
-	$(BIN)/mypy engine log_tools demo tests
+	$(BIN)/mypy engine log_tools demo tests strata_server
 
 format: setup
 	$(BIN)/ruff format $(SOURCES)

@@ -23,6 +23,7 @@ import time
 
 from demo.live import LiveChapter, daemon_stopped_at_the_end
 from demo.migration import MigrationChapter
+from demo.serve import ServeChapter
 from demo.story import MiB, Story, say
 from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg, allocated_bytes
@@ -110,6 +111,7 @@ def main() -> int:
             checks = LiveChapter(se, story, qemu, work).run()
             roots = {"r1": repo1, "r2": repo2}
             checks |= MigrationChapter(se, story, qemu, roots, work).run()
+            checks |= ServeChapter(roots, work).run()
 
             say("\nFinal statuses")
             for repo in ("r1", "r2"):
