@@ -3,11 +3,10 @@ how soon ``GET /events`` shows another host's append.
 
     python bench/serve.py [--dir DIR] [--calls N] [--creates N] [--lag-samples N] [--poll S]
 
-The server is uvicorn in a process of its own (host ``host-a``), serving an app made here of
-:func:`strata_server.events.events_router` and the two routes measured (the status of an image,
-the creation of a disk) as ``strata_server/app.py`` routes them; this process is ``host-b``, a
-second :class:`~engine.StorageEngine` on the same repository. Neither runs executors: what is
-measured is the call, not the work it schedules. Prints ``name: value`` lines:
+The server is uvicorn in a process of its own (host ``host-a``), serving the app ``strata serve``
+serves (:func:`strata_server.app.make_app`, its event stream included); this process is
+``host-b``, a second :class:`~engine.StorageEngine` on the same repository. Neither runs
+executors: what is measured is the call, not the work it schedules. Prints ``name: value`` lines:
 
 * ``api_status_query_us``: median ``GET /repositories/r1/images/{id}/status`` over the socket
   with one kept-alive httpx client; ``facade_status_query_us``: median ``get_image_status``
@@ -50,29 +49,13 @@ REPO = "r1"
 def serve(socket: str, repo_path: str, state_dir: str, poll: float) -> None:
     """The server process: host-a's engine behind uvicorn on ``socket``."""
     import uvicorn
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
 
     from engine import StorageEngine
-    from engine.errors import StrataError
-    from strata_server.events import events_router
+    from strata_server.app import ConnectedNames, make_app
 
     engine = StorageEngine("host-a", state_dir=state_dir, run_executors=False, poll_interval=poll)
     engine.connect_storage_repository(REPO, "localfs-1.0", {"path": repo_path})
-    app = FastAPI()
-    app.include_router(events_router(engine))
-
-    @app.exception_handler(StrataError)
-    def strata_error(_: Any, e: StrataError) -> JSONResponse:
-        return JSONResponse(e.to_dict(), status_code=409)
-
-    @app.get("/repositories/{repo}/images/{image_id}/status")
-    def status(repo: str, image_id: str) -> dict[str, Any]:
-        return engine.get_image_status(repo, image_id).to_dict()
-
-    @app.post("/repositories/{repo}/images", status_code=201)
-    def create(repo: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"image_id": engine.create_virtual_disk(repo, body["size"])}
+    app = make_app(engine, connected=ConnectedNames([REPO]))  # what strata serve runs
 
     try:
         uvicorn.run(app, uds=socket, log_level="warning")
