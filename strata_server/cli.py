@@ -431,6 +431,14 @@ def _simple(
     session.emit(answer or {}, lambda: out.print(done, highlight=False))
 
 
+def _answer_fields(ctx: typer.Context, method: str, path: str) -> None:
+    """Ask, then print the answer's fields (its JSON with ``--json``)."""
+    session = _session(ctx)
+    with session.client() as client:
+        answer = client.get(path) if method == "GET" else client.post(path)
+    session.emit(answer, lambda: _fields(answer))
+
+
 @image_app.command("remove")
 @typed_errors
 def image_remove(ctx: typer.Context, repo: str, image_id: str) -> None:
@@ -442,20 +450,14 @@ def image_remove(ctx: typer.Context, repo: str, image_id: str) -> None:
 @typed_errors
 def image_info(ctx: typer.Context, repo: str, image_id: str) -> None:
     """An image's kind, size, user data, creation time and chain depth."""
-    session = _session(ctx)
-    with session.client() as client:
-        info = client.get(f"/repositories/{repo}/images/{image_id}")
-    session.emit(info, lambda: _fields(info))
+    _answer_fields(ctx, "GET", f"/repositories/{repo}/images/{image_id}")
 
 
 @image_app.command("status")
 @typed_errors
 def image_status(ctx: typer.Context, repo: str, image_id: str) -> None:
     """An image's status and its last progress."""
-    session = _session(ctx)
-    with session.client() as client:
-        status = client.get(f"/repositories/{repo}/images/{image_id}/status")
-    session.emit(status, lambda: _fields(status))
+    _answer_fields(ctx, "GET", f"/repositories/{repo}/images/{image_id}/status")
 
 
 @image_app.command("wait")
@@ -508,10 +510,7 @@ def image_resize(
 @typed_errors
 def image_attach(ctx: typer.Context, repo: str, image_id: str) -> None:
     """Serve an image over NBD from this host's storage daemon."""
-    session = _session(ctx)
-    with session.client() as client:
-        attachment = client.post(f"/repositories/{repo}/images/{image_id}/attach")
-    session.emit(attachment, lambda: _fields(attachment))
+    _answer_fields(ctx, "POST", f"/repositories/{repo}/images/{image_id}/attach")
 
 
 @image_app.command("detach")
