@@ -8,13 +8,12 @@ Anything that is not an :class:`~strata_server.client.ApiError` is a bug and kee
 traceback.
 
 Imports: its own package (``strata_server.client``, ``strata_server.progress``;
-``strata_server.serve`` lazily, for ``strata serve``); typer, rich, click; the standard library.
+``strata_server.serve`` when it runs ``strata serve``); typer, rich, click; the standard library.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import re
 from collections.abc import Callable
@@ -175,15 +174,11 @@ def serve(
     config: Annotated[str, typer.Option("--config", help="The daemon's TOML config file.")],
 ) -> None:
     """Run the host daemon (one StorageEngine and its HTTP/JSON API)."""
-    try:
-        daemon = importlib.import_module("strata_server.serve")
-    except ModuleNotFoundError as e:
-        if e.name != "strata_server.serve":
-            raise
-        err.print(f"[bold red]error[/]: strata serve is not available in this build ({e})")
-        raise typer.Exit(1) from e
+    # Imported here: the client's commands need neither FastAPI nor the engine.
+    from strata_server.serve import main as serve_main
+
     # serve.main sets up logging and turns a bad config into one line and exit status 1
-    raise typer.Exit(daemon.main(["--config", config]))
+    raise typer.Exit(serve_main(["--config", config]))
 
 
 # --- repositories -----------------------------------------------------------------------------

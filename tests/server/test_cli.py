@@ -8,7 +8,6 @@ shapes, SIZE parsing, fix numbering, and ``--wait`` moved by the stream, not by 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import json
 import os
@@ -571,21 +570,7 @@ def test_wait_without_a_stream_is_a_clear_error_and_makes_nothing(fake: FakeDaem
     assert fake.bodies == []
 
 
-def test_serve_without_the_daemon_in_this_build_says_so() -> None:
-    if importlib.util.find_spec("strata_server.serve") is None:
-        done = strata(None, "serve", "--config", "/nonexistent.toml")
-        assert done.code == 1 and "not available" in done.err
-    else:
-        pytest.skip("strata_server.serve exists; the api tests run it")
-
-
 # --- end to end: the real daemon, when this build has it ----------------------------------------
-
-needs_the_daemon = pytest.mark.skipif(
-    importlib.util.find_spec("strata_server.serve") is None
-    or importlib.util.find_spec("strata_server.app") is None,
-    reason="strata_server.serve and strata_server.app are not in this build",
-)
 
 
 @dataclass(frozen=True)
@@ -638,7 +623,6 @@ def real_strata(d: RealDaemon, *args: str) -> Run:
     return strata(FakeDaemon(socket=d.socket), *args)
 
 
-@needs_the_daemon
 def test_strata_drives_the_real_daemon_end_to_end(real: RealDaemon) -> None:
     repo = str(real.root / "repo")
     assert real_strata(real, "repo", "create", "localfs-1.0", "--param", f"path={repo}").code == 0
@@ -647,8 +631,7 @@ def test_strata_drives_the_real_daemon_end_to_end(real: RealDaemon) -> None:
     listed = real_strata(real, "--json", "repo", "list")
     assert [r["repo_id"] for r in listed.json()] == ["r1"]
 
-    wait = ["--wait"] if importlib.util.find_spec("strata_server.events") is not None else []
-    made = real_strata(real, "--json", "image", "create", "r1", "1M", *wait)
+    made = real_strata(real, "--json", "image", "create", "r1", "1M", "--wait")
     assert made.code == 0, made.err
     disk = ImageId.model_validate(made.json()).image_id
 
