@@ -238,7 +238,7 @@ def _switch_live(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> N
         # backing; QEMU cannot take a backing under a mirror's target safely while the guest
         # writes through it (a write landing during the reopen was lost): a new mirror, into
         # a top opened on the synced volumes, replaces it.
-        _stop(daemon, running.id)
+        daemon.stop_job(running.id)
         run.crashpoints(points.MIGRATION_AFTER_CANCEL)
         running = None
     if running is None:
@@ -292,7 +292,7 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
         # closes the replica's nodes it finds (engine/service/migration_handlers.py), maybe
         # before this one began. Seen here, so undone here; after this check the abort finds
         # the job itself.
-        _stop(daemon, mirror_job_name(image.id))
+        daemon.stop_job(mirror_job_name(image.id))
         for node in (replica_top, *reversed(lower)):
             with suppress(DaemonError):
                 daemon.remove_nodes([node.node])
@@ -312,17 +312,6 @@ def _on_its_chain(live: Live, target: Elsewhere) -> bool:
     top = _node_there(image, target.storage, image.chain[-1])
     wanted = [_node_there(image, target.storage, ref).node for ref in reversed(below)]
     return live.daemon.backing_chain(top.node)[1:] == wanted
-
-
-def _stop(daemon: StorageDaemon, job: str) -> None:
-    """Cancel a mirror gently: a forced cancel of a write-blocking mirror failed guest writes
-    in flight (EIO); a gentle one of a ready mirror ends it with the source still in use."""
-    with suppress(DaemonError):
-        daemon.cancel_job(job)
-    with suppress(DaemonError):
-        daemon.wait_job(job, ("concluded",), timeout=60.0)
-    with suppress(DaemonError):
-        daemon.dismiss_job(job)
 
 
 def _follow(run: StageRun, daemon: StorageDaemon, job: str, replica_top: str) -> None:

@@ -403,15 +403,7 @@ class MigrationHandlers:
             return
         name = mirror_job_name(image.id)
         if daemon.find_job(name) is not None:
-            with suppress(DaemonError):
-                # Not forced: a forced cancel of a write-blocking mirror failed a guest write
-                # in flight with EIO (5 aborts in 44 under writes, none in 48 gently; QEMU
-                # 7.2); a ready job cancelled gently concludes, its copy left unused.
-                daemon.cancel_job(name, force=False)
-            with suppress(DaemonError):
-                daemon.wait_job(name, ("concluded",), timeout=30.0)
-            with suppress(DaemonError):
-                daemon.dismiss_job(name)
+            daemon.stop_job(name, timeout=30.0)
         if dst is None:
             return
         for volume in reversed(chain_volumes(image, dst.storage)):
