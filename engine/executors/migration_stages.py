@@ -1,11 +1,7 @@
 """A live storage migration's stages: the image's chain copied into another repository, where
 a replica of the same id waits, and the switch to it (docs/adr/0029-live-storage-migration.md).
 
-* ``clone`` makes the chain empty in the destination: same ids, formats, sizes and relative
-  backing names.
-* ``sync`` copies immutable volumes byte for byte (holes kept) into temporary files there,
-  checks each against its source with ``qemu-img compare`` (each volume alone), and puts it in
-  place of its empty clone.
+* ``clone`` and ``sync`` make the replica's files: engine/executors/replica_files.py.
 * ``mirror`` (live only) makes the replica's top an empty clone, opens it in this host's
   daemon on the replica's volumes below (read-only) when they are synced, alone otherwise, and
   starts ``blockdev-mirror`` (``sync: top``, write-blocking) from the image's top into it. The
@@ -28,24 +24,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.stage_kinds import CloneStage, MirrorStage, Stage, SwitchStage, SyncStage
+from engine.aggregates.stage_kinds import MirrorStage, SwitchStage
 from engine.aggregates.work_rules import synced_volumes
 from engine.errors import (
     DaemonError,
-    InvalidParameter,
     ReplicationSwitchFailed,
-    RepositoryNotConnected,
-    VolumeFileNotFound,
-    VolumeMismatch,
 )
 from engine.executors import crashpoints as points
 from engine.executors import live_stages
+from engine.executors.replica_files import (
+    clone,
+    copy_volume,
+    create_volume,
+    file_size,
+    report_progress,
+    settle,
+    sync,
+    target_of,
+    volume_there,
+)
 from engine.executors.stage_run import Elsewhere, Live, StageRun, Volume, field, local
 from engine.formats.qemu.storage_daemon import ChainVolume, StorageDaemon
 from engine.formats.repository.driver import RepositoryStorage
@@ -73,63 +75,6 @@ def execute(run: StageRun) -> None:
         live_stages.execute(run)
 
 
-# --- clone and sync -------------------------------------------------------------------------
-
-
-def clone(run: StageRun, stage: CloneStage) -> None:
-    """The chain, empty, in the destination; a volume there already is left as it is (an
-    earlier attempt made it, and a sync may have filled it since)."""
-    storage = _target(run, stage).storage
-    for entry in _clone_entries(stage):
-        ref, size, backing = entry
-        volume = _there(storage, ref)
-        storage.check_own_file(volume.path)
-        if os.path.exists(volume.path):
-            continue
-        _make_empty(run, storage, volume, size, backing)
-    run.crashpoints(points.MIGRATION_AFTER_CLONE)
-
-
-def sync(run: StageRun, stage: SyncStage) -> None:
-    """Copy each volume into the destination, checked, over its clone."""
-    storage = _target(run, stage).storage
-    refs = field(stage, "volumes")
-    if not isinstance(refs, list):
-        raise InvalidParameter(f"a list of volumes, not {refs!r}", name="stage")
-    sources = [local(run, ref) for ref in refs]
-    sizes = [os.path.getsize(v.path) for v in sources]
-    total, before = max(1, sum(sizes)), 0
-    for source, size in zip(sources, sizes, strict=True):
-        copy_volume(run, storage, source, _progress_from(run, before, total))
-        before += size
-    run.crashpoints(points.MIGRATION_AFTER_SYNC)
-
-
-def copy_volume(
-    run: StageRun,
-    storage: RepositoryStorage,
-    source: Volume,
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    """Put a checked copy of ``source`` in place of its volume in ``storage``, unless that
-    reads the same already (an earlier attempt copied it)."""
-    final = _there(storage, source.ref)
-    storage.check_own_file(final.path)
-    if not os.path.exists(final.path):
-        raise VolumeFileNotFound(path=final.path)  # never cloned, or deleted since
-    if run.qemu.compare_volumes(source.path, final.path, source.fmt):
-        return
-    temp = storage.temp_path(source.volume_id, source.fmt, run.tag)
-    storage.remove(temp)  # what an earlier attempt of ours left
-    storage.copy_in(source.path, temp, progress=progress, cancel=run.cancel)
-    if run.cancel is not None and run.cancel.is_set():
-        raise run.cancelled(f"cancelled while copying {source.path}")
-    if not run.qemu.compare_volumes(source.path, temp, source.fmt):
-        raise VolumeMismatch(f"the copy of {source.path} does not read like it", path=temp)
-    run.confirm()
-    storage.replace(temp, final.path)
-
-
 # --- mirror and switch ----------------------------------------------------------------------
 
 
@@ -138,11 +83,11 @@ def mirror(run: StageRun, stage: MirrorStage) -> None:
     Offline there is nothing to mirror from: the switch copies the top."""
     live = run.live
     if live is not None and live.daemon.find_job(mirror_job_name(live.image.id)) is None:
-        _start_mirror(run, live, _target(run, stage), local(run, field(stage, "volume")))
+        _start_mirror(run, live, target_of(run, stage), local(run, field(stage, "volume")))
 
 
 def switch(run: StageRun, stage: SwitchStage) -> None:
-    target = _target(run, stage)
+    target = target_of(run, stage)
     replica = target.image(run.image_id)
     if replica is None or replica.removed:
         raise ReplicationSwitchFailed(
@@ -159,7 +104,9 @@ def switch(run: StageRun, stage: SwitchStage) -> None:
         settle(run, target.storage, top)
     else:
         # The source holds every write: the replica's top, a mirror's partial copy, goes.
-        copy_volume(run, target.storage, top, lambda done: _report(run, done, _size(top)))
+        copy_volume(
+            run, target.storage, top, lambda done: report_progress(run, done, file_size(top))
+        )
     run.confirm()
     if live is not None:
         run.crashpoints(points.MIGRATION_BEFORE_SWITCHED)
@@ -185,42 +132,6 @@ def switch(run: StageRun, stage: SwitchStage) -> None:
             node = volume_of(image, ref, local(run, ref).path).node
             with suppress(DaemonError):
                 live.daemon.remove_nodes([node])
-
-
-def settle(run: StageRun, storage: RepositoryStorage, top: Volume) -> None:
-    """The host died between "switch requested" and "switched": only its daemon knew whether
-    the switch happened. Write-blocking mirroring put every write acknowledged before the
-    switch on both sides, and every write after it on the replica only, but the replica's
-    qcow2 metadata may not have been flushed (docs/adr/0029). If both read the same, the
-    replica is the image. Otherwise its top becomes the source's top with the replica's
-    allocated clusters written over it: no acknowledged write of either side is lost."""
-    final = _there(storage, top.ref)
-    if run.qemu.compare(top.path, final.path):
-        return
-    if top.fmt != "qcow2":
-        return  # raw has no metadata to lose: every acknowledged write is in the replica
-    temp = storage.temp_path(top.volume_id, top.fmt, run.tag)
-    storage.remove(temp)
-    storage.copy_in(top.path, temp, cancel=run.cancel)
-    if run.cancel is not None and run.cancel.is_set():
-        raise run.cancelled(f"cancelled while copying {top.path}")
-    # The replica's top reads the source's copy below it, then is written down into it.
-    run.qemu.rebase(
-        final.path,
-        storage.relative_backing(final.path, temp),
-        backing_fmt=top.fmt,
-        fmt=top.fmt,
-        safe=False,
-    )
-    run.qemu.commit(final.path, fmt=top.fmt, keep=True, cancel=run.cancel)
-    run.confirm()
-    storage.replace(temp, final.path)
-    logger.warning(
-        "image %s: the replica's top and the source's differed after a switch nobody saw end; "
-        "the replica now holds the source's top with the replica's writes over it",
-        run.image_id,
-        extra={"image": str(run.image_id), "operation": run.op_id, "stage": run.index + 1},
-    )
 
 
 def _switch_live(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> None:
@@ -270,11 +181,13 @@ def _start_mirror(run: StageRun, live: Live, target: Elsewhere, top: Volume) -> 
                 daemon.remove_nodes([node.node])
     # What an earlier mirror (of a daemon that died) left in the replica's top may be data the
     # source's top no longer holds there: the mirror starts from an empty clone.
-    replica = _there(target.storage, top.ref)
+    replica = volume_there(target.storage, top.ref)
     temp = target.storage.temp_path(top.volume_id, top.fmt, run.tag)
     target.storage.remove(temp)
     backing = below[-1] if below else None
-    _create(run, target.storage, Volume(top.ref, top.volume_id, top.fmt, temp), image.size, backing)
+    create_volume(
+        run, target.storage, Volume(top.ref, top.volume_id, top.fmt, temp), image.size, backing
+    )
     run.confirm()
     if os.path.exists(replica.path):
         target.storage.replace(temp, replica.path)
@@ -353,68 +266,8 @@ def _follow(run: StageRun, daemon: StorageDaemon, job: str, replica_top: str) ->
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _target(run: StageRun, stage: Stage) -> Elsewhere:
-    root = field(stage, "target")
-    if not isinstance(root, str):
-        raise InvalidParameter(f"a repository's root, not {root!r}", name="stage")
-    found = run.repository_at(root)
-    if found is None:
-        raise RepositoryNotConnected(repo_id=root)
-    return found
-
-
-def _clone_entries(stage: CloneStage) -> list[tuple[str, int, str | None]]:
-    entries: list[tuple[str, int, str | None]] = []
-    raw = field(stage, "volumes")
-    for entry in raw if isinstance(raw, list) else [raw]:
-        if (
-            not isinstance(entry, list)
-            or len(entry) != 3
-            or not isinstance(entry[0], str)
-            or not isinstance(entry[1], int)
-            or not (entry[2] is None or isinstance(entry[2], str))
-        ):
-            raise InvalidParameter(f"[volume, size, backing], not {entry!r}", name="stage")
-        entries.append((entry[0], entry[1], entry[2]))
-    return entries
-
-
-def _there(storage: RepositoryStorage, ref: str) -> Volume:
-    volume_id, fmt = ops.split_ref(ref)
-    return Volume(ref, volume_id, fmt, storage.volume_path(volume_id, fmt))
-
-
 def _node_there(image: Image, storage: RepositoryStorage, ref: str) -> ChainVolume:
-    return volume_of(image, ref, _there(storage, ref).path)
-
-
-def _make_empty(
-    run: StageRun, storage: RepositoryStorage, volume: Volume, size: int, backing: str | None
-) -> None:
-    temp = storage.temp_path(volume.volume_id, volume.fmt, run.tag)
-    storage.remove(temp)
-    _create(run, storage, Volume(volume.ref, volume.volume_id, volume.fmt, temp), size, backing)
-    run.confirm()
-    storage.publish(temp, volume.path)
-
-
-def _create(
-    run: StageRun, storage: RepositoryStorage, temp: Volume, size: int, backing: str | None
-) -> None:
-    """An empty volume at ``temp.path`` reading ``backing`` (a volume of ``storage``)."""
-    if backing is None:
-        run.qemu.create(temp.path, temp.fmt, size, cancel=run.cancel)
-        return
-    below = _there(storage, backing)
-    run.qemu.create(
-        temp.path,
-        temp.fmt,
-        size,
-        backing=storage.relative_backing(temp.path, below.path),
-        backing_fmt=below.fmt,
-        unsafe=True,
-        cancel=run.cancel,
-    )
+    return volume_of(image, ref, volume_there(storage, ref).path)
 
 
 def _merge_plan(op_id: str, merge: list[str], chain: list[str]) -> ops.OperationPlan:
@@ -431,21 +284,3 @@ def _merge_plan(op_id: str, merge: list[str], chain: list[str]) -> ops.Operation
             "set_chain": [ref for ref in chain if ref != top],
         },
     )
-
-
-def _size(volume: Volume) -> int:
-    return max(1, os.path.getsize(volume.path))
-
-
-def _progress_from(run: StageRun, before: int, total: int) -> Callable[[int], None]:
-    def report(done: int) -> None:
-        if done > 0:
-            run.crashpoints(points.MIGRATION_MID_SYNC)
-        _report(run, before + done, total)
-
-    return report
-
-
-def _report(run: StageRun, done: int, total: int) -> None:
-    if run.progress is not None:
-        run.progress(min(100.0, 100.0 * done / max(1, total)))
