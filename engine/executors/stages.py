@@ -207,7 +207,8 @@ def execute(run: StageRun) -> None:
 
 
 def _migration(stage: Stage) -> NoReturn:
-    # A migration's stages reach another repository: engine/executors/migration_stages.py.
+    # A migration's stages reach another repository: engine/executors/migration_stages.py
+    # (the replica's files: replica_files.py).
     raise InvalidParameter(
         f"a {stage['do']!r} stage runs through migration_stages.execute", name="stage"
     )

@@ -12,7 +12,7 @@ from datetime import datetime
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.stage_kinds import CloneStage, Stage, SwitchStage, SyncStage
-from engine.executors import migration_stages
+from engine.executors import migration_stages, replica_files
 from engine.executors.stage_run import StageRun, Volume
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.repository.driver import RepositoryStorage
@@ -112,7 +112,7 @@ def test_a_sync_run_again_copies_nothing_and_a_copy_that_differs_is_refused(
     assert executor.run_once() == 3
     synced = os.stat(repo2.path(base)).st_ino
     run = StageRun(uuid.uuid4(), "op", 0, 1, sync, repo.storage, qemu, repo.find_image)
-    migration_stages.copy_volume(
+    replica_files.copy_volume(
         run, repo2.storage, Volume(base, *ops.split_ref(base), repo.path(base))
     )
     assert os.stat(repo2.path(base)).st_ino == synced  # it reads the same: left as it is
@@ -129,7 +129,7 @@ def test_a_sync_run_again_copies_nothing_and_a_copy_that_differs_is_refused(
 
     changing = StageRun(uuid.uuid4(), "op", 0, 1, sync, repo.storage, Changing(), repo.find_image)
     try:
-        migration_stages.copy_volume(changing, repo2.storage, source)
+        replica_files.copy_volume(changing, repo2.storage, source)
     except Exception as e:
         assert type(e).__name__ == "VolumeMismatch"
     else:
@@ -156,7 +156,7 @@ def test_a_switch_nobody_saw_end_keeps_every_write_of_either_side(repo: Repo, re
     )  # fmt: skip
     source = Volume(top, *ops.split_ref(top), repo.path(top))
 
-    migration_stages.settle(run, repo2.storage, source)
+    replica_files.settle(run, repo2.storage, source)
 
     replica = repo2.path(top)
     for offset, pattern in ((0, 0x11), (MiB, 0x22), (2 * MiB, 0x33), (3 * MiB, 0x44)):
@@ -176,6 +176,6 @@ def test_a_switch_nobody_saw_end_keeps_the_replica_when_both_read_the_same(
     switch: SwitchStage = {"do": "switch", "target": repo2.storage.root, "volume": top}
     run = StageRun(uuid.uuid4(), "mig", 0, 1, switch, repo.storage, qemu, repo.find_image)
 
-    migration_stages.settle(run, repo2.storage, Volume(top, *ops.split_ref(top), repo.path(top)))
+    replica_files.settle(run, repo2.storage, Volume(top, *ops.split_ref(top), repo.path(top)))
 
     assert os.stat(repo2.path(top)).st_ino == before

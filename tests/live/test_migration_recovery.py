@@ -9,7 +9,7 @@ migration in a process of its own that dies at the armed point, then:
 * the host was killed, daemon included (the guest dies with it): host B, connected to both
   repositories, finishes. Before "switch requested" the source is what the guest wrote; from
   "switch requested" to "switched" the finisher decides by content
-  (migration_stages.settle); after "switched" it only removes the source.
+  (replica_files.settle); after "switched" it only removes the source.
 
 Each test first checks that the daemon is in the state the point names (the mirror job's
 status, the export's node). Either way every write acknowledged before the kill must read back
