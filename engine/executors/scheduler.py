@@ -495,6 +495,9 @@ class Executor:
             phase=claim.phase,
             live=self._live(claim),
             repository_at=self.repository_at,
+            checkpoint=claim.checkpoint,
+            last_checkpoint=claim.last_checkpoint,
+            keep_digest=claim.keep_digest,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)

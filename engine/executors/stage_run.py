@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from engine.aggregates.image import Image
-from engine.aggregates.operations import split_ref
+from engine.aggregates.operations import Checkpoint, split_ref
 from engine.aggregates.stage_kinds import Stage
 from engine.errors import (
     ImageNotFound,
@@ -30,6 +30,7 @@ from engine.errors import (
     VolumeMismatch,
 )
 from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.formats.qemu.digests import VolumeDigest
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.process import Progress
 from engine.formats.qemu.storage_daemon import StorageDaemon
@@ -61,6 +62,14 @@ class Elsewhere(Protocol):
 # The connected repository whose root is the path given; None if this host has none there.
 RepositoryAt = Callable[[str], Elsewhere | None]
 
+
+class SaveCheckpoint(Protocol):
+    """Record a copy's checkpoint under the claim (engine.executors.progress.Claim.checkpoint);
+    raises StageCancelled once the claim moved on."""
+
+    def __call__(self, *, offset: int, percent: int, chunks: bytes, written: int) -> None: ...
+
+
 _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
 
@@ -76,6 +85,10 @@ def nowhere(root: str) -> Elsewhere | None:
 
 def _not_superseded() -> bool:
     return False
+
+
+def _no_checkpoint() -> Checkpoint | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,12 @@ class StageRun:
     phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
     live: Live | None = None  # set when the stage runs through this host's storage daemon
     repository_at: RepositoryAt = nowhere  # other connected repositories (a migration's)
+    # A copy's checkpoints (docs/adr/0032): how to record one, and the last one the log holds
+    # for this stage (an earlier attempt's). Without ``checkpoint``, a copy reports progress.
+    checkpoint: SaveCheckpoint | None = None
+    last_checkpoint: Callable[[], Checkpoint | None] = _no_checkpoint
+    # Hands the digest of the volume the stage made to its completion (VolumeDigested).
+    keep_digest: Callable[[str, VolumeDigest], None] | None = None
 
     @property
     def tag(self) -> str:
