@@ -263,8 +263,6 @@ def copy_image(
             started = True
             first_write()
         length = piece if isinstance(piece, int) else len(piece)
-        if not isinstance(piece, int):
-            pace.passed(length)
         done = 0
         while done < length:
             # Up to the next chunk boundary at most: a checkpoint lies between two parts.
@@ -276,6 +274,7 @@ def copy_image(
                 hasher.zeroes(n)
             else:
                 hasher.update(data)
+                pace.passed(n)  # written, not yet checkpointed: where a kill costs the most
             done += n
             if hasher.done % chunk == 0 or hasher.done == size:
                 reach()
@@ -365,5 +364,8 @@ def _write_differences(
 
 
 def _written(writer: ImageWriter) -> int:
-    """Bytes the writer's server passed to its write calls so far (``/proc/<pid>/io``)."""
-    return writer.io_counters().get("wchar", 0)
+    """Bytes the writer's server sent to the storage so far (``write_bytes`` of
+    ``/proc/<pid>/io``); on a file system the kernel does not count so (tmpfs), the bytes it
+    passed to write calls (``wchar``: its NBD replies included, 16 bytes a request)."""
+    counters = writer.io_counters()
+    return counters.get("write_bytes") or counters.get("wchar", 0)
