@@ -15,10 +15,11 @@ SOURCES := engine log_tools demo tests bench strata_server
 
 setup: qemu-tools python-tools $(STAMP)
 
-# QEMU's tools do the image work; Graphviz draws `strata-log graph` as SVG or PNG.
+# QEMU's tools do the image work (qemu-nbd: digests and resumable copies, ADR 0031); Graphviz
+# draws `strata-log graph` as SVG or PNG.
 qemu-tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
-		|| ! command -v dot >/dev/null; then \
+		|| ! command -v qemu-nbd >/dev/null || ! command -v dot >/dev/null; then \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
 			qemu-utils qemu-system-common graphviz; \
