@@ -26,8 +26,8 @@ host's lease must not have lapsed since the claim was made (docs/adr/0005). A ho
 paused past ``lease_timeout`` and resumed therefore learns that it may have been counted dead
 before it touches anything, even if nobody took its claim yet.
 
-Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``; the
-standard library.
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``,
+``engine.formats`` (a digest's type only); the standard library.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -46,8 +46,10 @@ from engine.aggregates.work_rules import merge_chain_changes
 from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
-from engine.formats.qemu.digests import VolumeDigest
 from engine.service.unit_of_work import ImageService
+
+if TYPE_CHECKING:
+    from engine.formats.qemu.digests import VolumeDigest
 
 
 class Lease(Protocol):
@@ -202,9 +204,9 @@ class Claim:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
 
-        With ``digest`` (a volume and its digest; by default the one the stage kept), the
-        image records it (VolumeDigested) in that transaction too: a volume is never published
-        as made without the digest it was made with.
+        With ``digest`` (a volume of this image and its digest: the stage made it immutable;
+        by default the one the stage kept, :meth:`keep_digest`), ``VolumeDigested`` is
+        recorded in the same transaction (docs/adr/0031).
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
