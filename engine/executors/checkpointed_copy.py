@@ -187,13 +187,16 @@ def _take_over(
             # recorded: leaked, harmless, but space. Freed before the file is taken over.
             run.qemu.check(old, fmt=volume.fmt, repair_leaks=True)
         writer = open_writer(old, volume.fmt)  # takes the image's lock: no one else writes it
-    except QemuError as e:
-        if not _LOCKED.search(e.stderr):
-            raise
+    except (QemuError, OSError) as e:
+        # Held by another process (a fenced host's writer, still running: QEMU's lock, which
+        # qemu-nbd may report by dropping the connection), or not an image QEMU can open
+        # any more: either way, not a file to resume in.
+        held = isinstance(e, QemuError) and _LOCKED.search(e.stderr) is not None
         logger.info(
             "stage %d of operation %s on image %s starts its copy again: the file %s of the "
-            "attempt it would resume is held by another process (a fenced host's?)",
+            "attempt it would resume %s",
             run.index + 1, run.op_id, run.image_id, old,
+            "is held by another process (a fenced host's?)" if held else f"cannot be opened: {e}",
             extra={"image": str(run.image_id), "operation": run.op_id, "stage": run.index + 1},
         )  # fmt: skip
         run.storage.remove(old)  # its writer goes on into a file nobody will publish
