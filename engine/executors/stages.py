@@ -430,7 +430,7 @@ def _checkpointed(
         )
 
     produce(run, volume, make, verify, reads=(base,), resumable=resumable)
-    if run.keep_digest is not None and _immutable(run):
+    if run.keep_digest is not None and _immutable(run, volume):
         digest = made[0] if made else checkpointed_copy.digest_of(run, volume, last)
         run.keep_digest(volume.ref, digest)
 
@@ -439,9 +439,13 @@ def _tag_at(run: StageRun, epoch: int) -> str:
     return f"{run.op_id}-{run.index}-e{epoch}"
 
 
-def _immutable(run: StageRun) -> bool:
+def _immutable(run: StageRun, volume: Volume) -> bool:
+    """Whether ``volume`` is (or becomes, with the stage's completion) a volume of a snapshot's
+    chain: what a digest is recorded for (docs/adr/0031)."""
     found = run.find_image(run.image_id)
-    return found is not None and found[0].kind == SNAPSHOT
+    if found is None or found[0].kind != SNAPSHOT:
+        return False
+    return volume.ref in found[0].chain or volume.ref in (run.stage.get("set_chain") or ())
 
 
 def produce(
