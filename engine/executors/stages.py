@@ -11,8 +11,9 @@ writes into a file nobody publishes, ADR 0003), then publishes it atomically. A 
 crash at any instruction therefore finds one of three things: the volume published (verify it,
 drop leftovers: done), a temporary file of an earlier attempt (remove it, start again; a copy
 takes over the file of the attempt that recorded its last checkpoint and resumes there,
-engine/executors/checkpointed_copy.py, docs/adr/0032), or nothing. A temporary file of a *later* attempt (a higher epoch: the host that took the stage
-over while this one was paused) is never touched. ``rebase`` and ``resize`` work in place: a
+engine/executors/checkpointed_copy.py, docs/adr/0032), or nothing. A temporary file of a
+*later* attempt (a higher epoch: the host that took the stage over while this one was paused)
+is never touched. ``rebase`` and ``resize`` work in place: a
 safe rebase rewrites only clusters whose content stays the same through the chain, and growing
 to a size the volume already has is a no-op, so both can simply run again. A rebase run again
 reads the old chain through the ``old_backing`` its stage names, not through the volume's
