@@ -215,6 +215,24 @@ def options(value: object) -> Options:
     return Options(auto_fix, strategy, participating, parsed)
 
 
+def check_options(value: object) -> bool:
+    """``check_storage_repository``'s options: ``{"deep": bool}`` (docs/adr/0033), or None.
+    Returns whether the check is deep."""
+    if value is None:
+        return False
+    if not isinstance(value, Mapping):
+        raise InvalidParameter(f"a dict, not {type(value).__name__}", name="options")
+    unknown = set(value) - {"deep"}
+    if unknown:
+        raise InvalidParameter(
+            f"unknown keys {sorted(map(str, unknown))}; known: ['deep']", name="options"
+        )
+    deep = value.get("deep", False)
+    if not isinstance(deep, bool):
+        raise InvalidParameter(f"deep must be True or False, not {deep!r}", name="options")
+    return deep
+
+
 def connection_parameters(value: object) -> dict[str, Any]:
     if value is None:
         return {}

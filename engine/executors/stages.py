@@ -89,6 +89,7 @@ from engine.executors.stage_run import (
     source_id,
     source_top,
 )
+from engine.executors.verify_stage import verify
 from engine.formats.qemu.process import Progress
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
@@ -202,6 +203,8 @@ def execute(run: StageRun) -> None:
         or stage["do"] == "switch"
     ):
         _migration(stage)
+    elif stage["do"] == "verify":
+        verify(run, stage)
     else:
         _no_executor(stage)
 
