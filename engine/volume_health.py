@@ -73,7 +73,7 @@ def volume_faults(
                 why = damage_sentence(ref, rotten[ref])
             elif ref not in damaged or damaged[ref] != (st.st_ino, st.st_mtime_ns):
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            elif not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
                 why = (
                     f"volume {ref} is a foreign file ({path}: a link, or a file with a name "
                     "outside the repository, never read or written through); put it right by "
