@@ -20,8 +20,8 @@ host's lease must not have lapsed since the claim was made (docs/adr/0005). A ho
 paused past ``lease_timeout`` and resumed therefore learns that it may have been counted dead
 before it touches anything, even if nobody took its claim yet.
 
-Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``; the
-standard library.
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``,
+``engine.formats`` (a digest's type only); the standard library.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -43,6 +43,9 @@ from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.executors.stage_run import Damage
 from engine.service.unit_of_work import ImageService
+
+if TYPE_CHECKING:
+    from engine.formats.qemu.digests import VolumeDigest
 
 
 class Lease(Protocol):
@@ -153,10 +156,14 @@ class Claim:
         chain_changes: dict[uuid.UUID, list[str]],
         *,
         drop_volume: str | None = None,
+        digest: tuple[str, VolumeDigest] | None = None,
         damage: Sequence[Damage] = (),
     ) -> bool:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
+
+        With ``digest`` (a volume of this image and its digest: the stage made it immutable),
+        ``VolumeDigested`` is recorded in the same transaction (docs/adr/0031).
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
@@ -172,6 +179,17 @@ class Claim:
             images[0].complete(
                 op_id=self.op_id, stage=self.index, epoch=self.epoch, host_id=self.host_id, now=now
             )
+            if digest is not None:
+                volume, d = digest
+                images[0].record_digest(
+                    volume=volume,
+                    size=d.size,
+                    chunk_size=d.chunk_size,
+                    chunks=d.chunks,
+                    digest=d.digest,
+                    host_id=self.host_id,
+                    now=now,
+                )
             if damage:
                 _record_damage(images, damage, self.host_id, now)
             others = [i for i in images[1:] if i.id in chain_changes]
