@@ -167,7 +167,7 @@ def deep_check_stage(view: RepositoryView) -> VerifyStage | None:
         return None
     digested: dict[str, Image] = {}
     for image in sorted(view.images(), key=by_id):
-        for ref in getattr(image, "digests", {}):
+        for ref in image.digests:
             digested.setdefault(ref, image)
     volumes = sorted(depth, key=lambda ref: (depth[ref], ref))
     owners = {ref: (digested.get(ref) or tops.get(ref) or holders[ref]).id_text for ref in volumes}

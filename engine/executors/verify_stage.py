@@ -26,9 +26,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.aggregates.image import DigestRecord
 from engine.aggregates.stage_kinds import VerifyStage
 from engine.errors import ForeignFile, InvalidParameter, QemuCancelled, QemuError
 from engine.executors.stage_run import Damage, StageRun, Volume, field, local
+from engine.formats.qemu.digests import DigestCancelled, VolumeDigest, verify_image
 
 logger = logging.getLogger("engine.executors")
 # How QEMU says that another process holds an image's lock.
@@ -41,6 +43,10 @@ _CHECK_WEIGHT = 1 << 20
 class _Volume:
     volume: Volume
     owner: uuid.UUID
+    digest: VolumeDigest | None  # as its owner recorded it
+    # The recorded digest of its backing, verified by this stage just before: only the chunks
+    # the volume itself allocates are then read (docs/adr/0031).
+    backing: VolumeDigest | None
 
 
 def verify(run: StageRun, stage: VerifyStage) -> None:
@@ -67,7 +73,8 @@ def _volumes(run: StageRun, stage: VerifyStage) -> list[_Volume]:
             f"a 'verify' stage names volumes (a list) and owners (a dict), not {stage!r}",
             name="stage",
         )
-    out = []
+    out: list[_Volume] = []
+    digests: dict[str, VolumeDigest] = {}
     for ref in refs:
         try:
             owner = uuid.UUID(str(owners[ref]))
@@ -75,15 +82,39 @@ def _volumes(run: StageRun, stage: VerifyStage) -> list[_Volume]:
             raise InvalidParameter(
                 f"volume {ref!r} has no owner: {owners!r}", name="stage"
             ) from None
-        out.append(_Volume(local(run, ref), owner))
+        image = run.local_image(owner)
+        digest = None
+        backing = None
+        if image is not None:
+            digest = _digest(image.digests.get(ref))
+            if ref in image.chain and image.chain.index(ref) > 0:
+                # Verified before this one (the stage lists volumes base first), if it has one.
+                backing = digests.get(image.chain[image.chain.index(ref) - 1])
+        if digest is not None:
+            digests[ref] = digest
+        out.append(_Volume(local(run, ref), owner, digest, backing))
     return out
 
 
-def _weight(each: _Volume) -> int:
+def _digest(record: DigestRecord | None) -> VolumeDigest | None:
+    if record is None:
+        return None
     try:
-        return _CHECK_WEIGHT + os.stat(each.volume.path).st_blocks * 512
+        return VolumeDigest(record["size"], record["chunk_size"], record["chunks"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not a digest this Strata can read: the volume is checked without it
+
+
+def _weight(each: _Volume) -> int:
+    """The bytes the volume costs to check: its tables (a little), and the data compared
+    with its digest (only what it allocates itself when its backing's digest is known)."""
+    try:
+        allocated = os.stat(each.volume.path).st_blocks * 512
     except FileNotFoundError:
         return 0
+    if each.digest is None:
+        return _CHECK_WEIGHT
+    return _CHECK_WEIGHT + (allocated if each.backing is not None else each.digest.size)
 
 
 def _verify_one(run: StageRun, each: _Volume, progress: Callable[[float], None]) -> Damage | None:
@@ -103,10 +134,30 @@ def _verify_one(run: StageRun, each: _Volume, progress: Callable[[float], None])
             return None
         if structure is not None:
             problems.append(structure)
+    ranges: list[tuple[int, int]] = []
+    if each.digest is not None:
+        try:
+            ranges = verify_image(
+                volume.path,
+                volume.fmt,
+                each.digest,
+                progress=progress,
+                cancel=run.cancel,
+                backing=each.backing,
+            )
+        except DigestCancelled:
+            raise run.cancelled("this host cancelled it") from None
+        except QemuError as e:
+            if _LOCKED.search(e.stderr):
+                _passed_over(run, volume, "another process writes it")
+                return None
+            problems.append(f"its data could not be read: {e.stderr.strip() or e.message}")
+        if ranges:
+            problems.append("data differs from its recorded digest")
     progress(100.0)
     if not problems:
         return None
-    return Damage(each.owner, volume.ref, [], "; ".join(problems))
+    return Damage(each.owner, volume.ref, [[a, b] for a, b in ranges], "; ".join(problems))
 
 
 _IN_USE = "in use"

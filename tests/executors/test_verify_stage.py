@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 import uuid
 
 import pytest
@@ -14,7 +15,9 @@ from engine.aggregates.stage_kinds import VerifyStage
 from engine.errors import StageCancelled
 from engine.executors.stage_run import StageRun
 from engine.executors.verify_stage import verify
+from engine.formats.qemu.digests import digest_image
 from engine.service.check_handlers import DeepCheck, start_deep_check
+from engine.service.fix_handlers import stop_fix
 from tests.executors.executor_repos import MiB, Repo, new_volume, qemu
 
 
@@ -146,3 +149,111 @@ def test_a_cancelled_stage_stops_and_finds_nothing(repo: Repo) -> None:
 
     assert len(seen) <= 2
     assert run.found == []
+
+
+# --- content against recorded digests ---------------------------------------------------------
+
+
+def record_digest(repo: Repo, image_id: uuid.UUID, ref: str) -> None:
+    """What a snapshot's digest stage records (docs/adr/0031), computed here from the file."""
+    digest = digest_image(repo.path(ref), ref.rsplit(".", 1)[1])
+    repo.service.update(
+        image_id,
+        lambda image: image.record_digest(
+            volume=ref,
+            size=digest.size,
+            chunk_size=digest.chunk_size,
+            chunks=digest.chunks,
+            digest=digest.digest,
+            host_id=repo.host_id,
+            now=repo.service.now(),
+        ),
+    )
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def host_offset(path: str, guest_offset: int) -> int:
+    """Where in a qcow2 file the guest's byte lies (``qemu-img map``'s ``offset``)."""
+    for extent in qemu.map(path, fmt="qcow2"):
+        start, length = extent["start"], extent["length"]
+        if start <= guest_offset < start + length and extent.get("offset") is not None:
+            return int(extent["offset"]) + guest_offset - int(start)
+    raise AssertionError(f"guest byte {guest_offset} is not allocated in {path}")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_flipped_byte_in_a_snapshot_is_found_with_the_range_of_its_chunk(
+    repo: Repo, fmt: str
+) -> None:
+    snapshot, ref = disk_with_data(repo, fmt, size=64 * MiB)  # 1 MiB chunks
+    qemu.write_pattern(repo.path(ref), fmt, 20 * MiB, 4 * MiB, 0x77)
+    record_digest(repo, snapshot, ref)
+    guest = 21 * MiB + 12345
+    flip_byte(repo.path(ref), guest if fmt == "raw" else host_offset(repo.path(ref), guest))
+
+    run_check(repo, stage_of([(ref, snapshot)]))
+
+    record = repo.service.get(snapshot).damage[ref]
+    assert record["ranges"] == [[21 * MiB, 22 * MiB]]
+    assert record["detail"] == "data differs from its recorded digest"
+
+
+def test_sound_data_matches_its_digest(repo: Repo) -> None:
+    snapshot, ref = disk_with_data(repo, "qcow2", size=64 * MiB)
+    record_digest(repo, snapshot, ref)
+
+    run_check(repo, stage_of([(ref, snapshot)]))
+
+    assert repo.service.get(snapshot).damage == {}
+
+
+def test_rot_is_reported_on_the_volume_that_holds_the_bytes_not_on_its_overlays(
+    repo: Repo,
+) -> None:
+    """The overlay's digest is checked over what it allocates itself, the rest taken from its
+    backing's digest: a rotten backing is found once, in the backing."""
+    base_owner, base = disk_with_data(repo, "raw", size=64 * MiB)
+    top = new_volume("qcow2")
+    qemu.create(repo.path(top), "qcow2", None, backing=base, backing_fmt="raw")
+    qemu.write_pattern(repo.path(top), "qcow2", 40 * MiB, 2 * MiB, 0x55)
+    top_owner = repo.request(chain=[base, top], size=64 * MiB, kind=ops.SNAPSHOT)
+    record_digest(repo, base_owner, base)
+    record_digest(repo, top_owner, top)
+    flip_byte(repo.path(base), 2 * MiB + 7)  # under the overlay, which does not hold it
+    flip_byte(repo.path(top), host_offset(repo.path(top), 41 * MiB + 3))
+
+    run_check(repo, stage_of([(base, base_owner), (top, top_owner)]))
+
+    assert repo.service.get(base_owner).damage[base]["ranges"] == [[2 * MiB, 3 * MiB]]
+    assert repo.service.get(top_owner).damage[top]["ranges"] == [[41 * MiB, 42 * MiB]]
+
+
+def test_a_long_check_is_stopped_by_a_stop_of_its_carrier(repo: Repo) -> None:
+    snapshot, ref = disk_with_data(repo, "raw", size=512 * MiB)
+    qemu.write_pattern(repo.path(ref), "raw", 0, 512 * MiB, 0x21)
+    record_digest(repo, snapshot, ref)
+    check = start_deep_check(repo.service, stage_of([(ref, snapshot)]))
+    executor = repo.executor(progress_interval=0.05, poll_interval=0.05).start()
+    try:
+        deadline = time.monotonic() + 30
+        while repo.service.get(check.image_id).operations[0].percent < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        stop_fix(repo.service, check.image_id, "enough")
+        while executor.busy():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        executor.stop()
+
+    op = repo.service.get(check.image_id).operations[0]
+    assert op.state == ops.STOPPED
+    assert repo.topics(check.image_id)[-1] == "FixStopped"  # nothing recorded after the stop
+    assert repo.service.get(snapshot).damage == {}

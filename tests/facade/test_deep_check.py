@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from engine import StorageEngine
-from engine.errors import InvalidParameter
+from engine.errors import DeepCheckUnfinished, InvalidParameter
+from engine.formats.qemu.digests import digest_image
 from engine.formats.qemu.image_tools import QemuImg
 from engine.types import Volume
 from log_tools.export import events
@@ -139,3 +143,119 @@ def test_without_deep_no_operation_is_queued(
     engine.check_storage_repository("r1", {})
 
     assert tree_digest(*repo_paths) == before
+
+
+# --- content against recorded digests ---------------------------------------------------------
+
+
+def record_digest(engine: StorageEngine, repo: str, image: str) -> str:
+    """Record the digest of the image's top volume, as a snapshot's digest stage does
+    (docs/adr/0031); returns the volume. Through the repository's own command service."""
+    connected = engine._repos[repo]
+    image_id = uuid.UUID(image)
+    ref = connected.view.image(image_id).chain[-1]  # type: ignore[union-attr]
+    volume_id, fmt = ref.split(".")
+    digest = digest_image(connected.storage.volume_path(volume_id, fmt), fmt)
+    connected.service.update(
+        image_id,
+        lambda i: i.record_digest(
+            volume=ref,
+            size=digest.size,
+            chunk_size=digest.chunk_size,
+            chunks=digest.chunks,
+            digest=digest.digest,
+            host_id=engine.host_id,
+            now=connected.service.now(),
+        ),
+    )
+    connected.follower.caught_up()
+    return ref
+
+
+def file_offset(volume: Volume, guest_offset: int) -> int:
+    if volume.format == "raw":
+        return guest_offset
+    for extent in qemu.map(volume.path, fmt="qcow2"):
+        start, length = extent["start"], extent["length"]
+        if start <= guest_offset < start + length and extent.get("offset") is not None:
+            return int(extent["offset"]) + guest_offset - int(start)
+    raise AssertionError(f"guest byte {guest_offset} is not in {volume.path}")
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def test_a_flipped_byte_in_a_snapshot_breaks_it_and_every_disk_above_it(
+    engine: StorageEngine, repo_paths: tuple[str, str]
+) -> None:
+    disk = engine.create_virtual_disk("r1", 64 * MiB)  # chunks of 1 MiB
+    engine.wait_for_image("r1", disk, timeout=30)
+    write(engine, qemu, "r1", disk, 16 * MiB, 4 * MiB, 0x5A)
+    snapshot = engine.create_snapshot("r1", disk)
+    engine.wait_for_image("r1", disk, timeout=30)
+    clone = engine.create_virtual_disk("r1", 64 * MiB, base_snapshot_id=snapshot)
+    engine.wait_for_image("r1", clone, timeout=30)
+    ref = record_digest(engine, "r1", snapshot)
+    [volume] = chain_of(engine, "r1", snapshot)
+    flip_byte(volume.path, file_offset(volume, 17 * MiB + 4321))
+
+    fixes = engine.check_storage_repository("r1", {"deep": True})
+
+    for image in (snapshot, disk, clone):
+        status = engine.get_image_status("r1", image)
+        assert status.status == "broken"
+        assert status.last_error is not None
+        assert status.last_error.startswith(
+            f"volume {ref} is rotten: data differs from its recorded digest at bytes "
+            f"{17 * MiB}-{18 * MiB} (found by the deep check of "
+        )
+    assert {i for f in fixes if f.type == "mend" for i in f.image_ids} >= {snapshot, disk, clone}
+    [found] = damage_in_log(repo_paths[0])
+    assert found["image"] == snapshot  # the image that recorded the digest owns the volume
+    assert found["ranges"] == [[17 * MiB, 18 * MiB]]
+
+
+def test_a_deep_check_shows_its_progress_and_is_stopped_from_another_thread(
+    engine: StorageEngine,
+) -> None:
+    disk = engine.create_virtual_disk("r1", 1024 * MiB)
+    engine.wait_for_image("r1", disk, timeout=30)
+    write(engine, qemu, "r1", disk, 0, 1024 * MiB, 0x21)
+    snapshot = engine.create_snapshot("r1", disk)
+    engine.wait_for_image("r1", disk, timeout=30)
+    record_digest(engine, "r1", snapshot)
+    outcome: list[BaseException | None] = []
+
+    def deep_check() -> None:
+        try:
+            engine.check_storage_repository("r1", {"deep": True})
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=deep_check)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        running = engine.describe_repository("r1")["deep_check"]
+        while running is None or running["percent_complete"] < 1:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+            running = engine.describe_repository("r1")["deep_check"]
+        engine.stop_fix("r1", running["image_id"], "the nightly window is over")
+    finally:
+        thread.join(60)
+
+    [error] = outcome
+    assert isinstance(error, DeepCheckUnfinished)
+    assert error.outcome == "stopped"
+    assert error.image_id == uuid.UUID(running["image_id"])
+    assert "stopped by host-a: the nightly window is over" in error.message
+    assert engine.describe_repository("r1")["deep_check"] is None
+    assert engine.get_image_status("r1", snapshot).status == "optimized"  # nothing recorded
