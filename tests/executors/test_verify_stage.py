@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from engine.aggregates import operations as ops
-from engine.aggregates.stage_kinds import VerifyStage
+from engine.aggregates.stage_kinds import Stage, VerifyStage
 from engine.errors import StageCancelled
 from engine.executors.stage_run import StageRun
 from engine.executors.verify_stage import verify
@@ -257,3 +257,38 @@ def test_a_long_check_is_stopped_by_a_stop_of_its_carrier(repo: Repo) -> None:
     assert op.state == ops.STOPPED
     assert repo.topics(check.image_id)[-1] == "FixStopped"  # nothing recorded after the stop
     assert repo.service.get(snapshot).damage == {}
+
+
+# --- what clears a record -----------------------------------------------------------------------
+
+
+def test_a_record_is_cleared_by_a_stage_of_its_owner_that_makes_the_volume_again_only(
+    repo: Repo,
+) -> None:
+    snapshot, ref = disk_with_data(repo, "qcow2")
+    with open(repo.path(ref), "r+b") as f:
+        f.seek(l2_table(repo.path(ref)))
+        f.write(struct.pack(">Q", (1 << 63) | 0x7F0000000))
+    run_check(repo, stage_of([(ref, snapshot)]))
+
+    def queue(*stages: Stage) -> None:
+        op = ops.plan(uuid.uuid4().hex, ops.MEND, *stages)
+        repo.service.update(
+            snapshot,
+            lambda i: i.request_fix(
+                fix_type=ops.MEND,
+                op_id=op["op_id"],
+                operation=op,
+                host_id=repo.host_id,
+                now=repo.service.now(),
+            ),
+        )
+        repo.executor().run_once()
+
+    queue({"do": "resize", "volume": ref, "size": 16 * MiB})  # in place: the rot stays
+    assert ref in repo.service.get(snapshot).damage
+
+    queue({"do": "delete", "volumes": [ref]}, {"do": "create", "volume": ref, "size": 16 * MiB})
+    assert repo.service.get(snapshot).damage == {}
+    repo.view.catch_up()
+    assert ref not in repo.view.damaged()
