@@ -291,14 +291,17 @@ class StorageEngine:
     def check_storage_repository(
         self, repo_id: str, options: dict[str, Any] | None = None
     ) -> list[Fix]:
-        """Compare the log with the files; return the fixes that would help."""
+        """Compare the log with the files; return the fixes that would help. Option
+        ``participating_repositories``: look for replicas of lost volumes only there."""
         repo = self._repos[repo_id]
-        if options not in (None, {}):
-            raise InvalidParameter("check takes no options yet", name="options")
+        participating = validation.fix_options(options)
         repo.follower.caught_up()
         root = repo.storage.root
         return queries.check(
-            repo, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            replicas=self._repos.replicas(root, participating),
         )
 
     def fix_storage_repository(
@@ -308,12 +311,15 @@ class StorageEngine:
         repo = self._repos[repo_id]
         if not isinstance(fix, Fix):
             raise InvalidParameter(f"a Fix from check_storage_repository, not {fix!r}", name="fix")
-        if options not in (None, {}):
-            raise InvalidParameter("fix takes no options yet", name="options")
+        participating = validation.fix_options(options)
         repo.follower.caught_up()
         root = repo.storage.root
         plan = fix_rules.decode_fix(
-            repo.view, fix, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo.view,
+            fix,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            self._repos.replicas(root, participating),
         )
         fix_handlers.start_fix(repo.service, plan)
         self._written(repo)

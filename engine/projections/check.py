@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage
+from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage, StageKind
 from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
 from engine.formats.repository.driver import VolumeFile
@@ -58,6 +58,17 @@ from engine.projections.fix_tokens import (
     foreign_file_fix,
     make_fix,
     new_carrier_fix,
+)
+from engine.projections.replicas import (
+    DIGEST_SHOWN,
+    NO_SEARCH,
+    Replica,
+    ReplicaSearch,
+    at_bytes,
+    replica_for,
+    rot_ranges,
+    rotten,
+    top_digest,
 )
 from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.types import Fix
@@ -85,13 +96,16 @@ def find_problems(
     elsewhere: Collection[str] = (),
     unlisted: ForeignFile | None = None,
     writers: Mapping[str, Operation] | None = None,
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
-    corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
-    reads (a copy of an image of this one): never offered to clean. ``unlisted``: why the
-    files could not be listed at all (the volume directory is foreign), when they could not.
-    ``writers``: operations of other repositories that write temporary files here (a
-    migration's), by id: whether such a file is a leftover is their state's to say."""
+    corrupt; they count as lost, as do those a deep check recorded rotten (docs/adr/0033).
+    ``elsewhere``: volumes here that work in other repositories reads (a copy of an image of
+    this one): never offered to clean. ``unlisted``: why the files could not be listed at all
+    (the volume directory is foreign), when they could not. ``writers``: operations of other
+    repositories that write temporary files here (a migration's), by id: whether such a file
+    is a leftover is their state's to say. ``replicas``: where the images' copies in other
+    repositories are, to mend a snapshot's lost volume from (docs/adr/0034)."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     foreign: list[_Foreign] = []
@@ -106,14 +120,18 @@ def find_problems(
     if unlisted is not None:
         foreign.append(_Foreign(unlisted.path, unlisted.what, None))
     return _problems(
-        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers
+        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers, replicas
     )
 
 
 def find_fixes(
-    view: RepositoryView, files: Iterable[VolumeFile], *, damaged: Collection[str] = ()
+    view: RepositoryView,
+    files: Iterable[VolumeFile],
+    *,
+    damaged: Collection[str] = (),
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> list[Fix]:
-    return find_problems(view, files, damaged=damaged).fixes
+    return find_problems(view, files, damaged=damaged, replicas=replicas).fixes
 
 
 def find_fixes_for_volumes(view: RepositoryView, refs: Iterable[str]) -> list[Fix]:
@@ -161,8 +179,14 @@ def _problems(
     foreign: Collection[_Foreign] = (),
     listed: bool = True,
     writers: Mapping[str, Operation] | None = None,
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Problems:
     index = VolumeIndex(view.images(), elsewhere, writers)
+    rot = rotten(index.images)
+    if rot:
+        if not isinstance(damaged, Mapping):
+            damaged = {ref: f"volume {ref} is damaged" for ref in damaged}
+        damaged = {**rot, **damaged}
     lost = frozenset(
         ref
         for ref in index.live_users
@@ -175,7 +199,7 @@ def _problems(
     # to offer until the foreign file is put right.
     behind_foreign = {f.ref for f in foreign if f.ref is not None}
     restorable = frozenset(lost - behind_foreign) if listed else frozenset[str]()
-    fixes = [*_releases(index), *_restorations(index, restorable, damaged)]
+    fixes = [*_releases(index), *_restorations(index, restorable, damaged, replicas)]
     fixes += [*_optimizations(index, lost), *_merges(index, lost)]
     fixes += _cleans(index, on_disk)
     fixes += _foreign_files(index, foreign)
@@ -202,14 +226,26 @@ def _releases(index: VolumeIndex) -> Iterable[Fix]:
 
 
 def _restorations(
-    index: VolumeIndex, lost: Collection[str], damaged: Collection[str]
+    index: VolumeIndex,
+    lost: Collection[str],
+    damaged: Collection[str],
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Iterable[Fix]:
     """A ``mend`` for each idle live image whose chain holds a lost volume (missing, or
     damaged): made again where the data can be had again, else one that says the data is lost
     and removes the image (ADR 0017). An image whose work waits for a fix gets that fix
-    (:func:`_releases`) first; one with work pending gets nothing until the work is done."""
+    (:func:`_releases`) first; one with work pending gets nothing until the work is done.
+
+    A lost volume that is a live snapshot's top is mended on that snapshot, for every image
+    whose chain holds it: from a replica in another repository, or, with none, by one of two
+    choices the fix offers, remove or accept the loss (docs/adr/0034)."""
     if not lost:
         return
+    owners = {
+        image.chain[-1]: image
+        for image in index.images
+        if not image.removed and image.kind == ops.SNAPSHOT and image.chain and not _replica(image)
+    }
     for image in index.images:
         if image.removed or image.current_operation() is not None or _replica(image):
             continue
@@ -222,6 +258,7 @@ def _restorations(
             what = f"{damaged[ref]} ({image.kind} {image.id})"
         clear: list[Stage] = [{"do": "delete", "volumes": [ref]}] if state == "damaged" else []
         source = _copied_from(index, image, ref, lost)
+        owner = owners.get(ref)
         if source is not None:
             stage: CopyStage = {"do": "copy", "source_image": source.id_text, "volume": ref}
             if ref.endswith(".raw"):
@@ -234,6 +271,9 @@ def _restorations(
                 f"{source.id} (no data is lost)",
                 stages=[*clear, stage],
             )
+        elif owner is not None:
+            if owner is image:  # the images above it are mended by the same fix
+                yield from _snapshot_mends(index, owner, ref, state, clear, replicas)
         elif (
             image.kind == ops.VIRTUAL_DISK
             and len(image.chain) > 1
@@ -263,6 +303,100 @@ def _restorations(
                 "lost: this fix removes the image (restore it from a backup copy)",
                 remove=f"data lost: {what}",
             )
+
+
+def _snapshot_mends(
+    index: VolumeIndex,
+    owner: Image,
+    ref: str,
+    state: str,
+    clear: list[Stage],
+    replicas: ReplicaSearch,
+) -> Iterable[Fix]:
+    """The mends of a snapshot's lost top ``ref``, on the snapshot, naming every live image
+    that reads it: from a replica (the same bytes, docs/adr/0034), else the two choices."""
+    readers = index.live_users.get(ref, ())
+    users = [owner, *(u for u in readers if u is not owner and not _replica(u))]
+    ranges = rot_ranges(owner, ref)
+    if ranges is not None:
+        state = "rotten"
+    head = f"mend {owner.kind} {owner.id}: volume {ref} is {state}"
+    if len(users) > 1:
+        above = ", ".join(u.id_text for u in users[1:])
+        head_users = f" (read by {above} too)"
+    else:
+        head_users = ""
+    replica = replica_for(owner, ref, replicas)
+    if replica is not None:
+        yield make_fix(
+            ops.MEND,
+            owner,
+            users,
+            f"{head}; copy it again from its replica in repository {replica.repo_id} (digest "
+            f"{(top_digest(replica.image) or '')[:DIGEST_SHOWN]}, no data is lost){head_users}",
+            stages=[*clear, _remake(owner, ref, replica)],
+            replica=replica,
+        )
+        return
+    head = f"{head}{at_bytes(ranges)}; {replicas.where()}"
+    yield make_fix(
+        ops.MEND,
+        owner,
+        users,
+        f"{head}: remove the image (data lost){head_users}",
+        remove=f"data lost: volume {ref} is {state}, {replicas.where()}",
+    )
+    yield make_fix(
+        ops.MEND,
+        owner,
+        users,
+        f"{head}: accept the loss: recreate the volume empty (zeroes where it held data)"
+        f"{head_users}",
+        stages=[*clear, *_recreate_empty(owner, ref)],
+    )
+
+
+def _remake(owner: Image, ref: str, replica: Replica) -> Stage:
+    """The stage that makes ``ref`` again from the replica: a copy of its whole content for
+    a standalone volume, the difference from the volume's backing for an overlay."""
+    if len(owner.chain) > 1:
+        return {
+            "do": "diff",
+            "source_image": owner.id_text,
+            "source_root": replica.root,
+            "base": owner.chain[-2],
+            "volume": ref,
+        }
+    stage: CopyStage = {
+        "do": "copy",
+        "source_image": owner.id_text,
+        "source_root": replica.root,
+        "volume": ref,
+    }
+    if ref.endswith(".raw"):
+        stage["preallocate"] = True
+    return stage
+
+
+def _recreate_empty(owner: Image, ref: str) -> list[Stage]:
+    """The volume made again empty: over its backing, or standalone of the image's size;
+    then its digest recorded anew where that stage kind exists (docs/adr/0031), or the next
+    deep check would find the accepted loss rotten."""
+    create: CreateStage = {"do": "create", "volume": ref, "size": owner.size}
+    if len(owner.chain) > 1:
+        create["backing"] = owner.chain[-2]
+    stages: list[Stage] = [create]
+    digest_stage = _digest_stage(ref)
+    if digest_stage is not None:
+        stages.append(digest_stage)
+    return stages
+
+
+def _digest_stage(ref: str) -> Stage | None:
+    """A stage that records the volume's digest, once the ``digest`` kind exists."""
+    if "digest" not in {str(k) for k in StageKind}:
+        return None
+    return {"do": "digest", "volume": ref}  # type: ignore[typeddict-item,return-value,unused-ignore]
 
 
 def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[str]) -> Image | None:
@@ -407,7 +541,10 @@ def _foreign_files(index: VolumeIndex, foreign: Iterable[_Foreign]) -> Iterable[
 
 __all__ = [
     "DATA_VERSION",
+    "NO_SEARCH",
     "Problems",
+    "Replica",
+    "ReplicaSearch",
     "decode_fix",
     "find_fixes",
     "find_fixes_for_volumes",
