@@ -72,7 +72,8 @@ def recorded_digest(image: Image, ref: str) -> str | None:
     """The digest recorded for the image's volume ``ref`` (docs/adr/0031), if any."""
     digests: Mapping[str, object] = getattr(image, "digests", None) or {}
     record = digests.get(ref)
-    found = getattr(record, "digest", None)
+    # A DigestRecord (docs/adr/0031); a plain map where a state snapshot holds it as one.
+    found = record.get("digest") if isinstance(record, Mapping) else getattr(record, "digest", None)
     return found if isinstance(found, str) and found else None
 
 
