@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from engine.aggregates import operations as ops
 from engine.aggregates.base import Aggregate, Appliers
@@ -30,6 +30,16 @@ from engine.errors import (
 )
 
 _DONE = ops.DONE
+
+
+class DigestRecord(TypedDict):
+    """A volume's digest as the log recorded it (engine/formats/qemu/digests.py says what it is
+    over): ``chunks`` is the 32-byte sha256 of each chunk of ``chunk_size`` bytes, in order."""
+
+    size: int
+    chunk_size: int
+    chunks: bytes
+    digest: str
 
 
 class Image(Aggregate["Image.Event"], StableTopic):
@@ -253,6 +263,19 @@ class Image(Aggregate["Image.Event"], StableTopic):
         size: int
         operation: OperationPlan
 
+    @dataclass(frozen=True, kw_only=True)
+    class VolumeDigested(Event):
+        """The digest of an immutable volume of this image (docs/adr/0031): recorded by the
+        stage that made it immutable, in the transaction of its completion."""
+
+        TOPIC = "strata.image.VolumeDigested"
+
+        volume: str
+        size: int
+        chunk_size: int
+        chunks: bytes
+        digest: str
+
     # --- state ----------------------------------------------------------------------------
 
     id: uuid.UUID
@@ -278,6 +301,8 @@ class Image(Aggregate["Image.Event"], StableTopic):
     replicating_to: str | None
     last_host: str
     last_error: str | None
+    # The recorded digest of each of its immutable volumes that has one (docs/adr/0031).
+    digests: dict[str, DigestRecord]
 
     # --- commands -------------------------------------------------------------------------
 
@@ -619,6 +644,34 @@ class Image(Aggregate["Image.Event"], StableTopic):
 
     # --- queries --------------------------------------------------------------------------
 
+    def record_digest(
+        self,
+        *,
+        volume: str,
+        size: int,
+        chunk_size: int,
+        chunks: bytes,
+        digest: str,
+        host_id: str,
+        now: datetime,
+    ) -> None:
+        """Record an immutable volume's digest. Allowed on a removed image too: a removed
+        snapshot's volume that other chains still read keeps its digest."""
+        if volume not in self.chain:
+            raise InvalidParameter(
+                f"volume {volume} is not in the chain of image {self.id}", name="volume"
+            )
+        self._trigger(
+            self.VolumeDigested,
+            host_id,
+            now,
+            volume=volume,
+            size=size,
+            chunk_size=chunk_size,
+            chunks=bytes(chunks),
+            digest=digest,
+        )
+
     def operation(self, op_id: str) -> Operation | None:
         for op in self.operations:
             if op.op_id == op_id:
@@ -760,6 +813,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.replica_of = event.origin.get("of") if event.origin.get("how") == "replica" else None
         self.replicating_to = None
         self.last_error = None
+        self.digests = {}
         self._advance(event)
 
     @_appliers.register(SnapshotTaken)
@@ -923,12 +977,25 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.prepared_on = set()
         self.attached_on = None
         self.last_error = None
+        self.digests = {}
         self._advance(event)
 
     @_appliers.register(ImageResized)
     def _(self, event: Image.ImageResized) -> None:
         self.size = event.size
         self.operations.append(Operation.from_plan(event.operation))
+        self._advance(event)
+
+    @_appliers.register(VolumeDigested)
+    def _(self, event: Image.VolumeDigested) -> None:
+        record: DigestRecord = {
+            "size": event.size,
+            "chunk_size": event.chunk_size,
+            "chunks": event.chunks,
+            "digest": event.digest,
+        }
+        # Replaced, never changed in place: the view hands out images that others read.
+        self.digests = {**self.digests, event.volume: record}
         self._advance(event)
 
     def _op(self, op_id: str) -> Operation:

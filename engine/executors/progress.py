@@ -20,8 +20,8 @@ host's lease must not have lapsed since the claim was made (docs/adr/0005). A ho
 paused past ``lease_timeout`` and resumed therefore learns that it may have been counted dead
 before it touches anything, even if nobody took its claim yet.
 
-Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``; the
-standard library.
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.service``,
+``engine.formats`` (a digest's type only); the standard library.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
@@ -41,6 +41,9 @@ from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.service.unit_of_work import ImageService
+
+if TYPE_CHECKING:
+    from engine.formats.qemu.digests import VolumeDigest
 
 
 class Lease(Protocol):
@@ -147,10 +150,17 @@ class Claim:
         return StageCancelled(why, image_id=self.image_id, op_id=self.op_id, stage=self.index)
 
     def complete(
-        self, chain_changes: dict[uuid.UUID, list[str]], *, drop_volume: str | None = None
+        self,
+        chain_changes: dict[uuid.UUID, list[str]],
+        *,
+        drop_volume: str | None = None,
+        digest: tuple[str, VolumeDigest] | None = None,
     ) -> bool:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
+
+        With ``digest`` (a volume of this image and its digest: the stage made it immutable),
+        ``VolumeDigested`` is recorded in the same transaction (docs/adr/0031).
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
@@ -162,6 +172,17 @@ class Claim:
             images[0].complete(
                 op_id=self.op_id, stage=self.index, epoch=self.epoch, host_id=self.host_id, now=now
             )
+            if digest is not None:
+                volume, d = digest
+                images[0].record_digest(
+                    volume=volume,
+                    size=d.size,
+                    chunk_size=d.chunk_size,
+                    chunks=d.chunks,
+                    digest=d.digest,
+                    host_id=self.host_id,
+                    now=now,
+                )
             others = images[1:]
             if drop_volume is not None:
                 changes = merge_chain_changes(others, drop_volume)
