@@ -127,11 +127,10 @@ def rot_ranges(image: Image, ref: str) -> list[tuple[int, int]] | None:
 
 
 def rotten(images: Iterable[Image]) -> dict[str, str]:
-    """Volumes the deep check found rotten on a live image, not mended since, each with why."""
+    """Volumes the deep check found rotten, not made again since, each with why: recorded on
+    the volume's owner, live or removed (a removed snapshot's volume that disks still read)."""
     found: dict[str, str] = {}
     for image in images:
-        if image.removed:
-            continue
         for ref in getattr(image, "damage", None) or ():
             ranges = rot_ranges(image, ref)
             found[ref] = f"volume {ref} is rotten{at_bytes(ranges)}"

@@ -76,8 +76,7 @@ def digest(se: StorageEngine, repo: str, image_id: str) -> str:
             ),
         )
         found = image(se, repo, image_id)
-    record = found.digests[ref]
-    return str(record["digest"] if isinstance(record, dict) else record.digest)
+    return found.digests[ref]["digest"]
 
 
 def record_rot(se: StorageEngine, repo: str, image_id: str, ranges: list[list[int]]) -> None:
@@ -86,13 +85,12 @@ def record_rot(se: StorageEngine, repo: str, image_id: str, ranges: list[list[in
     found = image(se, repo, image_id)
     connected.service.update(
         found.id,
-        lambda i: i._trigger(
-            Image.DamageFound,  # type: ignore[attr-defined,unused-ignore]
-            se.host_id,
-            connected.service.now(),
+        lambda i: i.record_damage(
             volume=found.chain[-1],
             ranges=ranges,
             detail="sha256 of the chunk differs from the one recorded",
+            host_id=se.host_id,
+            now=connected.service.now(),
         ),
     )
 

@@ -41,16 +41,15 @@ def record_digest(repo: Repo, image_id: uuid.UUID, volume: str, digest: str) -> 
 
 
 def record_rot(repo: Repo, image_id: uuid.UUID, volume: str, start: int, end: int) -> None:
-    """What a deep check records (docs/adr/0033), through the event itself."""
+    """What a deep check records (docs/adr/0033)."""
     repo.service.update(
         image_id,
-        lambda i: i._trigger(
-            Image.DamageFound,  # type: ignore[attr-defined,unused-ignore]
-            repo.host_id,
-            repo.clock(),
+        lambda i: i.record_damage(
             volume=volume,
             ranges=[[start, end]],
             detail="sha256 differs",
+            host_id=repo.host_id,
+            now=repo.clock(),
         ),
     )
 
