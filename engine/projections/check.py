@@ -386,17 +386,20 @@ def _recreate_empty(owner: Image, ref: str) -> list[Stage]:
     if len(owner.chain) > 1:
         create["backing"] = owner.chain[-2]
     stages: list[Stage] = [create]
-    digest_stage = _digest_stage(ref)
+    digest_stage = _digest_stage(ref, owner.chain[-2] if len(owner.chain) > 1 else None)
     if digest_stage is not None:
         stages.append(digest_stage)
     return stages
 
 
-def _digest_stage(ref: str) -> Stage | None:
+def _digest_stage(ref: str, backing: str | None) -> Stage | None:
     """A stage that records the volume's digest, once the ``digest`` kind exists."""
     if "digest" not in {str(k) for k in StageKind}:
         return None
-    return {"do": "digest", "volume": ref}  # type: ignore[typeddict-item,return-value,unused-ignore]
+    stage: dict[str, str] = {"do": "digest", "volume": ref}
+    if backing is not None:
+        stage["backing"] = backing  # its digest, if recorded, stands for what ref leaves to it
+    return stage  # type: ignore[return-value]
 
 
 def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[str]) -> Image | None:
