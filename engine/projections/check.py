@@ -318,7 +318,7 @@ def _snapshot_mends(
     readers = index.live_users.get(ref, ())
     users = [owner, *(u for u in readers if u is not owner and not _replica(u))]
     ranges = rot_ranges(owner, ref)
-    if ranges is not None:
+    if ranges:  # none: qemu-img check found its structure corrupt, "damaged"
         state = "rotten"
     head = f"mend {owner.kind} {owner.id}: volume {ref} is {state}"
     if len(users) > 1:

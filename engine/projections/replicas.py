@@ -131,9 +131,14 @@ def rotten(images: Iterable[Image]) -> dict[str, str]:
     the volume's owner, live or removed (a removed snapshot's volume that disks still read)."""
     found: dict[str, str] = {}
     for image in images:
-        for ref in getattr(image, "damage", None) or ():
+        damage: Mapping[str, object] = getattr(image, "damage", None) or {}
+        for ref, record in damage.items():
             ranges = rot_ranges(image, ref)
-            found[ref] = f"volume {ref} is rotten{at_bytes(ranges)}"
+            if ranges:
+                found[ref] = f"volume {ref} is rotten{at_bytes(ranges)}"
+            else:  # its structure, which qemu-img check found corrupt
+                detail = record.get("detail") if isinstance(record, Mapping) else None
+                found[ref] = f"volume {ref} is damaged" + (f": {detail}" if detail else "")
     return found
 
 

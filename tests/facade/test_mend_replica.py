@@ -13,7 +13,7 @@ import pytest
 
 from engine import StorageEngine
 from engine.aggregates.image import Image
-from engine.errors import ImageNotFound, StaleFix
+from engine.errors import ImageNotFound, InvalidParameter, RepositoryNotConnected, StaleFix
 from engine.formats.qemu.digests import digest_image
 from engine.formats.qemu.image_tools import QemuImg
 from engine.types import Fix
@@ -298,3 +298,19 @@ def test_without_a_replica_the_fix_says_so_and_both_choices_work(
     assert qemu.read_pattern_matches(disk_path, disk_fmt, 7 * MiB, MiB, 0x77)
     assert image(se, "r1", snap).damage == {}
     assert mends(se) == []
+
+
+# --- options --------------------------------------------------------------------------------------
+
+
+def test_participating_repositories_must_name_connected_repositories(se: StorageEngine) -> None:
+    nothing: list[str] = []
+    for value in (nothing, "r2"):
+        bad: dict[str, object] = {"participating_repositories": value}
+        with pytest.raises(InvalidParameter, match="participating_repositories"):
+            se.check_storage_repository("r1", bad)
+    with pytest.raises(InvalidParameter, match="unknown keys"):
+        se.check_storage_repository("r1", {"participating": ["r2"]})
+    with pytest.raises(RepositoryNotConnected):
+        se.check_storage_repository("r1", {"participating_repositories": ["r9"]})
+    assert se.check_storage_repository("r1", {"participating_repositories": ["r1", "r2"]}) == []

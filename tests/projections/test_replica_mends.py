@@ -282,3 +282,26 @@ def test_an_image_with_work_pending_on_the_snapshot_waits(repo: Repo, others: li
     fixes = find_problems(view, published(*repo.get(disk).chain[1:]), replicas=search(r2)).fixes
 
     assert of_type(fixes, ops.MEND) == []  # the copy is queued: nothing to offer meanwhile
+
+
+def test_a_volume_whose_structure_is_corrupt_is_damaged_not_rotten(
+    repo: Repo, others: list[Repo]
+) -> None:
+    snap, _ = snapshot_with_disk(repo)
+    volume = repo.get(snap).chain[-1]
+    repo.service.update(
+        snap,
+        lambda i: i.record_damage(
+            volume=volume,
+            ranges=[],
+            detail="qemu-img check: 2 corruptions",
+            host_id=repo.host_id,
+            now=repo.clock(),
+        ),
+    )
+    r2 = Replica("r2", "/srv/r2", copy_in(others[0], repo.get(snap), DIGEST))
+
+    (mend,) = mends(repo, search(r2), lose=volume, rot=True)
+
+    assert f"volume {volume} is damaged; copy it again from its replica" in mend.description
+    assert [s["do"] for s in data(mend)["op"]["stages"]] == ["delete", "copy"]
