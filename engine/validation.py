@@ -240,6 +240,27 @@ def fix_options(value: object, *, also: frozenset[str] = frozenset()) -> tuple[s
     return tuple(repo_id(r, "participating_repositories") for r in participating)
 
 
+def check_options(value: object) -> bool:
+    """``check_storage_repository``'s options: ``{"deep": bool}`` (docs/adr/0033), or None.
+    Returns whether the check is deep."""
+    if value is None:
+        return False
+    if not isinstance(value, Mapping):
+        raise InvalidParameter(f"a dict, not {type(value).__name__}", name="options")
+    # participating_repositories: where a mend looks for replicas (fix_options checks it).
+    unknown = set(value) - {"deep", "participating_repositories"}
+    if unknown:
+        raise InvalidParameter(
+            f"unknown keys {sorted(map(str, unknown))}; known: "
+            "['deep', 'participating_repositories']",
+            name="options",
+        )
+    deep = value.get("deep", False)
+    if not isinstance(deep, bool):
+        raise InvalidParameter(f"deep must be True or False, not {deep!r}", name="options")
+    return deep
+
+
 def connection_parameters(value: object) -> dict[str, Any]:
     if value is None:
         return {}

@@ -20,7 +20,8 @@ from engine.aggregates.operations import Operation, Purpose
 from engine.aggregates.stage_kinds import VOLUME_KEYS as VOLUME_KEYS
 from engine.aggregates.stage_kinds import Stage
 
-RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
+# A deep check runs on a removed carrier too: it changes nothing, and frees nothing.
+RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE, Purpose.VERIFY)
 BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
 
 
@@ -114,6 +115,8 @@ def release_type(
 ) -> Purpose | None:
     """The fix that releases a blocked operation, or None when nothing may release it. A
     removed image's work that makes a ``needed`` volume is mended like a live image's."""
+    if op.purpose == Purpose.VERIFY:
+        return None  # a stopped or failed deep check is not resumed: a new one is asked for
     if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
         return Purpose(op.purpose) if not image.removed or op.purpose in RUN_ON_REMOVED else None
     if image.removed:

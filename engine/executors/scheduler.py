@@ -496,6 +496,7 @@ class Executor:
             phase=claim.phase,
             live=self._live(claim),
             repository_at=self.repository_at,
+            local_image=self.view.image,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
@@ -517,7 +518,7 @@ class Executor:
             raise  # a bug: the image shows it, and the executor stops on it
         self.crashpoints(points.AFTER_DATA)
         try:
-            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
+            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"), damage=run.found)
         except ImageNotFound as e:  # chain_changes names an image this log does not hold
             claim.fail(e.message)
             return

@@ -16,8 +16,9 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.aggregates.image import Image
 from engine.aggregates.operations import split_ref
@@ -65,7 +66,21 @@ _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
 
 
+class Damage(NamedTuple):
+    """What a deep check's stage found wrong with a volume, to record on its owner with the
+    stage's completion (``Image.DamageFound``, docs/adr/0033)."""
+
+    owner: uuid.UUID
+    volume: str
+    ranges: list[list[int]]  # [start, end) of each chunk whose content differs
+    detail: str
+
+
 def _no_check() -> None:
+    return None
+
+
+def _no_image(image_id: uuid.UUID) -> Image | None:
     return None
 
 
@@ -110,6 +125,11 @@ class StageRun:
     phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
     live: Live | None = None  # set when the stage runs through this host's storage daemon
     repository_at: RepositoryAt = nowhere  # other connected repositories (a migration's)
+    # An image of this repository as its view holds it, removed or not (a deep check reads
+    # the digests its owners recorded: docs/adr/0033).
+    local_image: Callable[[uuid.UUID], Image | None] = _no_image
+    # What the stage found damaged (a deep check's): recorded with its completion.
+    found: list[Damage] = dataclass_field(default_factory=list)
 
     @property
     def tag(self) -> str:

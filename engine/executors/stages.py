@@ -93,6 +93,7 @@ from engine.executors.stage_run import (
     source_root,
     source_top,
 )
+from engine.executors.verify_stage import verify
 from engine.formats.qemu.process import Progress
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
@@ -212,6 +213,8 @@ def execute(run: StageRun) -> None:
         or stage["do"] == "switch"
     ):
         _migration(stage)
+    elif stage["do"] == "verify":
+        verify(run, stage)
     else:
         _no_executor(stage)
 

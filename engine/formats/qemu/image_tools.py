@@ -360,8 +360,11 @@ class QemuImg:
         args = [self.qemu_img, "compare", "-q", "-U", alone(a), alone(b)]
         return self._run(args, timeout=timeout, ok=(0, 1))[0] == 0
 
-    def check(self, path: str, *, fmt: str | None = None) -> CheckResult:
-        """``qemu-img check``: corruptions and leaks are a result, not an exception."""
+    def check(
+        self, path: str, *, fmt: str | None = None, cancel: threading.Event | None = None
+    ) -> CheckResult:
+        """``qemu-img check``: corruptions and leaks are a result, not an exception. It reads
+        all of a qcow2 volume's tables, so ``cancel`` may stop it (QemuCancelled)."""
         args = [
             self.qemu_img,
             "check",
@@ -369,7 +372,9 @@ class QemuImg:
             *checked.format_flag("-f", fmt),
             checked.existing(path),
         ]
-        code, out, _ = self._run(args, timeout=self.timeout, ok=(0, 2, 3, _NOT_SUPPORTED))
+        code, out, _ = self._run(
+            args, timeout=self.timeout, ok=(0, 2, 3, _NOT_SUPPORTED), cancel=cancel
+        )
         if code == _NOT_SUPPORTED:
             return CheckResult(supported=False)
         report: dict[str, Any] = json.loads(out)
