@@ -80,7 +80,7 @@ def digest(se: StorageEngine, repo: str, image_id: str) -> str:
 
 
 def record_rot(se: StorageEngine, repo: str, image_id: str, ranges: list[list[int]]) -> None:
-    """What the deep check records for rot it finds (docs/adr/0033)."""
+    """What the deep check records for rot it finds (docs/adr/0033), without reading."""
     connected = se._repos[repo]
     found = image(se, repo, image_id)
     connected.service.update(
@@ -155,10 +155,12 @@ def test_a_flipped_byte_in_a_snapshot_is_mended_from_its_replica_byte_identical(
     path, fmt = top_path(se, "r1", snap)
     offset = flip_a_data_byte(qemu, path, fmt)
     assert not reads_as(se, qemu, "r1", snap, before[snap])
-    record_rot(se, "r1", snap, [[offset & ~(MiB - 1), (offset & ~(MiB - 1)) + MiB]])
 
-    (mend,) = mends(se)
+    (mend,) = [f for f in se.check_storage_repository("r1", {"deep": True}) if f.type == "mend"]
 
+    (found,) = image(se, "r1", snap).damage.values()
+    assert found["ranges"] == [[offset & ~(MiB - 1), (offset & ~(MiB - 1)) + MiB]]
+    assert se.get_image_status("r1", disk).status == "broken"
     assert mend.image_ids == (snap, disk)
     assert "is rotten; copy it again from its replica in repository r2 (digest " in (
         mend.description
@@ -271,14 +273,14 @@ def test_without_a_replica_the_fix_says_so_and_both_choices_work(
     se.remove_image("r2", snap)
     path, fmt = top_path(se, "r1", snap)
     offset = flip_a_data_byte(qemu, path, fmt)
-    record_rot(se, "r1", snap, [[0, MiB]])
+    start = offset & ~(MiB - 1)
 
-    fixes = mends(se)
+    fixes = [f for f in se.check_storage_repository("r1", {"deep": True}) if f.type == "mend"]
 
     assert len(fixes) == 2, fixes
     said = (
         f"mend snapshot {snap}: volume {image(se, 'r1', snap).chain[-1]} is rotten at bytes "
-        "0-1048576; no replica in any connected repository (looked in r2, r3): "
+        f"{start}-{start + MiB}; no replica in any connected repository (looked in r2, r3): "
     )
     (remove,) = [f for f in fixes if f.description.startswith(said + "remove the image")]
     (accept,) = [f for f in fixes if f.description.startswith(said + "accept the loss")]
@@ -292,7 +294,7 @@ def test_without_a_replica_the_fix_says_so_and_both_choices_work(
     se.fix_storage_repository("r1", accept)  # idempotent
     settle(se, "r1", snap, disk)
     # Zeroes where the snapshot's volume held data; the disk's own writes are still there.
-    assert qemu.read_pattern_matches(path, fmt, offset & ~(MiB - 1), MiB, 0)
+    assert qemu.read_pattern_matches(path, fmt, start, MiB, 0)
     disk_path, disk_fmt = top_path(se, "r1", disk)
     assert qemu.read_pattern_matches(disk_path, disk_fmt, 0, MiB, 0)
     assert qemu.read_pattern_matches(disk_path, disk_fmt, 7 * MiB, MiB, 0x77)
