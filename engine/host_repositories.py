@@ -33,7 +33,7 @@ from engine.errors import (
     StrataError,
 )
 from engine.formats.repository.driver import RepositoryStorage
-from engine.projections.replicas import Replica, ReplicaSearch, rot_ranges
+from engine.projections.replicas import Replica, ReplicaSearch, rotten
 
 
 class HostRepositories:
@@ -250,8 +250,9 @@ class HostRepositories:
     def replicas(self, root: str, participating: tuple[str, ...] | None = None) -> ReplicaSearch:
         """Where a check or a fix of the repository at ``root`` looks for replicas (docs/adr/
         0034): the other connected repositories, or only ``participating`` (names). A candidate
-        whose chain's files are not all there, or that its own repository's last check found
-        lost, is left out: it cannot be read whole."""
+        whose chain's files are not all there, or that its own repository's last check (or a
+        deep check's record) found lost, is left out: it cannot be read whole, or not as it
+        was."""
         if participating is None:
             repos = [r for r in self.all() if r.storage.root != root]
         else:
@@ -265,9 +266,9 @@ class HostRepositories:
                 image = repo.view.image(image_id)
                 if image is None or not image.chain or image.removed:
                     continue
-                if any(
-                    ref in repo.lost or rot_ranges(image, ref) is not None for ref in image.chain
-                ) or not all(
+                # Rot a deep check found there, on whichever image owns the volume.
+                damaged = rotten(repo.view.images())
+                if any(ref in repo.lost or ref in damaged for ref in image.chain) or not all(
                     os.path.isfile(repo.storage.volume_path(*ops.split_ref(ref)))
                     for ref in image.chain
                 ):

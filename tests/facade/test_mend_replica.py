@@ -261,6 +261,20 @@ def test_a_mend_whose_replica_was_removed_since_the_check_is_refused(
     assert tree_digest(*roots) == logs
 
 
+def test_a_replica_found_rotten_in_its_own_repository_is_not_used(
+    se: StorageEngine, qemu: QemuImg
+) -> None:
+    snap, _ = family(se, qemu)
+    assert digest(se, "r1", snap) == digest(se, "r2", snap)
+    record_rot(se, "r2", snap, [[0, MiB]])
+    os.unlink(se.get_volume_chain("r1", snap)[-1].path)
+
+    fixes = mends(se)
+
+    assert len(fixes) == 2
+    assert all("no replica in any connected repository" in f.description for f in fixes)
+
+
 # --- without a replica --------------------------------------------------------------------------
 
 
