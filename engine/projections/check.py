@@ -9,7 +9,10 @@ Pure rules over the view's images and the repository's files:
               a removed snapshot): rebase each child onto its parent, then chains drop it;
 ``clean``     files that no live chain, unfinished stage or queued operation needs;
 ``mend``      (also) a live image whose volume is missing or damaged: made again where the data
-              can be had again, else removed, the fix saying the data is lost (ADR 0017).
+              can be had again, else removed, the fix saying the data is lost (ADR 0017); a
+              live snapshot's volume, also rotten by a deep check, is mended on the snapshot
+              for every image reading it: from a replica in another repository, else by a
+              choice the fix offers (engine/projections/snapshot_mends.py, docs/adr/0034).
 
 A foreign file (a link, or a file with a name outside the repository:
 engine/formats/repository/driver.py) is never offered to clean, and a volume whose file is foreign
@@ -34,7 +37,8 @@ What a fix's data holds: engine/projections/fix_tokens.py; starting one is a com
 engine/service/fix_handlers.py.
 
 Imports: :mod:`engine.aggregates`, :mod:`engine.errors`, :mod:`engine.types`, the repository
-format's file listing (:mod:`engine.formats.repository.driver`) and the projections beside it.
+format's file listing (:mod:`engine.formats.repository.driver`) and the projections beside it
+(the replicas' rules: :mod:`engine.projections.replicas`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.operations import Operation
-from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage, StageKind
+from engine.aggregates.stage_kinds import CopyStage, CreateStage, DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, merge_chain_changes, release_type
 from engine.errors import ForeignFile
 from engine.formats.repository.driver import VolumeFile
@@ -59,17 +63,8 @@ from engine.projections.fix_tokens import (
     make_fix,
     new_carrier_fix,
 )
-from engine.projections.replicas import (
-    DIGEST_SHOWN,
-    NO_SEARCH,
-    Replica,
-    ReplicaSearch,
-    at_bytes,
-    replica_for,
-    rot_ranges,
-    rotten,
-    top_digest,
-)
+from engine.projections.replicas import NO_SEARCH, Replica, ReplicaSearch, rotten
+from engine.projections.snapshot_mends import snapshot_mends
 from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.types import Fix
 
@@ -273,7 +268,7 @@ def _restorations(
             )
         elif owner is not None:
             if owner is image:  # the images above it are mended by the same fix
-                yield from _snapshot_mends(index, owner, ref, state, clear, replicas)
+                yield from snapshot_mends(index, owner, ref, state, clear, replicas)
         elif (
             image.kind == ops.VIRTUAL_DISK
             and len(image.chain) > 1
@@ -303,103 +298,6 @@ def _restorations(
                 "lost: this fix removes the image (restore it from a backup copy)",
                 remove=f"data lost: {what}",
             )
-
-
-def _snapshot_mends(
-    index: VolumeIndex,
-    owner: Image,
-    ref: str,
-    state: str,
-    clear: list[Stage],
-    replicas: ReplicaSearch,
-) -> Iterable[Fix]:
-    """The mends of a snapshot's lost top ``ref``, on the snapshot, naming every live image
-    that reads it: from a replica (the same bytes, docs/adr/0034), else the two choices."""
-    readers = index.live_users.get(ref, ())
-    users = [owner, *(u for u in readers if u is not owner and not _replica(u))]
-    ranges = rot_ranges(owner, ref)
-    if ranges:  # none: qemu-img check found its structure corrupt, "damaged"
-        state = "rotten"
-    head = f"mend {owner.kind} {owner.id}: volume {ref} is {state}"
-    if len(users) > 1:
-        above = ", ".join(u.id_text for u in users[1:])
-        head_users = f" (read by {above} too)"
-    else:
-        head_users = ""
-    replica = replica_for(owner, ref, replicas)
-    if replica is not None:
-        yield make_fix(
-            ops.MEND,
-            owner,
-            users,
-            f"{head}; copy it again from its replica in repository {replica.repo_id} (digest "
-            f"{(top_digest(replica.image) or '')[:DIGEST_SHOWN]}, no data is lost){head_users}",
-            stages=[*clear, _remake(owner, ref, replica)],
-            replica=replica,
-        )
-        return
-    head = f"{head}{at_bytes(ranges)}; {replicas.where()}"
-    yield make_fix(
-        ops.MEND,
-        owner,
-        users,
-        f"{head}: remove the image (data lost){head_users}",
-        remove=f"data lost: volume {ref} is {state}, {replicas.where()}",
-    )
-    yield make_fix(
-        ops.MEND,
-        owner,
-        users,
-        f"{head}: accept the loss: recreate the volume empty (zeroes where it held data)"
-        f"{head_users}",
-        stages=[*clear, *_recreate_empty(owner, ref)],
-    )
-
-
-def _remake(owner: Image, ref: str, replica: Replica) -> Stage:
-    """The stage that makes ``ref`` again from the replica: a copy of its whole content for
-    a standalone volume, the difference from the volume's backing for an overlay."""
-    if len(owner.chain) > 1:
-        return {
-            "do": "diff",
-            "source_image": owner.id_text,
-            "source_root": replica.root,
-            "base": owner.chain[-2],
-            "volume": ref,
-        }
-    stage: CopyStage = {
-        "do": "copy",
-        "source_image": owner.id_text,
-        "source_root": replica.root,
-        "volume": ref,
-    }
-    if ref.endswith(".raw"):
-        stage["preallocate"] = True
-    return stage
-
-
-def _recreate_empty(owner: Image, ref: str) -> list[Stage]:
-    """The volume made again empty: over its backing, or standalone of the image's size;
-    then its digest recorded anew where that stage kind exists (docs/adr/0031), or the next
-    deep check would find the accepted loss rotten."""
-    create: CreateStage = {"do": "create", "volume": ref, "size": owner.size}
-    if len(owner.chain) > 1:
-        create["backing"] = owner.chain[-2]
-    stages: list[Stage] = [create]
-    digest_stage = _digest_stage(ref, owner.chain[-2] if len(owner.chain) > 1 else None)
-    if digest_stage is not None:
-        stages.append(digest_stage)
-    return stages
-
-
-def _digest_stage(ref: str, backing: str | None) -> Stage | None:
-    """A stage that records the volume's digest, once the ``digest`` kind exists."""
-    if "digest" not in {str(k) for k in StageKind}:
-        return None
-    stage: dict[str, str] = {"do": "digest", "volume": ref}
-    if backing is not None:
-        stage["backing"] = backing  # its digest, if recorded, stands for what ref leaves to it
-    return stage  # type: ignore[return-value]
 
 
 def _copied_from(index: VolumeIndex, image: Image, ref: str, lost: Collection[str]) -> Image | None:
