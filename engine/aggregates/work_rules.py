@@ -1,7 +1,8 @@
 """What work will still run, and which volumes it needs: the executors' and the fixes' rules.
 
 Pure domain rules over :class:`~engine.aggregates.image.Image` and its operations. Work on a
-removed image runs only when it is a ``clean`` or a ``merge``, or when it makes a volume that work
+removed image runs only when it is a ``clean``, a ``merge`` or a deep check's ``verify`` (on its
+carrier: docs/adr/0033), or when it makes a volume that work
 which will run reads (:func:`needed_volumes`): data is freed only once nothing depends on it
 (docs/adr/0017-nothing-stuck-without-a-reason.md). The executors decide what to claim with these
 rules and the check decides what to offer with the same ones.

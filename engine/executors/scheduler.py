@@ -5,7 +5,7 @@ pending. Its next stage is claimed (``StageClaimed`` at the image's current vers
 hosts, the log lets exactly one win) when
 
 * the image is live, or the operation is a ``clean`` or ``merge`` (a removed image's own work
-  is void; the space it holds is not);
+  is void; the space it holds is not), or a deep check's ``verify`` (on its carrier, ADR 0033);
 * this Strata knows the stage kind (a newer host's stage waits for a newer host);
 * nobody holds the claim, or this host does but no thread of this process runs it (this process
   is a restart after a crash: the stage runs again under a new epoch), or the host that holds
