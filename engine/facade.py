@@ -302,15 +302,20 @@ class StorageEngine:
         against it. That is durable work on a carrier (``describe_repository`` names it while
         it runs, and ``stop_fix`` on it stops it: DeepCheckUnfinished), which this call waits
         for; what it finds makes the images reading the volume broken, and the fixes returned
-        offer to mend them."""
+        offer to mend them. With ``participating_repositories``, replicas of lost volumes are
+        looked for only there (docs/adr/0034)."""
         repo = self._repos[repo_id]
         deep = validation.check_options(options)
+        participating = validation.fix_options(options, also=frozenset({"deep"}))
         repo.follower.caught_up()
         if deep:
             self._deep_check(repo)
         root = repo.storage.root
         return queries.check(
-            repo, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            replicas=self._repos.replicas(root, participating),
         )
 
     def _deep_check(self, repo: ConnectedRepository) -> None:
@@ -334,12 +339,15 @@ class StorageEngine:
         repo = self._repos[repo_id]
         if not isinstance(fix, Fix):
             raise InvalidParameter(f"a Fix from check_storage_repository, not {fix!r}", name="fix")
-        if options not in (None, {}):
-            raise InvalidParameter("fix takes no options yet", name="options")
+        participating = validation.fix_options(options)
         repo.follower.caught_up()
         root = repo.storage.root
         plan = fix_rules.decode_fix(
-            repo.view, fix, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo.view,
+            fix,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            self._repos.replicas(root, participating),
         )
         fix_handlers.start_fix(repo.service, plan)
         self._written(repo)

@@ -153,10 +153,13 @@ def check(
     repo: ConnectedRepository,
     elsewhere: Collection[str],
     writers: Mapping[str, Operation] | None = None,
+    *,
+    replicas: fix_rules.ReplicaSearch = fix_rules.NO_SEARCH,
 ) -> list[Fix]:
     """Compare the view with the files; the fixes that would help. ``elsewhere``: volumes here
     that unfinished work in other connected repositories reads; ``writers``: their operations
-    that write temporary files here (a migration's), by id."""
+    that write temporary files here (a migration's), by id; ``replicas``: where copies of its
+    snapshots are, to mend their lost volumes from (docs/adr/0034)."""
     unlisted: ForeignFile | None = None
     try:
         files = repo.storage.list_volume_files()
@@ -173,6 +176,7 @@ def check(
         elsewhere=elsewhere,
         unlisted=unlisted,
         writers=writers,
+        replicas=replicas,
     )
     repo.lost = identities(repo.storage, problems.lost)
     return list(problems.fixes)

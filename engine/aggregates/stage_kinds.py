@@ -82,6 +82,9 @@ class CopyStage(Completion):
     source_image: str  # an image id, in any repository connected on the host
     volume: str
     preallocate: NotRequired[bool]
+    # The root of the repository to read ``source_image`` from, where the same id is in
+    # several (a mend from a replica, docs/adr/0034); absent: wherever it is whole.
+    source_root: NotRequired[str]
 
 
 class DiffStage(Completion):
@@ -89,6 +92,7 @@ class DiffStage(Completion):
     source_image: str
     base: str
     volume: str
+    source_root: NotRequired[str]  # as a copy's
 
 
 class RebaseStage(Completion):

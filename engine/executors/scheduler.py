@@ -347,6 +347,7 @@ class Executor:
                 self.storage,
                 self.find_image,
                 self.foreign_ready,
+                self.repository_at,
             ):
                 found.append((image, op))
         return found

@@ -171,9 +171,13 @@ def source_top(run: StageRun) -> Volume:
     """The top volume of the source image's current chain: reading it reads the whole chain,
     so :class:`~engine.errors.ForeignFile` if any volume of the chain is foreign."""
     image_id = source_id(run.stage)
-    found = run.find_image(image_id)
+    found = find_source(run.stage, run.find_image, run.repository_at)
     if found is None:
-        raise ImageNotFound("in any repository connected on this host", image_id=image_id)
+        root = run.stage.get("source_root")
+        where = "in any repository connected on this host"
+        if root is not None:
+            where = f"in the repository at {root} (connected on this host?)"
+        raise ImageNotFound(where, image_id=image_id)
     image, storage = found
     if not image.chain:
         raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
@@ -181,6 +185,24 @@ def source_top(run: StageRun) -> Volume:
         storage.check_own_file(storage.volume_path(*split_ref(ref)))
     volume_id, fmt = split_ref(image.chain[-1])
     return Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
+
+
+def find_source(
+    stage: Mapping[str, object], find_image: FindImage, repository_at: RepositoryAt
+) -> tuple[Image, RepositoryStorage] | None:
+    """The image the stage reads (``source_image``) and its repository's storage: in the
+    repository at ``source_root`` when the stage names one (the same id may be in several,
+    with other bytes: a mend reads the replica its check chose, docs/adr/0034), else where
+    ``find_image`` finds it."""
+    image_id = source_id(stage)
+    root = source_root(stage)
+    if root is None:
+        return find_image(image_id)
+    other = repository_at(root)
+    image = None if other is None else other.image(image_id)
+    if other is None or image is None:
+        return None
+    return image, other.storage
 
 
 def refuse_foreign(run: StageRun, *volumes: Volume) -> None:
@@ -208,6 +230,14 @@ def source_id(stage: Mapping[str, object]) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
+
+
+def source_root(stage: Mapping[str, object]) -> str | None:
+    """The root of the repository a stage reads its source from, if it names one."""
+    root = stage.get("source_root")
+    if root is not None and not isinstance(root, str):
+        raise InvalidParameter(f"not a repository root: {root!r}", name="stage")
+    return root
 
 
 def field(stage: Mapping[str, object], name: str) -> object:
