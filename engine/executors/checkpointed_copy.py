@@ -1,4 +1,4 @@
-"""A copy that records where its data is durable as it goes, and resumes from there.
+"""A copy that records where its data is durable as it goes, and can resume from there.
 
 One loop for both copies a stage makes (docs/adr/0032-resumable-copies.md): a full copy into a
 new file, and an incremental one (``base`` given) into a qcow2 overlay of ``base`` that must
@@ -15,44 +15,21 @@ writer is flushed (data and qcow2 tables durable) and ``checkpoint`` is told the
 hashes of the chunks done since the last one. A later attempt that finds the file of the one
 that recorded a checkpoint starts at its offset with its hashes: what lies before is durable
 and the source is immutable; what lies after may hold part of what the killed attempt wrote
-beyond, which is the same bytes, written again.
+beyond, which is the same bytes, written again. How a stage finds that file and takes it over
+is engine/executors/copy_resume.py.
 
-:func:`run_copy` is this copy as a stage runs it (``copy`` and ``diff`` in stages.py): it
-takes over the file of the attempt that recorded the stage's last checkpoint, if that file is
-still there and no other process holds it (QEMU's image lock: a fenced host's writer still
-running), and records each checkpoint under the stage's claim.
-
-Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
-standard library.
+Imports: ``engine.formats``; the standard library.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine.aggregates.operations import Checkpoint
-from engine.errors import QemuError, VolumeFileNotFound
-from engine.executors.stage_run import StageRun, Volume
-from engine.formats.qemu.digests import (
-    HASH_BYTES,
-    ChunkHasher,
-    DigestCancelled,
-    VolumeDigest,
-    chunk_size_for,
-    digest_image,
-)
-from engine.formats.qemu.image_io import Extent, ImageReader, ImageWriter, open_reader, open_writer
-
-logger = logging.getLogger("engine.executors")
-# How QEMU says that another process holds an image's lock.
-_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
+from engine.formats.qemu.digests import HASH_BYTES, ChunkHasher, VolumeDigest, chunk_size_for
+from engine.formats.qemu.image_io import Extent, ImageReader, ImageWriter
 
 CLUSTER = 64 << 10  # the granularity of comparisons and writes: qcow2's default cluster
 _ZEROES = bytes(CLUSTER)
@@ -77,149 +54,6 @@ class Copied:
 
     digest: VolumeDigest
     written: int
-
-
-def run_copy(
-    run: StageRun,
-    volume: Volume,
-    temp: str,
-    source: Volume,
-    base: Volume | None,
-    new_file: Callable[[str, int], None],
-    last: Checkpoint | None,
-    mid_point: str,
-) -> VolumeDigest:
-    """Copy ``source`` into ``temp`` (made by ``new_file(temp, size)``, or taken over from
-    the attempt that recorded ``last``), durably, recording checkpoints; the digest of what
-    was copied."""
-
-    def stop() -> None:
-        if run.cancel is not None and run.cancel.is_set():
-            raise run.cancelled("this host cancelled it")
-
-    def checkpoint(reached: Reached) -> None:
-        if run.checkpoint is not None:
-            run.checkpoint(
-                offset=reached.offset,
-                percent=reached.percent,
-                chunks=reached.chunks,
-                written=reached.written,
-            )
-        elif run.progress is not None:  # a stage run without a claim (tests, tools)
-            run.progress(reached.percent)
-
-    for read in (source, base):
-        if read is not None and not os.path.exists(read.path):
-            raise VolumeFileNotFound(path=read.path)
-    with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(open_reader(source.path, source.fmt))
-        under = None if base is None else stack.enter_context(open_reader(base.path, base.fmt))
-        writer, start, chunks = _target(run, volume, temp, reader.size, new_file, last)
-        stack.enter_context(writer)
-        copied = copy_image(
-            reader,
-            writer,
-            base=under,
-            start=start,
-            done_chunks=chunks,
-            checkpoint=checkpoint,
-            stop=stop,
-            first_write=lambda: run.crashpoints(mid_point),
-            rate=run.qemu.copy_rate,
-        )
-    return copied.digest
-
-
-def digest_of(run: StageRun, volume: Volume, last: Checkpoint | None) -> VolumeDigest:
-    """The digest of ``volume``, published by an earlier attempt: its last checkpoint's, if it
-    recorded every chunk; else read from the volume."""
-    size = run.qemu.info(volume.path, fmt=volume.fmt)["virtual-size"]
-    chunk = chunk_size_for(size)
-    if (
-        last is not None
-        and last.offset == size
-        and len(last.chunks) == -(-size // chunk) * HASH_BYTES
-    ):
-        return VolumeDigest(size, chunk, last.chunks)
-    try:
-        return digest_image(volume.path, volume.fmt, cancel=run.cancel)
-    except DigestCancelled as e:
-        raise run.cancelled("this host cancelled it") from e
-
-
-def _target(
-    run: StageRun,
-    volume: Volume,
-    temp: str,
-    size: int,
-    new_file: Callable[[str, int], None],
-    last: Checkpoint | None,
-) -> tuple[ImageWriter, int, bytes]:
-    """The writer of ``temp``, and the offset and hashes the copy starts from: the file of
-    the attempt that recorded ``last``, renamed to ``temp``, where it can be taken over; else
-    a new file, from the start."""
-    if last is not None:
-        resumed = _take_over(run, volume, temp, size, last)
-        if resumed is not None:
-            return resumed, last.offset, last.chunks
-    new_file(temp, size)
-    return open_writer(temp, volume.fmt), 0, b""
-
-
-def _take_over(
-    run: StageRun, volume: Volume, temp: str, size: int, last: Checkpoint
-) -> ImageWriter | None:
-    chunk = chunk_size_for(size)
-    if (
-        last.offset % chunk
-        or last.offset > size
-        or len(last.chunks) != last.offset // chunk * HASH_BYTES
-    ):
-        return None  # a checkpoint of another copy (the source was resized?): from the start
-    old = run.storage.temp_path(
-        volume.volume_id, volume.fmt, f"{run.op_id}-{run.index}-e{last.epoch}"
-    )
-    if not any(f.path == old for f in run.storage.temporaries_of(volume.volume_id)):
-        return None
-    run.storage.check_own_file(old)
-    try:
-        if volume.fmt == "qcow2":
-            # A writer killed past its last flush may have allocated clusters it never
-            # recorded: leaked, harmless, but space. Freed before the file is taken over.
-            run.qemu.check(old, fmt=volume.fmt, repair_leaks=True)
-        writer = open_writer(old, volume.fmt)  # takes the image's lock: no one else writes it
-    except (QemuError, OSError) as e:
-        # Held by another process (a fenced host's writer, still running: QEMU's lock, which
-        # qemu-nbd may report by dropping the connection), or not an image QEMU can open
-        # any more: either way, not a file to resume in.
-        held = isinstance(e, QemuError) and _LOCKED.search(e.stderr) is not None
-        logger.info(
-            "stage %d of operation %s on image %s starts its copy again: the file %s of the "
-            "attempt it would resume %s",
-            run.index + 1, run.op_id, run.image_id, old,
-            "is held by another process (a fenced host's?)" if held else f"cannot be opened: {e}",
-            extra={"image": str(run.image_id), "operation": run.op_id, "stage": run.index + 1},
-        )  # fmt: skip
-        run.storage.remove(old)  # its writer goes on into a file nobody will publish
-        return None
-    try:
-        if writer.size != size:
-            raise ValueError(f"{old} is {writer.size} bytes, the copy {size}")
-        run.storage.retag(old, temp)
-    except (ValueError, VolumeFileNotFound):
-        writer.close()
-        run.storage.remove(old)
-        return None
-    except BaseException:
-        writer.close()
-        raise
-    logger.info(
-        "stage %d of operation %s on image %s resumes its copy at byte %d of %d, in the file "
-        "of the attempt at epoch %d",
-        run.index + 1, run.op_id, run.image_id, last.offset, size, last.epoch,
-        extra={"image": str(run.image_id), "operation": run.op_id, "stage": run.index + 1},
-    )  # fmt: skip
-    return writer
 
 
 def copy_image(

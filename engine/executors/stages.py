@@ -11,7 +11,7 @@ writes into a file nobody publishes, ADR 0003), then publishes it atomically. A 
 crash at any instruction therefore finds one of three things: the volume published (verify it,
 drop leftovers: done), a temporary file of an earlier attempt (remove it, start again; a copy
 takes over the file of the attempt that recorded its last checkpoint and resumes there,
-engine/executors/checkpointed_copy.py, docs/adr/0032), or nothing. A temporary file of a
+engine/executors/copy_resume.py, docs/adr/0032), or nothing. A temporary file of a
 *later* attempt (a higher epoch: the host that took the stage over while this one was paused)
 is never touched. ``rebase`` and ``resize`` work in place: a
 safe rebase rewrites only clusters whose content stays the same through the chain, and growing
@@ -72,7 +72,7 @@ from engine.errors import (
     VolumeMismatch,
     storage_error,
 )
-from engine.executors import checkpointed_copy
+from engine.executors import copy_resume
 from engine.executors.crashpoints import (
     AFTER_PUBLISH,
     BEFORE_PUBLISH,
@@ -439,14 +439,14 @@ def _checkpointed(
 
     def make(temp: str) -> None:
         made.append(
-            checkpointed_copy.run_copy(
+            copy_resume.run_copy(
                 run, volume, temp, source, base, new_file, last, MID_REBASE if base else MID_COPY
             )
         )
 
     produce(run, volume, make, verify, reads=(base,), resumable=resumable)
     if run.keep_digest is not None and _immutable(run, volume):
-        digest = made[0] if made else checkpointed_copy.digest_of(run, volume, last)
+        digest = made[0] if made else copy_resume.digest_of(run, volume, last)
         run.keep_digest(volume.ref, digest)
 
 
