@@ -111,6 +111,17 @@ class NbdServer:
                 continue
             try:
                 return NbdClient(sock)
+            except OSError as e:
+                # qemu-nbd listens before it opens the image: one that cannot (a lock held
+                # by another writer) accepts the connection and then exits. Its own words
+                # say why, not the reset connection.
+                sock.close()
+                try:
+                    code = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.close()
+                    raise e from None
+                raise self._failure(code) from e
             except BaseException:
                 sock.close()
                 raise
