@@ -52,7 +52,7 @@ class Copied:
     """What a finished copy produced: the digest of the guest-visible bytes, and the bytes its
     writer wrote (this attempt's, as the kernel counted them)."""
 
-    digest: VolumeDigest
+    digest: VolumeDigest | None  # None: not asked for, or the resumed-from hashes were not kept
     written: int
 
 
@@ -67,20 +67,30 @@ def copy_image(
     stop: Callable[[], None] = lambda: None,
     first_write: Callable[[], None] = lambda: None,
     rate: int = 0,
+    digest: bool = True,
 ) -> Copied:
     """Copy ``reader``'s guest-visible bytes from ``start`` into ``writer``'s image, which
     reads as zeroes there (a new file) or as ``base`` reads (an overlay of ``base``), or as
     the source where an earlier attempt of this copy wrote. ``start`` is a checkpoint's
     offset and ``done_chunks`` the hashes recorded up to it. ``stop`` raises to end the copy
     (asked before each block); ``first_write`` is called once, before anything is written;
-    ``rate``: bytes of data read a second at most (0: no limit)."""
+    ``rate``: bytes of data read a second at most (0: no limit). ``digest``: hash the bytes
+    (a copy that makes a snapshot's volume: docs/adr/0031); a disk's copy does not pay for it.
+
+    A checkpoint is recorded at a chunk boundary when something may have been written since
+    the last one: a sparse volume's empty chunks cost no log append and no flush."""
     size = reader.size
     if writer.size != size:
         raise ValueError(f"sizes differ: source {size}, target {writer.size}")
     chunk = chunk_size_for(size)
-    if start % chunk or not 0 <= start <= size or len(done_chunks) != start // chunk * HASH_BYTES:
+    if start % chunk or not 0 <= start <= size:
         raise ValueError(f"{start} is not a checkpoint of a copy of {size} bytes")
-    hasher = ChunkHasher(size, chunk, start)
+    # Without every earlier chunk's hash (an attempt that did not hash), the digest is not
+    # this copy's to give: the caller reads the volume for it if it wants one.
+    hashing_on = digest and len(done_chunks) == start // chunk * HASH_BYTES
+    hasher: ChunkHasher | _NoHasher = ChunkHasher(size, chunk, start) if hashing_on else _NoHasher()
+    if not hashing_on:
+        done_chunks = b""
     chunks = bytearray(done_chunks)  # every chunk's hash so far
     told = 0  # of which the checkpoints recorded so many bytes (none yet, for this attempt)
     under = _Under(base)
@@ -102,6 +112,7 @@ def copy_image(
         told = len(chunks)
         checkpoint(reached)  # raises if the claim moved on: the copy ends there
 
+    dirty = False  # something may have been written since the last checkpoint
     try:
         started = False
         pace = _Pace(rate, stop)
@@ -123,21 +134,39 @@ def copy_image(
                 else:
                     hashed = hashing.submit(hasher.update, data)
                 _write_differences(writer, at, data, under.read(at, n))
+                dirty = dirty or data is not None or base is not None
                 # The block's memory is the reader's again once the next one is asked for.
                 hashed.result()
                 if data is not None:
                     pace.passed(n)  # written, not yet checkpointed: where a kill costs most
                 done += n
                 position = at + n
-                if position % chunk == 0 or position == size:
+                if dirty and (position % chunk == 0 or position == size):
                     reach(position)
+                    dirty = False
         if position != size:
             raise ValueError(f"the source's extents end at {position}, not at {size}")
         if not started:
             reach(size)  # nothing was left to copy: the last checkpoint still says so
     finally:
         hashing.shutdown(wait=True, cancel_futures=True)
-    return Copied(VolumeDigest(size, chunk, bytes(chunks)), _written(writer))
+    if hashing_on:
+        chunks.extend(hasher.take())
+        return Copied(VolumeDigest(size, chunk, bytes(chunks)), _written(writer))
+    return Copied(None, _written(writer))
+
+
+class _NoHasher:
+    """A copy that records no digest hashes nothing."""
+
+    def update(self, data: object) -> None:
+        pass
+
+    def zeroes(self, n: int) -> None:
+        pass
+
+    def take(self) -> bytes:
+        return b""
 
 
 class _Pace:

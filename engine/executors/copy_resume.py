@@ -47,10 +47,11 @@ def run_copy(
     new_file: Callable[[str, int], None],
     last: Checkpoint | None,
     mid_point: str,
-) -> VolumeDigest:
+    digest: bool = True,
+) -> VolumeDigest | None:
     """Copy ``source`` into ``temp`` (made by ``new_file(temp, size)``, or taken over from
     the attempt that recorded ``last``), durably, recording checkpoints; the digest of what
-    was copied."""
+    was copied (None without ``digest``, or when the attempt resumed from kept no hashes)."""
 
     def stop() -> None:
         if run.cancel is not None and run.cancel.is_set():
@@ -85,6 +86,7 @@ def run_copy(
             stop=stop,
             first_write=lambda: run.crashpoints(mid_point),
             rate=run.qemu.copy_rate,
+            digest=digest,
         )
     return copied.digest
 
@@ -132,7 +134,8 @@ def _take_over(
     if (
         last.offset % chunk
         or last.offset > size
-        or len(last.chunks) != last.offset // chunk * HASH_BYTES
+        # Every chunk's hash up to the offset, or none (a copy that records no digest).
+        or len(last.chunks) not in (0, last.offset // chunk * HASH_BYTES)
     ):
         return None  # a checkpoint of another copy (the source was resized?): from the start
     old = run.storage.temp_path(

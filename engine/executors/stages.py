@@ -435,18 +435,22 @@ def _checkpointed(
     completion."""
     last = run.last_checkpoint()
     resumable = None if last is None else _tag_at(run, last.epoch)
-    made: list[VolumeDigest] = []
+    wanted = run.keep_digest is not None and _immutable(run, volume)
+    made: list[VolumeDigest | None] = []
 
     def make(temp: str) -> None:
+        point = MID_REBASE if base else MID_COPY
         made.append(
             copy_resume.run_copy(
-                run, volume, temp, source, base, new_file, last, MID_REBASE if base else MID_COPY
+                run, volume, temp, source, base, new_file, last, point, digest=wanted
             )
         )
 
     produce(run, volume, make, verify, reads=(base,), resumable=resumable)
-    if run.keep_digest is not None and _immutable(run, volume):
-        digest = made[0] if made else copy_resume.digest_of(run, volume, last)
+    if wanted and run.keep_digest is not None:
+        digest = made[0] if made and made[0] is not None else None
+        if digest is None:
+            digest = copy_resume.digest_of(run, volume, last)
         run.keep_digest(volume.ref, digest)
 
 
