@@ -56,6 +56,7 @@ class StageKind(StrEnum):
     SYNC = "sync"  # copy the immutable ``volumes`` into ``target``, checked, over their clones
     MIRROR = "mirror"  # start mirroring the top ``volume`` into its clone (live only)
     SWITCH = "switch"  # make the replica the image: the top in sync, then the replica switched
+    DIGEST = "digest"  # record the content digest of the immutable ``volume`` (a snapshot's)
 
 
 class Completion(TypedDict, total=False):
@@ -150,6 +151,19 @@ class SwitchStage(Completion):
     merge: NotRequired[list[str]]  # [base, top] of the commit the replica runs once switched
 
 
+class DigestStage(Completion):
+    """The digest of ``volume``'s guest-visible content (read through its backing chain),
+    recorded with the stage's completion (``VolumeDigested``, docs/adr/0031). ``backing``: the
+    volume below, whose recorded digest, if any, stands for the chunks ``volume`` does not
+    allocate. ``frozen_by``: the disk's new top whose making freezes ``volume`` (a snapshot's):
+    until then a virtual machine attached to the disk may still write to ``volume``."""
+
+    do: Literal["digest"]
+    volume: str
+    backing: NotRequired[str]
+    frozen_by: NotRequired[str]
+
+
 Stage = (
     CreateStage
     | CopyStage
@@ -162,10 +176,13 @@ Stage = (
     | SyncStage
     | MirrorStage
     | SwitchStage
+    | DigestStage
 )
 
 # The keys of a stage that name one volume of the stage's repository.
-VolumeKey = Literal["volume", "backing", "old_backing", "base", "drop_volume", "top", "child"]
+VolumeKey = Literal[
+    "volume", "backing", "old_backing", "base", "drop_volume", "top", "child", "frozen_by"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +222,8 @@ def _declare(kind: StageKind) -> KindRules:
             return KindRules(MirrorStage, reads=("volume",))
         case StageKind.SWITCH:
             return KindRules(SwitchStage, reads=("volume",))
+        case StageKind.DIGEST:
+            return KindRules(DigestStage, reads=("volume", "backing", "frozen_by"))
     assert_never(kind)  # mypy: a kind without its declaration
 
 
@@ -244,9 +263,10 @@ def has_live_form(stage: Stage) -> bool:
     return kind in _LIVE_KINDS or (kind == "create" and bool(stage.get("backing")))
 
 
-# Kinds that run while the image is attached: block jobs, and a migration's stages (which
-# write only into the replica's repository, or work through the daemon).
-_LIVE_KINDS = frozenset(("rebase", "commit", "clone", "sync", "mirror", "switch"))
+# Kinds that run while the image is attached: block jobs, a migration's stages (which write
+# only into the replica's repository, or work through the daemon), and a digest, which only
+# reads an immutable volume, sharing it with the daemon.
+_LIVE_KINDS = frozenset(("rebase", "commit", "clone", "sync", "mirror", "switch", "digest"))
 
 
 def is_migration(stage: Stage) -> bool:

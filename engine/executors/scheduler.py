@@ -49,7 +49,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import Image
+from engine.aggregates.image import DigestRecord, Image
 from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import (
     Stage,
@@ -495,6 +495,7 @@ class Executor:
             phase=claim.phase,
             live=self._live(claim),
             repository_at=self.repository_at,
+            recorded_digest=self._recorded_digest,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
@@ -516,7 +517,9 @@ class Executor:
             raise  # a bug: the image shows it, and the executor stops on it
         self.crashpoints(points.AFTER_DATA)
         try:
-            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
+            claim.complete(
+                changes, drop_volume=claim.stage.get("drop_volume"), digest=run.outcome.digest
+            )
         except ImageNotFound as e:  # chain_changes names an image this log does not hold
             claim.fail(e.message)
             return
@@ -551,6 +554,15 @@ class Executor:
             # A new top that only the stage's completion puts in the chain (a migration's
             # live snapshot, docs/adr/0029): a live snapshot of the image all the same.
             return Live(self.daemon(), own, claim.reach)
+        return None
+
+    def _recorded_digest(self, ref: str) -> DigestRecord | None:
+        """The digest this repository's log holds for volume ``ref``: on the image that made it
+        immutable, removed or not (a removed snapshot's volume that chains read keeps it)."""
+        for image in self.view.images():
+            record = image.digests.get(ref)
+            if record is not None:
+                return record
         return None
 
     # --- bookkeeping ----------------------------------------------------------------------

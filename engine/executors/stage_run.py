@@ -11,6 +11,7 @@ storage daemon for live stages); the standard library.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import uuid
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from engine.aggregates.image import Image
+from engine.aggregates.image import DigestRecord, Image
 from engine.aggregates.operations import split_ref
 from engine.aggregates.stage_kinds import Stage
 from engine.errors import (
@@ -30,6 +31,7 @@ from engine.errors import (
     VolumeMismatch,
 )
 from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.formats.qemu.digests import VolumeDigest
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.process import Progress
 from engine.formats.qemu.storage_daemon import StorageDaemon
@@ -78,6 +80,18 @@ def _not_superseded() -> bool:
     return False
 
 
+def _no_digest(ref: str) -> DigestRecord | None:
+    return None
+
+
+@dataclass
+class Outcome:
+    """What an attempt hands its stage's completion besides "done": the digest of a volume of
+    the image that the stage made immutable (docs/adr/0031), recorded in the same transaction."""
+
+    digest: tuple[str, VolumeDigest] | None = None
+
+
 @dataclass(frozen=True)
 class Live:
     """What a stage needs to run live: this host's daemon, the image attached here whose chain
@@ -110,6 +124,9 @@ class StageRun:
     phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
     live: Live | None = None  # set when the stage runs through this host's storage daemon
     repository_at: RepositoryAt = nowhere  # other connected repositories (a migration's)
+    # The digest this repository's log holds for a volume, if any (docs/adr/0031).
+    recorded_digest: Callable[[str], DigestRecord | None] = _no_digest
+    outcome: Outcome = dataclasses.field(default_factory=Outcome)
 
     @property
     def tag(self) -> str:

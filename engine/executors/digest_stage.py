@@ -1,0 +1,46 @@
+"""The ``digest`` stage: the content digest of a snapshot's volume, made immutable without a copy.
+
+A copy records the digest of what it writes while the data passes (docs/adr/0032); a snapshot
+copies nothing: it freezes the disk's top, and this stage then reads it once, through its
+backing chain, and hands ``(volume, digest)`` to the stage's completion, which records
+``VolumeDigested`` in the same transaction as ``StageCompleted`` (docs/adr/0031).
+
+It only reads, and only an immutable volume: ``qemu-nbd --read-only`` (a shared lock, which a
+virtual machine reading the same volume as a backing, or a snapshot attached read-only, shares),
+or the raw file itself. So it writes nothing other hosts read, needs no fencing check (a fenced
+host's completion is refused by the log), and a re-run after a crash at any point computes the
+same digest from the same bytes.
+
+An overlay whose backing already has a recorded digest reads only the chunks it allocates
+itself; the others are its backing's (``reuse``): a snapshot of a disk that changed little costs
+little. Without one (a first snapshot, or its backing's digest not recorded yet) it reads all.
+
+Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
+standard library.
+"""
+
+from __future__ import annotations
+
+from engine.aggregates.stage_kinds import DigestStage
+from engine.executors.stage_run import StageRun, field, local, refuse_foreign
+from engine.formats.qemu.digests import DigestCancelled, VolumeDigest, digest_image
+
+
+def digest(run: StageRun, stage: DigestStage) -> None:
+    """Compute the digest of ``volume`` and leave it in ``run.outcome`` for the completion."""
+    volume = local(run, field(stage, "volume"))
+    backing = local(run, stage["backing"]) if stage.get("backing") else None
+    refuse_foreign(run, volume, *(() if backing is None else (backing,)))
+    reuse = None
+    if backing is not None:
+        record = run.recorded_digest(backing.ref)
+        if record is not None:
+            # Of another size (the disk grew after its backing was frozen) it is not used.
+            reuse = VolumeDigest(record["size"], record["chunk_size"], record["chunks"])
+    try:
+        found = digest_image(
+            volume.path, volume.fmt, progress=run.progress, cancel=run.cancel, reuse=reuse
+        )
+    except DigestCancelled as e:
+        raise run.cancelled(str(e)) from e
+    run.outcome.digest = (volume.ref, found)
