@@ -15,10 +15,11 @@ SOURCES := engine log_tools demo tests bench strata_server
 
 setup: qemu-tools python-tools $(STAMP)
 
-# QEMU's tools do the image work; Graphviz draws `strata-log graph` as SVG or PNG.
+# QEMU's tools do the image work (qemu-nbd: digests and resumable copies, ADR 0031); Graphviz
+# draws `strata-log graph` as SVG or PNG.
 qemu-tools:
 	@if ! command -v qemu-img >/dev/null || ! command -v qemu-storage-daemon >/dev/null \
-		|| ! command -v dot >/dev/null; then \
+		|| ! command -v qemu-nbd >/dev/null || ! command -v dot >/dev/null; then \
 		$(SUDO) apt-get update && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y \
 			qemu-utils qemu-system-common graphviz; \
@@ -59,16 +60,18 @@ test: setup
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory test-pure
 
-# The whole suite again on a checkout where the C extensions are not built: a copy of the
-# tracked and new files (no .so), imported ahead of the editable install by PYTHONPATH, so that
-# the pure-Python code the compiled one follows is held to every test (docs/adr/0023).
+# The log's readers' tests again on a checkout where the C extensions are not built: a copy of
+# the tracked and new files (no .so), imported ahead of the editable install by PYTHONPATH, so
+# that the pure-Python code the compiled one follows is held to them (docs/adr/0023: the
+# directories whose tests read logs in every way: scanning, following, replay, many hosts).
 PURE := build/pure
+PURE_TESTS := tests/log tests/replay tests/persistence tests/projections tests/log_tools tests/hosts
 test-pure: setup
 	rm -rf $(PURE) && mkdir -p $(PURE)
 	git ls-files -z --cached --others --exclude-standard \
 		| tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C $(PURE)
 	cd $(PURE) && STRATA_NO_EXTENSIONS=1 PYTHONPATH="$(CURDIR)/$(PURE)" \
-		"$(CURDIR)/$(BIN)/pytest" -q -p no:cacheprovider
+		"$(CURDIR)/$(BIN)/pytest" -q -p no:cacheprovider $(PURE_TESTS)
 
 lint: setup
 	$(BIN)/ruff check $(SOURCES)

@@ -108,6 +108,24 @@ class Image(Aggregate["Image.Event"], StableTopic):
         percent: int
 
     @dataclass(frozen=True, kw_only=True)
+    class StageCheckpointed(Event):
+        """A copy's data up to ``offset`` is durable in its attempt's temporary file: what a
+        later attempt resumes from (docs/adr/0032). ``chunks``: the 32-byte digests of the
+        chunks completed since the attempt's previous checkpoint (for its first, since the
+        volume's start: a resumed attempt repeats those it took over); ``written``: bytes
+        this attempt has written so far, as the kernel counted them."""
+
+        TOPIC = "strata.image.StageCheckpointed"
+
+        op_id: str
+        stage: int
+        epoch: int
+        offset: int
+        percent: int
+        chunks: bytes
+        written: int
+
+    @dataclass(frozen=True, kw_only=True)
     class StageCompleted(Event):
         TOPIC = "strata.image.StageCompleted"
 
@@ -439,6 +457,45 @@ class Image(Aggregate["Image.Event"], StableTopic):
             stage=stage,
             epoch=epoch,
             percent=max(0, min(100, int(percent))),
+        )
+
+    def checkpoint(
+        self,
+        *,
+        op_id: str,
+        stage: int,
+        epoch: int,
+        offset: int,
+        percent: int,
+        chunks: bytes,
+        written: int,
+        host_id: str,
+        now: datetime,
+    ) -> None:
+        """Record that the stage's copy is durable up to ``offset`` (docs/adr/0032)."""
+        op = self._holding(op_id, stage, epoch, host_id)
+        if len(chunks) % 32:
+            raise InvalidParameter(
+                f"chunk digests of 32 bytes each, not {len(chunks)} bytes", name="chunks"
+            )
+        if (op.checkpoint_stage, op.checkpoint_epoch) == (stage, epoch) and (
+            offset < op.checkpoint_offset
+        ):
+            raise InvalidParameter(
+                f"a checkpoint at {offset} behind the last one at {op.checkpoint_offset}",
+                name="offset",
+            )
+        self._trigger(
+            self.StageCheckpointed,
+            host_id,
+            now,
+            op_id=op_id,
+            stage=stage,
+            epoch=epoch,
+            offset=offset,
+            percent=max(0, min(100, int(percent))),
+            chunks=bytes(chunks),
+            written=written,
         )
 
     def complete(self, *, op_id: str, stage: int, epoch: int, host_id: str, now: datetime) -> None:
@@ -849,6 +906,19 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self._op(event.op_id).percent = event.percent
         self._advance(event)
 
+    @_appliers.register(StageCheckpointed)
+    def _(self, event: Image.StageCheckpointed) -> None:
+        op = self._op(event.op_id)
+        op.percent = event.percent
+        if (op.checkpoint_stage, op.checkpoint_epoch) != (event.stage, event.epoch):
+            # An attempt's first checkpoint holds every chunk from the volume's start, those
+            # it resumed with included: it replaces what an earlier attempt recorded.
+            op.checkpoint_stage, op.checkpoint_epoch = event.stage, event.epoch
+            op.checkpoint_chunks = b""
+        op.checkpoint_offset = event.offset
+        op.checkpoint_chunks += event.chunks
+        self._advance(event)
+
     @_appliers.register(StageCompleted)
     def _(self, event: Image.StageCompleted) -> None:
         op = self._op(event.op_id)
@@ -861,6 +931,8 @@ class Image(Aggregate["Image.Event"], StableTopic):
             self.chain = list(stage["set_chain"])
         op.done = event.stage + 1
         op.phase = ""
+        op.checkpoint_stage, op.checkpoint_epoch = -1, 0
+        op.checkpoint_offset, op.checkpoint_chunks = 0, b""
         # The epoch the stage completed under is its claim's (complete() checks it): set
         # again here so that a replay may leave out the claim, whose every effect this
         # event then overwrites (engine/projections/log_events.py).

@@ -99,6 +99,16 @@ def split_ref(ref: str) -> tuple[str, str]:
     return volume_id, fmt
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a copy's data is durable: in the temporary file of the attempt at ``epoch``, up
+    to ``offset``; ``chunks``: the digests of the chunks before it (docs/adr/0032)."""
+
+    epoch: int
+    offset: int
+    chunks: bytes
+
+
 @dataclass
 class Operation:
     """One operation of an image, as the events so far have shaped it."""
@@ -117,6 +127,13 @@ class Operation:
     # host finishing it after a crash decides by (docs/adr/0028). Cleared when a stage ends.
     phase: str = ""
     aborted: bool = False  # ended by abort_block_job: done, with nothing changed
+    # The last checkpoint of a copy (StageCheckpointed, docs/adr/0032): the stage and the
+    # claim epoch that recorded it, how far its data is durable, and the digests of the
+    # chunks before that offset. Cleared when a stage completes.
+    checkpoint_stage: int = -1
+    checkpoint_epoch: int = 0
+    checkpoint_offset: int = 0
+    checkpoint_chunks: bytes = b""
 
     @classmethod
     def from_plan(cls, plan: OperationPlan, *, held: bool = False) -> Operation:
@@ -134,6 +151,12 @@ class Operation:
     @property
     def current_stage(self) -> Stage | None:
         return self.stages[self.done] if self.done < len(self.stages) else None
+
+    def checkpoint(self, stage: int) -> Checkpoint | None:
+        """The last checkpoint recorded for ``stage``, if it is the current one."""
+        if self.checkpoint_stage != stage or stage != self.done:
+            return None
+        return Checkpoint(self.checkpoint_epoch, self.checkpoint_offset, self.checkpoint_chunks)
 
     def stage_label(self) -> str:
         """``X/Y``: the stage now running or next to run, or the last one when all are done."""

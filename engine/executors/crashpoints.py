@@ -26,10 +26,12 @@ ENVIRONMENT_SWITCH = "STRATA_CRASH_AT"
 BEFORE_CLAIM = "claim.before-append"  # a stage was chosen to run; StageClaimed is not appended
 AFTER_CLAIM = "stage.after-claim"  # StageClaimed is durable, nothing else happened
 BEFORE_DATA = "stage.before-data"  # inputs resolved, no file touched yet
+# A copy's progress is its checkpoints (docs/adr/0032): these two are also passed around each
+# StageCheckpointed, so that ``progress.after-append@N`` dies right after the N-th checkpoint.
 BEFORE_PROGRESS = "progress.before-append"  # the data work reported progress, not yet saved
 AFTER_PROGRESS = "progress.after-append"  # StageProgressed is durable, the work goes on
-MID_COPY = "stage.mid-copy"  # qemu-img is copying into the temporary file (first progress)
-MID_REBASE = "stage.mid-rebase"  # qemu-img rebase (a diff, a merge) is rewriting clusters
+MID_COPY = "stage.mid-copy"  # a copy is writing into the temporary file (first block)
+MID_REBASE = "stage.mid-rebase"  # a diff or a merge (qemu-img rebase) is writing clusters
 MID_DELETE = "stage.mid-delete"  # a delete removed its first file
 BEFORE_PUBLISH = "stage.before-publish"  # the temporary file is complete
 AFTER_PUBLISH = "stage.after-publish"  # the volume is published (linked, temporary name gone)

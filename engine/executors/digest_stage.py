@@ -22,12 +22,18 @@ standard library.
 from __future__ import annotations
 
 from engine.aggregates.stage_kinds import DigestStage
+from engine.errors import InvalidParameter
 from engine.executors.stage_run import StageRun, field, local, refuse_foreign
 from engine.formats.qemu.digests import DigestCancelled, VolumeDigest, digest_image
 
 
 def digest(run: StageRun, stage: DigestStage) -> None:
-    """Compute the digest of ``volume`` and leave it in ``run.outcome`` for the completion."""
+    """Compute the digest of ``volume`` and hand it to the stage's completion."""
+    keep = run.keep_digest
+    if keep is None:  # nothing would record what it computes
+        raise InvalidParameter(
+            "a digest stage runs under a claim that keeps its digest", name="run"
+        )
     volume = local(run, field(stage, "volume"))
     backing = local(run, stage["backing"]) if stage.get("backing") else None
     refuse_foreign(run, volume, *(() if backing is None else (backing,)))
@@ -43,4 +49,4 @@ def digest(run: StageRun, stage: DigestStage) -> None:
         )
     except DigestCancelled as e:
         raise run.cancelled(str(e)) from e
-    run.outcome.digest = (volume.ref, found)
+    keep(volume.ref, found)

@@ -14,6 +14,12 @@ callback raises :class:`~engine.errors.StageCancelled`, which makes the adapter 
 The executor can also cancel directly (``Claim.cancel``): for a stop it saw in the log before
 the next save, or when the host itself stops.
 
+A copy saves checkpoints instead (:meth:`Claim.checkpoint`, docs/adr/0032): each says how far
+its data is durable, so a later attempt resumes there; it is the copy's throttled progress too,
+refused like a progress save once the claim moved on. The digest a copy of an immutable volume
+computed on the way is kept by the claim (:meth:`Claim.keep_digest`) and recorded with the
+stage's completion, in the same transaction.
+
 Before a stage writes anything other hosts read (publishes a volume, rewrites one in place,
 deletes files), it calls :meth:`Claim.confirm`: the claim is read again from the log, and this
 host's lease must not have lapsed since the claim was made (docs/adr/0005). A host that was
@@ -35,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
-from engine.aggregates.operations import Operation, Stage
+from engine.aggregates.operations import Checkpoint, Operation, Stage
 from engine.aggregates.work_rules import merge_chain_changes
 from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
@@ -69,6 +75,8 @@ class Claim:
     term: int = 0
     crashpoints: CrashPoints = DISARMED
     phase: str = ""  # what the log says the stage reached before this attempt (a live stage)
+    # The digest of the volume this attempt made, recorded with its completion.
+    digest: tuple[str, VolumeDigest] | None = None
 
     def progress(self, interval: float) -> StageProgress:
         """The callback to hand to qemu-img for this attempt."""
@@ -88,6 +96,43 @@ class Claim:
         self.crashpoints(points.BEFORE_PROGRESS)
         self.service.update(self.image_id, command)
         self.crashpoints(points.AFTER_PROGRESS)
+
+    def checkpoint(self, *, offset: int, percent: int, chunks: bytes, written: int) -> None:
+        """StageCheckpointed: the copy is durable up to ``offset`` (docs/adr/0032). Raises
+        StageCancelled, and cancels this attempt, once the claim has moved on."""
+        if self.cancel.is_set():
+            raise self.cancelled("this host cancelled it")
+
+        def command(image: Image) -> None:
+            image.checkpoint(
+                op_id=self.op_id,
+                stage=self.index,
+                epoch=self.epoch,
+                offset=offset,
+                percent=percent,
+                chunks=chunks,
+                written=written,
+                host_id=self.host_id,
+                now=self.service.now(),
+            )
+
+        self.crashpoints(points.BEFORE_PROGRESS)
+        try:
+            self.service.update(self.image_id, command)
+        except ClaimLost as e:
+            self.cancel.set()
+            raise self.cancelled(e.message) from e
+        self.crashpoints(points.AFTER_PROGRESS)
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        """The stage's last checkpoint, as the log holds it: an earlier attempt's, from which
+        this one may resume."""
+        op = self.service.get(self.image_id).operation(self.op_id)
+        return None if op is None else op.checkpoint(self.index)
+
+    def keep_digest(self, volume: str, digest: VolumeDigest) -> None:
+        """Record ``digest`` of ``volume`` with the stage's completion."""
+        self.digest = (volume, digest)
 
     def reach(self, phase: str) -> None:
         """StageReached: durable before the step it names is taken (docs/adr/0028)."""
@@ -159,27 +204,29 @@ class Claim:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
 
-        With ``digest`` (a volume of this image and its digest: the stage made it immutable),
-        ``VolumeDigested`` is recorded in the same transaction (docs/adr/0031).
+        With ``digest`` (a volume of this image and its digest: the stage made it immutable;
+        by default the one the stage kept, :meth:`keep_digest`), ``VolumeDigested`` is
+        recorded in the same transaction (docs/adr/0031).
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
         """
         reason = f"stage {self.index + 1} of operation {self.op_id} on image {self.image_id}"
+        kept = digest if digest is not None else self.digest
 
         def command(images: list[Image]) -> None:
             now = self.service.now()
             images[0].complete(
                 op_id=self.op_id, stage=self.index, epoch=self.epoch, host_id=self.host_id, now=now
             )
-            if digest is not None:
-                volume, d = digest
+            if kept is not None:
+                volume, found = kept
                 images[0].record_digest(
                     volume=volume,
-                    size=d.size,
-                    chunk_size=d.chunk_size,
-                    chunks=d.chunks,
-                    digest=d.digest,
+                    size=found.size,
+                    chunk_size=found.chunk_size,
+                    chunks=found.chunks,
+                    digest=found.digest,
                     host_id=self.host_id,
                     now=now,
                 )

@@ -495,6 +495,9 @@ class Executor:
             phase=claim.phase,
             live=self._live(claim),
             repository_at=self.repository_at,
+            checkpoint=claim.checkpoint,
+            last_checkpoint=claim.last_checkpoint,
+            keep_digest=claim.keep_digest,
             recorded_digest=self._recorded_digest,
         )
         try:
@@ -517,9 +520,7 @@ class Executor:
             raise  # a bug: the image shows it, and the executor stops on it
         self.crashpoints(points.AFTER_DATA)
         try:
-            claim.complete(
-                changes, drop_volume=claim.stage.get("drop_volume"), digest=run.outcome.digest
-            )
+            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
         except ImageNotFound as e:  # chain_changes names an image this log does not hold
             claim.fail(e.message)
             return

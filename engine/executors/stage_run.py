@@ -11,7 +11,6 @@ storage daemon for live stages); the standard library.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import threading
 import uuid
@@ -21,7 +20,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from engine.aggregates.image import DigestRecord, Image
-from engine.aggregates.operations import split_ref
+from engine.aggregates.operations import Checkpoint, split_ref
 from engine.aggregates.stage_kinds import Stage
 from engine.errors import (
     ImageNotFound,
@@ -63,6 +62,14 @@ class Elsewhere(Protocol):
 # The connected repository whose root is the path given; None if this host has none there.
 RepositoryAt = Callable[[str], Elsewhere | None]
 
+
+class SaveCheckpoint(Protocol):
+    """Record a copy's checkpoint under the claim (engine.executors.progress.Claim.checkpoint);
+    raises StageCancelled once the claim moved on."""
+
+    def __call__(self, *, offset: int, percent: int, chunks: bytes, written: int) -> None: ...
+
+
 _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
 
@@ -80,16 +87,12 @@ def _not_superseded() -> bool:
     return False
 
 
-def _no_digest(ref: str) -> DigestRecord | None:
+def _no_checkpoint() -> Checkpoint | None:
     return None
 
 
-@dataclass
-class Outcome:
-    """What an attempt hands its stage's completion besides "done": the digest of a volume of
-    the image that the stage made immutable (docs/adr/0031), recorded in the same transaction."""
-
-    digest: tuple[str, VolumeDigest] | None = None
+def _no_digest(ref: str) -> DigestRecord | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,14 @@ class StageRun:
     phase: str = ""  # the step a live attempt recorded before it (docs/adr/0028)
     live: Live | None = None  # set when the stage runs through this host's storage daemon
     repository_at: RepositoryAt = nowhere  # other connected repositories (a migration's)
+    # A copy's checkpoints (docs/adr/0032): how to record one, and the last one the log holds
+    # for this stage (an earlier attempt's). Without ``checkpoint``, a copy reports progress.
+    checkpoint: SaveCheckpoint | None = None
+    last_checkpoint: Callable[[], Checkpoint | None] = _no_checkpoint
+    # Hands the digest of the volume the stage made to its completion (VolumeDigested).
+    keep_digest: Callable[[str, VolumeDigest], None] | None = None
     # The digest this repository's log holds for a volume, if any (docs/adr/0031).
     recorded_digest: Callable[[str], DigestRecord | None] = _no_digest
-    outcome: Outcome = dataclasses.field(default_factory=Outcome)
 
     @property
     def tag(self) -> str:

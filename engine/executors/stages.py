@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any, Never, NoReturn
 
 from engine.aggregates import stage_kinds
-from engine.aggregates.operations import split_ref
+from engine.aggregates.operations import SNAPSHOT, split_ref
 from engine.aggregates.stage_kinds import (
     CommitStage,
     CopyStage,
@@ -71,6 +71,7 @@ from engine.errors import (
     VolumeMismatch,
     storage_error,
 )
+from engine.executors import checkpointed_copy
 from engine.executors.crashpoints import (
     AFTER_PUBLISH,
     BEFORE_PUBLISH,
@@ -91,6 +92,7 @@ from engine.executors.stage_run import (
     source_id,
     source_top,
 )
+from engine.formats.qemu.digests import VolumeDigest
 from engine.formats.qemu.process import Progress
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
@@ -251,67 +253,41 @@ def create(run: StageRun, stage: CreateStage) -> None:
 
 
 def copy(run: StageRun, stage: CopyStage) -> None:
+    """The source's guest-visible bytes into a new file, resumable from its checkpoints
+    (engine/executors/checkpointed_copy.py, docs/adr/0032)."""
     volume = local(run, field(stage, "volume"))
     fmt = volume.fmt
     source = source_top(run)
     preallocation = "falloc" if stage.get("preallocate") and fmt == "raw" else None
-    reported = False
 
-    def progress(percent: float) -> None:
-        nonlocal reported
-        if not reported and percent > 0:  # qemu-img reports 0% before it opens the target
-            reported = True
-            run.crashpoints(MID_COPY)
-        if run.progress is not None:
-            run.progress(percent)
-
-    def make(temp: str) -> None:
-        run.qemu.convert(
-            source.path,
-            temp,
-            src_fmt=source.fmt,
-            dst_fmt=fmt,
-            preallocation=preallocation,
-            direct=True,  # nothing left in the page cache for publish's fsync to write back
-            progress=progress,
-            cancel=run.cancel,
-        )
+    def new_file(temp: str, size: int) -> None:
+        run.qemu.create(temp, fmt, size, preallocation=preallocation, cancel=run.cancel)
 
     def verify(final: str, info: dict[str, Any]) -> None:
         expect_backing(run, final, info, None)
 
-    produce(run, volume, make, verify)
+    _checkpointed(run, volume, source, None, new_file, verify)
 
 
 def diff(run: StageRun, stage: DiffStage) -> None:
-    """An overlay on the source, safe-rebased onto ``base``: qemu-img compares both backings
-    and writes only the clusters where they differ (ADR 0004, incremental copies)."""
+    """An overlay of ``base`` holding only the clusters where the source reads otherwise
+    (ADR 0004, incremental copies), written by the same resumable copy as ``copy``'s."""
     volume = local(run, field(stage, "volume"))
     if volume.fmt != "qcow2":
         raise InvalidParameter(f"a diff volume is qcow2, not {volume.fmt}", name="stage")
     source = source_top(run)
     base = local(run, field(stage, "base"))
 
-    def make(temp: str) -> None:
-        on_source = run.storage.relative_backing(temp, source.path)
-        run.qemu.create(
-            temp, "qcow2", None, backing=on_source, backing_fmt=source.fmt, cancel=run.cancel
-        )
+    def new_file(temp: str, size: int) -> None:
         on_base = run.storage.relative_backing(temp, base.path)
-        run.qemu.rebase(
-            temp,
-            on_base,
-            backing_fmt=base.fmt,
-            fmt="qcow2",
-            safe=True,
-            progress=_rebase_progress(run),
-            cancel=run.cancel,
+        run.qemu.create(
+            temp, "qcow2", size, backing=on_base, backing_fmt=base.fmt, cancel=run.cancel
         )
 
     def verify(final: str, info: dict[str, Any]) -> None:
         expect_backing(run, final, info, base)
 
-    produce(run, volume, make, verify, reads=(base,))
+    _checkpointed(run, volume, source, base, new_file, verify)
 
 
 def rebase(run: StageRun, stage: RebaseStage) -> None:
@@ -434,15 +410,56 @@ def delete(run: StageRun, stage: DeleteStage) -> None:
 # --- helpers --------------------------------------------------------------------------------
 
 
+def _checkpointed(
+    run: StageRun,
+    volume: Volume,
+    source: Volume,
+    base: Volume | None,
+    new_file: Callable[[str, int], None],
+    verify: Callable[[str, dict[str, Any]], None],
+) -> None:
+    """Produce ``volume`` by a checkpointed copy of ``source`` (an overlay of ``base`` if
+    given), resuming an earlier attempt's file from its checkpoint when both are there; and
+    when the stage's image is immutable (a snapshot), hand the volume's digest to the
+    completion."""
+    last = run.last_checkpoint()
+    resumable = None if last is None else _tag_at(run, last.epoch)
+    made: list[VolumeDigest] = []
+
+    def make(temp: str) -> None:
+        made.append(
+            checkpointed_copy.run_copy(
+                run, volume, temp, source, base, new_file, last, MID_REBASE if base else MID_COPY
+            )
+        )
+
+    produce(run, volume, make, verify, reads=(base,), resumable=resumable)
+    if run.keep_digest is not None and _immutable(run):
+        digest = made[0] if made else checkpointed_copy.digest_of(run, volume, last)
+        run.keep_digest(volume.ref, digest)
+
+
+def _tag_at(run: StageRun, epoch: int) -> str:
+    return f"{run.op_id}-{run.index}-e{epoch}"
+
+
+def _immutable(run: StageRun) -> bool:
+    found = run.find_image(run.image_id)
+    return found is not None and found[0].kind == SNAPSHOT
+
+
 def produce(
     run: StageRun,
     volume: Volume,
     make: Callable[[str], None],
     verify: Callable[[str, dict[str, Any]], None],
     reads: tuple[Volume | None, ...] = (),
+    resumable: str | None = None,
 ) -> None:
     """Make ``volume`` through a temporary file, unless an earlier attempt published it.
-    ``reads``: the volumes of this repository that ``make`` reads."""
+    ``reads``: the volumes of this repository that ``make`` reads; ``resumable``: the tag of
+    an earlier attempt whose file ``make`` may take over (a checkpointed copy's), left to it
+    rather than removed first."""
     temp = run.storage.temp_path(volume.volume_id, volume.fmt, run.tag)
     in_temp = Volume(volume.ref, volume.volume_id, volume.fmt, temp)
     refuse_foreign(run, volume, in_temp, *(v for v in reads if v is not None))
@@ -459,7 +476,10 @@ def produce(
             run.storage.remove(leftover)
         return
     for leftover in leftovers:
-        run.storage.remove(leftover)
+        if resumable is None or leftover != run.storage.temp_path(
+            volume.volume_id, volume.fmt, resumable
+        ):
+            run.storage.remove(leftover)
     try:
         make(temp)
         run.crashpoints(BEFORE_PUBLISH)

@@ -41,7 +41,13 @@ DEFAULT_BATCH = 500
 _DECODE_CHUNK = 128
 _START = Checkpoint(0, b"", 0)
 # The events that mean a host worked on the image (claimed, ran, finished or failed a stage).
-_WORK = (Image.StageClaimed, Image.StageProgressed, Image.StageCompleted, Image.StageFailed)
+_WORK = (
+    Image.StageClaimed,
+    Image.StageProgressed,
+    Image.StageCheckpointed,
+    Image.StageCompleted,
+    Image.StageFailed,
+)
 _is_work: dict[type, bool] = {}  # isinstance(event, _WORK) by event class, asked once per class
 
 

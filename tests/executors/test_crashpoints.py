@@ -23,9 +23,10 @@ CRASH_HOST = Path(__file__).with_name("crash_host.py")
 LEFT_AT = {
     crashpoints.AFTER_CLAIM: (False, False, "StageClaimed"),
     crashpoints.BEFORE_DATA: (False, False, "StageClaimed"),
-    crashpoints.MID_COPY: (False, True, "StageProgressed"),
-    crashpoints.BEFORE_PUBLISH: (False, True, "StageProgressed"),
-    crashpoints.AFTER_PUBLISH: (True, False, "StageProgressed"),
+    # A copy's progress is its checkpoints (docs/adr/0032); it dies mid-copy before the first.
+    crashpoints.MID_COPY: (False, True, "StageClaimed"),
+    crashpoints.BEFORE_PUBLISH: (False, True, "StageCheckpointed"),
+    crashpoints.AFTER_PUBLISH: (True, False, "StageCheckpointed"),
     crashpoints.AFTER_COMPLETION: (True, False, "StageCompleted"),
 }
 

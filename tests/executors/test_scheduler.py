@@ -38,7 +38,8 @@ def rate_limited_qemu(tmp_path: Path, rate: str) -> QemuImg:
         f'exec {real} "$@"\n'
     )
     script.chmod(0o755)
-    return QemuImg(qemu_img=str(script))
+    # Checkpointed copies (docs/adr/0032) read through qemu-nbd: throttled by copy_rate.
+    return QemuImg(qemu_img=str(script), copy_rate=int(rate.rstrip("M")) * MiB)
 
 
 def copy_of_data(repo: Repo, size: int = 16 * MiB) -> tuple[uuid.UUID, str, str]:
@@ -254,7 +255,7 @@ def test_stopping_the_operation_during_a_long_copy_kills_qemu_img_and_publishes_
         qemu_img=rate_limited_qemu(tmp_path, "4M"), poll_interval=0.1, progress_interval=0.1
     ).start()
     try:
-        eventually(lambda: "StageProgressed" in repo.topics(image))
+        eventually(lambda: "StageCheckpointed" in repo.topics(image))
         [temp] = repo.temporaries()
         started = time.monotonic()
         repo.service.update(
@@ -281,7 +282,7 @@ def test_a_copy_cancelled_by_stopping_the_executor_is_finished_by_its_next_run(
     executor = repo.executor(
         qemu_img=rate_limited_qemu(tmp_path, "4M"), poll_interval=0.1, progress_interval=0.1
     ).start()
-    eventually(lambda: "StageProgressed" in repo.topics(image))
+    eventually(lambda: "StageCheckpointed" in repo.topics(image))
     started = time.monotonic()
     executor.stop(timeout=0)
 

@@ -133,10 +133,6 @@ def test_a_failed_digest_leaves_the_snapshot_usable_with_its_reason_and_a_mend(
     assert digest == content_digest(engine, "r1", snap, tmp_path)
 
 
-@pytest.mark.xfail(
-    reason="a copy records its digest while copying: helper resume's branch (issue 16)",
-    strict=True,
-)
 def test_a_copy_of_a_snapshot_elsewhere_keeps_its_id_and_its_digest(
     engine: StorageEngine, qemu: QemuImg
 ) -> None:

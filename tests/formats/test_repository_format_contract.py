@@ -826,3 +826,68 @@ def test_a_localfs_copy_in_between_two_filesystems_copies_through_the_process(
         assert told[-1] == 2 * MiB
     finally:
         shutil.rmtree(place)
+
+
+def test_retag_gives_a_temporary_file_a_later_attempt_s_name_and_keeps_its_content(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    old = repo.temp_path(volume_id, "raw", "op-0-e1")
+    new = repo.temp_path(volume_id, "raw", "op-0-e2")
+    qemu.create(old, "raw", 4 * MiB)
+    qemu.write_pattern(old, "raw", 0, MiB, 0x33)
+    inode = os.stat(old).st_ino
+
+    repo.retag(old, new)
+
+    assert [(f.path, f.tag) for f in repo.list_volume_files()] == [(new, "op-0-e2")]
+    assert os.stat(new).st_ino == inode
+    assert qemu.read_pattern_matches(new, "raw", 0, MiB, 0x33)
+
+
+def test_retag_refuses_a_missing_file_and_never_replaces_one(
+    driver: type[RepositoryFormat], tmp_path: Path
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    old = repo.temp_path(volume_id, "raw", "op-0-e1")
+    new = repo.temp_path(volume_id, "raw", "op-0-e2")
+    with pytest.raises(VolumeFileNotFound):
+        repo.retag(old, new)
+    qemu.create(old, "raw", MiB)
+    qemu.create(new, "raw", MiB)
+    qemu.write_pattern(new, "raw", 0, MiB, 0x44)
+
+    with pytest.raises(VolumeAlreadyExists):
+        repo.retag(old, new)
+
+    assert qemu.read_pattern_matches(new, "raw", 0, MiB, 0x44)
+    assert sorted(f.path for f in repo.list_volume_files()) == sorted([old, new])
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        lambda repo, v: (repo.temp_path(v, "raw", "a"),
+                         repo.temp_path(uuid.uuid4().hex, "raw", "b")),
+        lambda repo, v: (repo.temp_path(v, "raw", "a"), repo.temp_path(v, "qcow2", "b")),
+        lambda repo, v: (repo.temp_path(v, "raw", "a"), repo.volume_path(v, "raw")),
+        lambda repo, v: (repo.temp_path(v, "raw", "a"), "/tmp/elsewhere"),
+    ],
+    ids=["another volume's", "another format's", "onto the volume", "outside"],
+)  # fmt: skip
+def test_retag_only_renames_within_one_volume_s_temporary_files(
+    driver: type[RepositoryFormat],
+    tmp_path: Path,
+    pair: Callable[[RepositoryStorage, str], tuple[str, str]],
+) -> None:
+    repo = new_repository(driver, tmp_path / "repo")
+    volume_id = uuid.uuid4().hex
+    old, new = pair(repo, volume_id)
+    qemu.create(old, "raw", MiB)
+
+    with pytest.raises(InvalidParameter):
+        repo.retag(old, new)
+
+    assert [f.path for f in repo.list_volume_files()] == [old]

@@ -54,7 +54,8 @@ def slow_qemu(directory: str, rate: str) -> QemuImg:
             f'exec {real} "$@"\n'
         )
     os.chmod(script, 0o755)
-    return QemuImg(qemu_img=script)
+    # Checkpointed copies (docs/adr/0032) read through qemu-nbd: throttled by copy_rate.
+    return QemuImg(qemu_img=script, copy_rate=int(rate.rstrip("M")) * MiB)
 
 
 def resolve(value: Any, saved: dict[str, Any]) -> Any:

@@ -259,7 +259,9 @@ def claims(repo_path: str) -> list[tuple[str, int]]:
 
 
 def progressed_on(repo_path: str, host: str) -> bool:
-    return any(n == "StageProgressed" and h == host for n, h, _ in events(repo_path))
+    # A copy's progress is its checkpoints (docs/adr/0032).
+    saved = ("StageProgressed", "StageCheckpointed")
+    return any(n in saved and h == host for n, h, _ in events(repo_path))
 
 
 def host_a_copying(

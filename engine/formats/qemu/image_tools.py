@@ -80,10 +80,15 @@ class QemuImg:
         qemu_io: str = "qemu-io",
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        copy_rate: int = 0,
     ) -> None:
         self.qemu_img = qemu_img
         self.qemu_io = qemu_io
         self.timeout = timeout
+        # Bytes of data a second that a copy through QEMU's block layer (a checkpointed copy,
+        # engine/executors/checkpointed_copy.py) may read; 0: as fast as it goes. What
+        # ``convert -r`` is to qemu-img: tests slow copies down to stop them in the middle.
+        self.copy_rate = copy_rate
 
     # --- images ---------------------------------------------------------------------------
 
@@ -360,12 +365,18 @@ class QemuImg:
         args = [self.qemu_img, "compare", "-q", "-U", alone(a), alone(b)]
         return self._run(args, timeout=timeout, ok=(0, 1))[0] == 0
 
-    def check(self, path: str, *, fmt: str | None = None) -> CheckResult:
-        """``qemu-img check``: corruptions and leaks are a result, not an exception."""
+    def check(
+        self, path: str, *, fmt: str | None = None, repair_leaks: bool = False
+    ) -> CheckResult:
+        """``qemu-img check``: corruptions and leaks are a result, not an exception.
+        ``repair_leaks`` (``-r leaks``) frees clusters that nothing references: what a qcow2
+        writer killed between allocating clusters and recording them leaves (harmless, but
+        space)."""
         args = [
             self.qemu_img,
             "check",
             "--output=json",
+            *(["-r", "leaks"] if repair_leaks else []),
             *checked.format_flag("-f", fmt),
             checked.existing(path),
         ]

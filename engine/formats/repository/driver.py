@@ -135,6 +135,19 @@ class RepositoryStorage(ABC):
         """
 
     @abstractmethod
+    def retag(self, temp_path: str, new_temp_path: str) -> None:
+        """Durably give the temporary file ``temp_path`` the temporary name
+        ``new_temp_path`` of the same volume and format: how an attempt that resumes a copy
+        takes over the file of the attempt it resumes (docs/adr/0032). The file is the same
+        (a process that has it open keeps writing into it).
+
+        Raises :class:`~engine.errors.VolumeFileNotFound` if ``temp_path`` is missing,
+        :class:`~engine.errors.VolumeAlreadyExists` rather than replace a file at
+        ``new_temp_path``, and InvalidParameter unless both are temporary files of one volume
+        and format.
+        """
+
+    @abstractmethod
     def copy_in(
         self,
         source_path: str,

@@ -261,6 +261,28 @@ class LocalStorage(RepositoryStorage):
             os.rename(temp, final, src_dir_fd=directory, dst_dir_fd=directory)
             os.fsync(directory)
 
+    def retag(self, temp_path: str, new_temp_path: str) -> None:
+        old_id, old_fmt, old_tag = self._own(temp_path, "temp_path")
+        new_id, new_fmt, new_tag = self._own(new_temp_path, "new_temp_path")
+        if old_tag is None or new_tag is None or (old_id, old_fmt) != (new_id, new_fmt):
+            raise InvalidParameter(
+                f"{temp_path} and {new_temp_path} are not temporary files of one volume",
+                name="new_temp_path",
+            )
+        old, new = os.path.basename(temp_path), os.path.basename(new_temp_path)
+        with self._volumes() as directory:
+            if _own_stat(directory, temp_path) is None:
+                raise VolumeFileNotFound(path=temp_path)
+            try:
+                # link() never replaces a file, where rename() would.
+                os.link(old, new, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                raise VolumeFileNotFound(path=temp_path) from None
+            except FileExistsError:
+                raise VolumeAlreadyExists(path=new_temp_path) from None
+            os.unlink(old, dir_fd=directory)
+            os.fsync(directory)
+
     def copy_in(
         self,
         source_path: str,
