@@ -15,6 +15,13 @@ An overlay whose backing already has a recorded digest reads only the chunks it 
 itself; the others are its backing's (``reuse``): a snapshot of a disk that changed little costs
 little. Without one (a first snapshot, or its backing's digest not recorded yet) it reads all.
 
+Only a snapshot's volume gets one this way (engine/planning.py, ``snapshot_digest``). A disk's
+top frozen without a snapshot (the base of an incremental copy of a disk, or a migration's
+automatic live snapshot) belongs to no snapshot, and nothing promises it stays as it is: the
+first remains a disk's volume, which a block job may commit into once no other image reads it,
+and the second is committed into by the replica right after the switch. A digest of either
+would soon describe bytes that are gone, and a deep check would call that rot.
+
 Imports: its own package, ``engine.aggregates``, ``engine.errors``, ``engine.formats``; the
 standard library.
 """
