@@ -629,6 +629,22 @@ class StageCancelled(StrataError):
         super().__init__(detail)
 
 
+class DeepCheckUnfinished(StrataError):
+    """A deep check (docs/adr/0033) was stopped (``stop_fix`` on its carrier) or failed before
+    it got through every volume: it recorded nothing."""
+
+    code = "deep_check_unfinished"
+    template = (
+        "The deep check {self.image_id} was {self.outcome} before it read every volume "
+        "({self.detail}); it recorded nothing: run it again to have the repository checked"
+    )
+
+    def __init__(self, detail: str, *, image_id: ImageId, outcome: str) -> None:
+        self.image_id = image_id
+        self.outcome = outcome
+        super().__init__(detail)
+
+
 class PivotUnknown(StrataError):
     """A host died with its daemon between asking an active commit to switch onto its base and
     recording that it did; top and base differ, and only the dead daemon knew which one the

@@ -11,13 +11,15 @@ built, and how, is engine/bootstrap.py.
 Imports: :mod:`engine.bootstrap`, :mod:`engine.host_repositories`, :mod:`engine.connections`,
 :mod:`engine.queries`, the service layer's handlers, :mod:`engine.validation`,
 :mod:`engine.boundary`, the fixes' decoding (:mod:`engine.projections.check`), the repository
-format registry, and the public :mod:`engine.errors` and :mod:`engine.types`; for its
+format registry, the deep check's plan (:mod:`engine.volume_health`), and the public
+:mod:`engine.errors` and :mod:`engine.types`; for its
 signature only, the crash points and the QEMU adapter a test may pass in; the storage
 daemon adapter's :class:`~engine.formats.qemu.storage_daemon.ChainVolume` for attachments.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
@@ -30,6 +32,7 @@ from engine.bootstrap import EngineConfig, Wiring
 from engine.boundary import typed_errors
 from engine.connections import ConnectedRepository
 from engine.errors import (
+    DeepCheckUnfinished,
     ImageNotFound,
     InvalidParameter,
     ReplicationError,
@@ -40,11 +43,12 @@ from engine.executors.crashpoints import DISARMED, CrashPoints
 from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.repository.registry import get_format
 from engine.host_repositories import replica_not_ready
-from engine.service import fix_handlers, repository_handlers
+from engine.service import check_handlers, fix_handlers, repository_handlers
 from engine.service.attachments import export_name
 from engine.service.migration_handlers import SYNC_TYPES, MigrationHandlers, Side
 from engine.service.unit_of_work import utc_now
 from engine.types import Attachment, BlockJob, Fix, ImageInfo, ImageStatus, PreparedImage, Volume
+from engine.volume_health import deep_check_stage
 
 # Seconds create_snapshot waits for the daemon to switch an attached disk to its new overlay.
 LIVE_SWITCH_TIMEOUT = 60.0
@@ -291,15 +295,42 @@ class StorageEngine:
     def check_storage_repository(
         self, repo_id: str, options: dict[str, Any] | None = None
     ) -> list[Fix]:
-        """Compare the log with the files; return the fixes that would help."""
+        """Compare the log with the files; return the fixes that would help.
+
+        With ``{"deep": True}``, first read every volume of the live chains (docs/adr/0033):
+        ``qemu-img check`` of each qcow2 volume, and each volume that has a recorded digest
+        against it. That is durable work on a carrier (``describe_repository`` names it while
+        it runs, and ``stop_fix`` on it stops it: DeepCheckUnfinished), which this call waits
+        for; what it finds makes the images reading the volume broken, and the fixes returned
+        offer to mend them. With ``participating_repositories``, replicas of lost volumes are
+        looked for only there (docs/adr/0034)."""
         repo = self._repos[repo_id]
-        if options not in (None, {}):
-            raise InvalidParameter("check takes no options yet", name="options")
+        deep = validation.check_options(options)
+        participating = validation.fix_options(options, also=frozenset({"deep"}))
         repo.follower.caught_up()
+        if deep:
+            self._deep_check(repo)
         root = repo.storage.root
         return queries.check(
-            repo, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            replicas=self._repos.replicas(root, participating),
         )
+
+    def _deep_check(self, repo: ConnectedRepository) -> None:
+        """Queue a deep check and wait for it: as long as it takes to read the volumes."""
+        stage = deep_check_stage(repo.view)
+        if stage is None:
+            return  # no volume to read
+        check = check_handlers.start_deep_check(repo.service, stage)
+        self._written(repo)
+        op = self._await_operation(repo, check.image_id, check.op_id, math.inf)
+        if op is None or not op.finished:
+            outcome = "stopped" if op is not None and op.state == ops.STOPPED else "failed"
+            detail = "its carrier is gone" if op is None else op.error or outcome
+            raise DeepCheckUnfinished(detail, image_id=check.image_id, outcome=outcome)
+        repo.follower.caught_up()
 
     def fix_storage_repository(
         self, repo_id: str, fix: Fix, options: dict[str, Any] | None = None
@@ -308,12 +339,15 @@ class StorageEngine:
         repo = self._repos[repo_id]
         if not isinstance(fix, Fix):
             raise InvalidParameter(f"a Fix from check_storage_repository, not {fix!r}", name="fix")
-        if options not in (None, {}):
-            raise InvalidParameter("fix takes no options yet", name="options")
+        participating = validation.fix_options(options)
         repo.follower.caught_up()
         root = repo.storage.root
         plan = fix_rules.decode_fix(
-            repo.view, fix, self._repos.needed_elsewhere(root), self._repos.writing_into(root)
+            repo.view,
+            fix,
+            self._repos.needed_elsewhere(root),
+            self._repos.writing_into(root),
+            self._repos.replicas(root, participating),
         )
         fix_handlers.start_fix(repo.service, plan)
         self._written(repo)
@@ -322,7 +356,11 @@ class StorageEngine:
         """Stop the work in progress on an image; it can later be mended or removed."""
         if not isinstance(reason, str) or len(reason) > 1000:
             raise InvalidParameter("a string of at most 1000 characters", name="reason")
-        repo, image = self._repos.image_in(repo_id, image_id)
+        repo = self._repos[repo_id]
+        # A deep check's carrier is no live image, but its work may be stopped (ADR 0033).
+        image = queries.deep_check_carrier(repo, validation.image_id(image_id))
+        if image is None:
+            image = self._repos.live(repo, validation.image_id(image_id))
         fix_handlers.stop_fix(repo.service, image.id, reason)
         self._written(repo)
 

@@ -6,7 +6,8 @@ A host sees only the repositories it connects (ADR 0017). The registry is the on
 connecting, disconnecting and closing; lookups take a snapshot of it and read the views.
 
 Imports: :mod:`engine.connections` (a connected repository), the aggregates, :mod:`engine.errors`,
-:mod:`engine.validation` and the repository format's interface.
+:mod:`engine.validation`, the repository format's interface and the replicas' rules
+(:mod:`engine.projections.replicas`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from engine.errors import (
     StrataError,
 )
 from engine.formats.repository.driver import RepositoryStorage
+from engine.projections.replicas import Replica, ReplicaSearch, rotten
 
 
 class HostRepositories:
@@ -244,6 +246,38 @@ class HostRepositories:
                     ):
                         found[op.op_id] = op
         return found
+
+    def replicas(self, root: str, participating: tuple[str, ...] | None = None) -> ReplicaSearch:
+        """Where a check or a fix of the repository at ``root`` looks for replicas (docs/adr/
+        0034): the other connected repositories, or only ``participating`` (names). A candidate
+        whose chain's files are not all there, or that its own repository's last check (or a
+        deep check's record) found lost, is left out: it cannot be read whole, or not as it
+        was."""
+        if participating is None:
+            repos = [r for r in self.all() if r.storage.root != root]
+        else:
+            repos = [self[name] for name in participating]
+            repos = [r for r in repos if r.storage.root != root]
+
+        def find(image_id: uuid.UUID) -> list[Replica]:
+            found = []
+            for repo in repos:
+                repo.follower.caught_up()
+                image = repo.view.image(image_id)
+                if image is None or not image.chain or image.removed:
+                    continue
+                # Rot a deep check found there, on whichever image owns the volume.
+                damaged = rotten(repo.view.images())
+                if any(ref in repo.lost or ref in damaged for ref in image.chain) or not all(
+                    os.path.isfile(repo.storage.volume_path(*ops.split_ref(ref)))
+                    for ref in image.chain
+                ):
+                    continue
+                found.append(Replica(repo.repo_id, repo.storage.root, image))
+            return found
+
+        names = tuple(r.repo_id for r in repos)
+        return ReplicaSearch(names, find, participating is not None)
 
     def at(self, root: str) -> ConnectedRepository | None:
         """The connected repository at ``root``, if any."""

@@ -6,7 +6,8 @@ check must (one ``lstat`` per volume, the headers of volumes not seen sound befo
 nothing to the log; a check remembers what it found lost, so that statuses say so (ADR 0017).
 
 Imports: :mod:`engine.connections`, the aggregates, the projections' status and check rules,
-:mod:`engine.volume_health`, :mod:`engine.opaque`, :mod:`engine.errors` and :mod:`engine.types`.
+:mod:`engine.volume_health`, the deep check's carriers (:mod:`engine.service.check_handlers`),
+:mod:`engine.opaque`, :mod:`engine.errors` and :mod:`engine.types`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from engine.errors import ForeignFile, ImageNotReady
 from engine.opaque import value_of
 from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
+from engine.service.check_handlers import is_deep_check
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus
-from engine.volume_health import find_damaged, identities, volume_faults
+from engine.volume_health import find_damaged, identities, rotten_volumes, volume_faults
 
 
 def status_of(repo: ConnectedRepository, image: Image) -> ImageStatus:
@@ -119,32 +121,62 @@ def describe(repo: ConnectedRepository) -> dict[str, Any]:
         "replicas": replicas,
         "by_status": by_status,
         "log_position": repo.view.position,
+        "deep_check": running_deep_check(repo.view),
     }
+
+
+def deep_check_carrier(repo: ConnectedRepository, image_id: uuid.UUID) -> Image | None:
+    """The carrier of a deep check (docs/adr/0033) with that id, if it is one: ``stop_fix``
+    takes it, though it is no live image."""
+    image = repo.view.image(image_id)
+    return image if image is not None and is_deep_check(image) else None
+
+
+def running_deep_check(view: RepositoryView) -> dict[str, Any] | None:
+    """The deep check in progress, if any (the latest asked for): the id of its carrier,
+    which ``stop_fix`` takes, and how far it got (-1 before it started) (docs/adr/0033)."""
+    running = [
+        image
+        for image in view.images()
+        if is_deep_check(image)
+        and (op := image.current_operation()) is not None
+        and op.state == ops.PENDING
+    ]
+    if not running:
+        return None
+    latest = max(running, key=lambda image: image.created_on)
+    op = latest.current_operation()
+    return {"image_id": latest.id_text, "percent_complete": -1 if op is None else op.percent}
 
 
 def check(
     repo: ConnectedRepository,
     elsewhere: Collection[str],
     writers: Mapping[str, Operation] | None = None,
+    *,
+    replicas: fix_rules.ReplicaSearch = fix_rules.NO_SEARCH,
 ) -> list[Fix]:
     """Compare the view with the files; the fixes that would help. ``elsewhere``: volumes here
     that unfinished work in other connected repositories reads; ``writers``: their operations
-    that write temporary files here (a migration's), by id."""
+    that write temporary files here (a migration's), by id; ``replicas``: where copies of its
+    snapshots are, to mend their lost volumes from (docs/adr/0034)."""
     unlisted: ForeignFile | None = None
     try:
         files = repo.storage.list_volume_files()
     except ForeignFile as e:  # the volume directory: reported, never listed through
         files, unlisted = [], e
+    # Never a header read through a foreign file: it may be a file outside.
+    damaged = find_damaged(repo.view, [f for f in files if f.foreign is None], repo.sound_headers)
+    # What deep checks found (the log's word, on every host) counts as lost too: ADR 0033.
+    damaged = {**damaged, **rotten_volumes(repo.view)}
     problems = fix_rules.find_problems(
         repo.view,
         files,
-        # Never a header read through a foreign file: it may be a file outside.
-        damaged=find_damaged(
-            repo.view, [f for f in files if f.foreign is None], repo.sound_headers
-        ),
+        damaged=damaged,
         elsewhere=elsewhere,
         unlisted=unlisted,
         writers=writers,
+        replicas=replicas,
     )
     repo.lost = identities(repo.storage, problems.lost)
     return list(problems.fixes)

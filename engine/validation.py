@@ -215,6 +215,52 @@ def options(value: object) -> Options:
     return Options(auto_fix, strategy, participating, parsed)
 
 
+def fix_options(value: object, *, also: frozenset[str] = frozenset()) -> tuple[str, ...] | None:
+    """The options of ``fix_storage_repository`` (and ``check_storage_repository``, which
+    also takes the keys ``also``, checked by its caller): ``participating_repositories``, the
+    only repositories a mend looks for a replica in (docs/adr/0034). Returns those names, or
+    None to look in every connected repository."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidParameter(f"a dict, not {type(value).__name__}", name="options")
+    known = {"participating_repositories", *also}
+    unknown = set(value) - known
+    if unknown:
+        raise InvalidParameter(
+            f"unknown keys {sorted(map(str, unknown))}; known: {sorted(known)}", name="options"
+        )
+    participating = value.get("participating_repositories")
+    if participating is None:
+        return None
+    if not isinstance(participating, list | tuple) or not participating:
+        raise InvalidParameter(
+            "participating_repositories must be a non-empty list of repo ids", name="options"
+        )
+    return tuple(repo_id(r, "participating_repositories") for r in participating)
+
+
+def check_options(value: object) -> bool:
+    """``check_storage_repository``'s options: ``{"deep": bool}`` (docs/adr/0033), or None.
+    Returns whether the check is deep."""
+    if value is None:
+        return False
+    if not isinstance(value, Mapping):
+        raise InvalidParameter(f"a dict, not {type(value).__name__}", name="options")
+    # participating_repositories: where a mend looks for replicas (fix_options checks it).
+    unknown = set(value) - {"deep", "participating_repositories"}
+    if unknown:
+        raise InvalidParameter(
+            f"unknown keys {sorted(map(str, unknown))}; known: "
+            "['deep', 'participating_repositories']",
+            name="options",
+        )
+    deep = value.get("deep", False)
+    if not isinstance(deep, bool):
+        raise InvalidParameter(f"deep must be True or False, not {deep!r}", name="options")
+    return deep
+
+
 def connection_parameters(value: object) -> dict[str, Any]:
     if value is None:
         return {}

@@ -6,6 +6,11 @@ missing file makes the image broken at once, with a ``last_error`` naming the fi
 deeper at every volume of an idle live chain (:mod:`engine.formats.qemu.volume_header`), and what it
 finds damaged counts as lost until the volume is made again (docs/adr/0017).
 
+A deep check (docs/adr/0033) reads everything: :func:`deep_check_stage` plans its ``verify``
+stage over the volumes of the live chains, and what it found (``DamageFound``, in the log, so
+every host knows) counts as lost for the check and makes every image reading it broken, until
+the volume's owner makes it again (:func:`rotten_volumes`).
+
 Imports: ``engine.aggregates``, ``engine.formats``, ``engine.projections``; the standard
 library.
 """
@@ -19,8 +24,11 @@ from collections.abc import Collection, Iterable, Mapping
 
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
+from engine.aggregates.stage_kinds import VerifyStage
 from engine.formats.qemu.volume_header import qcow2_damage, raw_damage
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
+from engine.projections.folded_state import by_id
+from engine.projections.status import damage_sentence
 from engine.projections.view import RepositoryView
 
 # A file as the check saw it: (inode, modification time), or None if it was missing. A volume
@@ -51,6 +59,7 @@ def volume_faults(
     damaged (``damaged``: its file then) and is still that file, with a sentence that says so;
     None when there is none."""
     faults = None
+    rotten = view.damaged()
     for ref in image.chain:
         if not view.is_ready(ref):
             continue  # still to be made: not missing
@@ -60,9 +69,11 @@ def volume_faults(
         except FileNotFoundError:
             why = f"volume {ref} is missing ({path}); check the repository for a fix"
         else:
-            if ref not in damaged or damaged[ref] != (st.st_ino, st.st_mtime_ns):
+            if ref in rotten:  # the log says so, on every host (docs/adr/0033)
+                why = damage_sentence(ref, rotten[ref])
+            elif ref not in damaged or damaged[ref] != (st.st_ino, st.st_mtime_ns):
                 continue
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            elif not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
                 why = (
                     f"volume {ref} is a foreign file ({path}: a link, or a file with a name "
                     "outside the repository, never read or written through); put it right by "
@@ -129,3 +140,41 @@ def find_damaged(
         for gone in sound.keys() - published.keys():
             del sound[gone]
     return damaged
+
+
+def deep_check_stage(view: RepositoryView) -> VerifyStage | None:
+    """The ``verify`` stage of a deep check: every made volume of a live chain (a migration's
+    replica's are still being filled), base first, each with its owner; None if there is none.
+
+    A volume's owner is where what is found is recorded, and where a mend that makes it again
+    runs (its completion clears the record): the image that recorded its digest, else the
+    first live image (by id) whose top it is, else the first live image whose chain holds it.
+    """
+    depth: dict[str, int] = {}
+    tops: dict[str, Image] = {}
+    holders: dict[str, Image] = {}
+    live = sorted(view.live_images(), key=by_id)
+    for image in live:
+        if image.replica_of is not None:
+            continue
+        for position, ref in enumerate(image.chain):
+            if view.is_ready(ref):
+                depth[ref] = min(position, depth.get(ref, position))
+                holders.setdefault(ref, image)
+        if image.chain:
+            tops.setdefault(image.chain[-1], image)
+    if not depth:
+        return None
+    digested: dict[str, Image] = {}
+    for image in sorted(view.images(), key=by_id):
+        for ref in image.digests:
+            digested.setdefault(ref, image)
+    volumes = sorted(depth, key=lambda ref: (depth[ref], ref))
+    owners = {ref: (digested.get(ref) or tops.get(ref) or holders[ref]).id_text for ref in volumes}
+    return {"do": "verify", "volumes": volumes, "owners": owners}
+
+
+def rotten_volumes(view: RepositoryView) -> dict[str, str]:
+    """The volumes deep checks found damaged, not made again since, each with its sentence:
+    for the check, they count as lost (docs/adr/0033)."""
+    return {ref: damage_sentence(ref, record) for ref, record in view.damaged().items()}

@@ -5,10 +5,11 @@ how the image looked after its transaction compared with the image's previous ev
 stage, chain, size, the host it is attached on and so on, computed by the engine's own view over
 the whole log up to there (an image's status also depends on the images whose volumes it uses).
 
-The events of live work (docs/adr/0028-live-operations-as-stages.md) and of a migration
-(docs/adr/0029) are said as a sentence in the text form: their fields (a block job's plan, above
-all) say little on one line. A migrated image's history also holds the events of the other
-repositories' logs (:mod:`log_tools.migrations`).
+The events of live work (docs/adr/0028-live-operations-as-stages.md), of a migration
+(docs/adr/0029) and of self-healing data (checkpoints, digests, rot and mends:
+:mod:`log_tools.heal`) are said as a sentence in the text form: their fields (a block job's
+plan, above all) say little on one line. A migrated image's history also holds the events of
+the other repositories' logs (:mod:`log_tools.migrations`).
 
 Imports: its own package, ``engine.errors``, ``engine.log``, ``engine.projections``; the
 standard library.
@@ -27,6 +28,7 @@ from engine.log.framing import Record, key_of
 from engine.projections.log_events import new_mapper, to_event
 from engine.projections.point_in_time import image_summary, replay
 from engine.projections.view import RepositoryView
+from log_tools import heal
 from log_tools.migrations import MIGRATED_TO, trace
 from log_tools.paths import find_log_dir
 from log_tools.render import event_fields, iso_time, printable, short, to_json
@@ -123,13 +125,20 @@ def write_text(entries: list[dict[str, Any]], out: TextIO) -> None:
     when the entries come from more than one."""
     repositories = {entry.get("repository", "") for entry in entries}
     width = max(map(len, repositories)) if len(repositories) > 1 else 0
+    operations = heal.Operations()  # which operation a StageCompleted completes (a mend?)
     for entry in entries:
         where = f"{printable(entry['repository']):<{width}}" if width else ""
+        operations.remember(entry["event"], entry["fields"])
         sentence = describe(entry["event"], entry["fields"], entry["host_id"])
+        room = 240  # names two volumes and an operation: longer
+        if sentence is None:
+            host = printable(entry["host_id"])
+            sentence = heal.describe(entry["event"], entry["fields"], host, operations)
+            room = heal.WIDTH
         if sentence is None:
             said = short(", ".join(f"{k}={_value(v)}" for k, v in entry["fields"].items()), 160)
         else:
-            said = short(sentence, 240)  # names two volumes and an operation: longer
+            said = short(sentence, room)
         out.write(
             f"{where}{entry['seq']:>8}  {entry['time']}  {printable(entry['host_id'])}  "
             f"v{entry['version']}  {entry['event']}  {said}\n"

@@ -49,6 +49,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "concurrency_conflict": 409,
     "host_id_in_use": 409,
     "stage_cancelled": 409,
+    "deep_check_unfinished": 409,
     "pivot_unknown": 409,
     "not_attached": 409,
     "replication_not_ready": 409,

@@ -42,6 +42,15 @@ class DigestRecord(TypedDict):
     digest: str
 
 
+class DamageRecord(TypedDict):
+    """What the last deep check that found a volume damaged said (``Image.DamageFound``)."""
+
+    ranges: list[list[int]]  # [start, end) of each chunk whose content differs
+    detail: str
+    found_on: datetime
+    found_by: str  # the host that ran the deep check
+
+
 class Image(Aggregate["Image.Event"], StableTopic):
     TOPIC = "strata.image.Image"
 
@@ -148,6 +157,19 @@ class Image(Aggregate["Image.Event"], StableTopic):
 
         op_id: str
         reason: str
+
+    @dataclass(frozen=True, kw_only=True)
+    class DamageFound(Event):
+        """A deep check found ``volume`` damaged: ``ranges``, the byte ranges ``[start, end)``
+        of the chunks whose content differs from its recorded digest (empty when it is the
+        volume's structure that ``qemu-img check`` found corrupt), ``detail`` what was found.
+        Recorded on the image that owns the volume, removed or not (docs/adr/0033)."""
+
+        TOPIC = "strata.image.DamageFound"
+
+        volume: str
+        ranges: list[list[int]]
+        detail: str
 
     @dataclass(frozen=True, kw_only=True)
     class ChainChanged(Event):
@@ -321,6 +343,10 @@ class Image(Aggregate["Image.Event"], StableTopic):
     last_error: str | None
     # The recorded digest of each of its immutable volumes that has one (docs/adr/0031).
     digests: dict[str, DigestRecord]
+    # What deep checks found rotten or corrupt in the volumes this image owns, by volume,
+    # until a stage of this image makes the volume again (docs/adr/0033). Replaced, never
+    # changed in place: the view's images are copy-on-write.
+    damage: dict[str, DamageRecord]
 
     # --- commands -------------------------------------------------------------------------
 
@@ -521,6 +547,26 @@ class Image(Aggregate["Image.Event"], StableTopic):
             return None
         self._trigger(self.FixStopped, host_id, now, op_id=op.op_id, reason=reason)
         return op.op_id
+
+    def record_damage(
+        self,
+        *,
+        volume: str,
+        ranges: list[list[int]],
+        detail: str,
+        host_id: str,
+        now: datetime,
+    ) -> None:
+        """DamageFound: what a deep check found wrong with ``volume``, which this image owns
+        (removed or not: a removed snapshot's volume may still be read by live chains)."""
+        self._trigger(
+            self.DamageFound,
+            host_id,
+            now,
+            volume=volume,
+            ranges=[[int(start), int(end)] for start, end in ranges],
+            detail=detail,
+        )
 
     def change_chain(self, *, chain: list[str], reason: str, host_id: str, now: datetime) -> None:
         self._trigger(self.ChainChanged, host_id, now, chain=list(chain), reason=reason)
@@ -871,6 +917,7 @@ class Image(Aggregate["Image.Event"], StableTopic):
         self.replicating_to = None
         self.last_error = None
         self.digests = {}
+        self.damage = {}
         self._advance(event)
 
     @_appliers.register(SnapshotTaken)
@@ -933,6 +980,11 @@ class Image(Aggregate["Image.Event"], StableTopic):
         op.phase = ""
         op.checkpoint_stage, op.checkpoint_epoch = -1, 0
         op.checkpoint_offset, op.checkpoint_chunks = 0, b""
+        if self.damage:
+            made = stage.get("volume")
+            if made in self.damage and ops.produced_by(stage) == made:
+                # Made again (a mend): what a deep check found in the old file is gone.
+                self.damage = {ref: d for ref, d in self.damage.items() if ref != made}
         # The epoch the stage completed under is its claim's (complete() checks it): set
         # again here so that a replay may leave out the claim, whose every effect this
         # event then overwrites (engine/projections/log_events.py).
@@ -958,6 +1010,17 @@ class Image(Aggregate["Image.Event"], StableTopic):
         op.state, op.claim_host = ops.STOPPED, None
         op.error = f"stopped by {event.host_id}: {event.reason or 'no reason given'}"
         self.last_error = op.error
+        self._advance(event)
+
+    @_appliers.register(DamageFound)
+    def _(self, event: Image.DamageFound) -> None:
+        record: DamageRecord = {
+            "ranges": [list(r) for r in event.ranges],
+            "detail": event.detail,
+            "found_on": event.timestamp,
+            "found_by": event.host_id,
+        }
+        self.damage = {**self.damage, event.volume: record}
         self._advance(event)
 
     @_appliers.register(ChainChanged)

@@ -53,6 +53,7 @@ class Purpose(StrEnum):
     SYNC = "sync"  # sync_image_data
     REPLICATE = "replicate"  # disk_replicate_start
     SWITCH = "switch"  # disk_replicate_finish
+    VERIFY = "verify"  # a deep check of the repository, on a new carrier (docs/adr/0033)
 
 
 class OpState(StrEnum):

@@ -56,6 +56,9 @@ class StageKind(StrEnum):
     SYNC = "sync"  # copy the immutable ``volumes`` into ``target``, checked, over their clones
     MIRROR = "mirror"  # start mirroring the top ``volume`` into its clone (live only)
     SWITCH = "switch"  # make the replica the image: the top in sync, then the replica switched
+    # A deep check (docs/adr/0033): read ``volumes`` (qemu-img check, and the recorded digest
+    # of each that has one), recording what is damaged on each volume's owner; changes nothing.
+    VERIFY = "verify"
     DIGEST = "digest"  # record the content digest of the immutable ``volume`` (a snapshot's)
 
 
@@ -80,6 +83,9 @@ class CopyStage(Completion):
     source_image: str  # an image id, in any repository connected on the host
     volume: str
     preallocate: NotRequired[bool]
+    # The root of the repository to read ``source_image`` from, where the same id is in
+    # several (a mend from a replica, docs/adr/0034); absent: wherever it is whole.
+    source_root: NotRequired[str]
 
 
 class DiffStage(Completion):
@@ -87,6 +93,7 @@ class DiffStage(Completion):
     source_image: str
     base: str
     volume: str
+    source_root: NotRequired[str]  # as a copy's
 
 
 class RebaseStage(Completion):
@@ -151,6 +158,16 @@ class SwitchStage(Completion):
     merge: NotRequired[list[str]]  # [base, top] of the commit the replica runs once switched
 
 
+class VerifyStage(Completion):
+    """``volumes``: base first, so that a volume's backing is verified before it;
+    ``owners``: the image that owns each (holds its digest, or has it as its top), where what
+    is found damaged is recorded with the stage's completion."""
+
+    do: Literal["verify"]
+    volumes: list[str]
+    owners: dict[str, str]
+
+
 class DigestStage(Completion):
     """The digest of ``volume``'s guest-visible content (read through its backing chain),
     recorded with the stage's completion (``VolumeDigested``, docs/adr/0031). ``backing``: the
@@ -176,6 +193,7 @@ Stage = (
     | SyncStage
     | MirrorStage
     | SwitchStage
+    | VerifyStage
     | DigestStage
 )
 
@@ -222,6 +240,10 @@ def _declare(kind: StageKind) -> KindRules:
             return KindRules(MirrorStage, reads=("volume",))
         case StageKind.SWITCH:
             return KindRules(SwitchStage, reads=("volume",))
+        case StageKind.VERIFY:
+            # It reads published volumes only, and a missing one is passed over: nothing it
+            # names must wait for it, or be kept for it.
+            return KindRules(VerifyStage)
         case StageKind.DIGEST:
             return KindRules(DigestStage, reads=("volume", "backing", "frozen_by"))
     assert_never(kind)  # mypy: a kind without its declaration

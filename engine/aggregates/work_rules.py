@@ -1,7 +1,8 @@
 """What work will still run, and which volumes it needs: the executors' and the fixes' rules.
 
 Pure domain rules over :class:`~engine.aggregates.image.Image` and its operations. Work on a
-removed image runs only when it is a ``clean`` or a ``merge``, or when it makes a volume that work
+removed image runs only when it is a ``clean``, a ``merge`` or a deep check's ``verify`` (on its
+carrier: docs/adr/0033), or when it makes a volume that work
 which will run reads (:func:`needed_volumes`): data is freed only once nothing depends on it
 (docs/adr/0017-nothing-stuck-without-a-reason.md). The executors decide what to claim with these
 rules and the check decides what to offer with the same ones.
@@ -20,7 +21,8 @@ from engine.aggregates.operations import Operation, Purpose
 from engine.aggregates.stage_kinds import VOLUME_KEYS as VOLUME_KEYS
 from engine.aggregates.stage_kinds import Stage
 
-RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE)
+# A deep check runs on a removed carrier too: it changes nothing, and frees nothing.
+RUN_ON_REMOVED = (ops.CLEAN, ops.MERGE, Purpose.VERIFY)
 BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)  # waiting for a fix
 
 
@@ -114,6 +116,8 @@ def release_type(
 ) -> Purpose | None:
     """The fix that releases a blocked operation, or None when nothing may release it. A
     removed image's work that makes a ``needed`` volume is mended like a live image's."""
+    if op.purpose == Purpose.VERIFY:
+        return None  # a stopped or failed deep check is not resumed: a new one is asked for
     if op.purpose in (ops.OPTIMIZE, ops.CLEAN, ops.MERGE):
         return Purpose(op.purpose) if not image.removed or op.purpose in RUN_ON_REMOVED else None
     if image.removed:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from engine.aggregates import operations as ops
@@ -46,6 +47,7 @@ from engine.aggregates.work_rules import merge_chain_changes
 from engine.errors import ClaimLost, StageCancelled
 from engine.executors import crashpoints as points
 from engine.executors.crashpoints import DISARMED, CrashPoints
+from engine.executors.stage_run import Damage
 from engine.service.unit_of_work import ImageService
 
 if TYPE_CHECKING:
@@ -200,6 +202,7 @@ class Claim:
         *,
         drop_volume: str | None = None,
         digest: tuple[str, VolumeDigest] | None = None,
+        damage: Sequence[Damage] = (),
     ) -> bool:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
@@ -210,9 +213,13 @@ class Claim:
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
+        ``damage``: what a deep check found, recorded on each volume's owner in the same
+        transaction (docs/adr/0033).
         """
         reason = f"stage {self.index + 1} of operation {self.op_id} on image {self.image_id}"
         kept = digest if digest is not None else self.digest
+        owners = [i for i in dict.fromkeys(d.owner for d in damage) if i != self.image_id]
+        changed = [i for i in chain_changes if i not in owners]
 
         def command(images: list[Image]) -> None:
             now = self.service.now()
@@ -230,7 +237,9 @@ class Claim:
                     host_id=self.host_id,
                     now=now,
                 )
-            others = images[1:]
+            if damage:
+                _record_damage(images, damage, self.host_id, now)
+            others = [i for i in images[1:] if i.id in chain_changes]
             if drop_volume is not None:
                 changes = merge_chain_changes(others, drop_volume)
             else:
@@ -241,7 +250,7 @@ class Claim:
                     other.change_chain(chain=chain, reason=reason, host_id=self.host_id, now=now)
 
         try:
-            self.service.update_many([self.image_id, *chain_changes], command)
+            self.service.update_many([self.image_id, *changed, *owners], command)
         except ClaimLost:
             return False
         return True
@@ -264,6 +273,20 @@ class Claim:
         except ClaimLost:
             return False
         return True
+
+
+def _record_damage(
+    images: list[Image], damage: Sequence[Damage], host_id: str, now: datetime
+) -> None:
+    by_id = {image.id: image for image in images}
+    for found in damage:
+        by_id[found.owner].record_damage(
+            volume=found.volume,
+            ranges=found.ranges,
+            detail=found.detail,
+            host_id=host_id,
+            now=now,
+        )
 
 
 class StageProgress:

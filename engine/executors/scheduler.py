@@ -5,7 +5,7 @@ pending. Its next stage is claimed (``StageClaimed`` at the image's current vers
 hosts, the log lets exactly one win) when
 
 * the image is live, or the operation is a ``clean`` or ``merge`` (a removed image's own work
-  is void; the space it holds is not);
+  is void; the space it holds is not), or a deep check's ``verify`` (on its carrier, ADR 0033);
 * this Strata knows the stage kind (a newer host's stage waits for a newer host);
 * nobody holds the claim, or this host does but no thread of this process runs it (this process
   is a restart after a crash: the stage runs again under a new epoch), or the host that holds
@@ -347,6 +347,7 @@ class Executor:
                 self.storage,
                 self.find_image,
                 self.foreign_ready,
+                self.repository_at,
             ):
                 found.append((image, op))
         return found
@@ -499,6 +500,7 @@ class Executor:
             last_checkpoint=claim.last_checkpoint,
             keep_digest=claim.keep_digest,
             recorded_digest=self._recorded_digest,
+            local_image=self.view.image,
         )
         try:
             self.crashpoints(points.BEFORE_DATA)
@@ -520,7 +522,7 @@ class Executor:
             raise  # a bug: the image shows it, and the executor stops on it
         self.crashpoints(points.AFTER_DATA)
         try:
-            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"))
+            claim.complete(changes, drop_volume=claim.stage.get("drop_volume"), damage=run.found)
         except ImageNotFound as e:  # chain_changes names an image this log does not hold
             claim.fail(e.message)
             return

@@ -16,8 +16,9 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from engine.aggregates.image import DigestRecord, Image
 from engine.aggregates.operations import Checkpoint, split_ref
@@ -74,7 +75,21 @@ _ATTEMPT_TAG = re.compile(r"(?P<op>.+)-(?P<stage>[0-9]+)-e(?P<epoch>[0-9]+)")
 DEFAULT_LOCK_WAIT = 600.0  # seconds in-place work waits for a volume another process holds
 
 
+class Damage(NamedTuple):
+    """What a deep check's stage found wrong with a volume, to record on its owner with the
+    stage's completion (``Image.DamageFound``, docs/adr/0033)."""
+
+    owner: uuid.UUID
+    volume: str
+    ranges: list[list[int]]  # [start, end) of each chunk whose content differs
+    detail: str
+
+
 def _no_check() -> None:
+    return None
+
+
+def _no_image(image_id: uuid.UUID) -> Image | None:
     return None
 
 
@@ -135,6 +150,11 @@ class StageRun:
     keep_digest: Callable[[str, VolumeDigest], None] | None = None
     # The digest this repository's log holds for a volume, if any (docs/adr/0031).
     recorded_digest: Callable[[str], DigestRecord | None] = _no_digest
+    # An image of this repository as its view holds it, removed or not (a deep check reads
+    # the digests its owners recorded: docs/adr/0033).
+    local_image: Callable[[uuid.UUID], Image | None] = _no_image
+    # What the stage found damaged (a deep check's): recorded with its completion.
+    found: list[Damage] = dataclass_field(default_factory=list)
 
     @property
     def tag(self) -> str:
@@ -176,9 +196,13 @@ def source_top(run: StageRun) -> Volume:
     """The top volume of the source image's current chain: reading it reads the whole chain,
     so :class:`~engine.errors.ForeignFile` if any volume of the chain is foreign."""
     image_id = source_id(run.stage)
-    found = run.find_image(image_id)
+    found = find_source(run.stage, run.find_image, run.repository_at)
     if found is None:
-        raise ImageNotFound("in any repository connected on this host", image_id=image_id)
+        root = run.stage.get("source_root")
+        where = "in any repository connected on this host"
+        if root is not None:
+            where = f"in the repository at {root} (connected on this host?)"
+        raise ImageNotFound(where, image_id=image_id)
     image, storage = found
     if not image.chain:
         raise ImageNotReady("it has no volume yet", image_id=image_id, status="broken")
@@ -186,6 +210,24 @@ def source_top(run: StageRun) -> Volume:
         storage.check_own_file(storage.volume_path(*split_ref(ref)))
     volume_id, fmt = split_ref(image.chain[-1])
     return Volume(image.chain[-1], volume_id, fmt, storage.volume_path(volume_id, fmt))
+
+
+def find_source(
+    stage: Mapping[str, object], find_image: FindImage, repository_at: RepositoryAt
+) -> tuple[Image, RepositoryStorage] | None:
+    """The image the stage reads (``source_image``) and its repository's storage: in the
+    repository at ``source_root`` when the stage names one (the same id may be in several,
+    with other bytes: a mend reads the replica its check chose, docs/adr/0034), else where
+    ``find_image`` finds it."""
+    image_id = source_id(stage)
+    root = source_root(stage)
+    if root is None:
+        return find_image(image_id)
+    other = repository_at(root)
+    image = None if other is None else other.image(image_id)
+    if other is None or image is None:
+        return None
+    return image, other.storage
 
 
 def refuse_foreign(run: StageRun, *volumes: Volume) -> None:
@@ -213,6 +255,14 @@ def source_id(stage: Mapping[str, object]) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise InvalidParameter(f"not an image id: {value!r}", name="stage") from None
+
+
+def source_root(stage: Mapping[str, object]) -> str | None:
+    """The root of the repository a stage reads its source from, if it names one."""
+    root = stage.get("source_root")
+    if root is not None and not isinstance(root, str):
+        raise InvalidParameter(f"not a repository root: {root!r}", name="stage")
+    return root
 
 
 def field(stage: Mapping[str, object], name: str) -> object:

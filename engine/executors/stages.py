@@ -83,15 +83,20 @@ from engine.executors.digest_stage import digest
 from engine.executors.stage_run import (
     FindImage,
     ForeignReady,
+    RepositoryAt,
     StageRun,
     Volume,
     expect_backing,
     field,
+    find_source,
     local,
+    nowhere,
     refuse_foreign,
     source_id,
+    source_root,
     source_top,
 )
+from engine.executors.verify_stage import verify
 from engine.formats.qemu.digests import VolumeDigest
 from engine.formats.qemu.process import Progress
 from engine.formats.repository.driver import RepositoryStorage, VolumeFile
@@ -134,10 +139,13 @@ def inputs_ready(
     storage: RepositoryStorage,
     find_image: FindImage,
     foreign_ready: ForeignReady | None = None,
+    repository_at: RepositoryAt = nowhere,
 ) -> bool:
     """Whether everything the stage reads is in place. ``is_ready`` answers for volumes of
     ``storage``'s repository (no pending stage still produces them), ``foreign_ready`` for
     volumes of another (without it, a volume there is in place once its file exists).
+    ``repository_at``: the other repositories, for a stage that names the one to read its
+    source from (``source_root``: a mend from a replica, docs/adr/0034).
 
     A volume that nothing will produce is ready even if its file is missing: the stage then
     runs and fails, saying which file it could not read, rather than wait for ever."""
@@ -145,11 +153,14 @@ def inputs_ready(
         if not all(is_ready(ref) for ref in stage_kinds.local_inputs(stage)):
             return False
         source_id = source_image(stage)
+        root = source_root(stage)
     except InvalidParameter:
         return True  # a malformed stage runs, and fails with this very message in the log
     if source_id is None:
         return True
-    found = find_image(source_id)
+    if root is not None and repository_at(root) is None:
+        return True  # not connected here: the stage runs and fails, saying so
+    found = find_source(stage, find_image, repository_at)
     if found is None or not found[0].chain:
         return False  # not on this host, or not made yet: another host, or later
     source, source_storage = found
@@ -199,8 +210,6 @@ def execute(run: StageRun) -> None:
         delete(run, stage)
     elif stage["do"] == "commit":
         commit(run, stage)
-    elif stage["do"] == "digest":
-        digest(run, stage)
     elif (
         stage["do"] == "clone"
         or stage["do"] == "sync"
@@ -208,6 +217,10 @@ def execute(run: StageRun) -> None:
         or stage["do"] == "switch"
     ):
         _migration(stage)
+    elif stage["do"] == "verify":
+        verify(run, stage)
+    elif stage["do"] == "digest":
+        digest(run, stage)
     else:
         _no_executor(stage)
 

@@ -9,7 +9,10 @@ Pure rules over the view's images and the repository's files:
               a removed snapshot): rebase each child onto its parent, then chains drop it;
 ``clean``     files that no live chain, unfinished stage or queued operation needs;
 ``mend``      (also) a live image whose volume is missing or damaged: made again where the data
-              can be had again, else removed, the fix saying the data is lost (ADR 0017).
+              can be had again, else removed, the fix saying the data is lost (ADR 0017); a
+              live snapshot's volume, also rotten by a deep check, is mended on the snapshot
+              for every image reading it: from a replica in another repository, else by a
+              choice the fix offers (engine/projections/snapshot_mends.py, docs/adr/0034).
 
 A foreign file (a link, or a file with a name outside the repository:
 engine/formats/repository/driver.py) is never offered to clean, and a volume whose file is foreign
@@ -34,7 +37,8 @@ What a fix's data holds: engine/projections/fix_tokens.py; starting one is a com
 engine/service/fix_handlers.py.
 
 Imports: :mod:`engine.aggregates`, :mod:`engine.errors`, :mod:`engine.types`, the repository
-format's file listing (:mod:`engine.formats.repository.driver`) and the projections beside it.
+format's file listing (:mod:`engine.formats.repository.driver`) and the projections beside it
+(the replicas' rules: :mod:`engine.projections.replicas`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ from engine.projections.fix_tokens import (
     make_fix,
     new_carrier_fix,
 )
+from engine.projections.replicas import NO_SEARCH, Replica, ReplicaSearch, rotten
+from engine.projections.snapshot_mends import snapshot_mends
 from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.types import Fix
 
@@ -85,13 +91,16 @@ def find_problems(
     elsewhere: Collection[str] = (),
     unlisted: ForeignFile | None = None,
     writers: Mapping[str, Operation] | None = None,
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Problems:
     """Lost volumes and the fixes worth offering. ``damaged``: volumes a deeper check found
-    corrupt; they count as lost. ``elsewhere``: volumes here that work in other repositories
-    reads (a copy of an image of this one): never offered to clean. ``unlisted``: why the
-    files could not be listed at all (the volume directory is foreign), when they could not.
-    ``writers``: operations of other repositories that write temporary files here (a
-    migration's), by id: whether such a file is a leftover is their state's to say."""
+    corrupt; they count as lost, as do those a deep check recorded rotten (docs/adr/0033).
+    ``elsewhere``: volumes here that work in other repositories reads (a copy of an image of
+    this one): never offered to clean. ``unlisted``: why the files could not be listed at all
+    (the volume directory is foreign), when they could not. ``writers``: operations of other
+    repositories that write temporary files here (a migration's), by id: whether such a file
+    is a leftover is their state's to say. ``replicas``: where the images' copies in other
+    repositories are, to mend a snapshot's lost volume from (docs/adr/0034)."""
     on_disk: dict[str, list[VolumeFile]] = {}
     published: set[str] = set()  # volumes with a file that is not a stage's temporary
     foreign: list[_Foreign] = []
@@ -106,14 +115,18 @@ def find_problems(
     if unlisted is not None:
         foreign.append(_Foreign(unlisted.path, unlisted.what, None))
     return _problems(
-        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers
+        view, on_disk, published, damaged, elsewhere, foreign, unlisted is None, writers, replicas
     )
 
 
 def find_fixes(
-    view: RepositoryView, files: Iterable[VolumeFile], *, damaged: Collection[str] = ()
+    view: RepositoryView,
+    files: Iterable[VolumeFile],
+    *,
+    damaged: Collection[str] = (),
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> list[Fix]:
-    return find_problems(view, files, damaged=damaged).fixes
+    return find_problems(view, files, damaged=damaged, replicas=replicas).fixes
 
 
 def find_fixes_for_volumes(view: RepositoryView, refs: Iterable[str]) -> list[Fix]:
@@ -161,8 +174,14 @@ def _problems(
     foreign: Collection[_Foreign] = (),
     listed: bool = True,
     writers: Mapping[str, Operation] | None = None,
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Problems:
     index = VolumeIndex(view.images(), elsewhere, writers)
+    rot = rotten(index.images)
+    if rot:
+        if not isinstance(damaged, Mapping):
+            damaged = {ref: f"volume {ref} is damaged" for ref in damaged}
+        damaged = {**rot, **damaged}
     lost = frozenset(
         ref
         for ref in index.live_users
@@ -175,7 +194,7 @@ def _problems(
     # to offer until the foreign file is put right.
     behind_foreign = {f.ref for f in foreign if f.ref is not None}
     restorable = frozenset(lost - behind_foreign) if listed else frozenset[str]()
-    fixes = [*_releases(index), *_restorations(index, restorable, damaged)]
+    fixes = [*_releases(index), *_restorations(index, restorable, damaged, replicas)]
     fixes += [*_optimizations(index, lost), *_merges(index, lost)]
     fixes += _cleans(index, on_disk)
     fixes += _foreign_files(index, foreign)
@@ -202,14 +221,26 @@ def _releases(index: VolumeIndex) -> Iterable[Fix]:
 
 
 def _restorations(
-    index: VolumeIndex, lost: Collection[str], damaged: Collection[str]
+    index: VolumeIndex,
+    lost: Collection[str],
+    damaged: Collection[str],
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> Iterable[Fix]:
     """A ``mend`` for each idle live image whose chain holds a lost volume (missing, or
     damaged): made again where the data can be had again, else one that says the data is lost
     and removes the image (ADR 0017). An image whose work waits for a fix gets that fix
-    (:func:`_releases`) first; one with work pending gets nothing until the work is done."""
+    (:func:`_releases`) first; one with work pending gets nothing until the work is done.
+
+    A lost volume that is a live snapshot's top is mended on that snapshot, for every image
+    whose chain holds it: from a replica in another repository, or, with none, by one of two
+    choices the fix offers, remove or accept the loss (docs/adr/0034)."""
     if not lost:
         return
+    owners = {
+        image.chain[-1]: image
+        for image in index.images
+        if not image.removed and image.kind == ops.SNAPSHOT and image.chain and not _replica(image)
+    }
     for image in index.images:
         if image.removed or image.current_operation() is not None or _replica(image):
             continue
@@ -222,6 +253,7 @@ def _restorations(
             what = f"{damaged[ref]} ({image.kind} {image.id})"
         clear: list[Stage] = [{"do": "delete", "volumes": [ref]}] if state == "damaged" else []
         source = _copied_from(index, image, ref, lost)
+        owner = owners.get(ref)
         if source is not None:
             stage: CopyStage = {"do": "copy", "source_image": source.id_text, "volume": ref}
             if ref.endswith(".raw"):
@@ -234,6 +266,9 @@ def _restorations(
                 f"{source.id} (no data is lost)",
                 stages=[*clear, stage],
             )
+        elif owner is not None:
+            if owner is image:  # the images above it are mended by the same fix
+                yield from snapshot_mends(index, owner, ref, state, clear, replicas)
         elif (
             image.kind == ops.VIRTUAL_DISK
             and len(image.chain) > 1
@@ -407,7 +442,10 @@ def _foreign_files(index: VolumeIndex, foreign: Iterable[_Foreign]) -> Iterable[
 
 __all__ = [
     "DATA_VERSION",
+    "NO_SEARCH",
     "Problems",
+    "Replica",
+    "ReplicaSearch",
     "decode_fix",
     "find_fixes",
     "find_fixes_for_volumes",

@@ -8,13 +8,17 @@ same fix from two hosts or two calls queues one operation (the second finds it q
 nothing), while a problem that comes back after its fix ran gets a new one. Data that no check
 made (the id does not match the operation) is refused as an invalid parameter.
 
+A mend from a replica also holds ``{"replica": {"repo", "root", "digest"}}``: starting it looks
+for that replica again, and refuses the fix if it is gone or holds other bytes (docs/adr/0034).
+
 A foreign file's ``mend`` holds ``{"foreign": {"path", "what"}}`` and neither an operation nor a
 release: it reports, and starting it is refused with :class:`ForeignFile` (docs/adr/0016).
 
 Starting a decoded plan is a command: engine/service/fix_handlers.py.
 
 Imports: :mod:`engine.aggregates`, :mod:`engine.errors`, :mod:`engine.types`, the view's volume
-index (:mod:`engine.projections.volume_needs`) and the command it decodes to
+index (:mod:`engine.projections.volume_needs`), the replicas' rules
+(:mod:`engine.projections.replicas`) and the command it decodes to
 (:class:`engine.service.fix_handlers.FixPlan`).
 """
 
@@ -36,6 +40,14 @@ from engine.aggregates.operations import Operation, Purpose
 from engine.aggregates.stage_kinds import DeleteStage, Stage
 from engine.aggregates.work_rules import BLOCKED, release_type
 from engine.errors import ForeignFile, InvalidParameter, StaleFix
+from engine.projections.replicas import (
+    NO_SEARCH,
+    Replica,
+    ReplicaSearch,
+    recorded_digest,
+    top_digest,
+    usable,
+)
 from engine.projections.volume_needs import VolumeIndex, can_optimize
 from engine.service.fix_handlers import FixPlan
 from engine.types import Fix
@@ -69,9 +81,11 @@ def make_fix(
     stages: Sequence[Stage] | None = None,
     release: str | None = None,
     remove: str | None = None,
+    replica: Replica | None = None,
 ) -> Fix:
     """``remove``: instead of queuing work, remove the image, with that reason (a ``mend`` of
-    an image whose data is lost)."""
+    an image whose data is lost). ``replica``: the copy the work reads (a mend from a replica,
+    docs/adr/0034), looked for again when the fix is started."""
     salt = len(target.operations)
     target_id = target.id_text
     op = None
@@ -90,6 +104,12 @@ def make_fix(
     }
     if remove is not None:
         data["remove"] = remove
+    if replica is not None:
+        data["replica"] = {
+            "repo": replica.repo_id,
+            "root": replica.root,
+            "digest": top_digest(replica.image) or "",
+        }
     ids = tuple(dict.fromkeys(touched_ids))
     return Fix(type=str(kind), image_ids=ids, description=description, data=_encode(data))
 
@@ -139,11 +159,13 @@ def decode_fix(
     fix: Fix,
     elsewhere: Collection[str] = (),
     writers: Mapping[str, Operation] | None = None,
+    replicas: ReplicaSearch = NO_SEARCH,
 ) -> FixPlan:
     """Check a fix against the current state. InvalidParameter for data that no check made,
     StaleFix when it no longer applies; ``already_queued`` when its work is already queued.
     ``elsewhere``: volumes here that work in other repositories reads; ``writers``: their
-    operations that write temporary files here, by id."""
+    operations that write temporary files here, by id; ``replicas``: where a mend from a
+    replica may look for it now (docs/adr/0034)."""
     data = _decode(fix)
     if data.get("foreign") is not None:
         # Only a person can put it right: whatever Strata did would go through the link.
@@ -185,6 +207,8 @@ def decode_fix(
     elif plan.type == ops.MEND:
         if image.removed or image.current_operation() is not None:
             raise StaleFix(f"image {image.id} was removed or has work queued since the check")
+        if data.get("replica") is not None:
+            _check_replica(image, data["replica"], replicas)
     elif plan.type == ops.MERGE:
         why = index.stale_merge(image, stages)
         if why is not None:
@@ -220,6 +244,24 @@ def _check_release(
         why = "it was removed" if image.removed else "its work changed"
         raise StaleFix(f"{plan.type} of image {image.id}: {why} ({_moved(view, plan)})")
     return plan
+
+
+def _check_replica(image: Image, wanted: dict[str, str], replicas: ReplicaSearch) -> None:
+    """StaleFix unless the replica the check chose is still there, the same bytes, and
+    among the repositories this fix may look in."""
+    where = f"repository {wanted['repo']} ({wanted['root']})"
+    if not any(r.root == wanted["root"] for r in replicas.find(image.id)):
+        if wanted["repo"] not in replicas.looked_in:
+            raise StaleFix(f"the replica of image {image.id} in {where} is not looked in now")
+        raise StaleFix(f"the replica of image {image.id} in {where} is gone")
+    for candidate in replicas.find(image.id):
+        if candidate.root != wanted["root"]:
+            continue
+        if usable(candidate.image, image) and top_digest(candidate.image) == wanted["digest"]:
+            if recorded_digest(image, image.chain[-1]) == wanted["digest"]:
+                return
+            raise StaleFix(f"the digest recorded for image {image.id} changed since the check")
+    raise StaleFix(f"the replica of image {image.id} in {where} changed since the check")
 
 
 def _check_clean(index: VolumeIndex, carrier: Image | None, stages: list[DeleteStage]) -> None:
@@ -263,6 +305,14 @@ def _check_shape(data: Any, fix: Fix) -> None:
         if not isinstance(foreign.get("path"), str) or not isinstance(foreign.get("what"), str):
             raise ValueError("bad foreign file")
         return
+    replica = data.get("replica")
+    if replica is not None and (
+        fix.type != ops.MEND
+        or op is None
+        or not isinstance(replica, dict)
+        or not all(isinstance(replica.get(k), str) for k in ("repo", "root", "digest"))
+    ):
+        raise ValueError("bad replica")
     if remove is not None:
         if fix.type != ops.MEND or op is not None or release is not None:
             raise ValueError("a removal is a mend, with no operation and no release")

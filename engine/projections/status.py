@@ -1,8 +1,10 @@
 """An image's status (architecture §1), derived from its state and the view's.
 
 ``broken``: the image cannot be used now: a volume of its chain is not produced yet (by its own
-or another image's unfinished stage), is lost (``lost``: found missing or corrupt by a check), or
-the operation in progress failed, was stopped, or waits for a fix (``auto_fix=False``).
+or another image's unfinished stage), is lost (``lost``: found missing or corrupt by a check), was
+found rotten or corrupt by a deep check (``DamageFound`` in the log: ``last_error`` says which
+volume and where, docs/adr/0033), or the operation in progress failed, was stopped, or waits for
+a fix (``auto_fix=False``).
 
 A snapshot whose only unfinished work is the digest of its volume (docs/adr/0031) is usable:
 its data is in place; its stage ``X/Y`` still shows that work, and a digest that failed leaves
@@ -26,7 +28,7 @@ from collections.abc import Collection, Mapping
 from typing import Protocol
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import Image
+from engine.aggregates.image import DamageRecord, Image
 from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import other_reads
 from engine.types import BROKEN, DEGRADED, OPTIMIZED, ImageStatus
@@ -43,6 +45,10 @@ class StatusView(Protocol):
     def producer_of(self, volume: str) -> Image | None: ...
 
     def is_ready(self, volume: str) -> bool: ...
+
+    def damaged(self) -> Mapping[str, DamageRecord]:
+        """Volumes a deep check found damaged, not made again since (docs/adr/0033)."""
+        ...
 
 
 _BLOCKED = (ops.FAILED, ops.STOPPED, ops.HELD)
@@ -80,17 +86,53 @@ def status_fields(
     summary of every image of a large repository: no frozen dataclass built per image).
     ``removed``: the status to give a removed image instead of working one out."""
     current = image.current_operation()
+    last_error = image.last_error
+    if removed is not None and image.removed:
+        status = removed
+    elif (rot := rot_of(image, view)) is not None:
+        status, last_error = BROKEN, rot
+    else:
+        status = _status(image, current, view, lost)
     return (
         image.id_text,
-        removed if removed is not None and image.removed else _status(image, current, view, lost),
+        status,
         view.worker(image.id) or image.created_by,
         _stage(image, current),
         _percent(image, current),
-        image.last_error,
+        last_error,
     )
 
 
+def rot_of(image: Image, view: StatusView) -> str | None:
+    """The sentence for the lowest volume of the image's chain that a deep check found
+    damaged (recorded in the log, so every host says it), or None (docs/adr/0033)."""
+    damaged = view.damaged()
+    if damaged:
+        for ref in image.chain:
+            record = damaged.get(ref)
+            if record is not None:
+                return damage_sentence(ref, record)
+    return None
+
+
+def damage_sentence(ref: str, record: DamageRecord) -> str:
+    """What ``last_error`` says of a volume a deep check found damaged."""
+    found = (
+        f"found by the deep check of {record['found_on'].isoformat(timespec='seconds')} on "
+        f"{record['found_by']}"
+    )
+    if record["ranges"]:
+        where = ", ".join(f"{start}-{end}" for start, end in record["ranges"])
+        return (
+            f"volume {ref} is rotten: {record['detail']} at bytes {where} ({found}); check the "
+            "repository for a fix"
+        )
+    return f"volume {ref} is damaged: {record['detail']} ({found}); check the repository for a fix"
+
+
 def is_usable(image: Image, view: StatusView, lost: Collection[str] = ()) -> bool:
+    if rot_of(image, view) is not None:
+        return False
     return _status(image, image.current_operation(), view, lost) != BROKEN
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from eventsourcing.persistence import Mapper
 
-from engine.aggregates.image import Image
+from engine.aggregates.image import DamageRecord, Image
 from engine.aggregates.repository import Repository
 from engine.application import StrataLogApplication
 from engine.errors import InvalidParameter, LogCorrupted
@@ -104,6 +104,10 @@ class RepositoryView:
         self._workers: dict[uuid.UUID, str] = {}
         self._users: dict[str, set[uuid.UUID]] = {}  # volume -> images whose chain holds it
         self._producers: dict[str, uuid.UUID] = {}  # volume -> image whose stage will make it
+        # Volumes a deep check found damaged: by volume, each owner's record (docs/adr/0033),
+        # and the latest of them, which statuses read.
+        self._damage: dict[str, dict[uuid.UUID, DamageRecord]] = {}
+        self._damaged: dict[str, DamageRecord] = {}
         self._checkpoint = _START
         self._repository: RepositoryInfo | None = None
         self._unsaved: set[uuid.UUID] = set()  # rows the read model has not caught up with
@@ -283,6 +287,12 @@ class RepositoryView:
             for ref in chain:
                 self._users.setdefault(ref, set()).add(key)
         affected: set[uuid.UUID] = set()
+        old_damage = {} if old is None else old.damage
+        if image.damage is not old_damage:  # replaced, never changed in place
+            for ref in old_damage.keys() | image.damage.keys():
+                if old_damage.get(ref) is not image.damage.get(ref):
+                    self._index_damage(key, ref, image.damage.get(ref))
+                    affected |= self._users.get(ref, set())
         if pending != old_pending:
             for ref in old_pending - pending:
                 if self._producers.get(ref) == key:
@@ -292,6 +302,18 @@ class RepositoryView:
             for ref in pending ^ old_pending:
                 affected |= self._users.get(ref, set())
         return affected
+
+    def _index_damage(self, key: uuid.UUID, ref: str, record: DamageRecord | None) -> None:
+        owners = self._damage.setdefault(ref, {})
+        if record is None:
+            owners.pop(key, None)
+        else:
+            owners[key] = record
+        if owners:
+            self._damaged[ref] = max(owners.values(), key=lambda r: r["found_on"])
+        else:
+            del self._damage[ref]
+            self._damaged.pop(ref, None)
 
     def _persist(self, dirty: set[uuid.UUID]) -> None:
         if self._store is None:
@@ -372,6 +394,11 @@ class RepositoryView:
     def is_ready(self, volume: str) -> bool:
         """True unless an unfinished stage of some image will still produce ``volume``."""
         return volume not in self._producers
+
+    def damaged(self) -> Mapping[str, DamageRecord]:
+        """Volumes a deep check found damaged and no stage of their owner made again since,
+        with the latest record of each (docs/adr/0033). Read-only."""
+        return self._damaged
 
     def referenced_volumes(self, live_only: bool) -> set[str]:
         """Volumes in the chain of some image (of some live image, with ``live_only``)."""

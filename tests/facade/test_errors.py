@@ -20,6 +20,7 @@ from engine.errors import (
     CommitUnknown,
     ConcurrencyConflict,
     DaemonError,
+    DeepCheckUnfinished,
     EngineClosed,
     ExecutorFailed,
     ForeignFile,
@@ -350,6 +351,14 @@ EXAMPLES: list[tuple[StrataError, str, str]] = [
         (
             f"Stage 0 of operation op-1 on image {IMAGE} was cancelled (stopped); its temporary "
             "file is left for the next attempt or a clean fix"
+        ),
+    ),
+    (
+        DeepCheckUnfinished("stopped by host-a: enough", image_id=IMAGE, outcome="stopped"),
+        "deep_check_unfinished",
+        (
+            f"The deep check {IMAGE} was stopped before it read every volume (stopped by "
+            "host-a: enough); it recorded nothing: run it again to have the repository checked"
         ),
     ),
     (
