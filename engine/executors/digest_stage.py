@@ -28,6 +28,8 @@ standard library.
 
 from __future__ import annotations
 
+import os
+
 from engine.aggregates.stage_kinds import DigestStage
 from engine.errors import InvalidParameter
 from engine.executors.stage_run import StageRun, field, local, refuse_foreign
@@ -44,6 +46,7 @@ def digest(run: StageRun, stage: DigestStage) -> None:
     volume = local(run, field(stage, "volume"))
     backing = local(run, stage["backing"]) if stage.get("backing") else None
     refuse_foreign(run, volume, *(() if backing is None else (backing,)))
+    os.stat(volume.path)  # a missing volume said as such, not as a server that went away
     reuse = None
     if backing is not None:
         record = run.recorded_digest(backing.ref)
@@ -52,7 +55,12 @@ def digest(run: StageRun, stage: DigestStage) -> None:
             reuse = VolumeDigest(record["size"], record["chunk_size"], record["chunks"])
     try:
         found = digest_image(
-            volume.path, volume.fmt, progress=run.progress, cancel=run.cancel, reuse=reuse
+            volume.path,
+            volume.fmt,
+            progress=run.progress,
+            cancel=run.cancel,
+            reuse=reuse,
+            force_share=True,
         )
     except DigestCancelled as e:
         raise run.cancelled(str(e)) from e

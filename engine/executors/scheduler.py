@@ -560,10 +560,11 @@ class Executor:
         return None
 
     def _recorded_digest(self, ref: str) -> DigestRecord | None:
-        """The digest this repository's log holds for volume ``ref``: on the image that made it
-        immutable, removed or not (a removed snapshot's volume that chains read keeps it)."""
+        """The digest this repository's log holds for volume ``ref`` on a live image: one on a
+        removed snapshot is not lent, since a block job may have committed into its volume
+        once nothing else read it, and its record then describes bytes that are gone."""
         for image in self.view.images():
-            record = image.digests.get(ref)
+            record = None if image.removed else image.digests.get(ref)
             if record is not None:
                 return record
         return None

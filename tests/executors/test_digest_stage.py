@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.aggregates import operations as ops
 from engine.aggregates import stage_kinds
 from engine.aggregates.stage_kinds import DigestStage
+from engine.executors import digest_stage
 from engine.executors.digest_stage import digest
 from engine.executors.stage_run import StageRun
-from engine.formats.qemu import image_io
+from engine.formats.qemu import digests, image_io
 from engine.formats.qemu.digests import VolumeDigest, chunk_size_for
 from engine.projections.status import image_status
 from tests.executors.executor_repos import MiB, Repo, new_volume, qemu
@@ -208,3 +211,56 @@ def test_a_failed_digest_leaves_the_snapshot_usable_saying_why(repo: Repo) -> No
     assert status.status == "optimized"
     assert status.stage == "1/1"
     assert status.last_error is not None and volume in status.last_error
+
+
+def test_a_digest_keeps_no_writer_out_of_the_volume_it_reads(repo: Repo, tmp_path: Path) -> None:
+    """It takes no image lock: a block job committing into the volume of a snapshot removed
+    while its digest runs must not fail on it (docs/adr/0031)."""
+    base = base_with_data(repo)
+    top = new_volume("qcow2")
+    qemu.create(repo.path(top), "qcow2", None, backing=base, backing_fmt="qcow2")
+    image = snapshot(repo, [base, top], {"do": "digest", "volume": top, "backing": base})
+    holder = subprocess.Popen(  # a writer of the backing, as a commit's daemon would be
+        ["qemu-io", "-f", "qcow2", "-c", "sleep 600000", repo.path(base)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while not locked(repo.path(base)):
+            assert time.monotonic() < deadline, "qemu-io never took its lock"
+            time.sleep(0.02)
+
+        repo.executor().run_once()
+
+        assert locked(repo.path(base))  # the writer was there all along
+    finally:
+        holder.kill()
+        holder.wait()
+    assert recorded(repo, image, top) == independent_digest(repo.path(top), "qcow2", tmp_path)
+
+
+def locked(path: str) -> bool:
+    """Whether another process holds QEMU's write lock on the image (qemu-img info fails)."""
+    done = subprocess.run(["qemu-img", "info", path], capture_output=True, text=True)
+    return done.returncode != 0 and "lock" in done.stderr
+
+
+def test_the_digest_of_a_snapshot_removed_meanwhile_is_not_recorded(
+    repo: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = base_with_data(repo)
+    image = snapshot(repo, [base])
+    real = digests.digest_image
+
+    def removed_while_read(path: str, fmt: str, **kwargs: Any) -> VolumeDigest:
+        found = real(path, fmt, **kwargs)
+        repo.service.update(image, lambda i: i.remove(host_id="host-b", now=repo.service.now()))
+        return found
+
+    monkeypatch.setattr(digest_stage, "digest_image", removed_while_read)
+
+    repo.executor().run_once()
+
+    assert repo.service.get(image).digests == {}
+    assert "VolumeDigested" not in repo.topics(image)

@@ -199,6 +199,7 @@ def test_a_flipped_byte_in_a_snapshot_breaks_it_and_every_disk_above_it(
     write(engine, qemu, "r1", disk, 16 * MiB, 4 * MiB, 0x5A)
     snapshot = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snapshot, timeout=30)  # its digest, read before the flip
     clone = engine.create_virtual_disk("r1", 64 * MiB, base_snapshot_id=snapshot)
     engine.wait_for_image("r1", clone, timeout=30)
     ref = record_digest(engine, "r1", snapshot)
@@ -229,6 +230,7 @@ def test_a_deep_check_shows_its_progress_and_is_stopped_from_another_thread(
     write(engine, qemu, "r1", disk, 0, 1024 * MiB, 0x21)
     snapshot = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snapshot, timeout=60)  # its own digest stage, first
     record_digest(engine, "r1", snapshot)
     outcome: list[BaseException | None] = []
 

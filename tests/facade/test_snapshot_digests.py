@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,3 +171,35 @@ def test_a_live_snapshot_s_digest_is_of_its_content_not_of_later_writes(
 
     (digest,) = recorded(se, "r1", snap).values()
     assert digest == content_digest(se, "r1", snap, tmp_path)
+
+
+@pytest.mark.skipif(
+    shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-io") is None,
+    reason="qemu-storage-daemon and qemu-io are not installed",
+)
+def test_a_snapshot_removed_while_its_digest_runs_leaves_its_volume_free_to_commit_into(
+    engines: Engines,
+) -> None:
+    se = engines("host-a")
+    disk = se.create_virtual_disk("r1", 64 * MiB)
+    se.wait_for_image("r1", disk, timeout=30)
+    uri = se.attach_image("r1", disk).nbd_uri
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x61 0 48M", uri], check=True, capture_output=True
+    )
+    with GuestWriter(uri, length=4 * MiB) as writer:
+        writer.wait_for_writes(20)
+
+        se.remove_image("r1", se.create_snapshot("r1", disk))  # its digest may be running
+        base, top = se.get_volume_chain("r1", disk)
+        se.block_commit("r1", disk, top.volume_id, base.volume_id)
+
+        status = se.wait_for_image("r1", disk, timeout=60)
+        writer.wait_for_writes(len(writer.writes) + 20)
+        writer.stop()
+        assert writer.error is None
+    job = se.get_block_job("r1", disk)
+    assert job is not None and job.state == "completed", job
+    assert status.status == "optimized", status
+    assert [v.volume_id for v in se.get_volume_chain("r1", disk)] == [base.volume_id]
+    writer.verify(uri, "raw")

@@ -90,7 +90,7 @@ def virtual_size(path: str, fmt: str) -> int:
 class ImageReader:
     """The guest-visible bytes of one image (a context manager)."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, *, force_share: bool = False) -> None:
         self.path = path
         self.fmt = fmt
         self._extents: list[Extent] | None = None
@@ -101,7 +101,7 @@ class ImageReader:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.size = os.fstat(self._fd).st_size
         else:
-            self._server = NbdServer(path, fmt, readonly=True)
+            self._server = NbdServer(path, fmt, readonly=True, force_share=force_share)
             self._client = self._server.connect()
             self.size = self._client.size
 
@@ -224,7 +224,7 @@ def _prefetched(
 class ImageWriter:
     """Writes into an existing image through a private ``qemu-nbd`` (a context manager)."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, *, force_share: bool = False) -> None:
         self.path = path
         self.fmt = fmt
         direct = accepts_direct_io(path, create=False)
@@ -269,8 +269,10 @@ class ImageWriter:
         self.close()
 
 
-def open_reader(path: str, fmt: str) -> ImageReader:
-    return ImageReader(path, fmt)
+def open_reader(path: str, fmt: str, *, force_share: bool = False) -> ImageReader:
+    """``force_share``: take no image lock (a raw file is read without one anyway), for a
+    volume nobody may write; a reader that must not run beside a writer takes QEMU's lock."""
+    return ImageReader(path, fmt, force_share=force_share)
 
 
 def open_writer(path: str, fmt: str) -> ImageWriter:
