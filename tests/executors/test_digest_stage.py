@@ -264,3 +264,15 @@ def test_the_digest_of_a_snapshot_removed_meanwhile_is_not_recorded(
 
     assert repo.service.get(image).digests == {}
     assert "VolumeDigested" not in repo.topics(image)
+
+
+def test_a_removed_snapshot_s_digest_ends_unrun_and_frees_its_queue(repo: Repo) -> None:
+    base = base_with_data(repo)
+    image = snapshot(repo, [base])
+
+    repo.service.update(image, lambda i: i.remove(host_id="host-b", now=repo.service.now()))
+
+    assert repo.executor().run_once() == 0
+    (op,) = repo.service.get(image).operations
+    assert (op.state, op.aborted, op.done) == (ops.DONE, True, 0)
+    assert repo.service.get(image).digests == {}
