@@ -205,12 +205,6 @@ def test_a_snapshot_removed_while_its_digest_runs_leaves_its_volume_free_to_comm
     writer.verify(uri, "raw")
 
 
-@pytest.mark.xfail(
-    reason="for the lead: a removed snapshot's recorded digest goes stale once a block_commit "
-    "writes into its volume, and the deep check (volume_health.deep_check_stage) still "
-    "verifies the volume against it",
-    strict=True,
-)
 def test_a_commit_into_a_removed_snapshot_s_volume_is_no_rot(
     engine: StorageEngine, qemu: QemuImg
 ) -> None:
