@@ -6,9 +6,9 @@ digest its log records; its copy in h2, same id, same digest; a copy stopped hal
 from its last checkpoint; a byte of the snapshot's data flipped in h1, the deep check finding
 it, and the mend from the replica in h2, byte-identical afterwards (``qemu-img compare``).
 
-Imports: the engine's facade (``engine``), its QEMU adapter (:mod:`engine.formats`, to find the
-data in a volume and compare volumes), ``log_tools`` (what ``strata-log history`` shows) and the
-demo's story.
+Imports: the engine's facade (``engine``), its errors (``engine.errors``), its QEMU adapter
+(:mod:`engine.formats`, to find the data in a volume and compare volumes), ``log_tools`` (what
+``strata-log history`` shows) and the demo's story.
 """
 
 from __future__ import annotations
