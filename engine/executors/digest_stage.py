@@ -29,6 +29,8 @@ standard library.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 from engine.aggregates.stage_kinds import DigestStage
 from engine.errors import InvalidParameter
@@ -57,7 +59,7 @@ def digest(run: StageRun, stage: DigestStage) -> None:
         found = digest_image(
             volume.path,
             volume.fmt,
-            progress=run.progress,
+            progress=_after_a_while(run.progress),
             cancel=run.cancel,
             reuse=reuse,
             force_share=True,
@@ -65,3 +67,20 @@ def digest(run: StageRun, stage: DigestStage) -> None:
     except DigestCancelled as e:
         raise run.cancelled(str(e)) from e
     keep(volume.ref, found)
+
+
+# Most snapshots' digests take milliseconds: progress is worth an event only after a while.
+QUIET_SECONDS = 1.0
+
+
+def _after_a_while(progress: Callable[[float], None] | None) -> Callable[[float], None] | None:
+    """``progress``, called only once the digest has run for ``QUIET_SECONDS``."""
+    if progress is None:
+        return None
+    started = time.monotonic()
+
+    def report(percent: float) -> None:
+        if time.monotonic() - started >= QUIET_SECONDS:
+            progress(percent)
+
+    return report
