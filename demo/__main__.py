@@ -5,9 +5,12 @@ the other repository), a full copy and an incremental copy to the second reposit
 backup flow); a snapshot is removed; check finds what to merge and clean, and the fixes run.
 Then a disk in use by a running VM gets the same work live (:mod:`demo.live`; skipped without
 qemu-storage-daemon), disks in use move from r1 to r2 while their VMs write
-(:mod:`demo.migration`), and the host's storage daemon is stopped at the end. Every call returns
-once its events are durable; the executors do the work. At the end: every image's status, what
-the volumes hold (checked with qemu-img), and ``strata-log verify``.
+(:mod:`demo.migration`), the host daemon is driven by the ``strata`` command line
+(:mod:`demo.serve`), and data heals itself on a host of its own (:mod:`demo.heal`: digests, a
+copy stopped and resumed, a flipped byte found and mended from a replica); the host's storage
+daemon is stopped at the end. Every call returns once its events are durable; the executors do
+the work. At the end: every image's status, what the volumes hold (checked with qemu-img), and
+``strata-log verify``.
 
 A client of the engine, outside it (docs/adr/0025-layers-and-the-import-rule.md).
 Imports: the engine's facade (``engine``), its QEMU adapter (:mod:`engine.formats`, to look
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from demo.heal import HealChapter
 from demo.live import LiveChapter, daemon_stopped_at_the_end
 from demo.migration import MigrationChapter
 from demo.serve import ServeChapter
@@ -112,6 +116,7 @@ def main() -> int:
             roots = {"r1": repo1, "r2": repo2}
             checks |= MigrationChapter(se, story, qemu, roots, work).run()
             checks |= ServeChapter(roots, work).run()
+            checks |= HealChapter(qemu, work).run()
 
             say("\nFinal statuses")
             for repo in ("r1", "r2"):

@@ -20,7 +20,13 @@ from collections.abc import Callable
 
 from engine.aggregates import operations as ops
 from engine.aggregates.operations import OperationPlan, Purpose, plan, volume_ref
-from engine.aggregates.stage_kinds import CopyStage, CreateStage, DiffStage, ResizeStage
+from engine.aggregates.stage_kinds import (
+    CopyStage,
+    CreateStage,
+    DiffStage,
+    DigestStage,
+    ResizeStage,
+)
 
 NewVolume = Callable[[str], str]  # format -> a fresh volume ref
 
@@ -95,6 +101,18 @@ def snapshot_of_disk(
     if strategy == ops.PERFORMANCE:
         work.append(optimize_plan(disk_id, new))
     return top, work
+
+
+def snapshot_digest(frozen_chain: list[str], new_top: str) -> OperationPlan:
+    """The snapshot's own work: the digest of the volume it makes immutable, its top (ADR
+    0031). It waits for the disk's ``new_top``: until the disk writes there, a virtual machine
+    attached to it may still write to the snapshot's top. The volume below, if any, lends its
+    recorded digest to the chunks the top does not allocate."""
+    stage: DigestStage = {"do": "digest", "volume": frozen_chain[-1]}
+    if len(frozen_chain) > 1:
+        stage["backing"] = frozen_chain[-2]
+    stage["frozen_by"] = new_top
+    return plan(op_id(), Purpose.SNAPSHOT, stage)
 
 
 def full_copy(

@@ -165,10 +165,21 @@ def deep_check_stage(view: RepositoryView) -> VerifyStage | None:
             tops.setdefault(image.chain[-1], image)
     if not depth:
         return None
+    # A removed snapshot's digest holds only while its volume stayed as it was: once nothing
+    # else read it, a block job may have committed into it (docs/adr/0031). A live image's
+    # record comes first; one on a removed image is passed over for a volume a commit wrote.
+    committed = {
+        stage.get("volume")
+        for image in view.images()
+        for op in image.operations
+        for stage in op.stages[: op.done]
+        if stage.get("do") == "commit"
+    }
     digested: dict[str, Image] = {}
-    for image in sorted(view.images(), key=by_id):
+    for image in sorted(view.images(), key=lambda i: (i.removed, by_id(i))):
         for ref in image.digests:
-            digested.setdefault(ref, image)
+            if not (image.removed and ref in committed):
+                digested.setdefault(ref, image)
     volumes = sorted(depth, key=lambda ref: (depth[ref], ref))
     owners = {ref: (digested.get(ref) or tops.get(ref) or holders[ref]).id_text for ref in volumes}
     return {"do": "verify", "volumes": volumes, "owners": owners}

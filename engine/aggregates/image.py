@@ -1031,6 +1031,14 @@ class Image(Aggregate["Image.Event"], StableTopic):
     @_appliers.register(ImageRemoved)
     def _(self, event: Image.ImageRemoved) -> None:
         self.removed = True
+        for op in self.operations:
+            if op.state != _DONE and all(s.get("do") == "digest" for s in op.stages[op.done :]):
+                # Its only work left is a digest, which a removed image's volume does not get
+                # (docs/adr/0031: once no live image reads it, a block job may write into it).
+                # Ended with nothing changed, as an abort ends a job: a digest running now is
+                # cancelled, its completion refused, and the queue behind it (a clean) runs.
+                op.state, op.claim_host, op.aborted, op.phase = _DONE, None, True, ""
+                op.history.append(f"ended by the removal of its image, by {event.host_id}")
         self._advance(event)
 
     @_appliers.register(UserDataSet)

@@ -59,6 +59,7 @@ class StageKind(StrEnum):
     # A deep check (docs/adr/0033): read ``volumes`` (qemu-img check, and the recorded digest
     # of each that has one), recording what is damaged on each volume's owner; changes nothing.
     VERIFY = "verify"
+    DIGEST = "digest"  # record the content digest of the immutable ``volume`` (a snapshot's)
 
 
 class Completion(TypedDict, total=False):
@@ -167,6 +168,19 @@ class VerifyStage(Completion):
     owners: dict[str, str]
 
 
+class DigestStage(Completion):
+    """The digest of ``volume``'s guest-visible content (read through its backing chain),
+    recorded with the stage's completion (``VolumeDigested``, docs/adr/0031). ``backing``: the
+    volume below, whose recorded digest, if any, stands for the chunks ``volume`` does not
+    allocate. ``frozen_by``: the disk's new top whose making freezes ``volume`` (a snapshot's):
+    until then a virtual machine attached to the disk may still write to ``volume``."""
+
+    do: Literal["digest"]
+    volume: str
+    backing: NotRequired[str]
+    frozen_by: NotRequired[str]
+
+
 Stage = (
     CreateStage
     | CopyStage
@@ -180,10 +194,13 @@ Stage = (
     | MirrorStage
     | SwitchStage
     | VerifyStage
+    | DigestStage
 )
 
 # The keys of a stage that name one volume of the stage's repository.
-VolumeKey = Literal["volume", "backing", "old_backing", "base", "drop_volume", "top", "child"]
+VolumeKey = Literal[
+    "volume", "backing", "old_backing", "base", "drop_volume", "top", "child", "frozen_by"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +244,8 @@ def _declare(kind: StageKind) -> KindRules:
             # It reads published volumes only, and a missing one is passed over: nothing it
             # names must wait for it, or be kept for it.
             return KindRules(VerifyStage)
+        case StageKind.DIGEST:
+            return KindRules(DigestStage, reads=("volume", "backing", "frozen_by"))
     assert_never(kind)  # mypy: a kind without its declaration
 
 
@@ -266,9 +285,10 @@ def has_live_form(stage: Stage) -> bool:
     return kind in _LIVE_KINDS or (kind == "create" and bool(stage.get("backing")))
 
 
-# Kinds that run while the image is attached: block jobs, and a migration's stages (which
-# write only into the replica's repository, or work through the daemon).
-_LIVE_KINDS = frozenset(("rebase", "commit", "clone", "sync", "mirror", "switch"))
+# Kinds that run while the image is attached: block jobs, a migration's stages (which write
+# only into the replica's repository, or work through the daemon), and a digest, which only
+# reads an immutable volume, sharing it with the daemon.
+_LIVE_KINDS = frozenset(("rebase", "commit", "clone", "sync", "mirror", "switch", "digest"))
 
 
 def is_migration(stage: Stage) -> bool:

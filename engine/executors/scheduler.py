@@ -49,7 +49,7 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 from engine.aggregates import operations as ops
-from engine.aggregates.image import Image
+from engine.aggregates.image import DigestRecord, Image
 from engine.aggregates.operations import Operation
 from engine.aggregates.stage_kinds import (
     Stage,
@@ -499,6 +499,7 @@ class Executor:
             checkpoint=claim.checkpoint,
             last_checkpoint=claim.last_checkpoint,
             keep_digest=claim.keep_digest,
+            recorded_digest=self._recorded_digest,
             local_image=self.view.image,
         )
         try:
@@ -556,6 +557,16 @@ class Executor:
             # A new top that only the stage's completion puts in the chain (a migration's
             # live snapshot, docs/adr/0029): a live snapshot of the image all the same.
             return Live(self.daemon(), own, claim.reach)
+        return None
+
+    def _recorded_digest(self, ref: str) -> DigestRecord | None:
+        """The digest this repository's log holds for volume ``ref`` on a live image: one on a
+        removed snapshot is not lent, since a block job may have committed into its volume
+        once nothing else read it, and its record then describes bytes that are gone."""
+        for image in self.view.images():
+            record = None if image.removed else image.digests.get(ref)
+            if record is not None:
+                return record
         return None
 
     # --- bookkeeping ----------------------------------------------------------------------

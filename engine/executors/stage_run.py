@@ -20,7 +20,7 @@ from dataclasses import field as dataclass_field
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
-from engine.aggregates.image import Image
+from engine.aggregates.image import DigestRecord, Image
 from engine.aggregates.operations import Checkpoint, split_ref
 from engine.aggregates.stage_kinds import Stage
 from engine.errors import (
@@ -106,6 +106,10 @@ def _no_checkpoint() -> Checkpoint | None:
     return None
 
 
+def _no_digest(ref: str) -> DigestRecord | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Live:
     """What a stage needs to run live: this host's daemon, the image attached here whose chain
@@ -144,6 +148,8 @@ class StageRun:
     last_checkpoint: Callable[[], Checkpoint | None] = _no_checkpoint
     # Hands the digest of the volume the stage made to its completion (VolumeDigested).
     keep_digest: Callable[[str, VolumeDigest], None] | None = None
+    # The digest this repository's log holds for a volume, if any (docs/adr/0031).
+    recorded_digest: Callable[[str], DigestRecord | None] = _no_digest
     # An image of this repository as its view holds it, removed or not (a deep check reads
     # the digests its owners recorded: docs/adr/0033).
     local_image: Callable[[uuid.UUID], Image | None] = _no_image

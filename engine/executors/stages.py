@@ -1,7 +1,8 @@
 """The data work of each stage kind (engine/aggregates/stage_kinds.py), idempotent.
 
 :func:`execute` runs a stage by its kind: one branch per kind, each narrowing the stage to its
-typed form and handing it to that kind's executor below. A kind declared in stage_kinds without
+typed form and handing it to that kind's executor below (``digest``'s, which only reads, in
+engine/executors/digest_stage.py). A kind declared in stage_kinds without
 a branch here is a mypy error (at ``_no_executor``), so a new kind cannot be planned without
 being runnable (docs/adr/0021-typed-stages-and-enums.md).
 
@@ -80,6 +81,7 @@ from engine.executors.crashpoints import (
     MID_DELETE,
     MID_REBASE,
 )
+from engine.executors.digest_stage import digest
 from engine.executors.stage_run import (
     FindImage,
     ForeignReady,
@@ -219,6 +221,8 @@ def execute(run: StageRun) -> None:
         _migration(stage)
     elif stage["do"] == "verify":
         verify(run, stage)
+    elif stage["do"] == "digest":
+        digest(run, stage)
     else:
         _no_executor(stage)
 

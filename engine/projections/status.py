@@ -6,6 +6,10 @@ found rotten or corrupt by a deep check (``DamageFound`` in the log: ``last_erro
 volume and where, docs/adr/0033), or the operation in progress failed, was stopped, or waits for
 a fix (``auto_fix=False``).
 
+A snapshot whose only unfinished work is the digest of its volume (docs/adr/0031) is usable:
+its data is in place; its stage ``X/Y`` still shows that work, and a digest that failed leaves
+its ``last_error`` and a ``mend`` that runs it again.
+
 ``degraded``: usable, and a better representation is planned or possible: an ``optimize``
 operation is queued (held, failed or stopped included: the quick form it improves on is in place
 and usable), or a ``performance`` virtual disk is not one raw volume yet.
@@ -138,7 +142,7 @@ def _status(
     for ref in image.chain:
         if not view.is_ready(ref) or ref in lost:
             return BROKEN
-    if current is not None and current.state in _BLOCKED and current.purpose not in _HARMLESS:
+    if current is not None and current.state in _BLOCKED and not _harmless(current):
         return BROKEN
     if current is not None and any(
         op.purpose == ops.OPTIMIZE and not op.finished for op in image.operations
@@ -147,6 +151,15 @@ def _status(
     if wants_optimizing(image):
         return DEGRADED
     return OPTIMIZED
+
+
+def _harmless(op: Operation) -> bool:
+    """Whether the operation leaves the image's data usable while it waits, fails or is
+    stopped: an optimize or a clean, or one whose only unfinished work is a digest (of a
+    snapshot's volume, already in place: docs/adr/0031)."""
+    if op.purpose in _HARMLESS:
+        return True
+    return all(stage.get("do") == "digest" for stage in op.stages[op.done :])
 
 
 def blocker(image: Image, view: StatusView) -> str | None:

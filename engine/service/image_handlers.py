@@ -124,9 +124,12 @@ class ImageHandlers:
                 host_id=self.service.host_id,
                 now=self.service.now(),
             )
+            # The snapshot's own work: the digest of the volume it freezes (held, like all
+            # work, with auto_fix=False; the snapshot is usable meanwhile).
+            digest = planning.snapshot_digest(frozen, top)
             return self._request(
                 new_id, ops.SNAPSHOT, current.size, frozen, user_data, opts,
-                {"how": "snapshot", "of": str(current.id)}, [],
+                {"how": "snapshot", "of": str(current.id)}, [digest],
             )  # fmt: skip
 
         with self._unsettled_if_unknown(key, new_id):

@@ -59,7 +59,7 @@ def test_every_volume_a_declaration_names_is_a_key_of_its_form(kind: StageKind) 
 
 
 def test_the_keys_that_name_volumes_follow_from_the_declarations() -> None:
-    keys = {"volume", "backing", "old_backing", "base", "drop_volume", "top", "child"}
+    keys = {"volume", "backing", "old_backing", "base", "drop_volume", "top", "child", "frozen_by"}
     assert set(stage_kinds.VOLUME_KEYS) == keys
 
 

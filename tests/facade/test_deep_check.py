@@ -57,6 +57,7 @@ def disk_with_snapshot(engine: StorageEngine) -> tuple[str, str]:
     write(engine, qemu, "r1", disk, 0, 4 * MiB, 0x33)
     snapshot = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snapshot, timeout=30)  # its digest
     write(engine, qemu, "r1", disk, 8 * MiB, 2 * MiB, 0x44)
     return disk, snapshot
 
@@ -200,6 +201,7 @@ def test_a_flipped_byte_in_a_snapshot_breaks_it_and_every_disk_above_it(
     write(engine, qemu, "r1", disk, 16 * MiB, 4 * MiB, 0x5A)
     snapshot = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snapshot, timeout=30)  # its digest, read before the flip
     clone = engine.create_virtual_disk("r1", 64 * MiB, base_snapshot_id=snapshot)
     engine.wait_for_image("r1", clone, timeout=30)
     ref = record_digest(engine, "r1", snapshot)
@@ -265,6 +267,7 @@ def test_a_deep_check_shows_its_progress_and_is_stopped_from_another_thread(
     write(engine, qemu, "r1", disk, 0, 1024 * MiB, 0x21)
     snapshot = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snapshot, timeout=60)  # its own digest stage, first
     record_digest(engine, "r1", snapshot)
     # The check reads 1 GiB in about a second: a stop that lands after it finished is not a
     # failure of the stop, so a finished check is simply run again (a few times at most).

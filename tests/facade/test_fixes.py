@@ -137,6 +137,7 @@ def test_statuses_replay_from_the_log_alone(tmp_path: Path, repo_paths: tuple[st
         snap = se.create_snapshot("r1", disk)
         se.create_virtual_disk("r1", 8 * MiB, base_snapshot_id=snap, options={"auto_fix": False})
         se.wait_for_image("r1", disk, timeout=30)
+        se.wait_for_image("r1", snap, timeout=30)  # its digest (docs/adr/0031)
         before = statuses(se)
     for state_dir in (tmp_path / "a", tmp_path / "empty"):  # warm, then rebuilt from scratch
         with StorageEngine("host-a", state_dir=str(state_dir), run_executors=False) as se:

@@ -65,6 +65,7 @@ def disk_with_snapshot(engine: StorageEngine, qemu: QemuImg) -> tuple[str, str]:
     write(engine, qemu, "r1", disk, 0, MiB, 0x5A)
     snap = engine.create_snapshot("r1", disk)
     engine.wait_for_image("r1", disk, timeout=30)
+    engine.wait_for_image("r1", snap, timeout=30)  # its digest: a migration waits for work
     write(engine, qemu, "r1", disk, MiB, MiB, 0x5B)
     return disk, snap
 

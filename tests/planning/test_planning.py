@@ -178,6 +178,26 @@ def test_a_snapshot_for_space_needs_no_more_work() -> None:
     assert [plan["purpose"] for plan in stored(work)] == ["snapshot"]
 
 
+def test_a_snapshot_s_own_work_is_the_digest_of_its_top_once_the_disk_writes_elsewhere() -> None:
+    new_top = vol(0xC1, "qcow2")
+
+    assert stored([planning.snapshot_digest(SNAPSHOT_CHAIN, new_top)]) == [
+        {
+            "purpose": "snapshot",
+            "stages": [
+                {
+                    "do": "digest",
+                    "volume": SNAPSHOT_CHAIN[-1],
+                    "backing": SNAPSHOT_CHAIN[0],  # its recorded digest stands for the rest
+                    "frozen_by": new_top,
+                }
+            ],
+        }
+    ]
+    (alone,) = stored([planning.snapshot_digest(SNAPSHOT_CHAIN[:1], new_top)])
+    assert alone["stages"] == [{"do": "digest", "volume": SNAPSHOT_CHAIN[0], "frozen_by": new_top}]
+
+
 # --- copies -----------------------------------------------------------------------------------
 
 

@@ -158,11 +158,13 @@ def digest_image(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     reuse: VolumeDigest | None = None,
+    force_share: bool = False,
 ) -> VolumeDigest:
     """The digest of the image at ``path`` read through its chain. With ``reuse`` (the digest of
     the volume's backing, of the same size), only the chunks the volume itself allocates are
-    read; the others are its backing's."""
-    with open_reader(path, fmt) as reader:
+    read; the others are its backing's. ``force_share``: read without QEMU's image lock
+    (:func:`~engine.formats.qemu.image_io.open_reader`)."""
+    with open_reader(path, fmt, force_share=force_share) as reader:
         size = reader.size
         chunk = chunk_size_for(size)
         empty = VolumeDigest(size, chunk, bytes(HASH_BYTES * (-(-size // chunk))))

@@ -90,7 +90,7 @@ def virtual_size(path: str, fmt: str) -> int:
 class ImageReader:
     """The guest-visible bytes of one image (a context manager)."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, *, force_share: bool = False) -> None:
         self.path = path
         self.fmt = fmt
         self._extents: list[Extent] | None = None
@@ -101,7 +101,7 @@ class ImageReader:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             self.size = os.fstat(self._fd).st_size
         else:
-            self._server = NbdServer(path, fmt, readonly=True)
+            self._server = NbdServer(path, fmt, readonly=True, force_share=force_share)
             self._client = self._server.connect()
             self.size = self._client.size
 
@@ -174,8 +174,11 @@ def _prefetched(
     if not pieces:
         return
     free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(_PREFETCH + 1):
-        free.put(bytearray(min(block, MAX_REQUEST)))
+    # No larger and no more buffers than the data needs: a small volume's digest (a snapshot
+    # of a test's disk) would otherwise spend most of its time zeroing 20 MiB it never reads.
+    sizes = [n for _, n, data in pieces if data]
+    for _ in range(min(_PREFETCH + 1, len(sizes))):
+        free.put(bytearray(min(block, MAX_REQUEST, max(sizes))))
     ready: queue.Queue[tuple[int, int, bytearray | None] | BaseException | None] = queue.Queue()
     stop = threading.Event()
 
@@ -224,7 +227,7 @@ def _prefetched(
 class ImageWriter:
     """Writes into an existing image through a private ``qemu-nbd`` (a context manager)."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, *, force_share: bool = False) -> None:
         self.path = path
         self.fmt = fmt
         direct = accepts_direct_io(path, create=False)
@@ -269,8 +272,10 @@ class ImageWriter:
         self.close()
 
 
-def open_reader(path: str, fmt: str) -> ImageReader:
-    return ImageReader(path, fmt)
+def open_reader(path: str, fmt: str, *, force_share: bool = False) -> ImageReader:
+    """``force_share``: take no image lock (a raw file is read without one anyway), for a
+    volume nobody may write; a reader that must not run beside a writer takes QEMU's lock."""
+    return ImageReader(path, fmt, force_share=force_share)
 
 
 def open_writer(path: str, fmt: str) -> ImageWriter:

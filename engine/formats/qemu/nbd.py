@@ -61,18 +61,37 @@ class NbdError(OSError):
 class NbdServer:
     """``qemu-nbd`` serving ``path`` on a private Unix socket until its client disconnects."""
 
-    def __init__(self, path: str, fmt: str, *, readonly: bool, direct: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        *,
+        readonly: bool,
+        direct: bool = False,
+        force_share: bool = False,
+    ) -> None:
         self._dir = tempfile.mkdtemp(prefix="strata-nbd-")
         self.socket_path = os.path.join(self._dir, "s")
+        # force_share (read-only only): no image lock is taken, so no writer is kept out: for
+        # a reader of a volume that nobody may write, which must never make a block job fail
+        # (a digest of a snapshot removed while it reads; docs/adr/0031). qemu-nbd 7.2 has no
+        # --force-share flag; the block layer's option says it, and the backing chain inherits it.
+        image = (
+            [
+                "--image-opts",
+                f"driver={fmt},force-share=on,read-only=on,file.filename={path.replace(',', ',,')}",
+            ]
+            if force_share and readonly
+            else [f"--format={fmt}", path]
+        )
         args = [
             "qemu-nbd",
             f"--socket={self.socket_path}",
-            f"--format={fmt}",
             "--shared=1",
             # cache=none writes around the page cache, like every copy (docs/adr/0006).
             "--cache=none" if direct else "--cache=writeback",
             *(["--read-only"] if readonly else []),
-            path,
+            *image,
         ]
         setpriv = shutil.which("setpriv")
         if setpriv is not None:
