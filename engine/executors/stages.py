@@ -465,10 +465,12 @@ def _tag_at(run: StageRun, epoch: int) -> str:
 def _immutable(run: StageRun, volume: Volume) -> bool:
     """Whether ``volume`` is (or becomes, with the stage's completion) a volume of a snapshot's
     chain: what a digest is recorded for (docs/adr/0031)."""
-    found = run.find_image(run.image_id)
-    if found is None or found[0].kind != SNAPSHOT:
+    # This repository's image: a snapshot's copy elsewhere keeps its id (architecture §1), and
+    # find_image may answer with the source, whose chain holds none of the copy's volumes.
+    image = run.local_image(run.image_id)
+    if image is None or image.kind != SNAPSHOT:
         return False
-    return volume.ref in found[0].chain or volume.ref in (run.stage.get("set_chain") or ())
+    return volume.ref in image.chain or volume.ref in (run.stage.get("set_chain") or ())
 
 
 def produce(
