@@ -222,12 +222,16 @@ def test_a_digest_keeps_no_writer_out_of_the_volume_it_reads(repo: Repo, tmp_pat
     image = snapshot(repo, [base, top], {"do": "digest", "volume": top, "backing": base})
     holder = subprocess.Popen(  # a writer of the backing, as a commit's daemon would be
         ["qemu-io", "-f", "qcow2", "-c", "sleep 600000", repo.path(base)],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30  # qemu-io starts slowly on a loaded machine
         while not locked(repo.path(base)):
+            if holder.poll() is not None:
+                raise AssertionError(f"qemu-io ended: {holder.communicate()[1]}")
             assert time.monotonic() < deadline, "qemu-io never took its lock"
             time.sleep(0.02)
 
