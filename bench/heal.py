@@ -43,7 +43,7 @@ from engine import StorageEngine
 from engine.formats.qemu.image_tools import QemuImg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.hosts.hostlib import HostProcess, events, host_spec
+from tests.hosts.hostlib import HostProcess, events, host_spec, writer_of, written_by
 
 MiB, GiB = 2**20, 2**30
 
@@ -143,27 +143,6 @@ def checkpoints(repo_path: str, host: str) -> list[dict[str, Any]]:
     return [f for n, h, f in events(repo_path) if n == "StageCheckpointed" and h == host]
 
 
-def writer_of(group: int) -> int:
-    """The qemu-nbd of the host's process group that writes (not ``--read-only``)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        nbd = any(a.endswith(b"qemu-nbd") for a in argv)
-        if pgrp == group and nbd and b"--read-only" not in argv:
-            return int(pid)
-    raise RuntimeError(f"no writing qemu-nbd in process group {group}")
-
-
-def write_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
-
-
 def resume(work: str, repos: dict[str, str], snapshot: str, rate: str) -> None:
     """Both copies throttled alike (``rate``), so that 90% can be caught before the end."""
     root = Path(work)
@@ -197,7 +176,7 @@ def resume(work: str, repos: dict[str, str], snapshot: str, rate: str) -> None:
                 raise RuntimeError("the copy never reached 90%")
             time.sleep(0.02)
         a.signal_group(signal.SIGSTOP)  # frozen: its writer's count is what it wrote
-        before = write_bytes(writer_of(a.proc.pid))
+        before = written_by(writer_of(a.proc.pid))
     finally:
         a.kill()
     left = total - before

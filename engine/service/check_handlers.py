@@ -6,7 +6,8 @@ takeover after a crash. It belongs to no image, so it runs on a *carrier*, an im
 and removed in one transaction (as a ``clean`` of files of no image does: ADR 0017), which no
 listing shows and which only its id, given back here, reaches.
 
-Imports: :mod:`engine.aggregates` and :mod:`engine.service.unit_of_work`.
+Imports: :mod:`engine.aggregates`, :mod:`engine.service.fix_handlers` and
+:mod:`engine.service.unit_of_work`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from engine.aggregates import operations as ops
 from engine.aggregates.image import Image
 from engine.aggregates.stage_kinds import VerifyStage
+from engine.service.fix_handlers import new_carrier
 from engine.service.unit_of_work import ImageService
 
 # What a deep check's carrier was made for (``Image.origin["how"]``).
@@ -33,23 +35,11 @@ class DeepCheck:
 
 def start_deep_check(service: ImageService, stage: VerifyStage) -> DeepCheck:
     """Queue the deep check ``stage`` on a new carrier; durable when this returns."""
-    now = service.now()
     check = DeepCheck(uuid.uuid4(), uuid.uuid4().hex)
-    carrier = Image.request(
-        image_id=check.image_id,
-        kind=ops.SNAPSHOT,
-        size=0,
-        chain=[],
-        user_data=None,
-        strategy=ops.SPACE,
-        auto_fix=True,
-        origin={"how": DEEP_CHECK},
-        operations=[ops.plan(check.op_id, ops.Purpose.VERIFY, stage)],
-        host_id=service.host_id,
-        now=now,
+    operations = [ops.plan(check.op_id, ops.Purpose.VERIFY, stage)]
+    service.add(
+        new_carrier(service, check.image_id, DEEP_CHECK, operations, "the carrier of a deep check")
     )
-    carrier.remove(host_id=service.host_id, now=now, reason="the carrier of a deep check")
-    service.add(carrier)
     return check
 
 

@@ -45,21 +45,8 @@ def start_fix(service: ImageService, plan: FixPlan) -> bool:
         )
         return True
     if plan.new_carrier:
-        now = service.now()
-        carrier = Image.request(
-            image_id=plan.target,
-            kind=ops.SNAPSHOT,
-            size=0,
-            chain=[],
-            user_data=None,
-            strategy=ops.SPACE,
-            auto_fix=True,
-            origin={"how": "clean carrier"},
-            operations=[plan.operation] if plan.operation is not None else [],
-            host_id=service.host_id,
-            now=now,
-        )
-        carrier.remove(host_id=service.host_id, now=now)
+        operations = [plan.operation] if plan.operation is not None else []
+        carrier = new_carrier(service, plan.target, "clean carrier", operations)
         try:
             service.add(carrier)
         except ConcurrencyConflict:
@@ -83,3 +70,31 @@ def stop_fix(service: ImageService, image_id: uuid.UUID, reason: str) -> None:
     service.update(
         image_id, lambda i: i.stop(reason=reason, host_id=service.host_id, now=service.now())
     )
+
+
+def new_carrier(
+    service: ImageService,
+    image_id: uuid.UUID,
+    how: str,
+    operations: list[ops.OperationPlan],
+    reason: str = "",
+) -> Image:
+    """An image requested and removed in one transaction, carrying ``operations`` that belong
+    to no image (a clean of files nobody owns, a deep check): seen by nobody but executors.
+    Not added yet: the caller adds it, and decides what a conflict means."""
+    now = service.now()
+    carrier = Image.request(
+        image_id=image_id,
+        kind=ops.SNAPSHOT,
+        size=0,
+        chain=[],
+        user_data=None,
+        strategy=ops.SPACE,
+        auto_fix=True,
+        origin={"how": how},
+        operations=operations,
+        host_id=service.host_id,
+        now=now,
+    )
+    carrier.remove(host_id=service.host_id, now=now, reason=reason)
+    return carrier

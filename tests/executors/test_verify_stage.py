@@ -15,9 +15,9 @@ from engine.aggregates.stage_kinds import Stage, VerifyStage
 from engine.errors import StageCancelled
 from engine.executors.stage_run import StageRun
 from engine.executors.verify_stage import verify
-from engine.formats.qemu.digests import digest_image
 from engine.service.check_handlers import DeepCheck, start_deep_check
 from engine.service.fix_handlers import stop_fix
+from tests.digest_records import record_file_digest
 from tests.executors.executor_repos import MiB, Repo, new_volume, qemu
 
 
@@ -156,19 +156,7 @@ def test_a_cancelled_stage_stops_and_finds_nothing(repo: Repo) -> None:
 
 def record_digest(repo: Repo, image_id: uuid.UUID, ref: str) -> None:
     """What a snapshot's digest stage records (docs/adr/0031), computed here from the file."""
-    digest = digest_image(repo.path(ref), ref.rsplit(".", 1)[1])
-    repo.service.update(
-        image_id,
-        lambda image: image.record_digest(
-            volume=ref,
-            size=digest.size,
-            chunk_size=digest.chunk_size,
-            chunks=digest.chunks,
-            digest=digest.digest,
-            host_id=repo.host_id,
-            now=repo.service.now(),
-        ),
-    )
+    record_file_digest(repo.service, image_id, ref, repo.path(ref), repo.host_id)
 
 
 def flip_byte(path: str, offset: int) -> None:

@@ -18,10 +18,10 @@ import pytest
 
 from engine import StorageEngine
 from engine.errors import DeepCheckUnfinished, InvalidParameter, StrataError
-from engine.formats.qemu.digests import digest_image
 from engine.formats.qemu.image_tools import QemuImg
 from engine.types import Volume
 from log_tools.export import events
+from tests.digest_records import record_file_digest
 from tests.facade.images import MiB, tree_digest, write
 
 qemu = QemuImg()
@@ -158,19 +158,8 @@ def record_digest(engine: StorageEngine, repo: str, image: str) -> str:
     image_id = uuid.UUID(image)
     ref = connected.view.image(image_id).chain[-1]  # type: ignore[union-attr]
     volume_id, fmt = ref.split(".")
-    digest = digest_image(connected.storage.volume_path(volume_id, fmt), fmt)
-    connected.service.update(
-        image_id,
-        lambda i: i.record_digest(
-            volume=ref,
-            size=digest.size,
-            chunk_size=digest.chunk_size,
-            chunks=digest.chunks,
-            digest=digest.digest,
-            host_id=engine.host_id,
-            now=connected.service.now(),
-        ),
-    )
+    path = connected.storage.volume_path(volume_id, fmt)
+    record_file_digest(connected.service, image_id, ref, path, engine.host_id)
     connected.follower.caught_up()
     return ref
 

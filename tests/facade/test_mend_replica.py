@@ -14,9 +14,9 @@ import pytest
 from engine import StorageEngine
 from engine.aggregates.image import Image
 from engine.errors import ImageNotFound, InvalidParameter, RepositoryNotConnected, StaleFix
-from engine.formats.qemu.digests import digest_image
 from engine.formats.qemu.image_tools import QemuImg
 from engine.types import Fix
+from tests.digest_records import record_file_digest
 from tests.facade.images import MiB, tree_digest, write
 
 SIZE = 8 * MiB
@@ -61,20 +61,8 @@ def digest(se: StorageEngine, repo: str, image_id: str) -> str:
     found = image(se, repo, image_id)
     ref = found.chain[-1]
     if ref not in found.digests:
-        d = digest_image(*top_path(se, repo, image_id))
-        connected = se._repos[repo]
-        connected.service.update(
-            found.id,
-            lambda i: i.record_digest(
-                volume=ref,
-                size=d.size,
-                chunk_size=d.chunk_size,
-                chunks=d.chunks,
-                digest=d.digest,
-                host_id=se.host_id,
-                now=connected.service.now(),
-            ),
-        )
+        path, _ = top_path(se, repo, image_id)
+        record_file_digest(se._repos[repo].service, found.id, ref, path, se.host_id)
         found = image(se, repo, image_id)
     return found.digests[ref]["digest"]
 

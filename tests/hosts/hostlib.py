@@ -277,3 +277,24 @@ def host_a_copying(
     copy = a.saved("copy")
     eventually(lambda: progressed_on(repos["r2"], "host-a"))
     return snapshot, a, copy
+
+
+def writer_of(group: int) -> int:
+    """The qemu-nbd of the host's process group that writes (not ``--read-only``)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        nbd = any(a.endswith(b"qemu-nbd") for a in argv)
+        if pgrp == group and nbd and b"--read-only" not in argv:
+            return int(pid)
+    raise AssertionError(f"no writing qemu-nbd in process group {group}")
+
+
+def written_by(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))

@@ -10,7 +10,6 @@ checkpoints (``written``).
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from tests.hosts.hostlib import (
     eventually,
     host_spec,
     snapshot_with_data,
+    writer_of,
+    written_by,
 )
 
 SIZE = 128 * MiB
@@ -40,27 +41,6 @@ def checkpoints(repo_path: str) -> list[tuple[str, dict[str, Any]]]:
 
 def reached(repo_path: str, host: str, percent: int) -> bool:
     return any(h == host and f["percent"] >= percent for h, f in checkpoints(repo_path))
-
-
-def writer_of(group: int) -> int:
-    """The qemu-nbd of the host's process group that writes (not ``--read-only``)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pgrp = int(f.read().rsplit(")", 1)[1].split()[2])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        nbd = any(a.endswith(b"qemu-nbd") for a in argv)
-        if pgrp == group and nbd and b"--read-only" not in argv:
-            return int(pid)
-    raise AssertionError(f"no writing qemu-nbd in process group {group}")
-
-
-def written_by(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
 
 
 def kill_when(a: HostProcess, repo_path: str, percent: int) -> int:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from engine.errors import QemuError
 from engine.formats.qemu.direct_io import accepts_direct_io
@@ -55,14 +55,6 @@ class Extent:
 
 def image_map(path: str, fmt: str) -> list[Extent]:
     """``qemu-img map --output=json`` of the image and its chain."""
-    args = ["qemu-img", "map", "--output=json", "-U", "-f", fmt, path]
-    done = subprocess.run(args, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise QemuError(
-            command=" ".join(args),
-            returncode=done.returncode,
-            stderr=done.stderr.decode(errors="replace"),
-        )
     return [
         Extent(
             start=e["start"],
@@ -71,12 +63,13 @@ def image_map(path: str, fmt: str) -> list[Extent]:
             depth=e["depth"],
             present=bool(e.get("present", e["data"] or e.get("zero", False))),
         )
-        for e in json.loads(done.stdout)
+        for e in _qemu_img_json("map", path, fmt)
     ]
 
 
-def virtual_size(path: str, fmt: str) -> int:
-    args = ["qemu-img", "info", "--output=json", "-U", "-f", fmt, path]
+def _qemu_img_json(command: str, path: str, fmt: str) -> Any:
+    """``qemu-img <command> --output=json``, sharing the image (``-U``: it only reads)."""
+    args = ["qemu-img", command, "--output=json", "-U", "-f", fmt, path]
     done = subprocess.run(args, capture_output=True, check=False)
     if done.returncode != 0:
         raise QemuError(
@@ -84,7 +77,7 @@ def virtual_size(path: str, fmt: str) -> int:
             returncode=done.returncode,
             stderr=done.stderr.decode(errors="replace"),
         )
-    return int(json.loads(done.stdout)["virtual-size"])
+    return json.loads(done.stdout)
 
 
 class ImageReader:
