@@ -546,11 +546,23 @@ def _fix_table(fixes: list[dict[str, Any]]) -> None:
 
 @app.command()
 @typed_errors
-def check(ctx: typer.Context, repo: str) -> None:
+def check(
+    ctx: typer.Context,
+    repo: str,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also read every volume: qemu-img check, and each digest (finds rot). "
+            "`strata repo describe` shows its progress; `strata stop` ends it.",
+        ),
+    ] = False,
+) -> None:
     """What the repository needs: fixes numbered from 1, for `strata fix`."""
     session = _session(ctx)
     with session.client() as client:
-        fixes = client.post(f"/repositories/{repo}/check")
+        body = {"options": {"deep": True}} if deep else None
+        fixes = client.post(f"/repositories/{repo}/check", body)
     session.emit(fixes, lambda: _fix_table(fixes))
 
 

@@ -226,7 +226,8 @@ def fake_api(d: FakeDaemon) -> FastAPI:
         return error(409, "image_in_use", f"{image_id} is attached on host-b", 40)
 
     @api.post("/repositories/{repo}/check")
-    def check(repo: str) -> Any:
+    async def check(repo: str, request: Request) -> Any:
+        d.bodies.append((f"/repositories/{repo}/check", await request.json()))
         d.checks += 1
         ids = sorted(d.images)
         return [
@@ -496,6 +497,15 @@ def test_check_numbers_the_fixes_from_1(fake: FakeDaemon) -> None:
     assert [f.type for f in fixes] == ["clean", "merge", "clean"]
 
 
+def test_check_deep_asks_for_the_deep_check(fake: FakeDaemon) -> None:
+    assert strata(fake, "check", "r1").code == 0
+    assert strata(fake, "check", "r1", "--deep").code == 0
+    assert [body for path, body in fake.bodies if path.endswith("/check")] == [
+        {},
+        {"options": {"deep": True}},
+    ]
+
+
 def test_fix_2_runs_the_second_fix_of_a_fresh_check(fake: FakeDaemon) -> None:
     strata(fake, "check", "r1")
     done = strata(fake, "--json", "fix", "r1", "2")
@@ -640,6 +650,9 @@ def test_strata_drives_the_real_daemon_end_to_end(real: RealDaemon) -> None:
     waited = real_strata(real, "--json", "image", "wait", "r1", disk, "--timeout", "60")
     assert ImageStatus.model_validate(waited.json()).status == "optimized", waited.out
     assert Fixes.validate_python(real_strata(real, "--json", "check", "r1").json()) == []
+    deep = real_strata(real, "--json", "check", "r1", "--deep")  # a durable deep check
+    assert deep.code == 0, deep.err
+    assert Fixes.validate_python(deep.json()) == []
 
     missing = str(uuid.uuid4())
     refused = real_strata(real, "--json", "image", "info", "r1", missing)
