@@ -8,7 +8,6 @@ Imports: :mod:`strata_server.config`, :mod:`strata_server.errors`, :mod:`engine.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import shutil
 import signal
@@ -267,10 +266,6 @@ def test_sigterm_while_a_stage_runs_exits_0_and_a_restart_finishes_the_work(
     assert compared.returncode == 0, compared.stdout + compared.stderr
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("strata_server.events") is None,
-    reason="strata_server.events (GET /events) is not in this build",
-)
 def test_sigterm_ends_open_event_streams_and_exits_0_at_once(
     daemon: Callable[..., Daemon],
 ) -> None:
