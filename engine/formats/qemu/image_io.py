@@ -13,23 +13,21 @@ durable, qcow2 tables included. QEMU's image lock is taken by that server, so tw
 file (a fenced host and the one that took its work over) never write it at once: the second one
 fails with QEMU's "Failed to get "write" lock", which callers wait on (engine/executors/stages.py).
 
-Imports: ``engine.errors``, its own package; the standard library.
+Imports: its own package; the standard library.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-from engine.errors import QemuError
 from engine.formats.qemu.direct_io import accepts_direct_io
+from engine.formats.qemu.image_tools import QemuImg
 from engine.formats.qemu.nbd import MAX_REQUEST, NbdClient, NbdServer
 
 BLOCK = 4 << 20  # bytes per request: large enough for the disk, small enough to pipeline
@@ -54,7 +52,7 @@ class Extent:
 
 
 def image_map(path: str, fmt: str) -> list[Extent]:
-    """``qemu-img map --output=json`` of the image and its chain."""
+    """The adapter's ``qemu-img map`` of the image and its chain, as extents."""
     return [
         Extent(
             start=e["start"],
@@ -63,21 +61,8 @@ def image_map(path: str, fmt: str) -> list[Extent]:
             depth=e["depth"],
             present=bool(e.get("present", e["data"] or e.get("zero", False))),
         )
-        for e in _qemu_img_json("map", path, fmt)
+        for e in QemuImg().map(path, fmt=fmt)
     ]
-
-
-def _qemu_img_json(command: str, path: str, fmt: str) -> Any:
-    """``qemu-img <command> --output=json``, sharing the image (``-U``: it only reads)."""
-    args = ["qemu-img", command, "--output=json", "-U", "-f", fmt, path]
-    done = subprocess.run(args, capture_output=True, check=False)
-    if done.returncode != 0:
-        raise QemuError(
-            command=" ".join(args),
-            returncode=done.returncode,
-            stderr=done.stderr.decode(errors="replace"),
-        )
-    return json.loads(done.stdout)
 
 
 class ImageReader:
