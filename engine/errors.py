@@ -13,6 +13,7 @@ Imports: the standard library only; every layer may import this module.
 from __future__ import annotations
 
 import errno
+import re
 import uuid
 from typing import Any, ClassVar
 
@@ -421,6 +422,15 @@ class QemuError(StrataError):
         self.returncode = returncode
         self.stderr = stderr
         super().__init__()
+
+    @property
+    def locked(self) -> bool:
+        """Whether QEMU said that another process holds the image's lock ("write", "consistent
+        read"...): a writer still running somewhere, to wait for rather than fail on."""
+        return _LOCKED.search(self.stderr) is not None
+
+
+_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
 class QemuTimeout(QemuError):

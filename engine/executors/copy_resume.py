@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable
 
 from engine.aggregates.operations import Checkpoint
@@ -34,8 +33,6 @@ from engine.formats.qemu.digests import (
 from engine.formats.qemu.image_io import ImageWriter, open_reader, open_writer
 
 logger = logging.getLogger("engine.executors")
-# How QEMU says that another process holds an image's lock.
-_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
 def run_copy(
@@ -154,7 +151,7 @@ def _take_over(
         # Held by another process (a fenced host's writer, still running: QEMU's lock, which
         # qemu-nbd may report by dropping the connection), or not an image QEMU can open
         # any more: either way, not a file to resume in.
-        held = isinstance(e, QemuError) and _LOCKED.search(e.stderr) is not None
+        held = isinstance(e, QemuError) and e.locked
         logger.info(
             "stage %d of operation %s on image %s starts its copy again: the file %s of the "
             "attempt it would resume %s",

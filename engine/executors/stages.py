@@ -42,7 +42,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -105,9 +104,7 @@ from engine.formats.repository.driver import RepositoryStorage, VolumeFile
 
 PIVOTING = "pivoting"  # an active commit's phase: the switch onto the base was asked for
 _NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device", as QEMU's tools print it
-# How QEMU says that another process holds an image's lock ("write", "consistent read"...).
 logger = logging.getLogger("engine.executors")
-_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 
 
 def run_stage(run: StageRun, executor: Callable[[StageRun], None] | None = None) -> None:
@@ -550,7 +547,7 @@ def _in_place(
         except QemuCancelled:
             raise
         except QemuError as e:
-            if not _LOCKED.search(e.stderr):
+            if not e.locked:
                 raise
             waited = time.monotonic() - started
             if not told:  # the first refusal: say why the stage waits, once

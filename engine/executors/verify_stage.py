@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +32,6 @@ from engine.executors.stage_run import Damage, StageRun, Volume, field, local
 from engine.formats.qemu.digests import DigestCancelled, VolumeDigest, verify_image
 
 logger = logging.getLogger("engine.executors")
-# How QEMU says that another process holds an image's lock.
-_LOCKED = re.compile(r'Failed to get (shared )?"[^"]+" lock')
 # What reading a volume's tables costs next to reading its data, for the progress: little.
 _CHECK_WEIGHT = 1 << 20
 
@@ -148,7 +145,7 @@ def _verify_one(run: StageRun, each: _Volume, progress: Callable[[float], None])
         except DigestCancelled:
             raise run.cancelled("this host cancelled it") from None
         except QemuError as e:
-            if _LOCKED.search(e.stderr):
+            if e.locked:
                 _passed_over(run, volume, "another process writes it")
                 return None
             problems.append(f"its data could not be read: {e.stderr.strip() or e.message}")
@@ -171,7 +168,7 @@ def _structure(run: StageRun, volume: Volume) -> str | None:
     except QemuCancelled:
         raise run.cancelled("this host cancelled it") from None
     except QemuError as e:
-        if _LOCKED.search(e.stderr):
+        if e.locked:
             _passed_over(run, volume, "another process writes it")
             return _IN_USE
         return f"qemu-img check could not read it: {e.stderr.strip() or e.message}"
