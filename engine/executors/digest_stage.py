@@ -49,12 +49,8 @@ def digest(run: StageRun, stage: DigestStage) -> None:
     backing = local(run, stage["backing"]) if stage.get("backing") else None
     refuse_foreign(run, volume, *(() if backing is None else (backing,)))
     os.stat(volume.path)  # a missing volume said as such, not as a server that went away
-    reuse = None
-    if backing is not None:
-        record = run.recorded_digest(backing.ref)
-        if record is not None:
-            # Of another size (the disk grew after its backing was frozen) it is not used.
-            reuse = VolumeDigest(record["size"], record["chunk_size"], record["chunks"])
+    # Of another size (the disk grew after its backing was frozen) it is not used.
+    reuse = None if backing is None else VolumeDigest.from_record(run.recorded_digest(backing.ref))
     try:
         found = digest_image(
             volume.path,

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.aggregates.image import DigestRecord
 from engine.aggregates.stage_kinds import VerifyStage
 from engine.errors import ForeignFile, InvalidParameter, QemuCancelled, QemuError
 from engine.executors.stage_run import Damage, StageRun, Volume, field, local
@@ -83,7 +82,7 @@ def _volumes(run: StageRun, stage: VerifyStage) -> list[_Volume]:
         digest = None
         backing = None
         if image is not None:
-            digest = _digest(image.digests.get(ref))
+            digest = VolumeDigest.from_record(image.digests.get(ref))
             if ref in image.chain and image.chain.index(ref) > 0:
                 # Verified before this one (the stage lists volumes base first), if it has one.
                 backing = digests.get(image.chain[image.chain.index(ref) - 1])
@@ -91,15 +90,6 @@ def _volumes(run: StageRun, stage: VerifyStage) -> list[_Volume]:
             digests[ref] = digest
         out.append(_Volume(local(run, ref), owner, digest, backing))
     return out
-
-
-def _digest(record: DigestRecord | None) -> VolumeDigest | None:
-    if record is None:
-        return None
-    try:
-        return VolumeDigest(record["size"], record["chunk_size"], record["chunks"])
-    except (KeyError, TypeError, ValueError):
-        return None  # not a digest this Strata can read: the volume is checked without it
 
 
 def _weight(each: _Volume) -> int:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from engine.formats.qemu.image_io import Extent, ImageReader, open_reader
 
@@ -57,6 +58,17 @@ class VolumeDigest:
                 f"a digest of {self.size} bytes in chunks of {self.chunk_size} has "
                 f"{expected} hashes, not {len(self.chunks) / HASH_BYTES:g}"
             )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> VolumeDigest | None:
+        """The digest a log record holds (``VolumeDigested``'s fields), or None if there is
+        none or it is not one this Strata can read: then the volume is read without it."""
+        if record is None:
+            return None
+        try:
+            return cls(record["size"], record["chunk_size"], bytes(record["chunks"]))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     @property
     def count(self) -> int:
