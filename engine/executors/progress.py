@@ -201,15 +201,13 @@ class Claim:
         chain_changes: dict[uuid.UUID, list[str]],
         *,
         drop_volume: str | None = None,
-        digest: tuple[str, VolumeDigest] | None = None,
         damage: Sequence[Damage] = (),
     ) -> bool:
         """StageCompleted, with other images' new chains in the same transaction. False if
         the claim had moved on: the log keeps the other host's (or the stop's) word.
 
-        With ``digest`` (a volume of this image and its digest: the stage made it immutable;
-        by default the one the stage kept, :meth:`keep_digest`), ``VolumeDigested`` is
-        recorded in the same transaction (docs/adr/0031).
+        The digest the stage kept (:meth:`keep_digest`: a volume of this image it made
+        immutable) is recorded as ``VolumeDigested`` in the same transaction (docs/adr/0031).
 
         With ``drop_volume`` (a merge), each of those images' chain is recomputed as it is now,
         without that volume: a snapshot taken since the plan gave it a top the plan lacks.
@@ -217,7 +215,7 @@ class Claim:
         transaction (docs/adr/0033).
         """
         reason = f"stage {self.index + 1} of operation {self.op_id} on image {self.image_id}"
-        kept = digest if digest is not None else self.digest
+        kept = self.digest
         owners = [i for i in dict.fromkeys(d.owner for d in damage) if i != self.image_id]
         changed = [i for i in chain_changes if i not in owners]
 
