@@ -33,7 +33,7 @@ from engine.errors import (
     StrataError,
 )
 from engine.formats.repository.driver import RepositoryStorage
-from engine.projections.replicas import Replica, ReplicaSearch, rotten
+from engine.projections.replicas import Replica, ReplicaSearch
 
 
 class HostRepositories:
@@ -267,7 +267,7 @@ class HostRepositories:
                 if image is None or not image.chain or image.removed:
                     continue
                 # Rot a deep check found there, on whichever image owns the volume.
-                damaged = rotten(repo.view.images())
+                damaged = repo.view.damaged()
                 if any(ref in repo.lost or ref in damaged for ref in image.chain) or not all(
                     os.path.isfile(repo.storage.volume_path(*ops.split_ref(ref)))
                     for ref in image.chain

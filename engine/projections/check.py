@@ -177,7 +177,7 @@ def _problems(
     replicas: ReplicaSearch = NO_SEARCH,
 ) -> Problems:
     index = VolumeIndex(view.images(), elsewhere, writers)
-    rot = rotten(index.images)
+    rot = rotten(view.damaged())
     if rot:
         if not isinstance(damaged, Mapping):
             damaged = {ref: f"volume {ref} is damaged" for ref in damaged}

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine.aggregates.image import Image
+from engine.aggregates.image import DamageRecord, Image
 
 DIGEST_SHOWN = 12  # hex digits of a digest a fix's description shows
 
@@ -111,35 +111,26 @@ def top_digest(image: Image) -> str | None:
 def rot_ranges(image: Image, ref: str) -> list[tuple[int, int]] | None:
     """The byte ranges ``[start, end)`` of the volume ``ref`` the deep check found rotten on
     this image (``DamageFound``, docs/adr/0033); None if it found none."""
-    damage: Mapping[str, object] = getattr(image, "damage", None) or {}
-    if ref not in damage:
-        return None
-    record = damage[ref]
-    ranges = record.get("ranges") if isinstance(record, Mapping) else getattr(record, "ranges", ())
-    found: list[tuple[int, int]] = []
-    for r in ranges or ():
-        try:
-            start, end = r
-            found.append((int(start), int(end)))
-        except (TypeError, ValueError):
-            continue  # a log may hold anything: the ranges are only shown
-    return found
+    record = image.damage.get(ref)
+    return None if record is None else _ranges(record)
 
 
-def rotten(images: Iterable[Image]) -> dict[str, str]:
-    """Volumes the deep check found rotten, not made again since, each with why: recorded on
-    the volume's owner, live or removed (a removed snapshot's volume that disks still read)."""
+def rotten(damaged: Mapping[str, DamageRecord]) -> dict[str, str]:
+    """The volumes deep checks found damaged and no stage made again since (the view's
+    ``damaged()``: on the volume's owner, live or removed), each with why."""
     found: dict[str, str] = {}
-    for image in images:
-        damage: Mapping[str, object] = getattr(image, "damage", None) or {}
-        for ref, record in damage.items():
-            ranges = rot_ranges(image, ref)
-            if ranges:
-                found[ref] = f"volume {ref} is rotten{at_bytes(ranges)}"
-            else:  # its structure, which qemu-img check found corrupt
-                detail = record.get("detail") if isinstance(record, Mapping) else None
-                found[ref] = f"volume {ref} is damaged" + (f": {detail}" if detail else "")
+    for ref, record in damaged.items():
+        ranges = _ranges(record)
+        if ranges:
+            found[ref] = f"volume {ref} is rotten{at_bytes(ranges)}"
+        else:  # its structure, which qemu-img check found corrupt
+            detail = record["detail"]
+            found[ref] = f"volume {ref} is damaged" + (f": {detail}" if detail else "")
     return found
+
+
+def _ranges(record: DamageRecord) -> list[tuple[int, int]]:
+    return [(int(start), int(end)) for start, end in record["ranges"]]
 
 
 def at_bytes(ranges: Sequence[tuple[int, int]] | None) -> str:
