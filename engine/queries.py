@@ -30,7 +30,7 @@ from engine.projections.status import blocker, image_status
 from engine.projections.view import RepositoryView
 from engine.service.check_handlers import is_deep_check
 from engine.types import BROKEN, Fix, ImageInfo, ImageStatus
-from engine.volume_health import find_damaged, identities, rotten_volumes, volume_faults
+from engine.volume_health import find_damaged, identities, volume_faults
 
 
 def status_of(repo: ConnectedRepository, image: Image) -> ImageStatus:
@@ -166,9 +166,9 @@ def check(
     except ForeignFile as e:  # the volume directory: reported, never listed through
         files, unlisted = [], e
     # Never a header read through a foreign file: it may be a file outside.
+    # What deep checks found (the log's word, on every host) counts as lost too: the fix
+    # rules read it from the view (ADR 0033).
     damaged = find_damaged(repo.view, [f for f in files if f.foreign is None], repo.sound_headers)
-    # What deep checks found (the log's word, on every host) counts as lost too: ADR 0033.
-    damaged = {**damaged, **rotten_volumes(repo.view)}
     problems = fix_rules.find_problems(
         repo.view,
         files,

@@ -9,7 +9,7 @@ finds damaged counts as lost until the volume is made again (docs/adr/0017).
 A deep check (docs/adr/0033) reads everything: :func:`deep_check_stage` plans its ``verify``
 stage over the volumes of the live chains, and what it found (``DamageFound``, in the log, so
 every host knows) counts as lost for the check and makes every image reading it broken, until
-the volume's owner makes it again (:func:`rotten_volumes`).
+the volume's owner makes it again (the view's ``damaged()``, read by the fix rules).
 
 Imports: ``engine.aggregates``, ``engine.formats``, ``engine.projections``; the standard
 library.
@@ -183,9 +183,3 @@ def deep_check_stage(view: RepositoryView) -> VerifyStage | None:
     volumes = sorted(depth, key=lambda ref: (depth[ref], ref))
     owners = {ref: (digested.get(ref) or tops.get(ref) or holders[ref]).id_text for ref in volumes}
     return {"do": "verify", "volumes": volumes, "owners": owners}
-
-
-def rotten_volumes(view: RepositoryView) -> dict[str, str]:
-    """The volumes deep checks found damaged, not made again since, each with its sentence:
-    for the check, they count as lost (docs/adr/0033)."""
-    return {ref: damage_sentence(ref, record) for ref, record in view.damaged().items()}
