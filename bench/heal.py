@@ -45,7 +45,7 @@ from engine.formats.qemu.image_tools import QemuImg
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.hosts.hostlib import HostProcess, events, host_spec, writer_of, written_by
 
-MiB, GiB = 2**20, 2**30
+MiB = 2**20
 
 
 def connect(se: StorageEngine, repos: dict[str, str]) -> None:
